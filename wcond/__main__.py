@@ -1,0 +1,3 @@
+from wcond.cli import main
+
+main()
