@@ -1,3 +1,3 @@
-from wcond.cli import main
+from wcond.cli import app
 
-main()
+app(prog_name="wcond")

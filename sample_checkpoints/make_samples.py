@@ -1,0 +1,200 @@
+"""Write the three small sample checkpoints wcond's docs and tests use, into this directory.
+
+Regenerate with::
+
+    python sample_checkpoints/make_samples.py
+
+Needs only torch and safetensors. Seeds are fixed, so a rerun writes a byte-identical
+``mlp.safetensors`` (the script checks this itself); the two pickles hold the same
+tensors on every run, though their bytes may change across torch versions.
+
+small_cnn.pt
+    ``torch.save(model.state_dict())`` (an OrderedDict) of a 2-D CNN for 3x8x8 inputs:
+    conv1 Conv2d(3, 16, 3) -> bn1 BatchNorm2d(16) -> conv2 Conv2d(16, 32, 3) ->
+    bn2 BatchNorm2d(32) -> conv3 Conv2d(32, 32, 1) -> fc Linear(32*4*4, 10).
+    Default PyTorch init, then two planted redundancies:
+      - conv1 filter 5 = 0.5 * conv1 filter 2 (bias too): rows 2 and 5 exactly parallel;
+      - conv2 filter 7 = -conv2 filter 3 (bias too): rows 3 and 7 exactly anti-parallel.
+    Three forward passes in train mode on seeded noise then give the BatchNorm layers
+    non-trivial running stats and num_batches_tracked = 3 (int64 scalars).
+
+mlp.safetensors
+    A 64 -> 128 -> 128 -> 10 MLP (fc1, fc2, fc3; weights and biases, float32) with
+    metadata {"format": "pt", "source": "wcond sample"}. Default init, then:
+      - fc1 row 17 = 1.5 * fc1 row 4 + noise of relative size 1e-3 orthogonal to it:
+        a near-parallel pair (1 - cos ~ 5e-7, D_euc ~ 6e-4, well inside tau_cos = 1e-4
+        and tau_euc = 0.1) that is not exactly parallel (RaRe > 0);
+      - fc2 row 33 and fc2 bias 33 set to 0: one dead row.
+
+lightning_cnn.ckpt
+    A PyTorch Lightning style checkpoint of a Conv1d model for 3-channel 1-D signals:
+    conv1 Conv1d(3, 16, 5) -> bn1 BatchNorm1d(16) -> conv2 Conv1d(16, 16, 3) ->
+    global average pool -> head Linear(16, 4), trained 120 Adam steps (lr 1e-3) on
+    seeded noise. Keys: epoch, global_step, pytorch-lightning_version, state_dict
+    (every key prefixed "model."), optimizer_states (one Adam state dict, params
+    numbered 0..n-1 in state_dict order of the parameters), lr_schedulers (empty),
+    hyper_parameters. After training, model.conv2 filter 9 is set to 2.0 * filter 1:
+    one exactly parallel pair of conv1d rows. Only plain containers, primitives and
+    tensors, so it loads with ``torch.load(..., weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+HERE = Path(__file__).resolve().parent
+SAFETENSORS_METADATA = {"format": "pt", "source": "wcond sample"}
+
+
+class SmallCNN(nn.Module):
+    """Conv2d/BatchNorm2d stack with a 1x1 conv and a linear head, for 3x8x8 inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 32, 3)
+        self.bn2 = nn.BatchNorm2d(32)
+        self.conv3 = nn.Conv2d(32, 32, 1)
+        self.fc = nn.Linear(32 * 4 * 4, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        x = torch.relu(self.conv3(x))
+        return self.fc(x.flatten(1))
+
+
+class MLP(nn.Module):
+    """64 -> 128 -> 128 -> 10 with ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(64, 128)
+        self.fc2 = nn.Linear(128, 128)
+        self.fc3 = nn.Linear(128, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+class SignalCNN(nn.Module):
+    """Conv1d classifier for 3-channel signals of any length >= 7."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv1d(3, width, 5)
+        self.bn1 = nn.BatchNorm1d(width)
+        self.conv2 = nn.Conv1d(width, width, 3)
+        self.head = nn.Linear(width, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.conv2(x))
+        return self.head(x.mean(dim=2))
+
+
+def _detached(state: dict[str, Tensor]) -> OrderedDict[str, Tensor]:
+    """Own, contiguous copies, so each tensor pickles with its own small storage."""
+    return OrderedDict((k, v.detach().clone().contiguous()) for k, v in state.items())
+
+
+def make_small_cnn() -> OrderedDict[str, Tensor]:
+    torch.manual_seed(0)
+    model = SmallCNN()
+    with torch.no_grad():
+        model.conv1.weight[5] = 0.5 * model.conv1.weight[2]
+        model.conv1.bias[5] = 0.5 * model.conv1.bias[2]
+        model.conv2.weight[7] = -model.conv2.weight[3]
+        model.conv2.bias[7] = -model.conv2.bias[3]
+        model.train()
+        for _ in range(3):  # running stats and num_batches_tracked, as after a little training
+            model(torch.randn(8, 3, 8, 8))
+    return _detached(model.state_dict())
+
+
+def make_mlp() -> dict[str, Tensor]:
+    torch.manual_seed(1)
+    model = MLP()
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        w = model.fc1.weight
+        base = 1.5 * w[4]
+        noise = torch.randn(w.shape[1], generator=gen)
+        noise -= base * (noise @ base) / (base @ base)  # orthogonal to the row
+        w[17] = base + 1e-3 * base.norm() * noise / noise.norm()
+        model.fc2.weight[33] = 0.0
+        model.fc2.bias[33] = 0.0
+    return dict(_detached(model.state_dict()))
+
+
+def make_lightning_cnn() -> dict[str, object]:
+    torch.manual_seed(3)
+    width, lr, steps = 16, 1e-3, 120
+    model = SignalCNN(width)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(32, 3, 24, generator=gen)
+    y = torch.randint(0, 4, (32,), generator=gen)
+    model.train()
+    for step in range(steps):
+        batch = slice(8 * (step % 4), 8 * (step % 4) + 8)
+        loss = nn.functional.cross_entropy(model(x[batch]), y[batch])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        model.conv2.weight[9] = 2.0 * model.conv2.weight[1]
+    state = _detached({f"model.{k}": v for k, v in model.state_dict().items()})
+    opt_state = opt.state_dict()
+    opt_state = {
+        "state": {i: dict(_detached(s)) for i, s in opt_state["state"].items()},
+        "param_groups": [dict(g) for g in opt_state["param_groups"]],
+    }
+    return {
+        "epoch": 3,
+        "global_step": steps,
+        "pytorch-lightning_version": "2.4.0",
+        "state_dict": state,
+        "optimizer_states": [opt_state],
+        "lr_schedulers": [],
+        "hyper_parameters": {"lr": lr, "width": width},
+    }
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def main(out_dir: Path = HERE) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(make_small_cnn(), out_dir / "small_cnn.pt")
+    save_file(make_mlp(), str(out_dir / "mlp.safetensors"), metadata=SAFETENSORS_METADATA)
+    torch.save(make_lightning_cnn(), out_dir / "lightning_cnn.ckpt")
+
+    # A second build must give the same safetensors bytes; otherwise the seeds leak somewhere.
+    with tempfile.TemporaryDirectory() as tmp:
+        again = Path(tmp) / "mlp.safetensors"
+        save_file(make_mlp(), str(again), metadata=SAFETENSORS_METADATA)
+        if _sha256(again) != _sha256(out_dir / "mlp.safetensors"):
+            raise SystemExit("mlp.safetensors is not reproducible: two builds differ")
+
+    for name in ("small_cnn.pt", "mlp.safetensors", "lightning_cnn.ckpt"):
+        path = out_dir / name
+        if path.suffix != ".safetensors":
+            torch.load(path, weights_only=True)  # the safe loader must accept every pickle here
+        size = path.stat().st_size
+        if size > 200_000:
+            raise SystemExit(f"{name} is {size} bytes; samples must stay under 200 KB")
+        print(f"{name:20s} {size:7d} bytes  sha256 {_sha256(path)[:16]}")
+
+
+if __name__ == "__main__":
+    main()

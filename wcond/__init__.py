@@ -1,0 +1,33 @@
+"""wcond: weight analysis and conditioning for PyTorch checkpoints.
+
+Example:
+    >>> import wcond
+    >>> report = wcond.inspect("model.safetensors")
+    >>> loss = task_loss + 1e-3 * wcond.metrics.conv_similarity(model)
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from wcond import metrics
+from wcond.analyze import LayerReport, Report, Summary, analyze_tensor, inspect
+from wcond.errors import CheckpointError, UnsafeCheckpointError, UsageError, WcondError
+from wcond.load import Checkpoint, load_checkpoint, open_checkpoint
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "LayerReport",
+    "Report",
+    "Summary",
+    "UnsafeCheckpointError",
+    "UsageError",
+    "WcondError",
+    "__version__",
+    "analyze_tensor",
+    "inspect",
+    "load_checkpoint",
+    "metrics",
+    "open_checkpoint",
+]

@@ -1,0 +1,39 @@
+"""The `wcond` command line: parse, call one library function, render.
+
+Each command lives in its own module; this one builds the app and registers them.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from wcond import __version__
+
+app = typer.Typer(
+    name="wcond",
+    help="Weight analysis and conditioning for PyTorch checkpoints: ACV, Convolutional Similarity, Norm Loss, RaRe.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"wcond {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """Weight analysis and conditioning for PyTorch checkpoints."""
+
+
+from wcond.cli import inspect_cmd  # noqa: E402,F401  (registers its command on app)
+
+__all__ = ["app"]

@@ -1,0 +1,93 @@
+"""Which tensors of a checkpoint are layers, what kind, and which the user selected."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from wcond.errors import UsageError
+from wcond.load import TensorInfo
+
+__all__ = ["LayerSpec", "find_layers", "is_layer", "layer_kind", "parse_groups", "selected"]
+
+_KINDS = {2: "matrix", 3: "conv1d", 4: "conv2d", 5: "conv3d"}
+
+
+def is_layer(info: TensorInfo) -> bool:
+    """A floating-point tensor of 2 to 5 dims with at least 2 rows."""
+    return info.dtype.is_floating_point and 2 <= len(info.shape) <= 5 and info.shape[0] >= 2
+
+
+def layer_kind(shape: Sequence[int]) -> str:
+    """'matrix' (Linear, Embedding) or 'conv1d'/'conv2d'/'conv3d' (out, in, *kernel)."""
+    return _KINDS.get(len(shape), f"{len(shape)}d")
+
+
+def selected(key: str, layers: Sequence[str] = (), exclude: Sequence[str] = ()) -> bool:
+    """True when ``key`` matches one of the ``layers`` globs (or none are given) and no ``exclude`` glob."""
+    if layers and not any(fnmatch.fnmatchcase(key, g) for g in layers):
+        return False
+    return not any(fnmatch.fnmatchcase(key, g) for g in exclude)
+
+
+def parse_groups(specs: Iterable[str]) -> dict[str, int]:
+    """Parse ``KEY=G`` strings (KEY may be a glob) into a mapping."""
+    out: dict[str, int] = {}
+    for spec in specs:
+        key, sep, value = spec.rpartition("=")
+        if not sep or not key or not value.isdigit() or int(value) < 1:
+            raise UsageError(f"--groups {spec!r}: expected KEY=G with G a positive integer, e.g. --groups 'layer1.conv2.weight=32'")
+        out[key] = int(value)
+    return out
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One layer to analyze: its key, stored shape and dtype, conv groups, and a note on grouping."""
+
+    key: str
+    info: TensorInfo
+    groups: int = 1
+    group_note: str | None = None
+
+    @property
+    def kind(self) -> str:
+        return layer_kind(self.info.shape)
+
+
+def find_layers(
+    infos: dict[str, TensorInfo],
+    layers: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    groups: dict[str, int] | None = None,
+) -> list[LayerSpec]:
+    """The analyzable, selected layers in stored order, with conv groups resolved.
+
+    A state dict does not record conv groups. A conv whose filters read a single channel, or
+    fewer channels than the previous conv produced, may be depthwise or grouped: the spec
+    carries a note saying so unless ``groups`` names the layer.
+    """
+    groups = groups or {}
+    specs: list[LayerSpec] = []
+    prev_out: int | None = None
+    for key, info in infos.items():
+        if not is_layer(info):
+            continue
+        shape = info.shape
+        g = next((v for pat, v in groups.items() if fnmatch.fnmatchcase(key, pat)), None)
+        note = None
+        if len(shape) >= 3:
+            if g is not None:
+                if shape[0] % g:
+                    raise UsageError(f"--groups {key}={g}: {g} does not divide the layer's {shape[0]} output filters")
+            elif shape[1] == 1 and prev_out not in (None, 1):
+                note = f"may be depthwise (1 input channel per filter); pass --groups '{key}={shape[0]}' if so"
+            elif prev_out is not None and shape[1] < prev_out and prev_out % shape[1] == 0:
+                guess = prev_out // shape[1]
+                if shape[0] % guess == 0:
+                    note = f"may be grouped ({shape[1]} input channels per filter after a {prev_out}-channel conv); pass --groups '{key}={guess}' if so"
+            prev_out = shape[0]
+        if selected(key, layers, exclude):
+            specs.append(LayerSpec(key, info, g or 1, note))
+    return specs

@@ -1,0 +1,305 @@
+"""The four redundancy metrics, differentiable, one implementation each.
+
+Every number `wcond inspect` reports comes from a function in this module, and the
+same functions serve as training regularizers::
+
+    loss = task_loss + beta * wcond.metrics.conv_similarity(model)
+
+Definitions follow ../shared/METRICS.md (the project's contract). Inputs are a weight
+tensor of shape (out, in, *kernel), a list of them, or an ``nn.Module`` (whose Conv and
+Linear weights are walked). fp16/bf16 are upcast to float32; float64 stays float64.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "Pair",
+    "PairStats",
+    "acv",
+    "acv_floor",
+    "as_cols",
+    "as_rows",
+    "autocorrelation_sums",
+    "conv_similarity",
+    "conv_similarity_floor",
+    "conv_similarity_norm",
+    "norm_dev_max",
+    "norm_loss",
+    "pair_norm_products",
+    "pair_statistics",
+    "rare",
+]
+
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+# Pairwise cosine blocks are at most this many elements (64 MiB in float32), so a
+# 32000 x 4096 embedding never materializes its 32000 x 32000 cosine matrix.
+_BLOCK_ELEMENTS = 1 << 24
+
+
+def _compute_dtype(w: Tensor) -> Tensor:
+    return w if w.dtype == torch.float64 else w.float()
+
+
+def as_rows(w: Tensor) -> Tensor:
+    """Rows of a weight: one flattened vector per output unit (filter, neuron)."""
+    return _compute_dtype(w).reshape(w.shape[0], -1)
+
+
+def as_cols(w: Tensor) -> Tensor:
+    """Columns of a weight: one flattened vector per input unit (for a conv, all that reads channel c)."""
+    return _compute_dtype(w).transpose(0, 1).reshape(w.shape[1], -1)
+
+
+# --------------------------------------------------------------------------- pairwise cosines
+
+
+@dataclass(frozen=True)
+class Pair:
+    """Two vectors (indices into the original rows or columns) and their cosine."""
+
+    i: int
+    j: int
+    cos: float
+    d_euc: float
+    near_parallel: bool
+
+
+@dataclass
+class PairStats:
+    """Everything wcond derives from the pairwise cosines of one set of vectors.
+
+    ``acv_sum`` and ``max_abs_cos`` are tensors that carry gradients; the rest are plain numbers.
+    """
+
+    n: int  # vectors in all
+    live: int  # vectors with non-zero norm
+    dead: list[int]  # indices of zero vectors, left out of every cosine
+    acv_sum: Tensor  # sum_{i<j} |cos|
+    max_abs_cos: Tensor  # max_{i<j} |cos| (0 with fewer than two live vectors)
+    near_parallel: int = 0
+    closest: list[Pair] = field(default_factory=list)
+
+    @property
+    def pairs(self) -> int:
+        return self.live * (self.live - 1) // 2
+
+    @property
+    def acv_mean(self) -> float | None:
+        return float(self.acv_sum) / self.pairs if self.pairs else None
+
+    @property
+    def rare(self) -> Tensor | None:
+        """RaRe: min_{i != j} (1 - cos^2); None with fewer than two live vectors."""
+        return (1 - self.max_abs_cos**2).clamp_min(0) if self.pairs else None
+
+
+def pair_statistics(
+    vectors: Tensor,
+    *,
+    tau_cos: float | None = None,
+    tau_euc: float | None = None,
+    top_k: int = 0,
+) -> PairStats:
+    """Pairwise cosine statistics of the rows of ``vectors`` (N, d), computed in blocks.
+
+    Args:
+        vectors: one vector per row; zero rows are dead and left out.
+        tau_cos, tau_euc: when both are given, count near-parallel pairs
+            (1 - |cos| < tau_cos and D_euc < tau_euc, with D_euc = |w_short| sqrt(2 - 2|cos|)).
+        top_k: also return the ``top_k`` pairs with the largest |cos|.
+
+    Only blocks of at most 2**24 cosines exist at any time, so memory stays bounded for any N.
+    """
+    v = _compute_dtype(vectors)
+    norms = v.norm(dim=1)
+    live_mask = norms > 0
+    dead = torch.nonzero(~live_mask).flatten().tolist()
+    live_idx = torch.nonzero(live_mask).flatten()
+    u = v[live_idx] / norms[live_idx, None]
+    live_norms = norms[live_idx].detach()
+    n = u.shape[0]
+    zero = v.new_zeros(())
+    stats = PairStats(n=v.shape[0], live=n, dead=dead, acv_sum=zero, max_abs_cos=zero)
+    if n < 2:
+        return stats
+
+    count_pairs = tau_cos is not None and tau_euc is not None
+    block = max(1, min(n, _BLOCK_ELEMENTS // n))
+    acv_parts: list[Tensor] = []
+    max_parts: list[Tensor] = []
+    best: list[tuple[float, int, int, float]] = []  # (|cos|, i, j, cos) in live indexing
+    near = 0
+    for start in range(0, n - 1, block):
+        stop = min(n, start + block)
+        # Only the upper triangle: rows start..stop against columns start..n.
+        c = u[start:stop] @ u[start:].T
+        upper = torch.ones(stop - start, n - start, dtype=torch.bool, device=u.device).triu(1)
+        a = c.abs().clamp(max=1.0) * upper
+        acv_parts.append(a.sum())
+        max_parts.append(a.max())
+        if count_pairs or top_k:
+            a_d = a.detach()
+            if count_pairs:
+                shorter = torch.minimum(live_norms[start:stop, None], live_norms[None, start:])
+                d_euc = shorter * torch.sqrt((2 - 2 * a_d).clamp_min(0))
+                near += int(((1 - a_d < tau_cos) & (d_euc < tau_euc) & upper).sum())
+            if top_k:
+                flat = a_d.flatten()
+                k = min(top_k, flat.numel())
+                vals, pos = flat.topk(k)
+                width = n - start
+                c_d = c.detach().flatten()
+                for val, p in zip(vals.tolist(), pos.tolist()):
+                    i, j = start + p // width, start + p % width
+                    if i < j:  # masked (lower-triangle) entries hold 0 and are skipped
+                        best.append((val, i, j, max(-1.0, min(1.0, float(c_d[p])))))
+                best = sorted(best, reverse=True)[:top_k]
+    stats.acv_sum = torch.stack(acv_parts).sum()
+    stats.max_abs_cos = torch.stack(max_parts).max()
+    stats.near_parallel = near
+    idx = live_idx.tolist()
+    ln = live_norms.tolist()
+    for val, i, j, cos in best:
+        d = min(ln[i], ln[j]) * math.sqrt(max(0.0, 2 - 2 * val))
+        np_pair = count_pairs and (1 - val < tau_cos) and (d < tau_euc)  # type: ignore[operator]
+        stats.closest.append(Pair(idx[i], idx[j], cos, d, bool(np_pair)))
+    return stats
+
+
+# --------------------------------------------------------------------------- Convolutional Similarity
+
+
+def autocorrelation_sums(w: Tensor) -> Tensor:
+    """R_i = sum_c autocorr_full(K_i[c]) for every filter, shape (out, 2k1-1, 2k2-1, ...).
+
+    Computed through the power spectrum (Wiener-Khinchin): the DFT of length 2k-1 per axis
+    makes circular autocorrelation equal the full linear one.
+    """
+    w = _compute_dtype(w)
+    sizes = [2 * k - 1 for k in w.shape[2:]]
+    spatial = tuple(range(2, w.ndim))
+    spec = torch.fft.rfftn(w, s=sizes, dim=spatial)
+    power = (spec.real**2 + spec.imag**2).sum(dim=1)  # P_i, summed over input channels
+    return torch.fft.irfftn(power, s=sizes, dim=tuple(range(1, len(sizes) + 1)))
+
+
+def _group_sums(values: Tensor, groups: int) -> Tensor:
+    """Reshape per-filter rows (out, ...) into (groups, out/groups, -1)."""
+    out = values.shape[0]
+    if out % groups:
+        raise ValueError(f"groups={groups} does not divide the {out} output filters")
+    return values.reshape(groups, out // groups, -1)
+
+
+def pair_norm_products(w: Tensor, groups: int) -> Tensor:
+    """sum_{i<j, same group} |K_i|^2 |K_j|^2."""
+    n = _group_sums(_compute_dtype(w).reshape(w.shape[0], -1).pow(2).sum(1), groups).squeeze(-1)
+    return ((n.sum(1) ** 2 - (n**2).sum(1)) / 2).sum()
+
+
+def _conv_similarity_tensor(w: Tensor, groups: int = 1) -> Tensor:
+    if w.ndim < 3:
+        raise ValueError(f"Convolutional Similarity needs a conv kernel (ndim >= 3), got shape {tuple(w.shape)}")
+    r = _group_sums(autocorrelation_sums(w), groups)
+    # CS = sum_{i<j} <R_i, R_j> = (|sum_i R_i|^2 - sum_i |R_i|^2) / 2, per group (METRICS.md).
+    total = r.sum(dim=1).pow(2).sum()
+    self_terms = r.pow(2).sum()
+    return (total - self_terms) / 2
+
+
+def conv_similarity(weights: Tensor | nn.Module | Iterable[Tensor], groups: int = 1) -> Tensor:
+    """Convolutional Similarity (CS paper eq. 10, all channel pairs), summed over conv weights.
+
+    Cost is linear in out x in: the pair terms are inner products of the filters'
+    channel-summed autocorrelations. Matrices (ndim 2) contribute nothing. For a module,
+    each Conv's own ``groups`` is used; ``groups`` applies to bare tensors.
+
+    Example:
+        >>> loss = task_loss + 1e-3 * conv_similarity(model)
+    """
+    terms = [_conv_similarity_tensor(w, g) for w, g in _weights(weights, groups) if w.ndim >= 3]
+    return torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+def conv_similarity_norm(w: Tensor, groups: int = 1) -> Tensor:
+    """Scale-free CS: CS / sum_{i<j} |K_i|^2 |K_j|^2 (1 for 1x1 kernels and white spectra)."""
+    return _conv_similarity_tensor(w, groups) / pair_norm_products(w, groups)
+
+
+def conv_similarity_floor(w: Tensor, groups: int = 1) -> float:
+    """Lower bound on CS at the filters' current norms: ((sum n)^2 - L sum n^2) / 2 per group, clamped at 0."""
+    n = _group_sums(_compute_dtype(w).detach().reshape(w.shape[0], -1).pow(2).sum(1), groups).squeeze(-1)
+    bins = math.prod(2 * k - 1 for k in w.shape[2:])
+    per_group = (n.sum(1) ** 2 - bins * (n**2).sum(1)) / 2
+    return float(per_group.clamp_min(0).sum())
+
+
+# --------------------------------------------------------------------------- ACV, norm, RaRe
+
+
+def acv(weights: Tensor | nn.Module | Iterable[Tensor]) -> Tensor:
+    """Sum over weights of sum_{i<j} |cos(w_i, w_j)| between live rows (ACV paper eq. 9, no gamma)."""
+    terms = [pair_statistics(as_rows(w)).acv_sum for w, _ in _weights(weights)]
+    return torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+def acv_floor(n: int, d: int) -> float:
+    """Welch-type lower bound on acv_sum for n unit vectors in d dimensions."""
+    return max(0.0, (n * n / d - n) / 2) if d else 0.0
+
+
+def _row_norms(w: Tensor) -> Tensor:
+    return as_rows(w).norm(dim=1)
+
+
+def norm_loss(weights: Tensor | nn.Module | Iterable[Tensor]) -> Tensor:
+    """Norm Loss (eq. 3): sum over rows of (1 - |w_o|)^2, summed over weights."""
+    terms = [(1 - _row_norms(w)).pow(2).sum() for w, _ in _weights(weights)]
+    return torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+def norm_dev_max(w: Tensor) -> Tensor:
+    """max_o |1 - |w_o||."""
+    return (1 - _row_norms(w)).abs().max()
+
+
+def rare(weights: Tensor | nn.Module | Iterable[Tensor], axis: str = "rows") -> Tensor:
+    """RaRe loss: min_{i != j} (1 - cos^2) over live rows (or ``axis="cols"``), summed over weights.
+
+    Minimizing it drives the closest pair of each weight towards (anti-)parallel, which is what
+    lets ``wcond shrink`` fuse them. Weights with fewer than two live vectors contribute 0.
+    """
+    if axis not in ("rows", "cols"):
+        raise ValueError(f"axis must be 'rows' or 'cols', got {axis!r}")
+    pick = as_rows if axis == "rows" else as_cols
+    terms = []
+    for w, _ in _weights(weights):
+        value = pair_statistics(pick(w)).rare
+        if value is not None:
+            terms.append(value)
+    return torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+def _weights(
+    weights: Tensor | nn.Module | Iterable[Tensor], groups: int = 1
+) -> Iterator[tuple[Tensor, int]]:
+    """Normalize a tensor, a list of tensors or a module to (weight, groups) pairs."""
+    if isinstance(weights, Tensor):
+        yield weights, groups
+    elif isinstance(weights, nn.Module):
+        for m in weights.modules():
+            if isinstance(m, _CONV_TYPES):
+                yield m.weight, m.groups
+            elif isinstance(m, nn.Linear):
+                yield m.weight, 1
+    else:
+        for w in weights:
+            yield w, groups

@@ -1,0 +1,210 @@
+"""Rendering a Report: rich table for the terminal, JSON for scripts, Markdown for CI summaries, CSV."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Callable
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from wcond.analyze import NUMERIC_FIELDS, LayerReport, Report
+
+__all__ = ["FORMATS", "fmt_number", "render", "render_table", "to_csv", "to_json", "to_markdown"]
+
+
+def fmt_number(v: float | int | None, digits: int = 4) -> str:
+    """Compact: ints as is, floats to ``digits`` significant digits, '-' for null."""
+    if v is None:
+        return "-"
+    if isinstance(v, int):
+        return str(v)
+    if v != v:  # NaN
+        return "nan"
+    if v == 0:
+        return "0"
+    if 1e-3 <= abs(v) < 1e5:
+        return f"{v:.{digits}g}"
+    return f"{v:.{max(0, digits - 2)}e}"
+
+
+def _shape(shape: list[int]) -> str:
+    return "x".join(map(str, shape))
+
+
+def _ratio(value: float | None, floor: float | None) -> float | None:
+    return value / floor if value is not None and floor else None
+
+
+# Columns of the terminal and Markdown tables: header, cell value, and the number ranked to
+# highlight the worst layer (None: no highlight), higher being worse unless flagged.
+_Cell = Callable[[LayerReport], "float | int | str | None"]
+_COLUMNS: list[tuple[str, _Cell, _Cell | None, bool]] = [
+    ("acv", lambda r: r.acv_mean, lambda r: r.acv_mean, True),
+    ("acv/fl", lambda r: _ratio(r.acv_sum, r.acv_floor), None, True),
+    ("cs_n", lambda r: r.conv_similarity_norm, lambda r: r.conv_similarity_norm, True),
+    ("cs/fl", lambda r: _ratio(r.conv_similarity, r.conv_similarity_floor), None, True),
+    ("normdev", lambda r: r.norm_dev_max, lambda r: r.norm_dev_max, True),
+    ("rare_r", lambda r: r.rare_rows, lambda r: r.rare_rows, False),
+    ("rare_c", lambda r: r.rare_cols, lambda r: r.rare_cols, False),
+    ("∥r/c", lambda r: _pair_counts(r), lambda r: (r.near_parallel_rows or 0) + (r.near_parallel_cols or 0), True),
+    ("dead", lambda r: r.dead_rows, lambda r: r.dead_rows, True),
+]
+
+
+def _pair_counts(r: LayerReport) -> str:
+    return "-" if r.near_parallel_rows is None else f"{r.near_parallel_rows}/{r.near_parallel_cols}"
+
+
+def _cell(layer: LayerReport, column: _Cell, digits: int = 3) -> str:
+    v = column(layer)
+    return v if isinstance(v, str) else fmt_number(v, digits)
+
+
+def _worst(report: Report, rank: _Cell, higher_worse: bool) -> LayerReport | None:
+    have = [r for r in report.layers if rank(r) is not None]
+    if not have:
+        return None
+    pick = max if higher_worse else min
+    best = pick(have, key=rank)  # type: ignore[arg-type, return-value]
+    return best if rank(best) else None
+
+
+def render_table(report: Report, console: Console) -> None:
+    """The default terminal view: one row per layer, worst value of each column highlighted, then the summary."""
+    table = Table(
+        title=f"wcond inspect: {report.checkpoint}", title_justify="left", header_style="bold",
+        box=box.SIMPLE_HEAD, padding=(0, 0, 0, 1), pad_edge=False,
+    )  # fmt: skip
+    table.add_column("layer", overflow="fold", min_width=16)
+    table.add_column("shape", no_wrap=True)
+    for header, *_ in _COLUMNS:
+        table.add_column(header, justify="right", no_wrap=True)
+    worst = [_worst(report, rank, hw) if rank else None for _, _, rank, hw in _COLUMNS]
+    tripped = {v.layer for g in report.gates for v in g.violations}
+    for r in report.layers:
+        cells = []
+        for (header, value, _, _), w in zip(_COLUMNS, worst):
+            style = "bold red" if w is r else ""
+            if header == "∥r/c" and (r.near_parallel_rows or r.near_parallel_cols) and not style:
+                style = "yellow"
+            cells.append(Text(_cell(r, value), style=style))
+        name_style = "bold red" if r.name in tripped or r.nonfinite else ""
+        table.add_row(Text(r.name, style=name_style), _shape(r.shape), *cells)
+    console.print(table)
+    console.print(
+        "[dim]acv: acv_mean  acv/fl, cs/fl: acv_sum, conv_similarity over their floors  cs_n: conv_similarity_norm  "
+        "normdev: norm_dev_max  rare_r/c: rare_rows/cols  ∥r/c: near-parallel pairs  dead: dead_rows[/]"
+    )
+    _print_summary(report, console)
+
+
+def _print_summary(report: Report, console: Console) -> None:
+    s = report.summary
+    console.print(
+        f"[bold]{s.layers}[/] layers, {s.params:,} parameters analyzed ({s.skipped_tensors} other tensors skipped); "
+        f"near-parallel pairs: {s.near_parallel_rows} rows, {s.near_parallel_cols} cols; dead rows: {s.dead_rows}"
+    )
+    console.print(
+        f"totals: acv_sum {fmt_number(s.acv_sum)}, conv_similarity {fmt_number(s.conv_similarity)}, "
+        f"norm_loss {fmt_number(s.norm_loss)}"
+    )
+    labels = {
+        "acv_mean": "highest acv_mean",
+        "conv_similarity_norm": "highest cs_norm",
+        "near_parallel": "most near-parallel pairs",
+        "rare_rows": "lowest rare_rows",
+    }
+    for key, label in labels.items():
+        if s.worst.get(key):
+            console.print(f"{label}: " + ", ".join(s.worst[key][:3]), highlight=False)
+    for r in report.layers:
+        for note in r.notes:
+            console.print(f"[dim]note[/] {r.name}: {note}", highlight=False)
+    for g in report.gates:
+        if g.passed:
+            console.print(f"[green]PASS[/] {g.expr}", highlight=False)
+        else:
+            names = ", ".join(f"{v.layer} ({fmt_number(v.value)})" for v in g.violations[:10])
+            more = f" and {len(g.violations) - 10} more" if len(g.violations) > 10 else ""
+            console.print(f"[bold red]FAIL[/] {g.expr}: {names}{more}", highlight=False)
+
+
+def to_json(report: Report) -> str:
+    """The stable CI interface: {"checkpoint", "layers", "summary", ...}; null where a value does not apply."""
+    doc = {"wcond_version": _version(), **report.to_dict()}
+    return json.dumps(doc, indent=2) + "\n"
+
+
+def to_markdown(report: Report) -> str:
+    """A GitHub-flavoured Markdown report that pastes into a CI job summary."""
+    s = report.summary
+    out = [f"## wcond inspect: `{report.checkpoint}`", ""]
+    verdict = "❌ gates failed" if report.failed else ("✅ all gates passed" if report.gates else "")
+    out.append(
+        f"{s.layers} layers, {s.params:,} parameters; near-parallel pairs: {s.near_parallel_rows} rows, "
+        f"{s.near_parallel_cols} cols; dead rows: {s.dead_rows}. {verdict}".rstrip()
+    )
+    out.append("")
+    headers = ["layer", "shape"] + [h for h, *_ in _COLUMNS]
+    out.append("| " + " | ".join(headers) + " |")
+    out.append("|" + "|".join(["---", "---"] + ["---:"] * len(_COLUMNS)) + "|")
+    for r in report.layers:
+        cells = [f"`{r.name}`", _shape(r.shape)] + [_cell(r, value, 4) for _, value, *_ in _COLUMNS]
+        out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    if report.gates:
+        out += ["", "**Gates**", ""]
+        for g in report.gates:
+            if g.passed:
+                out.append(f"- ✅ `{g.expr}`")
+            else:
+                names = ", ".join(f"`{v.layer}` ({fmt_number(v.value)})" for v in g.violations)
+                out.append(f"- ❌ `{g.expr}`: {names}")
+    notes = [f"- `{r.name}`: {n}" for r in report.layers for n in r.notes]
+    if notes:
+        out += ["", "**Notes**", ""] + notes
+    return "\n".join(out) + "\n"
+
+
+CSV_FIELDS = ["name", "kind", "shape", "dtype", "groups", *NUMERIC_FIELDS, "notes"]
+
+
+def to_csv(report: Report) -> str:
+    """One row per layer, one column per metric; empty cells where a value does not apply."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for r in report.layers:
+        row = {f: getattr(r, f) for f in CSV_FIELDS if f not in ("shape", "notes")}
+        row["shape"] = _shape(r.shape)
+        row["notes"] = "; ".join(r.notes)
+        writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    return buf.getvalue()
+
+
+def _table_text(report: Report) -> str:
+    console = Console(record=True, width=120, file=io.StringIO(), color_system=None)
+    render_table(report, console)
+    return console.export_text()
+
+
+FORMATS: dict[str, Callable[[Report], str]] = {
+    "table": _table_text,
+    "json": to_json,
+    "markdown": to_markdown,
+    "csv": to_csv,
+}
+
+
+def render(report: Report, fmt: str) -> str:
+    return FORMATS[fmt](report)
+
+
+def _version() -> str:
+    from wcond import __version__
+
+    return __version__

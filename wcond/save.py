@@ -1,0 +1,166 @@
+"""Writing checkpoints and reports without ever leaving a half-written file or touching the input.
+
+Everything is written to a temporary file beside the target and renamed over it only once
+complete; an error or Ctrl-C removes the temporary file.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from wcond.errors import UsageError
+from wcond.load import SAFETENSORS_SUFFIXES, TORCH_SUFFIXES, Checkpoint
+
+__all__ = ["atomic_path", "check_output", "output_format", "save_checkpoint", "write_text"]
+
+
+@contextmanager
+def atomic_path(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; rename it onto ``target`` when the block succeeds."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".wcond-tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:  # Ctrl-C included: never leave the partial file
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write a text report atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def output_format(path: str | Path) -> str:
+    """'safetensors' or 'torch' from the output's extension; UsageError otherwise."""
+    suffix = Path(path).suffix.lower()
+    if suffix in SAFETENSORS_SUFFIXES:
+        return "safetensors"
+    if suffix in TORCH_SUFFIXES:
+        return "torch"
+    raise UsageError(f"{path}: unknown output format {suffix or '(no extension)'!r}; use .safetensors, .pt, .pth, .bin or .ckpt")
+
+
+def check_output(src: str | Path, out: str | Path, force: bool) -> None:
+    """Refuse to write over the input, or over an existing file without ``force``."""
+    src_p, out_p = Path(src), Path(out)
+    if out_p.exists() and (src_p.resolve() == out_p.resolve() or _same_file(src_p, out_p) or _inside(out_p, src_p)):
+        raise UsageError(f"{out}: refusing to write over the input checkpoint; choose another -o path")
+    if out_p.is_dir():
+        raise UsageError(f"{out}: is a directory; give a file name such as {out_p / 'model.safetensors'}")
+    if out_p.exists() and not force:
+        raise UsageError(f"{out}: already exists; pass --force to overwrite it")
+    output_format(out_p)
+
+
+def save_checkpoint(
+    path: str | Path,
+    tensors: Mapping[str, torch.Tensor],
+    like: Checkpoint | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> list[str]:
+    """Write ``tensors`` to ``path`` (format from the extension), atomically.
+
+    With ``like`` (the checkpoint the tensors came from), a torch output keeps the source's
+    wrapper and non-tensor entries (a Lightning checkpoint's epoch, optimizer state, ...), and a
+    safetensors output keeps its metadata (``metadata`` entries are added on top).
+
+    Returns:
+        Warnings for the user, e.g. wrapper entries a safetensors file cannot hold.
+    """
+    fmt = output_format(path)
+    warnings: list[str] = []
+    meta = dict(like.metadata) if like is not None else {}
+    meta.update(metadata or {})
+    with atomic_path(path) as tmp:
+        if fmt == "safetensors":
+            if like is not None and like.obj is not None and _has_extras(like):
+                warnings.append(
+                    f"{path}: safetensors holds tensors only; the source's other entries "
+                    "(epoch, optimizer state, ...) were not written"
+                )
+            save_file({k: _plain(t) for k, t in tensors.items()}, str(tmp), metadata=meta or None)
+        else:
+            obj: Any = dict(tensors)
+            if like is not None and like.obj is not None:
+                obj = _rebuild(like.obj, like.wrapper, tensors)
+            elif meta:
+                warnings.append(f"{path}: a torch file has no place for safetensors metadata; it was not written")
+            torch.save(obj, tmp)
+    return warnings
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _inside(out: Path, src: Path) -> bool:
+    """An output that is one of a sharded input's files."""
+    return src.is_dir() and out.resolve().parent == src.resolve()
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """safetensors refuses shared or non-contiguous storage: give it a compact copy when needed."""
+    t = t.detach().cpu()
+    return t.contiguous().clone() if not t.is_contiguous() or t.untyped_storage().nbytes() != t.nbytes else t
+
+
+def _has_extras(ck: Checkpoint) -> bool:
+    return bool(ck.wrapper) and isinstance(ck.obj, Mapping) and len(ck.obj) > 1
+
+
+def _rebuild(obj: Any, wrapper: tuple[str, ...], tensors: Mapping[str, torch.Tensor]) -> Any:
+    """The source object with its state dict replaced by ``tensors``, structure and order kept."""
+    if wrapper:
+        head, *rest = wrapper
+        out = _copy_mapping(obj)
+        out[head] = _rebuild(obj[head], tuple(rest), tensors)
+        return out
+    remaining = dict(tensors)
+    new_root = _replace(obj, remaining, "")
+    new_root.update(remaining)  # keys the source did not have (e.g. factors written by shrink)
+    return new_root
+
+
+def _replace(node: Mapping, remaining: dict[str, torch.Tensor], prefix: str) -> Any:
+    out = _copy_mapping(node, empty=True)
+    for k, v in node.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, torch.Tensor):
+            if key in remaining:
+                out[k] = remaining.pop(key)
+        elif isinstance(v, Mapping) and _holds_tensor(v):
+            out[k] = _replace(v, remaining, key + ".")
+        else:
+            out[k] = v
+    return out
+
+
+def _holds_tensor(node: Mapping) -> bool:
+    return any(isinstance(v, torch.Tensor) or (isinstance(v, Mapping) and _holds_tensor(v)) for v in node.values())
+
+
+def _copy_mapping(node: Mapping, empty: bool = False) -> Any:
+    out: Any = OrderedDict() if isinstance(node, OrderedDict) else {}
+    if not empty:
+        out.update(node)
+    return out
