@@ -1,0 +1,214 @@
+"""The fast metrics in wcond.metrics against the literal float64 definitions in tests/literal.py."""
+
+from __future__ import annotations
+
+import math
+
+import hypothesis.strategies as st
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+
+import literal
+from wcond import metrics
+
+REL = 2e-5  # float32 fast code vs float64 literal
+
+
+def close(fast: float, slow: float, rel: float = REL, abs_: float = 1e-6) -> bool:
+    return math.isclose(float(fast), slow, rel_tol=rel, abs_tol=abs_)
+
+
+def seeded(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+CONV_SHAPES = [
+    (5, 3, 4),  # conv1d
+    (6, 2, 3, 3),  # conv2d
+    (4, 3, 2, 5),  # non-square kernel
+    (5, 2, 3, 2, 2),  # conv3d, non-cubic
+    (7, 1, 1, 1),  # 1x1 kernel
+]
+
+
+@pytest.mark.parametrize("shape", CONV_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_conv_similarity_matches_literal(shape: tuple[int, ...]) -> None:
+    w = seeded(*shape)
+    assert close(metrics.conv_similarity(w), literal.conv_similarity(w), rel=1e-4)
+    assert close(metrics.conv_similarity_norm(w), literal.conv_similarity_norm(w), rel=1e-4)
+    assert close(metrics.conv_similarity_floor(w), literal.cs_floor(w), rel=1e-4, abs_=1e-3)
+
+
+@pytest.mark.parametrize("groups", [2, 3])
+def test_conv_similarity_grouped_pairs_within_groups(groups: int) -> None:
+    w = seeded(6, 2, 3, seed=groups)
+    assert close(metrics.conv_similarity(w, groups=groups), literal.conv_similarity(w, groups=groups), rel=1e-4)
+    assert close(metrics.conv_similarity_norm(w, groups), literal.conv_similarity_norm(w, groups), rel=1e-4)
+    assert metrics.conv_similarity(w, groups=groups) < metrics.conv_similarity(w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_low_and_high_precision_inputs(dtype: torch.dtype) -> None:
+    w = seeded(5, 3, 3, 3).to(dtype)
+    ref = literal.conv_similarity(w.double())  # the literal sees the same rounded values
+    assert close(metrics.conv_similarity(w), ref, rel=1e-4)
+    rows = metrics.pair_statistics(metrics.as_rows(w))
+    assert close(rows.acv_sum, literal.acv_sum(literal.rows(w.double())), rel=1e-4)
+
+
+def test_one_by_one_cs_is_a_function_of_norms() -> None:
+    w = seeded(6, 4, 1, 1)
+    n = w.reshape(6, -1).pow(2).sum(1).double()
+    pair_products = ((n.sum() ** 2 - (n**2).sum()) / 2).item()
+    assert close(metrics.conv_similarity(w), pair_products, rel=1e-5)
+    assert close(metrics.conv_similarity_norm(w), 1.0, rel=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(9, 7), (6, 3, 3), (5, 4, 2, 3)])
+def test_pairwise_metrics_match_literal_rows_and_cols(shape: tuple[int, ...]) -> None:
+    w = seeded(*shape, seed=3)
+    for pick, lit in ((metrics.as_rows, literal.rows), (metrics.as_cols, literal.cols)):
+        vecs = lit(w)
+        s = metrics.pair_statistics(pick(w), tau_cos=1e-4, tau_euc=0.1)
+        assert close(s.acv_sum, literal.acv_sum(vecs))
+        assert close(s.acv_mean, literal.acv_mean(vecs))
+        assert close(s.rare, literal.rare(vecs), abs_=1e-6)
+        assert s.near_parallel == len(literal.near_parallel_pairs(vecs)) == 0
+
+
+def test_norm_metrics_match_literal() -> None:
+    w = seeded(8, 3, 3, 3) * 0.3
+    assert close(metrics.norm_loss(w), literal.norm_loss(w))
+    assert close(metrics.norm_dev_max(w), literal.norm_dev_max(w))
+
+
+def test_planted_parallel_and_antiparallel_pairs() -> None:
+    w = seeded(10, 16, seed=4) * 0.02  # short vectors, so D_euc stays under tau_euc
+    w[3] = 2.0 * w[7]  # parallel, different lengths
+    w[5] = -0.7 * w[1]  # anti-parallel
+    w[9] = 0.0  # dead
+    vecs = literal.rows(w)
+    expected = literal.near_parallel_pairs(vecs, 1e-4, 0.1)
+    assert sorted((i, j) for i, j, _ in expected) == [(1, 5), (3, 7)]
+    s = metrics.pair_statistics(metrics.as_rows(w), tau_cos=1e-4, tau_euc=0.1, top_k=2)
+    assert s.near_parallel == 2
+    assert s.dead == [9] and s.live == 9
+    assert sorted((p.i, p.j) for p in s.closest) == [(1, 5), (3, 7)]
+    signs = {(p.i, p.j): p.cos for p in s.closest}
+    assert signs[(1, 5)] == pytest.approx(-1, abs=1e-6) and signs[(3, 7)] == pytest.approx(1, abs=1e-6)
+    assert float(s.rare) == pytest.approx(0, abs=1e-6)
+    assert close(s.acv_sum, literal.acv_sum(vecs), rel=1e-5)
+
+
+def test_tau_euc_rejects_long_parallel_vectors() -> None:
+    w = seeded(4, 16, seed=5)  # norms ~ 4: a parallel pair with a 2x ratio is far apart in D_euc
+    w[2] = 2.0 * w[0] + 1e-3 * seeded(16, seed=6)
+    vecs = literal.rows(w)
+    s = metrics.pair_statistics(metrics.as_rows(w), tau_cos=1e-4, tau_euc=0.1)
+    assert s.near_parallel == len(literal.near_parallel_pairs(vecs, 1e-4, 0.1))
+    loose = metrics.pair_statistics(metrics.as_rows(w), tau_cos=1e-4, tau_euc=100.0)
+    assert loose.near_parallel == len(literal.near_parallel_pairs(vecs, 1e-4, 100.0)) == 1
+
+
+def test_blocks_give_the_same_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    w = seeded(300, 20, seed=7)
+    w[17] = 3 * w[250]
+    whole = metrics.pair_statistics(w, tau_cos=1e-4, tau_euc=100.0, top_k=5)
+    monkeypatch.setattr(metrics, "_BLOCK_ELEMENTS", 300 * 7)  # blocks of 7 rows
+    blocked = metrics.pair_statistics(w, tau_cos=1e-4, tau_euc=100.0, top_k=5)
+    assert float(blocked.acv_sum) == pytest.approx(float(whole.acv_sum), rel=1e-5)
+    assert float(blocked.max_abs_cos) == pytest.approx(float(whole.max_abs_cos))
+    assert blocked.near_parallel == whole.near_parallel == 1
+    assert [(p.i, p.j) for p in blocked.closest] == [(p.i, p.j) for p in whole.closest]
+
+
+def test_fewer_than_two_live_vectors() -> None:
+    w = torch.zeros(3, 4)
+    w[0, 0] = 1.0
+    s = metrics.pair_statistics(w)
+    assert s.live == 1 and s.dead == [1, 2] and s.acv_mean is None and s.rare is None
+    assert float(metrics.rare(w)) == 0.0
+
+
+def test_acv_floor_is_welch_bound() -> None:
+    assert metrics.acv_floor(10, 3) == literal.acv_floor(10, 3) == pytest.approx((100 / 3 - 10) / 2)
+    assert metrics.acv_floor(3, 10) == 0.0
+    # n unit vectors spread evenly on a circle reach the floor's order: check acv >= floor
+    angles = torch.arange(12) * math.pi / 12
+    w = torch.stack([angles.cos(), angles.sin()], 1)
+    assert float(metrics.acv(w)) >= metrics.acv_floor(12, 2)
+
+
+def test_cs_floor_bounds_cs() -> None:
+    w = seeded(64, 1, 2, seed=8)  # 64 filters, 3 DFT bins: floor is positive
+    floor = metrics.conv_similarity_floor(w)
+    assert floor > 0
+    assert float(metrics.conv_similarity(w)) >= floor * (1 - 1e-6)
+
+
+def test_regularizers_accept_module_list_and_tensor() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 8, 3, groups=2), torch.nn.Flatten(), torch.nn.Linear(8, 4))
+    convs = [model[0].weight, model[1].weight]
+    cs_module = metrics.conv_similarity(model)
+    expected = metrics.conv_similarity(convs[0]) + metrics.conv_similarity(convs[1], groups=2)
+    assert float(cs_module.detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
+    weights = convs + [model[3].weight]
+    for fn in (metrics.acv, metrics.norm_loss, metrics.rare):
+        assert float(fn(model).detach()) == pytest.approx(float(fn(weights).detach()), rel=1e-6)
+        model.zero_grad()
+        fn(model).backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in weights)
+    assert float(metrics.acv(model[3].weight).detach()) == pytest.approx(literal.acv_sum(literal.rows(model[3].weight.detach())), rel=1e-5)
+
+
+def test_cs_gradient_matches_autograd_through_literal_definition() -> None:
+    """Autograd through the FFT identity equals autograd through an explicit pairwise conv1d definition."""
+    w = seeded(4, 3, 5, dtype=torch.float64).requires_grad_()
+    fast = metrics.conv_similarity(w)
+    (g_fast,) = torch.autograd.grad(fast, w)
+    w2 = w.detach().clone().requires_grad_()
+    total = w2.new_zeros(())
+    for i in range(4):
+        for j in range(i + 1, 4):
+            for c1 in range(3):
+                for c2 in range(3):
+                    xc = torch.nn.functional.conv1d(w2[j, c2].view(1, 1, -1), w2[i, c1].view(1, 1, -1), padding=4)
+                    total = total + xc.pow(2).sum()
+    (g_slow,) = torch.autograd.grad(total, w2)
+    assert float(fast) == pytest.approx(float(total), rel=1e-10)
+    assert torch.allclose(g_fast, g_slow, rtol=1e-9, atol=1e-9)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    out=st.integers(2, 6),
+    cin=st.integers(1, 3),
+    k=st.integers(1, 4),
+    scale=st.floats(0.01, 100),
+    seed=st.integers(0, 2**16),
+)
+def test_invariants(out: int, cin: int, k: int, scale: float, seed: int) -> None:
+    w = seeded(out, cin, k, seed=seed)
+    # cosines are scale invariant; CS is homogeneous of degree 4; pair terms are non-negative
+    a = metrics.pair_statistics(metrics.as_rows(w))
+    b = metrics.pair_statistics(metrics.as_rows(w * scale))
+    assert float(b.acv_sum) == pytest.approx(float(a.acv_sum), rel=1e-4, abs=1e-5)
+    cs = float(metrics.conv_similarity(w))
+    assert cs >= 0
+    assert float(metrics.conv_similarity(w * scale)) == pytest.approx(cs * scale**4, rel=1e-3)
+    # reversing the filter order changes nothing (symmetry of the pair sum)
+    assert float(metrics.conv_similarity(w.flip(0))) == pytest.approx(cs, rel=1e-4)
+    assert float(metrics.conv_similarity_norm(w * scale)) == pytest.approx(float(metrics.conv_similarity_norm(w)), rel=1e-3)
+
+
+def test_cs_predicts_feature_map_orthogonality() -> None:
+    """CS paper eq. 3: with full padding, <F1, F2> is the kernels' cross-correlation against the input's autocorrelation."""
+    rng = np.random.default_rng(0)
+    k1, k2, x = rng.uniform(-1, 1, 4), rng.uniform(-1, 1, 4), rng.uniform(0, 1, 32)
+    inner = literal.feature_map_inner(k1, k2, x)
+    w = torch.tensor(np.stack([k1, k2])[:, None, :])
+    assert float(metrics.conv_similarity(w)) == pytest.approx(float((literal.full_xcorr(k1, k2) ** 2).sum()), rel=1e-10)
+    assert inner == pytest.approx(float(np.dot(literal.full_xcorr(k1, k2), literal.clip_lags(literal.full_xcorr(x, x), [4]))), rel=1e-9)
