@@ -178,7 +178,7 @@ def test_cs_gradient_matches_autograd_through_literal_definition() -> None:
                     xc = torch.nn.functional.conv1d(w2[j, c2].view(1, 1, -1), w2[i, c1].view(1, 1, -1), padding=4)
                     total = total + xc.pow(2).sum()
     (g_slow,) = torch.autograd.grad(total, w2)
-    assert float(fast) == pytest.approx(float(total), rel=1e-10)
+    assert float(fast.detach()) == pytest.approx(float(total.detach()), rel=1e-10)
     assert torch.allclose(g_fast, g_slow, rtol=1e-9, atol=1e-9)
 
 

@@ -115,7 +115,9 @@ class Checkpoint:
             with safe_open(str(file), framework="pt") as f:
                 if not self.metadata:
                     self.metadata = dict(f.metadata() or {})
-                for key in f.keys():
+                # safetensors does not keep the model's order (it sorts keys); natural order puts
+                # "layers.2" before "layers.10", the closest thing to the model's own order.
+                for key in sorted(f.keys(), key=natural_key):
                     sl = f.get_slice(key)
                     dtype = _SAFETENSORS_DTYPES.get(sl.get_dtype(), torch.uint8)
                     self._add(key, TensorInfo(tuple(sl.get_shape()), dtype), file)
@@ -196,6 +198,11 @@ def sniff(file: Path) -> str:
     if _looks_like_text(head):
         raise CheckpointError(f"{file}: looks like a text file, not a checkpoint (expected .safetensors or a torch.save file)")
     raise CheckpointError(f"{file}: unknown format: neither safetensors nor a torch.save file")
+
+
+def natural_key(key: str) -> list[Any]:
+    """Sort key comparing digit runs as numbers: 'layers.2' < 'layers.10'."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", key)]
 
 
 def _looks_like_text(head: bytes) -> bool:
