@@ -98,7 +98,8 @@ def render_table(report: Report, console: Console) -> None:
     console.print(table)
     console.print(
         "[dim]acv: acv_mean  acv/fl, cs/fl: acv_sum, conv_similarity over their floors  cs_n: conv_similarity_norm  "
-        "normdev: norm_dev_max  rare_r/c: rare_rows/cols  ∥r/c: near-parallel pairs  dead: dead_rows[/]"
+        "normdev: norm_dev_max  rare_r/c: rare_rows/cols  ∥r/c: near-parallel pairs  dead: dead_rows[/]",
+        soft_wrap=True,
     )
     _print_summary(report, console)
 
@@ -107,11 +108,13 @@ def _print_summary(report: Report, console: Console) -> None:
     s = report.summary
     console.print(
         f"[bold]{s.layers}[/] layers, {s.params:,} parameters analyzed ({s.skipped_tensors} other tensors skipped); "
-        f"near-parallel pairs: {s.near_parallel_rows} rows, {s.near_parallel_cols} cols; dead rows: {s.dead_rows}"
+        f"near-parallel pairs: {s.near_parallel_rows} rows, {s.near_parallel_cols} cols; dead rows: {s.dead_rows}",
+        soft_wrap=True,
     )
     console.print(
         f"totals: acv_sum {fmt_number(s.acv_sum)}, conv_similarity {fmt_number(s.conv_similarity)}, "
-        f"norm_loss {fmt_number(s.norm_loss)}"
+        f"norm_loss {fmt_number(s.norm_loss)}",
+        soft_wrap=True,
     )
     labels = {
         "acv_mean": "highest acv_mean",
@@ -121,17 +124,17 @@ def _print_summary(report: Report, console: Console) -> None:
     }
     for key, label in labels.items():
         if s.worst.get(key):
-            console.print(f"{label}: " + ", ".join(s.worst[key][:3]), highlight=False)
+            console.print(f"{label}: " + ", ".join(s.worst[key][:3]), highlight=False, soft_wrap=True)
     for r in report.layers:
         for note in r.notes:
-            console.print(f"[dim]note[/] {r.name}: {note}", highlight=False)
+            console.print(f"[dim]note[/] {r.name}: {note}", highlight=False, soft_wrap=True)
     for g in report.gates:
         if g.passed:
-            console.print(f"[green]PASS[/] {g.expr}", highlight=False)
+            console.print(f"[green]PASS[/] {g.expr}", highlight=False, soft_wrap=True)
         else:
             names = ", ".join(f"{v.layer} ({fmt_number(v.value)})" for v in g.violations[:10])
             more = f" and {len(g.violations) - 10} more" if len(g.violations) > 10 else ""
-            console.print(f"[bold red]FAIL[/] {g.expr}: {names}{more}", highlight=False)
+            console.print(f"[bold red]FAIL[/] {g.expr}: {names}{more}", highlight=False, soft_wrap=True)
 
 
 def to_json(report: Report) -> str:
