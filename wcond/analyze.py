@@ -77,7 +77,7 @@ class Summary:
     tensors: int
     skipped_tensors: int
     acv_sum: float
-    conv_similarity: float
+    conv_similarity: float | None  # None when no conv layer was analyzed
     norm_loss: float
     near_parallel_rows: int
     near_parallel_cols: int
@@ -149,7 +149,8 @@ def analyze_tensor(
             rep.conv_similarity_norm = float(cs) / pair_norms if pair_norms else None
             rep.conv_similarity_floor = metrics.conv_similarity_floor(w, groups=groups)
         if rows.dead:
-            rep.notes.append(f"{len(rows.dead)} all-zero rows (left out of cosine metrics)")
+            n = len(rows.dead)
+            rep.notes.append(f"{n} all-zero row{'s' if n > 1 else ''} (left out of cosine metrics)")
     return rep
 
 
@@ -242,7 +243,7 @@ def _summarize(layers: list[LayerReport], tensors: int) -> Summary:
         tensors=tensors,
         skipped_tensors=tensors - len(layers),
         acv_sum=total("acv_sum"),
-        conv_similarity=total("conv_similarity"),
+        conv_similarity=total("conv_similarity") if any(r.conv_similarity is not None for r in layers) else None,
         norm_loss=total("norm_loss"),
         near_parallel_rows=int(total("near_parallel_rows")),
         near_parallel_cols=int(total("near_parallel_cols")),
