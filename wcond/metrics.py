@@ -30,6 +30,7 @@ __all__ = [
     "conv_similarity",
     "conv_similarity_floor",
     "conv_similarity_norm",
+    "near_parallel_pairs",
     "norm_dev_max",
     "norm_loss",
     "pair_norm_products",
@@ -119,12 +120,9 @@ def pair_statistics(
     Only blocks of at most 2**24 cosines exist at any time, so memory stays bounded for any N.
     """
     v = _compute_dtype(vectors)
-    norms = v.norm(dim=1)
-    live_mask = norms > 0
-    dead = torch.nonzero(~live_mask).flatten().tolist()
-    live_idx = torch.nonzero(live_mask).flatten()
-    u = v[live_idx] / norms[live_idx, None]
-    live_norms = norms[live_idx].detach()
+    live_idx, norms, u = _live_units(v)
+    dead = sorted(set(range(v.shape[0])) - set(live_idx.tolist()))
+    live_norms = norms.detach()
     n = u.shape[0]
     zero = v.new_zeros(())
     stats = PairStats(n=v.shape[0], live=n, dead=dead, acv_sum=zero, max_abs_cos=zero)
@@ -132,16 +130,12 @@ def pair_statistics(
         return stats
 
     count_pairs = tau_cos is not None and tau_euc is not None
-    block = max(1, min(n, _BLOCK_ELEMENTS // n))
     acv_parts: list[Tensor] = []
     max_parts: list[Tensor] = []
     best: list[tuple[float, int, int, float]] = []  # (|cos|, i, j, cos) in live indexing
     near = 0
-    for start in range(0, n - 1, block):
-        stop = min(n, start + block)
-        # Only the upper triangle: rows start..stop against columns start..n.
-        c = u[start:stop] @ u[start:].T
-        upper = torch.ones(stop - start, n - start, dtype=torch.bool, device=u.device).triu(1)
+    for start, c, upper in _cosine_blocks(u):
+        stop = start + c.shape[0]
         a = c.abs().clamp(max=1.0) * upper
         acv_parts.append(a.sum())
         max_parts.append(a.max())
@@ -172,6 +166,51 @@ def pair_statistics(
         np_pair = count_pairs and (1 - val < tau_cos) and (d < tau_euc)  # type: ignore[operator]
         stats.closest.append(Pair(idx[i], idx[j], cos, d, bool(np_pair)))
     return stats
+
+
+def near_parallel_pairs(vectors: Tensor, *, tau_cos: float, tau_euc: float) -> Iterator[Pair]:
+    """Every near-parallel pair i < j of the rows of ``vectors`` (N, d), found block by block.
+
+    The same test as ``pair_statistics``' count (1 - |cos| < tau_cos and D_euc < tau_euc), so it
+    yields exactly that many pairs, without ever holding the N x N cosine matrix.
+    """
+    live_idx, norms, u = _live_units(_compute_dtype(vectors).detach())
+    idx = live_idx.tolist()
+    for start, c, upper in _cosine_blocks(u):
+        a = c.abs().clamp(max=1.0)
+        bi, bj = torch.nonzero((1 - a < tau_cos) & upper, as_tuple=True)
+        if not len(bi):
+            continue
+        i, j = bi + start, bj + start
+        # D_euc = |w_short| sqrt(2 - 2|cos|) (METRICS.md identity)
+        d_euc = torch.minimum(norms[i], norms[j]) * torch.sqrt((2 - 2 * a[bi, bj]).clamp_min(0))
+        for ii, jj, cos, d in zip(i.tolist(), j.tolist(), c[bi, bj].clamp(-1.0, 1.0).tolist(), d_euc.tolist()):
+            if d < tau_euc:
+                yield Pair(idx[ii], idx[jj], cos, d, True)
+
+
+def _live_units(v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(indices of the non-zero rows of v, their norms, their unit vectors)."""
+    norms = v.norm(dim=1)
+    live = norms > 0
+    if bool(live.all()):  # the common case: no gather, one copy of the vectors
+        return torch.arange(v.shape[0], device=v.device), norms, v / norms[:, None]
+    idx = torch.nonzero(live).flatten()
+    return idx, norms[idx], v[idx] / norms[idx, None]
+
+
+def _cosine_blocks(u: Tensor) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """The upper triangle of u u^T in row blocks of at most 2**24 cosines: (first row, cosines, mask of j > i).
+
+    Block rows start..stop are taken against columns start..n only, so column 0 of a block is row ``start``.
+    """
+    n = u.shape[0]
+    block = max(1, min(n, _BLOCK_ELEMENTS // max(n, 1)))
+    for start in range(0, n - 1, block):
+        stop = min(n, start + block)
+        c = u[start:stop] @ u[start:].T
+        upper = torch.ones(stop - start, n - start, dtype=torch.bool, device=u.device).triu(1)
+        yield start, c, upper
 
 
 # --------------------------------------------------------------------------- Convolutional Similarity
