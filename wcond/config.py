@@ -1,0 +1,136 @@
+"""Project configuration: a repo pins its wcond policy once, in ``[tool.wcond]`` of pyproject.toml.
+
+Found like ruff and pytest find theirs: walking up from the current directory, the first
+directory holding a ``wcond.toml`` (top-level keys) or a ``pyproject.toml`` with a
+``[tool.wcond]`` table wins (``wcond.toml`` first when a directory has both). ``--config FILE``
+names one explicitly. Command-line flags override every key; list keys (``layers``, ``exclude``,
+``fail-if``) are replaced by the flag, not extended.
+
+Example pyproject.toml::
+
+    [tool.wcond]
+    tau-cos = 1e-4
+    exclude = ["*.embed_tokens.weight"]
+    groups = { "layer*.conv2.weight" = 32 }
+    fail-if = ["near_parallel_rows>0", "acv_mean>0.3"]
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wcond.errors import UsageError
+from wcond.gates import Gate
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+__all__ = ["CONFIG_KEYS", "Config", "find_config", "load_config"]
+
+# Every key a config may hold, as written in the file (Python spells it with "_"), and what its value must be.
+CONFIG_KEYS: dict[str, str] = {
+    "tau-cos": "number",
+    "tau-euc": "number",
+    "top": "integer",
+    "layers": "list of glob strings",
+    "exclude": "list of glob strings",
+    "groups": 'table of glob = integer, e.g. { "layer*.conv2.weight" = 32 }',
+    "fail-if": 'list of gate expressions, e.g. ["acv_mean>0.5"]',
+    "format": "one of table, json, markdown, csv, html, junit",
+    "device": "one of auto, cpu, cuda, mps",
+}
+_FORMATS = ("table", "json", "markdown", "csv", "html", "junit")
+_DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Settings read from one file (``path`` None: no file found), keys in Python spelling (``tau_cos``)."""
+
+    path: Path | None = None
+    values: dict[str, Any] = field(default_factory=dict)
+
+
+def find_config(start: str | Path | None = None) -> Path | None:
+    """The first wcond.toml, or pyproject.toml with a [tool.wcond] table, from ``start`` (cwd) upward."""
+    here = Path(start or Path.cwd()).resolve()
+    for directory in (here, *here.parents):
+        own = directory / "wcond.toml"
+        if own.is_file():
+            return own
+        pyproject = directory / "pyproject.toml"
+        if pyproject.is_file() and "wcond" in _read(pyproject).get("tool", {}):
+            return pyproject
+    return None
+
+
+def load_config(path: str | Path | None = None, start: str | Path | None = None) -> Config:
+    """Read and check ``path``, or the file :func:`find_config` finds; an empty Config when there is none.
+
+    Raises:
+        UsageError: unreadable TOML, an unknown key, or a value of the wrong type, naming key and file.
+    """
+    if path is None:
+        path = find_config(start)
+        if path is None:
+            return Config()
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"--config {path}: no such file")
+    doc = _read(path)
+    if path.name == "pyproject.toml":
+        table = doc.get("tool", {}).get("wcond")
+        if table is None:
+            raise UsageError(f"{path}: has no [tool.wcond] table; add one or point --config at a wcond.toml")
+    else:
+        table = doc
+    return Config(path, _check(table, path))
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"{path}: not valid TOML ({e})") from e
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read ({e.strerror})") from e
+
+
+def _check(table: Mapping[str, Any], path: Path) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    where = f"{path}: [tool.wcond]" if path.name == "pyproject.toml" else str(path)
+    for key, value in table.items():
+        if key not in CONFIG_KEYS:
+            hint = f" (did you mean {key.replace('_', '-')!r}?)" if key.replace("_", "-") in CONFIG_KEYS else ""
+            raise UsageError(f"{where}: unknown key {key!r}{hint}; known keys: {', '.join(CONFIG_KEYS)}")
+        if not _valid(key, value):
+            raise UsageError(f"{where}: {key} = {value!r}: expected {CONFIG_KEYS[key]}")
+        if key == "fail-if":
+            for expr in value:
+                try:
+                    Gate.parse(expr)
+                except UsageError as e:
+                    raise UsageError(f"{where}: fail-if: {e}") from e
+        values[key.replace("-", "_")] = value
+    return values
+
+
+def _valid(key: str, v: Any) -> bool:
+    if key in ("tau-cos", "tau-euc"):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+    if key == "top":
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+    if key in ("layers", "exclude", "fail-if"):
+        return isinstance(v, list) and all(isinstance(s, str) for s in v)
+    if key == "groups":
+        return isinstance(v, dict) and all(isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in v.values())
+    if key == "format":
+        return v in _FORMATS
+    return v in _DEVICES  # device

@@ -1,0 +1,132 @@
+"""Rendering a DiffReport: a rich table for the terminal, JSON for scripts, Markdown for CI summaries."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from wcond.diff import DiffReport, LayerDiff, MetricDiff
+from wcond.render import fmt_number
+
+__all__ = ["DIFF_FORMATS", "diff_to_json", "diff_to_markdown", "render_diff_table"]
+
+# Which way is better, for coloring the change: -1 lower is better, +1 higher is better, 0 neutral.
+_BETTER = {
+    "rare_rows": 1, "rare_cols": 1,
+    "acv_floor": 0, "conv_similarity_floor": 0, "params": 0, "layers": 0,
+}  # fmt: skip
+
+
+def _signed(v: float | int | None) -> str:
+    if v is None:
+        return "-"
+    return ("+" if v > 0 else "") + fmt_number(v)
+
+
+def _percent(v: float | None) -> str:
+    return "-" if v is None else f"{v * 100:+.1f}%" if v else "0%"
+
+
+def _cells(m: MetricDiff) -> list[str]:
+    return [fmt_number(m.a), fmt_number(m.b), _signed(m.delta), _percent(m.relative)]
+
+
+def _style(metric: str, m: MetricDiff) -> str:
+    if not m.delta:
+        return "dim"
+    better = _BETTER.get(metric, -1)
+    if better == 0:
+        return ""
+    return "green" if (m.delta > 0) == (better > 0) else "red"
+
+
+def _shape(shape: list[int]) -> str:
+    return "x".join(map(str, shape))
+
+
+def _shown(d: LayerDiff) -> list[tuple[str, MetricDiff]]:
+    """Metrics that apply on at least one side (CS of a matrix applies on neither)."""
+    return [(k, m) for k, m in d.metrics.items() if m.a is not None or m.b is not None]
+
+
+def render_diff_table(d: DiffReport, console: Console) -> None:
+    """Summary totals, then per layer every metric: A, B, change, relative change; then one-sided layers."""
+    console.print(f"[bold]wcond diff[/]: A = {d.a}  B = {d.b}", highlight=False, markup=True)
+    table = Table(box=box.SIMPLE_HEAD, header_style="bold", padding=(0, 0, 0, 1), pad_edge=False)
+    # One first column, layer name then its metrics indented: a long key folds instead of being dropped.
+    table.add_column("layer / metric", overflow="fold", min_width=12)
+    for header in ("A", "B", "change", "rel"):
+        table.add_column(header, justify="right", no_wrap=True)
+    table.add_row(Text("totals", style="bold"))
+    for metric, m in d.summary.items():
+        table.add_row(f"  {metric}", *_cells(m), style=_style(metric, m) or None)
+    for layer in d.layers:
+        table.add_section()
+        changed = layer.shape_changed
+        table.add_row(
+            Text(layer.name, style="bold"), _shape(layer.shape_a), _shape(layer.shape_b), "new shape" if changed else "",
+            style="yellow" if changed else None,
+        )  # fmt: skip
+        for metric, m in _shown(layer):
+            table.add_row(f"  {metric}", *_cells(m), style=_style(metric, m) or None)
+    console.print(table)
+    console.print(
+        f"{len(d.layers)} layers in both ({len(d.shape_changes)} with a new shape), "
+        f"{len(d.only_a)} only in A, {len(d.only_b)} only in B; change = B - A, rel = change / |A|",
+        highlight=False,
+    )
+    for side, names in (("only in A", d.only_a), ("only in B", d.only_b)):
+        if names:
+            console.print(f"{side}: " + ", ".join(names), highlight=False, markup=False)
+    for layer in d.layers:
+        for side, notes in (("A", layer.notes_a), ("B", layer.notes_b)):
+            for note in notes:
+                console.print(f"note {side} {layer.name}: {note}", style="dim", highlight=False, markup=False)
+
+
+def diff_to_json(d: DiffReport) -> str:
+    """Stable for scripts: layers[i][metric] = {"a", "b", "delta", "relative"}; null where a value does not apply."""
+    from wcond import __version__
+
+    return json.dumps({"wcond_version": __version__, **d.to_dict()}, indent=2) + "\n"
+
+
+def diff_to_markdown(d: DiffReport) -> str:
+    """GitHub-flavoured Markdown: totals, shape changes, one-sided layers, then one table of every layer's metrics."""
+    out = [f"## wcond diff: `{d.a}` → `{d.b}`", ""]
+    out += ["| total | A | B | change | rel |", "|---|---:|---:|---:|---:|"]
+    out += [f"| {k} | " + " | ".join(_cells(m)) + " |" for k, m in d.summary.items()]
+    out.append("")
+    if d.shape_changes:
+        out += ["**Shape changes**", ""]
+        out += [f"- `{x.name}`: {_shape(x.shape_a)} → {_shape(x.shape_b)}" for x in d.shape_changes]
+        out.append("")
+    for side, names in (("Only in A", d.only_a), ("Only in B", d.only_b)):
+        if names:
+            out += [f"**{side}**: " + ", ".join(f"`{n}`" for n in names), ""]
+    out += ["| layer | metric | A | B | change | rel |", "|---|---|---:|---:|---:|---:|"]
+    for layer in d.layers:
+        changed = "new shape" if layer.shape_changed else ""
+        out.append(f"| `{layer.name}` | shape | {_shape(layer.shape_a)} | {_shape(layer.shape_b)} | {changed} | |")
+        out += [f"| | {k} | " + " | ".join(_cells(m)) + " |" for k, m in _shown(layer)]
+    out += ["", "change = B - A; rel = change / |A|."]
+    return "\n".join(out) + "\n"
+
+
+def _table_text(d: DiffReport) -> str:
+    console = Console(record=True, width=120, file=io.StringIO(), color_system=None)
+    render_diff_table(d, console)
+    return console.export_text()
+
+
+DIFF_FORMATS: dict[str, Callable[[DiffReport], str]] = {
+    "table": _table_text,
+    "json": diff_to_json,
+    "markdown": diff_to_markdown,
+}
