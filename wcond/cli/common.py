@@ -13,6 +13,7 @@ from typing import Annotated, Any, Optional, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
 from wcond.errors import WcondError
@@ -55,7 +56,7 @@ def handle_errors(func: F) -> F:
         except WcondError as e:
             if os.environ.get("WCOND_DEBUG"):
                 raise
-            stderr.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            stderr.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(EXIT_USAGE) from e
         except KeyboardInterrupt:
             stderr.print("interrupted; nothing was written")
