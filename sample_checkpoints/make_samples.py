@@ -5,8 +5,9 @@ Regenerate with::
     python sample_checkpoints/make_samples.py
 
 Needs only torch and safetensors. Seeds are fixed, so a rerun writes a byte-identical
-``mlp.safetensors`` (the script checks this itself); the two pickles hold the same
-tensors on every run, though their bytes may change across torch versions.
+``mlp.safetensors`` (the script checks this itself, and sorts the metadata keys because
+safetensors 0.8 writes them in random order); the two pickles hold the same tensors on
+every run, though their bytes may change across torch versions.
 
 small_cnn.pt
     ``torch.save(model.state_dict())`` (an OrderedDict) of a 2-D CNN for 3x8x8 inputs:
@@ -31,22 +32,28 @@ lightning_cnn.ckpt
     conv1 Conv1d(3, 16, 5) -> bn1 BatchNorm1d(16) -> conv2 Conv1d(16, 16, 3) ->
     global average pool -> head Linear(16, 4), trained 120 Adam steps (lr 1e-3) on
     seeded noise. Keys: epoch, global_step, pytorch-lightning_version, state_dict
-    (every key prefixed "model."), optimizer_states (one Adam state dict, params
-    numbered 0..n-1 in state_dict order of the parameters), lr_schedulers (empty),
-    hyper_parameters. After training, model.conv2 filter 9 is set to 2.0 * filter 1:
-    one exactly parallel pair of conv1d rows. Only plain containers, primitives and
-    tensors, so it loads with ``torch.load(..., weights_only=True)``.
+    (every key prefixed "model."), optimizer_states (one Adam state dict whose params
+    0..7 are conv1.weight, conv1.bias, bn1.weight, bn1.bias, conv2.weight, conv2.bias,
+    head.weight, head.bias, each with step = 120., exp_avg, exp_avg_sq), lr_schedulers
+    (empty), hyper_parameters {"lr": 0.001, "width": 16}. After training, model.conv2
+    filter 9 is set to 2.0 * filter 1 (weights only, not the bias): one exactly parallel
+    pair of conv1d rows. Only plain containers, primitives and tensors, so it loads with
+    ``torch.load(..., weights_only=True)``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import tempfile
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import save
 from torch import Tensor, nn
 
 HERE = Path(__file__).resolve().parent
@@ -126,10 +133,14 @@ def make_mlp() -> dict[str, Tensor]:
     gen = torch.Generator().manual_seed(2)
     with torch.no_grad():
         w = model.fc1.weight
-        base = 1.5 * w[4]
-        noise = torch.randn(w.shape[1], generator=gen)
-        noise -= base * (noise @ base) / (base @ base)  # orthogonal to the row
-        w[17] = base + 1e-3 * base.norm() * noise / noise.norm()
+        # Reductions in plain Python (math.fsum), not torch: a BLAS dot product may sum in
+        # another order on another CPU, and these bytes should not depend on the machine.
+        base = [1.5 * x for x in w[4].double().tolist()]
+        noise = torch.randn(w.shape[1], generator=gen, dtype=torch.float64).tolist()
+        along = math.fsum(n * b for n, b in zip(noise, base)) / math.fsum(b * b for b in base)
+        noise = [n - along * b for n, b in zip(noise, base)]  # orthogonal to the row
+        scale = 1e-3 * math.sqrt(math.fsum(b * b for b in base)) / math.sqrt(math.fsum(n * n for n in noise))
+        w[17] = torch.tensor([b + scale * n for b, n in zip(base, noise)], dtype=torch.float32)
         model.fc2.weight[33] = 0.0
         model.fc2.bias[33] = 0.0
     return dict(_detached(model.state_dict()))
@@ -169,20 +180,59 @@ def make_lightning_cnn() -> dict[str, object]:
     }
 
 
+def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """Write to a temp file beside ``path`` and rename, so a failed run leaves no half file.
+
+    The temp file has the same name (in a temp folder) because torch.save names the zip
+    archive's top folder after the file.
+    """
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".tmp-") as tmp_dir:
+        tmp = Path(tmp_dir) / path.name
+        write(tmp)
+        tmp.replace(path)
+
+
+def save_safetensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """safetensors.torch.save with its __metadata__ keys sorted, written via a temp file.
+
+    safetensors 0.8 writes __metadata__ in Rust HashMap order, which changes from call to
+    call (safetensors/safetensors#584), so two saves of the same tensors differ in bytes.
+    Re-emitting the header JSON in the same compact form with sorted metadata keys (same
+    length, same padding) makes the file canonical; the tensor entries are already sorted.
+    """
+    data = save(tensors, metadata=metadata)
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    if len(text) > n:
+        raise SystemExit(f"re-serialized safetensors header grew from {n} to {len(text)} bytes")
+    canonical = data[:8] + text + b" " * (n - len(text)) + data[8 + n :]
+    _write_atomically(path, lambda tmp: tmp.write_bytes(canonical))
+    with safe_open(str(path), framework="pt") as f:  # still a valid file with the same content
+        if f.metadata() != metadata or sorted(f.keys()) != sorted(tensors):
+            raise SystemExit(f"{path.name}: canonical header does not read back")
+        for k in f.keys():
+            if not torch.equal(f.get_tensor(k), tensors[k]):
+                raise SystemExit(f"{path.name}: tensor {k} does not read back")
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def main(out_dir: Path = HERE) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(make_small_cnn(), out_dir / "small_cnn.pt")
-    save_file(make_mlp(), str(out_dir / "mlp.safetensors"), metadata=SAFETENSORS_METADATA)
-    torch.save(make_lightning_cnn(), out_dir / "lightning_cnn.ckpt")
+    small_cnn = make_small_cnn()
+    _write_atomically(out_dir / "small_cnn.pt", lambda tmp: torch.save(small_cnn, tmp))
+    save_safetensors(make_mlp(), out_dir / "mlp.safetensors", SAFETENSORS_METADATA)
+    lightning = make_lightning_cnn()
+    _write_atomically(out_dir / "lightning_cnn.ckpt", lambda tmp: torch.save(lightning, tmp))
 
     # A second build must give the same safetensors bytes; otherwise the seeds leak somewhere.
     with tempfile.TemporaryDirectory() as tmp:
         again = Path(tmp) / "mlp.safetensors"
-        save_file(make_mlp(), str(again), metadata=SAFETENSORS_METADATA)
+        save_safetensors(make_mlp(), again, SAFETENSORS_METADATA)
         if _sha256(again) != _sha256(out_dir / "mlp.safetensors"):
             raise SystemExit("mlp.safetensors is not reproducible: two builds differ")
 
