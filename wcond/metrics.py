@@ -12,9 +12,11 @@ Linear weights are walked). fp16/bf16 are upcast to float32; float64 stays float
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -217,17 +219,59 @@ def _cosine_blocks(u: Tensor) -> Iterator[tuple[int, Tensor, Tensor]]:
 
 
 def autocorrelation_sums(w: Tensor) -> Tensor:
-    """R_i = sum_c autocorr_full(K_i[c]) for every filter, shape (out, 2k1-1, 2k2-1, ...).
+    """R_i = sum_c autocorr_full(K_i[c]) for every filter, shape (out, 2k1-1, 2k2-1, ...), lag m at index m mod (2k-1).
 
-    Computed through the power spectrum (Wiener-Khinchin): the DFT of length 2k-1 per axis
-    makes circular autocorrelation equal the full linear one.
+    Small kernels (up to 64 taps: 3x3, 7x7, 3x3x3) go through the Gram matrix of kernel positions,
+    G_i[n, n'] = sum_c K_i[c, n] K_i[c, n'], and R_i[m] = sum_{n' - n = m} G_i[n, n']: one batched
+    matmul, many times faster than thousands of tiny FFTs. Larger kernels go through the power
+    spectrum (Wiener-Khinchin): the DFT of length 2k-1 per axis makes circular autocorrelation
+    equal the full linear one.
     """
     w = _compute_dtype(w)
-    sizes = [2 * k - 1 for k in w.shape[2:]]
+    kernel = tuple(w.shape[2:])
+    sizes = [2 * k - 1 for k in kernel]
+    taps = math.prod(kernel)
+    if taps <= _GRAM_MAX_TAPS:
+        # (out, taps, in): contiguous when the caller keeps channels last, a strided view otherwise.
+        positions = w.reshape(w.shape[0], w.shape[1], taps).transpose(1, 2)
+        gram = _PositionGram.apply(positions).reshape(w.shape[0], taps * taps)
+        r = gram.new_zeros(w.shape[0], math.prod(sizes)).index_add(1, _lag_index(kernel, gram.device), gram)
+        return r.reshape(w.shape[0], *sizes)
     spatial = tuple(range(2, w.ndim))
     spec = torch.fft.rfftn(w, s=sizes, dim=spatial)
     power = (spec.real**2 + spec.imag**2).sum(dim=1)  # P_i, summed over input channels
     return torch.fft.irfftn(power, s=sizes, dim=tuple(range(1, len(sizes) + 1)))
+
+
+_GRAM_MAX_TAPS = 64
+
+
+class _PositionGram(torch.autograd.Function):
+    """G = X X^T for X of shape (out, taps, in); the backward is one matmul, (dG + dG^T) X, where autograd would use two."""
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        return x @ x.transpose(1, 2)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor], output: Tensor) -> None:
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        return (grad + grad.transpose(1, 2)) @ x
+
+
+@functools.lru_cache(maxsize=64)
+def _lag_index(kernel: tuple[int, ...], device: torch.device) -> Tensor:
+    """For every position pair (n, n') of a kernel, row-major, the flat index of lag n' - n mod (2k-1) per axis."""
+    grid = torch.cartesian_prod(*(torch.arange(k) for k in kernel)).reshape(-1, len(kernel))
+    lags = (grid[None, :, :] - grid[:, None, :]).remainder(torch.tensor([2 * k - 1 for k in kernel]))
+    flat = torch.zeros(lags.shape[:2], dtype=torch.long)
+    for axis, k in enumerate(kernel):
+        flat = flat * (2 * k - 1) + lags[..., axis]
+    return flat.flatten().to(device)
 
 
 def _group_sums(values: Tensor, groups: int) -> Tensor:
