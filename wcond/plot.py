@@ -1,0 +1,310 @@
+"""Pictures of a checkpoint: the signed cosine matrix of a layer's rows (or columns), and each metric per layer.
+
+matplotlib is an optional extra (``pip install 'wcond[plot]'``): it is imported on first use,
+with the Agg backend (no display needed), and its absence is a :class:`UsageError` naming the
+install command. The near-parallel marks come from :func:`wcond.metrics.pair_statistics`, the
+function `inspect` counts them with.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from wcond import metrics
+from wcond.analyze import NUMERIC_FIELDS, Report
+from wcond.errors import UsageError
+from wcond.layers import is_layer
+from wcond.load import Checkpoint, open_checkpoint
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+__all__ = [
+    "INSTALL_HINT", "CosMatrix", "cos_matrix", "heatmap_png", "layer_weight", "plot_layer", "plot_metrics",
+    "require_matplotlib",
+]  # fmt: skip
+
+INSTALL_HINT = "pip install 'wcond[plot]'  (or: pip install 'matplotlib>=3.7')"
+MAX_VECTORS = 256  # beyond this a heatmap cell is under a pixel at default sizes: subsample
+SUFFIXES = (".png", ".svg")
+_DEFAULT_DPI = 100
+_COUNTS = {"near_parallel_rows", "near_parallel_cols", "dead_rows", "dead_cols", "nonfinite", "params"}
+
+
+def require_matplotlib() -> Any:
+    """matplotlib.pyplot on the Agg backend, or a UsageError saying what to install."""
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise UsageError(f"plotting needs matplotlib, which is not installed: {INSTALL_HINT}") from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+@dataclass
+class CosMatrix:
+    """Signed cosines between the shown vectors of one layer axis (NaN where a vector is dead)."""
+
+    name: str
+    axis: str
+    cos: np.ndarray
+    indices: list[int]  # original row/column index of each shown vector
+    total: int  # vectors in the layer
+    near_parallel: list[tuple[int, int]] = field(default_factory=list)  # positions in ``indices``
+
+    @property
+    def subsampled(self) -> bool:
+        return len(self.indices) < self.total
+
+    def title(self) -> str:
+        what = f"cos between {self.axis}"
+        if self.subsampled:
+            what += f", {len(self.indices)} of {self.total} shown (evenly spaced)"
+        return f"{self.name}\n{what}; {len(self.near_parallel)} near-parallel pairs circled"
+
+
+def _pick(n: int, limit: int, include: Sequence[int] = ()) -> list[int]:
+    """All of 0..n-1 when n <= limit, else ``limit`` evenly spaced indices, ``include`` ones first."""
+    if n <= limit:
+        return list(range(n))
+    chosen = {i for i in include if 0 <= i < n}
+    chosen = set(sorted(chosen)[: limit // 2])
+    for i in np.linspace(0, n - 1, num=limit).round().astype(int).tolist():
+        if len(chosen) >= limit:
+            break
+        chosen.add(i)
+    fill = iter(range(n))
+    while len(chosen) < limit:  # rounding made duplicates
+        chosen.add(next(fill))
+    return sorted(chosen)
+
+
+def cos_matrix(
+    name: str,
+    w: torch.Tensor,
+    *,
+    axis: str = "rows",
+    max_vectors: int = MAX_VECTORS,
+    tau_cos: float = 1e-4,
+    tau_euc: float = 0.1,
+    include: Sequence[int] = (),
+) -> CosMatrix:
+    """The cosine matrix of a layer's rows or columns (METRICS.md), at most ``max_vectors`` of them.
+
+    ``include`` names vectors to keep when subsampling (e.g. the layer's closest pairs).
+    """
+    if axis not in ("rows", "cols"):
+        raise UsageError(f"--axis {axis!r}: expected rows or cols")
+    vectors = metrics.as_rows(w) if axis == "rows" else metrics.as_cols(w)
+    vectors = vectors.detach().to("cpu", torch.float32)
+    idx = _pick(vectors.shape[0], max_vectors, include)
+    shown = vectors[idx]
+    v = shown.double().numpy()
+    norms = np.linalg.norm(v, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        u = v / norms[:, None]  # dead (zero) vectors become NaN: their angle is undefined
+    cos = np.clip(u @ u.T, -1.0, 1.0)
+    # pair_statistics lists the top_k pairs by |cos| with its own near-parallel verdict; asking for
+    # every pair within reach of tau_cos (with slack for float32) returns all near-parallel ones.
+    upper = np.triu(np.ones_like(cos, dtype=bool), 1)
+    reach = int((np.nan_to_num(1 - np.abs(cos), nan=2.0)[upper] < 2 * tau_cos + 1e-6).sum())
+    near: list[tuple[int, int]] = []
+    if reach:
+        stats = metrics.pair_statistics(shown, tau_cos=tau_cos, tau_euc=tau_euc, top_k=reach)
+        near = [(p.i, p.j) for p in stats.closest if p.near_parallel]
+    return CosMatrix(name, axis, cos, idx, vectors.shape[0], near)
+
+
+def layer_weight(source: str | Path | Checkpoint, key: str) -> torch.Tensor:
+    """The weight stored under ``key``; a UsageError listing the layer keys when there is none."""
+    ck = source if isinstance(source, Checkpoint) else open_checkpoint(source)
+    keys = ck.keys()
+    if key not in keys:
+        layers = [k for k in keys if is_layer(ck.info(k))]
+        close = [k for k in layers if key in k or k in key][:5]
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; layers: {', '.join(layers[:8])}{' ...' if len(layers) > 8 else ''}"
+        raise UsageError(f"{ck.path}: no tensor {key!r}{hint}")
+    if not is_layer(ck.info(key)):
+        info = ck.info(key)
+        raise UsageError(f"{ck.path}: {key!r} ({tuple(info.shape)}, {info.dtype}) is not a layer weight (2 to 5 dims, floating point)")
+    return ck.get(key)
+
+
+def _draw_heatmap(fig: Figure, ax: Axes, cm: CosMatrix) -> None:
+    import matplotlib as mpl
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    cmap = mpl.colormaps["RdBu_r"].copy()
+    cmap.set_bad("#bbbbbb")  # dead vectors
+    n = len(cm.indices)
+    image = ax.imshow(cm.cos, cmap=cmap, vmin=-1.0, vmax=1.0, interpolation="nearest")
+    if cm.near_parallel:
+        ii = [i for i, j in cm.near_parallel] + [j for i, j in cm.near_parallel]
+        jj = [j for i, j in cm.near_parallel] + [i for i, j in cm.near_parallel]
+        size = max(12.0, 3000.0 / n)
+        # Yellow rings: visible on both saturated ends of the diverging scale.
+        ax.scatter(jj, ii, s=size, facecolors="none", edgecolors="#ffd700", linewidths=1.8)
+    # Tick labels are the original indices, also when only a subsample is shown.
+    label = FuncFormatter(lambda pos, _: str(cm.indices[int(pos)]) if 0 <= int(pos) < n else "")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(MaxNLocator(nbins=8, integer=True))
+        axis.set_major_formatter(label)
+    ax.tick_params(labelsize=7)
+    ax.set_xlabel(f"{cm.axis[:-1]} index", fontsize=8)
+    ax.set_ylabel(f"{cm.axis[:-1]} index", fontsize=8)
+    ax.set_title(cm.title(), fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="cos")
+
+
+def _figure(plt: Any, size_px: tuple[int, int] | None, default_in: tuple[float, float], dpi: int, **kw: Any) -> tuple[Figure, Any]:
+    inches = (size_px[0] / dpi, size_px[1] / dpi) if size_px else default_in
+    return plt.subplots(figsize=inches, dpi=dpi, **kw)
+
+
+def _save(plt: Any, fig: Figure, out: Path, dpi: int) -> None:
+    """PNG or SVG by the extension; an SVG gets the same pixel size as the PNG would (width/height in px)."""
+    try:
+        if out.suffix.lower() == ".png":
+            fig.savefig(out, format="png", dpi=dpi, metadata={"Software": None})
+        else:
+            buf = io.StringIO()
+            fig.savefig(buf, format="svg", dpi=dpi)
+            w, h = (round(x * dpi) for x in fig.get_size_inches())
+            # matplotlib sizes an SVG in points (72 per inch); state pixels so browsers draw it as large as the PNG.
+            svg = re.sub(r'width="[\d.]+pt" height="[\d.]+pt"', f'width="{w}px" height="{h}px"', buf.getvalue(), count=1)
+            out.write_text(svg, encoding="utf-8")
+    finally:
+        plt.close(fig)
+
+
+def check_plot_output(out: str | Path) -> Path:
+    """The output path, if its extension is one we write."""
+    out = Path(out)
+    if out.suffix.lower() not in SUFFIXES:
+        raise UsageError(f"{out}: unknown image format {out.suffix or '(no extension)'!r}; use .png or .svg")
+    return out
+
+
+def plot_layer(
+    source: str | Path | Checkpoint,
+    key: str,
+    out: str | Path,
+    *,
+    vs: str | Path | Checkpoint | None = None,
+    axis: str = "rows",
+    max_vectors: int = MAX_VECTORS,
+    tau_cos: float = 1e-4,
+    tau_euc: float = 0.1,
+    size_px: tuple[int, int] | None = None,
+    dpi: int = _DEFAULT_DPI,
+) -> Path:
+    """Heatmap of the signed cosines between a layer's rows (or cols), beside ``vs``'s same layer when given.
+
+    Example:
+        >>> wcond.plot.plot_layer("model.pt", "conv1.weight", "conv1.png", vs="model_cs.pt")
+    """
+    out = check_plot_output(out)
+    plt = require_matplotlib()
+    sides = [(source, layer_weight(source, key))]
+    if vs is not None:
+        sides.append((vs, layer_weight(vs, key)))
+    fig, axes = _figure(plt, size_px, (7.0 * len(sides), 6.0), dpi, ncols=len(sides), squeeze=False, layout="constrained")
+    for ax, (src, w) in zip(axes[0], sides):
+        label = f"{_source_name(src)}: {key}" if vs is not None else key
+        cm = cos_matrix(label, w, axis=axis, max_vectors=max_vectors, tau_cos=tau_cos, tau_euc=tau_euc)
+        _draw_heatmap(fig, ax, cm)
+    _save(plt, fig, out, dpi)
+    return out
+
+
+def heatmap_png(cm: CosMatrix, size_px: tuple[int, int] = (520, 460), dpi: int = _DEFAULT_DPI) -> bytes:
+    """One heatmap as PNG bytes (for embedding in a report)."""
+    plt = require_matplotlib()
+    fig, ax = _figure(plt, size_px, (5.2, 4.6), dpi, layout="constrained")
+    _draw_heatmap(fig, ax, cm)
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})
+    finally:
+        plt.close(fig)
+    return buf.getvalue()
+
+
+def plot_metrics(
+    report: Report,
+    out: str | Path,
+    *,
+    vs: Report | None = None,
+    size_px: tuple[int, int] | None = None,
+    dpi: int = _DEFAULT_DPI,
+) -> Path:
+    """A bar chart per metric (every NUMERIC_FIELDS entry), one bar per layer; grouped A/B bars with ``vs``."""
+    out = check_plot_output(out)
+    plt = require_matplotlib()
+    from matplotlib.ticker import MaxNLocator
+
+    reports = [report] + ([vs] if vs is not None else [])
+    names = [r.name for r in report.layers]
+    if vs is not None:
+        names += [r.name for r in vs.layers if r.name not in set(names)]
+    ncols = 4
+    nrows = math.ceil(len(NUMERIC_FIELDS) / ncols)
+    width_in = max(14.0, 0.25 * len(names) * ncols * len(reports))
+    fig, axes = _figure(plt, size_px, (min(width_in, 40.0), 2.4 * nrows + 1.5), dpi, nrows=nrows, ncols=ncols,
+                        sharex=True, squeeze=False, layout="constrained")  # fmt: skip
+    x = np.arange(len(names))
+    bar = 0.8 / len(reports)
+    labelled = len(names) <= 40
+    for k, metric in enumerate(NUMERIC_FIELDS):
+        ax = axes[k // ncols][k % ncols]
+        top, any_value = 0.0, False
+        for s, (rep, color) in enumerate(zip(reports, ("#4477aa", "#ee6677"))):
+            by_name = {r.name: r.value(metric) for r in rep.layers}
+            values = [_nan(by_name.get(n)) for n in names]
+            ax.bar(x + (s - (len(reports) - 1) / 2) * bar, values, width=bar, color=color, label=_source_name(rep.checkpoint))
+            top = max([top] + [v for v in values if math.isfinite(v)])
+            any_value = any_value or any(math.isfinite(v) for v in values)
+        ax.set_title(metric, fontsize=9)
+        ax.set_ylim(bottom=0, top=None if top > 0 else 1)  # every metric is >= 0; all-zero gets a visible axis
+        if not any_value:
+            ax.text(0.5, 0.5, "does not apply to these layers", ha="center", va="center", fontsize=8, color="gray", transform=ax.transAxes)
+        if metric in _COUNTS:
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.tick_params(labelsize=7)
+        ax.grid(axis="y", alpha=0.3)
+    for ax in axes.flat[len(NUMERIC_FIELDS):]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xticks(x, [n.removesuffix(".weight") for n in names] if labelled else [str(i) for i in x], rotation=90, fontsize=7)
+    if vs is not None:
+        axes[0][0].legend(fontsize=7)
+    title = f"wcond metrics per layer: {_source_name(report.checkpoint)}"
+    if vs is not None:
+        title += f" (blue) vs {_source_name(vs.checkpoint)} (red)"
+    if not labelled:
+        title += f"; {len(names)} layers numbered in stored order"
+    fig.suptitle(title, fontsize=11)
+    _save(plt, fig, out, dpi)
+    return out
+
+
+def _nan(v: float | None) -> float:
+    return math.nan if v is None else v
+
+
+def _source_name(src: Any) -> str:
+    if isinstance(src, Checkpoint):
+        return Path(src.path).name
+    return Path(str(src)).name
