@@ -136,28 +136,21 @@ def pair_statistics(
     max_parts: list[Tensor] = []
     best: list[tuple[float, int, int, float]] = []  # (|cos|, i, j, cos) in live indexing
     near = 0
-    for start, c, upper in _cosine_blocks(u):
-        stop = start + c.shape[0]
-        a = c.abs().clamp(max=1.0) * upper
+    for start, c in _cosine_blocks(u):
+        a = c.abs()
         acv_parts.append(a.sum())
         max_parts.append(a.max())
-        if count_pairs or top_k:
-            a_d = a.detach()
-            if count_pairs:
-                shorter = torch.minimum(live_norms[start:stop, None], live_norms[None, start:])
-                d_euc = shorter * torch.sqrt((2 - 2 * a_d).clamp_min(0))
-                near += int(((1 - a_d < tau_cos) & (d_euc < tau_euc) & upper).sum())
-            if top_k:
-                flat = a_d.flatten()
-                k = min(top_k, flat.numel())
-                vals, pos = flat.topk(k)
-                width = n - start
-                c_d = c.detach().flatten()
-                for val, p in zip(vals.tolist(), pos.tolist()):
-                    i, j = start + p // width, start + p % width
-                    if i < j:  # masked (lower-triangle) entries hold 0 and are skipped
-                        best.append((val, i, j, max(-1.0, min(1.0, float(c_d[p])))))
-                best = sorted(best, reverse=True)[:top_k]
+        if count_pairs:
+            near += sum(1 for _ in _near_in_block(start, c.detach(), a.detach(), live_norms, tau_cos, tau_euc))  # type: ignore[arg-type]
+        if top_k:
+            vals, pos = a.detach().flatten().topk(min(top_k, a.numel()))
+            width = n - start
+            c_d = c.detach().flatten()
+            for val, p in zip(vals.tolist(), pos.tolist()):
+                i, j = start + p // width, start + p % width
+                if i < j:  # masked (lower-triangle) entries hold 0 and are skipped
+                    best.append((min(val, 1.0), i, j, max(-1.0, min(1.0, float(c_d[p])))))
+            best = sorted(best, reverse=True)[:top_k]
     stats.acv_sum = torch.stack(acv_parts).sum()
     stats.max_abs_cos = torch.stack(max_parts).max()
     stats.near_parallel = near
@@ -178,17 +171,24 @@ def near_parallel_pairs(vectors: Tensor, *, tau_cos: float, tau_euc: float) -> I
     """
     live_idx, norms, u = _live_units(_compute_dtype(vectors).detach())
     idx = live_idx.tolist()
-    for start, c, upper in _cosine_blocks(u):
-        a = c.abs().clamp(max=1.0)
-        bi, bj = torch.nonzero((1 - a < tau_cos) & upper, as_tuple=True)
-        if not len(bi):
-            continue
-        i, j = bi + start, bj + start
-        # D_euc = |w_short| sqrt(2 - 2|cos|) (METRICS.md identity)
-        d_euc = torch.minimum(norms[i], norms[j]) * torch.sqrt((2 - 2 * a[bi, bj]).clamp_min(0))
-        for ii, jj, cos, d in zip(i.tolist(), j.tolist(), c[bi, bj].clamp(-1.0, 1.0).tolist(), d_euc.tolist()):
-            if d < tau_euc:
-                yield Pair(idx[ii], idx[jj], cos, d, True)
+    for start, c in _cosine_blocks(u):
+        for i, j, cos, d in _near_in_block(start, c, c.abs(), norms, tau_cos, tau_euc):
+            yield Pair(idx[i], idx[j], cos, d, True)
+
+
+def _near_in_block(
+    start: int, c: Tensor, a: Tensor, norms: Tensor, tau_cos: float, tau_euc: float
+) -> Iterator[tuple[int, int, float, float]]:
+    """Near-parallel pairs of one cosine block (c signed, a = |c|), in live indexing: (i, j, cos, D_euc)."""
+    bi, bj = torch.nonzero((1 - a) < tau_cos, as_tuple=True)  # few candidates: the rest is elementwise
+    if not len(bi):
+        return
+    i, j = bi + start, bj + start
+    # D_euc = |w_short| sqrt(2 - 2|cos|) (METRICS.md identity)
+    d_euc = torch.minimum(norms[i], norms[j]) * torch.sqrt((2 - 2 * a[bi, bj]).clamp_min(0))
+    for ii, jj, cos, d in zip(i.tolist(), j.tolist(), c[bi, bj].clamp(-1.0, 1.0).tolist(), d_euc.tolist()):
+        if d < tau_euc:
+            yield ii, jj, cos, d
 
 
 def _live_units(v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -201,18 +201,19 @@ def _live_units(v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return idx, norms[idx], v[idx] / norms[idx, None]
 
 
-def _cosine_blocks(u: Tensor) -> Iterator[tuple[int, Tensor, Tensor]]:
-    """The upper triangle of u u^T in row blocks of at most 2**24 cosines: (first row, cosines, mask of j > i).
+def _cosine_blocks(u: Tensor) -> Iterator[tuple[int, Tensor]]:
+    """The upper triangle of u u^T in row blocks of at most 2**24 cosines: (first row, cosines).
 
-    Block rows start..stop are taken against columns start..n only, so column 0 of a block is row ``start``.
+    Block rows start..stop are taken against columns start..n only, so column 0 of a block is row
+    ``start``; entries on or below the diagonal are set to 0, which no cosine statistic counts.
     """
     n = u.shape[0]
     block = max(1, min(n, _BLOCK_ELEMENTS // max(n, 1)))
     for start in range(0, n - 1, block):
         stop = min(n, start + block)
         c = u[start:stop] @ u[start:].T
-        upper = torch.ones(stop - start, n - start, dtype=torch.bool, device=u.device).triu(1)
-        yield start, c, upper
+        c[:, : stop - start] = c[:, : stop - start].triu(1)  # only this square holds j <= i
+        yield start, c
 
 
 # --------------------------------------------------------------------------- Convolutional Similarity
