@@ -165,7 +165,7 @@ def _draw_heatmap(fig: Figure, ax: Axes, cm: CosMatrix) -> None:
     ax.set_xlabel(f"{cm.axis[:-1]} index", fontsize=8)
     ax.set_ylabel(f"{cm.axis[:-1]} index", fontsize=8)
     ax.set_title(cm.title(), fontsize=9)
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="cos")
+    fig.colorbar(image, ax=ax, shrink=0.85, label="cos")
 
 
 def _figure(plt: Any, size_px: tuple[int, int] | None, default_in: tuple[float, float], dpi: int, **kw: Any) -> tuple[Figure, Any]:

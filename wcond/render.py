@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib
 import io
 import json
 from collections.abc import Callable
@@ -195,11 +196,18 @@ def _table_text(report: Report) -> str:
     return console.export_text()
 
 
+def _deferred(module: str, name: str) -> Callable[[Report], str]:
+    """A renderer in its own module, which imports this one: looked up on first use."""
+    return lambda report: getattr(importlib.import_module(module), name)(report)
+
+
 FORMATS: dict[str, Callable[[Report], str]] = {
     "table": _table_text,
     "json": to_json,
     "markdown": to_markdown,
     "csv": to_csv,
+    "html": _deferred("wcond.render_html", "to_html"),
+    "junit": _deferred("wcond.render_junit", "to_junit"),
 }
 
 

@@ -24,6 +24,7 @@ from wcond.cli.common import (
     progress_bar,
     stdout,
 )
+from wcond.cli.project_config import ConfigOpt, read_config, with_config
 from wcond.layers import parse_groups
 from wcond.render import render, render_table
 
@@ -33,14 +34,20 @@ class Format(str, Enum):
     json = "json"
     markdown = "markdown"
     csv = "csv"
+    html = "html"
+    junit = "junit"
 
 
-_SUFFIX_FORMATS = {".json": Format.json, ".md": Format.markdown, ".csv": Format.csv, ".txt": Format.table}
+_SUFFIX_FORMATS = {
+    ".json": Format.json, ".md": Format.markdown, ".csv": Format.csv, ".txt": Format.table,
+    ".html": Format.html, ".htm": Format.html, ".xml": Format.junit,
+}  # fmt: skip
 
 
 @app.command("inspect")
 @handle_errors
 def inspect_command(
+    ctx: typer.Context,
     checkpoint: CheckpointArg,
     format: Annotated[Optional[Format], typer.Option("--format", "-f", help="Output format (default: table, or from -o's extension).")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the report to this file instead of stdout.")] = None,
@@ -52,27 +59,35 @@ def inspect_command(
     top: Annotated[int, typer.Option("--top", help="Closest pairs listed per layer and axis (JSON).", min=0)] = 3,
     fail_if: Annotated[Optional[list[str]], typer.Option("--fail-if", help="Gate: exit 1 when any layer satisfies METRIC OP NUMBER (repeatable).", metavar="EXPR")] = None,
     device: DeviceOpt = DeviceChoice.cpu,
+    config: ConfigOpt = None,
 ) -> None:
     """Report per layer: ACV, Convolutional Similarity, norm deviation, near-parallel pairs, RaRe.
 
     Exit codes: 0 fine, 1 a --fail-if gate tripped, 2 unusable input or arguments.
+    Defaults come from [tool.wcond] in pyproject.toml (or --config FILE); flags override them.
 
     Example: wcond inspect model.safetensors --fail-if "near_parallel_rows>0" -f markdown
     """
-    fmt = format or (_SUFFIX_FORMATS.get(output.suffix.lower(), Format.table) if output else Format.table)
+    cfg = read_config(config)
+    o = with_config(ctx, cfg, layers=layers, exclude=exclude, groups=groups, tau_cos=tau_cos, tau_euc=tau_euc,
+                    top=top, fail_if=fail_if, device=device.value)  # fmt: skip
+    groups_map = o["groups"] if isinstance(o["groups"], dict) else parse_groups(o["groups"] or ())
+    # --format, then -o's extension, then the config's format, then the table.
+    fmt = format or (_SUFFIX_FORMATS.get(output.suffix.lower()) if output else None) or Format(cfg.values.get("format", "table"))
     with progress_bar("inspecting") as progress:
         report = inspect_checkpoint(
             checkpoint,
-            layers=layers or (),
-            exclude=exclude or (),
-            groups=parse_groups(groups or ()),
-            tau_cos=tau_cos,
-            tau_euc=tau_euc,
-            top=top,
-            device=device.value,
-            fail_if=fail_if or (),
+            layers=o["layers"] or (),
+            exclude=o["exclude"] or (),
+            groups=groups_map,
+            tau_cos=o["tau_cos"],
+            tau_euc=o["tau_euc"],
+            top=o["top"],
+            device=o["device"],
+            fail_if=o["fail_if"] or (),
             progress=progress,
         )
+    report.settings["config"] = str(cfg.path) if cfg.path else None
     if fmt == Format.table and output is None:
         render_table(report, stdout)
     else:

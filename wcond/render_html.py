@@ -1,0 +1,255 @@
+"""A Report as one self-contained HTML page: summary, gate verdicts, a sortable layer table, heatmaps.
+
+Everything is inline (CSS, a few lines of JS, images as data: URIs), with no address outside the
+file, so the page opens offline in any browser and can be kept as a CI artifact. The heatmaps
+of the worst layers need matplotlib and the checkpoint's weights; without them the page says so.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from wcond.analyze import LayerReport, Report
+from wcond.errors import WcondError
+from wcond.load import Checkpoint, open_checkpoint
+from wcond.render import _ratio, fmt_number
+
+__all__ = ["HEATMAPS", "to_html"]
+
+HEATMAPS = 4  # worst layers drawn
+
+# Layer table: header, tooltip, value (number, str or None).
+_COLUMNS: list[tuple[str, str, Callable[[LayerReport], "float | int | str | None"]]] = [
+    ("layer", "tensor key", lambda r: r.name),
+    ("kind", "matrix or conv1d/2d/3d", lambda r: r.kind),
+    ("shape", "stored shape", lambda r: "x".join(map(str, r.shape))),
+    ("params", "parameters", lambda r: r.params),
+    ("acv_mean", "mean |cos| between rows", lambda r: r.acv_mean),
+    ("acv/floor", "acv_sum over its floor (rows that cannot all be orthogonal)", lambda r: _ratio(r.acv_sum, r.acv_floor)),
+    ("cs_norm", "conv_similarity_norm: 1 = white spectra, >1 filters crowd the same frequencies", lambda r: r.conv_similarity_norm),
+    ("cs/floor", "conv_similarity over its floor at these norms", lambda r: _ratio(r.conv_similarity, r.conv_similarity_floor)),
+    ("norm_dev_max", "max |1 - |row||", lambda r: r.norm_dev_max),
+    ("norm_loss", "sum (1 - |row|)^2", lambda r: r.norm_loss),
+    ("rare_rows", "min 1 - cos^2 over row pairs (0: some pair parallel)", lambda r: r.rare_rows),
+    ("rare_cols", "min 1 - cos^2 over column pairs", lambda r: r.rare_cols),
+    ("∥ rows", "near-parallel row pairs", lambda r: r.near_parallel_rows),
+    ("∥ cols", "near-parallel column pairs", lambda r: r.near_parallel_cols),
+    ("dead", "all-zero rows", lambda r: r.dead_rows),
+    ("notes", "", lambda r: "; ".join(r.notes)),
+]
+
+_CSS = """
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#1d232a;background:#fff}
+h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #dde;padding-bottom:4px}
+code,.mono{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:13px}
+.sub{color:#586069}.verdict{display:inline-block;padding:6px 12px;border-radius:6px;font-weight:600;margin:10px 0}
+.pass{background:#dcffe4;color:#116329}.fail{background:#ffebe9;color:#a40e26}.none{background:#eef1f4;color:#444d56}
+table{border-collapse:collapse;margin:6px 0}th,td{padding:3px 8px;border-bottom:1px solid #e6e9ed;text-align:right;white-space:nowrap}
+th{background:#f3f5f7;position:sticky;top:0}td.t,th.t{text-align:left}td.notes{white-space:normal;color:#586069;text-align:left;min-width:14em}
+table.sortable th{cursor:pointer;user-select:none}table.sortable th:hover{background:#e4e8ec}
+th[aria-sort=ascending]::after{content:" \\25B2"}th[aria-sort=descending]::after{content:" \\25BC"}
+tr.tripped td:first-child{color:#a40e26;font-weight:600}td.worst{background:#fff1c2}
+dl{display:grid;grid-template-columns:max-content auto;gap:2px 16px;margin:6px 0}dt{color:#586069}dd{margin:0}
+.maps{display:flex;flex-wrap:wrap;gap:18px}figure{margin:0;border:1px solid #e6e9ed;border-radius:6px;padding:8px}
+figcaption{font-size:13px;max-width:520px}.scroll{overflow-x:auto}.note{color:#586069;font-style:italic}
+"""
+
+# Click a header to sort by it (again: reverse). Numbers sort numerically, empty cells last.
+_JS = """
+document.querySelectorAll("table.sortable").forEach(function (table) {
+  var heads = table.tHead.rows[0].cells;
+  Array.prototype.forEach.call(heads, function (th, col) {
+    function sort() {
+      var asc = th.getAttribute("aria-sort") !== "ascending";
+      Array.prototype.forEach.call(heads, function (h) { h.removeAttribute("aria-sort"); });
+      th.setAttribute("aria-sort", asc ? "ascending" : "descending");
+      var body = table.tBodies[0], rows = Array.prototype.slice.call(body.rows), num = th.dataset.type === "num";
+      rows.sort(function (a, b) {
+        var x = a.cells[col].dataset.v, y = b.cells[col].dataset.v, c;
+        if (num) {
+          if (x === "" || y === "") { c = (x === "") - (y === ""); return c || a.dataset.i - b.dataset.i; }
+          c = parseFloat(x) - parseFloat(y);
+        } else { c = x.localeCompare(y); }
+        return (asc ? c : -c) || a.dataset.i - b.dataset.i;
+      });
+      rows.forEach(function (r) { body.appendChild(r); });
+    }
+    th.tabIndex = 0;
+    th.addEventListener("click", sort);
+    th.addEventListener("keydown", function (e) { if (e.key === "Enter") { sort(); } });
+  });
+});
+"""
+
+
+def _e(s: object) -> str:
+    return html.escape(str(s), quote=True)
+
+
+def to_html(
+    report: Report,
+    weights: Checkpoint | Mapping[str, torch.Tensor] | None = None,
+    *,
+    heatmaps: int = HEATMAPS,
+) -> str:
+    """The report as a self-contained HTML page.
+
+    Args:
+        weights: where the heatmaps' layers are read from; default: the report's checkpoint file.
+        heatmaps: how many of the worst layers get a cosine heatmap (0: none).
+    """
+    from wcond import __version__
+
+    verdict = _verdict(report)
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>wcond inspect: {_e(report.checkpoint)}</title>",
+        f"<style>{_CSS}</style></head><body>",
+        f'<h1>wcond inspect: <span class="mono">{_e(report.checkpoint)}</span></h1>',
+        f'<div class="sub">format {_e(report.format)}'
+        + (f", state dict under <code>{_e(report.wrapper)}</code>" if report.wrapper else "")
+        + f"; wcond {_e(__version__)}</div>",
+        verdict,
+        _gates(report),
+        _summary(report),
+        _layer_table(report),
+        _heatmaps(report, weights, heatmaps),
+        _settings(report),
+        f"<script>{_JS}</script>",
+        "</body></html>",
+    ]
+    return "\n".join(p for p in parts if p) + "\n"
+
+
+def _verdict(report: Report) -> str:
+    if not report.gates:
+        return '<div class="verdict none" id="verdict">No gates set (use --fail-if, or fail-if in [tool.wcond])</div>'
+    failed = [g for g in report.gates if not g.passed]
+    if failed:
+        return f'<div class="verdict fail" id="verdict">FAIL: {len(failed)} of {len(report.gates)} gates tripped</div>'
+    return f'<div class="verdict pass" id="verdict">PASS: all {len(report.gates)} gates passed</div>'
+
+
+def _gates(report: Report) -> str:
+    if not report.gates:
+        return ""
+    rows = []
+    for g in report.gates:
+        status = '<td class="t pass">PASS</td>' if g.passed else '<td class="t fail">FAIL</td>'
+        where = ", ".join(f"<code>{_e(v.layer)}</code> ({_e(fmt_number(v.value))})" for v in g.violations) or "-"
+        rows.append(f'<tr>{status}<td class="t"><code>{_e(g.expr)}</code></td><td class="t">{where}</td></tr>')
+    head = '<tr><th class="t">verdict</th><th class="t">gate</th><th class="t">layers that trip it (value)</th></tr>'
+    return f'<h2>Gates</h2><table id="gates"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>'
+
+
+def _summary(report: Report) -> str:
+    s = report.summary
+    items = [
+        ("layers analyzed", f"{s.layers} ({s.skipped_tensors} other tensors skipped)"),
+        ("parameters analyzed", f"{s.params:,}"),
+        ("near-parallel pairs", f"{s.near_parallel_rows} rows, {s.near_parallel_cols} cols"),
+        ("dead rows", str(s.dead_rows)),
+        ("layers with NaN/Inf", str(s.nonfinite_layers)),
+        ("acv_sum total", fmt_number(s.acv_sum)),
+        ("conv_similarity total", fmt_number(s.conv_similarity)),
+        ("norm_loss total", fmt_number(s.norm_loss)),
+    ]
+    labels = {"acv_mean": "highest acv_mean", "conv_similarity_norm": "highest cs_norm",
+              "near_parallel": "most near-parallel pairs", "rare_rows": "lowest rare_rows"}  # fmt: skip
+    items += [(label, ", ".join(s.worst[k][:3])) for k, label in labels.items() if s.worst.get(k)]
+    body = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in items)
+    return f'<h2>Summary</h2><dl id="summary">{body}</dl>'
+
+
+def _layer_table(report: Report) -> str:
+    tripped = {v.layer for g in report.gates for v in g.violations}
+    heads = []
+    for i, (h, tip, _) in enumerate(_COLUMNS):
+        kind = 'class="t" data-type="str"' if i < 3 or h == "notes" else 'data-type="num"'
+        heads.append(f'<th {kind} title="{_e(tip)}">{_e(h)}</th>')
+    rows = []
+    for n, r in enumerate(report.layers):
+        cells = []
+        for h, _, get in _COLUMNS:
+            v = get(r)
+            if isinstance(v, str):
+                cls = "notes" if h == "notes" else "t"
+                cells.append(f'<td class="{cls}" data-v="{_e(v)}">{_e(v)}</td>')
+            else:
+                raw = "" if v is None or v != v else repr(v)
+                cells.append(f'<td data-v="{raw}">{_e(fmt_number(v))}</td>')
+        cls = ' class="tripped"' if r.name in tripped or r.nonfinite else ""
+        rows.append(f'<tr data-i="{n}"{cls}>{"".join(cells)}</tr>')
+    return (
+        "<h2>Layers</h2><p class=\"sub\">Click a column header to sort. Layers in red trip a gate or hold NaN/Inf.</p>"
+        f'<div class="scroll"><table class="sortable" id="layers"><thead><tr>{"".join(heads)}</tr></thead>'
+        f'<tbody>{"".join(rows)}</tbody></table></div>'
+    )
+
+
+def _worst_layers(report: Report, n: int) -> list[tuple[LayerReport, str]]:
+    """Up to n layers worth a look, each with why: gate trips, near-parallel pairs, highest acv_mean, lowest rare_rows."""
+    by_name = {r.name: r for r in report.layers}
+    reasons: dict[str, str] = {}
+    for g in report.gates:
+        for v in g.violations:
+            reasons.setdefault(v.layer, f"trips {g.expr} ({fmt_number(v.value)})")
+    for name in report.summary.worst.get("near_parallel", []):
+        r = by_name[name]
+        reasons.setdefault(name, f"{r.near_parallel_rows} near-parallel row pairs, {r.near_parallel_cols} col pairs")
+    for name in report.summary.worst.get("acv_mean", [])[:2]:
+        reasons.setdefault(name, f"high acv_mean ({fmt_number(by_name[name].acv_mean)})")
+    for name in report.summary.worst.get("rare_rows", [])[:2]:
+        reasons.setdefault(name, f"low rare_rows ({fmt_number(by_name[name].rare_rows)})")
+    return [(by_name[k], why) for k, why in reasons.items() if not by_name[k].nonfinite][:n]
+
+
+def _heatmaps(report: Report, weights: Checkpoint | Mapping[str, torch.Tensor] | None, n: int) -> str:
+    if n <= 0:
+        return ""
+    head = "<h2>Worst layers: cosine between rows</h2>"
+    chosen = _worst_layers(report, n)
+    if not chosen:
+        return ""
+    from wcond import plot  # numpy/torch only; matplotlib is imported by plot.require_matplotlib
+
+    try:
+        plot.require_matplotlib()
+    except WcondError:
+        return head + f'<p class="note" id="heatmaps-note">Heatmaps need matplotlib: {_e(plot.INSTALL_HINT)}</p>'
+    if weights is None:
+        if not Path(report.checkpoint).exists():
+            return head + '<p class="note" id="heatmaps-note">Heatmaps need the checkpoint\'s weights (pass weights= to to_html).</p>'
+        weights = open_checkpoint(report.checkpoint)
+    figures = []
+    tau_cos, tau_euc = report.settings.get("tau_cos", 1e-4), report.settings.get("tau_euc", 0.1)
+    for layer, why in chosen:
+        try:
+            w = weights[layer.name] if isinstance(weights, Mapping) else weights.get(layer.name)
+        except (KeyError, WcondError) as e:
+            figures.append(f'<figure><figcaption><code>{_e(layer.name)}</code>: not drawn ({_e(e)})</figcaption></figure>')
+            continue
+        include = [i for p in layer.closest_rows for i in (p.i, p.j)]
+        cm = plot.cos_matrix(layer.name, w, tau_cos=tau_cos, tau_euc=tau_euc, include=include)
+        png = base64.b64encode(plot.heatmap_png(cm)).decode("ascii")
+        pairs = ", ".join(f"{p.i}&ndash;{p.j} (cos {p.cos:+.4f})" for p in layer.closest_rows)
+        figures.append(
+            f'<figure><img alt="cosine heatmap of {_e(layer.name)}" width="520" height="460" src="data:image/png;base64,{png}">'
+            f"<figcaption><code>{_e(layer.name)}</code>: {_e(why)}."
+            + (f" Closest row pairs: {pairs}." if pairs else "")
+            + "</figcaption></figure>"
+        )
+    return head + f'<div class="maps" id="heatmaps">{"".join(figures)}</div>'
+
+
+def _settings(report: Report) -> str:
+    body = "".join(f"<dt>{_e(k)}</dt><dd><code>{_e(v)}</code></dd>" for k, v in report.settings.items())
+    return f'<h2>Settings</h2><dl id="settings">{body}</dl>'

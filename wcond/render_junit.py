@@ -1,0 +1,71 @@
+"""A Report as JUnit XML, so CI systems (GitHub test reporters, GitLab, Jenkins) list failing layers natively.
+
+Layout, chosen for how those systems display it:
+
+- one ``<testsuite>`` named after the checkpoint;
+- with gates: one ``<testcase>`` per (layer, gate), ``classname`` = the layer key and ``name`` = the
+  gate expression. Jenkins turns a dotted classname into a package tree, so layers group by module
+  path (``layer1.0.conv1`` / ``weight``); GitHub and GitLab show ``classname`` and ``name`` side by
+  side. A tripped gate is a ``<failure>`` whose message carries the offending value; a metric that
+  does not apply to the layer (CS of a matrix, any metric of a layer with NaN/Inf) is ``<skipped>``,
+  as a gate never trips on it;
+- without gates: one passing ``<testcase name="inspect">`` per layer, so the job still shows what
+  was analyzed (and reporters that reject an empty result do not fail) without inventing a verdict.
+
+Each testcase's ``<system-out>`` holds the layer's headline numbers. Failures and the exit code agree:
+a report has failures exactly when ``wcond inspect`` exits 1.
+"""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+
+from wcond.analyze import LayerReport, Report
+from wcond.gates import Gate
+from wcond.render import fmt_number
+
+__all__ = ["to_junit"]
+
+_HEADLINE = ("acv_mean", "conv_similarity_norm", "norm_dev_max", "rare_rows", "rare_cols",
+             "near_parallel_rows", "near_parallel_cols", "dead_rows")  # fmt: skip
+
+
+def _headline(r: LayerReport) -> str:
+    shape = "x".join(map(str, r.shape))
+    return f"{r.name} ({r.kind} {shape}): " + ", ".join(f"{m} {fmt_number(r.value(m))}" for m in _HEADLINE)
+
+
+def to_junit(report: Report) -> str:
+    """JUnit XML: a testcase per (layer, gate), or per layer when no gates are set (see module docs)."""
+    gates = [Gate.parse(g.expr) for g in report.gates]
+    tripped = {(v.layer, g.expr): v.value for g in report.gates for v in g.violations}
+    suite = ET.Element("testsuite", name=f"wcond inspect {report.checkpoint}")
+    props = ET.SubElement(suite, "properties")
+    for k, v in report.settings.items():
+        ET.SubElement(props, "property", name=k, value=v if isinstance(v, str) else "" if v is None else json.dumps(v))
+    tests = failures = skipped = 0
+    for r in report.layers:
+        for gate, expr in [(g, res.expr) for g, res in zip(gates, report.gates)] or [(None, "inspect")]:
+            case = ET.SubElement(suite, "testcase", classname=r.name, name=expr)
+            tests += 1
+            if gate is not None:
+                value = r.value(gate.metric)
+                if (r.name, expr) in tripped:
+                    failures += 1
+                    v = fmt_number(tripped[(r.name, expr)])
+                    failure = ET.SubElement(case, "failure", type="wcond.gate", message=f"{gate.metric} = {v} trips {expr}")
+                    failure.text = f"{r.name}: {gate.metric} = {tripped[(r.name, expr)]!r}, gate {expr}"
+                elif value is None or value != value:
+                    skipped += 1
+                    why = "NaN/Inf in the weights" if r.nonfinite else f"does not apply to a {r.kind}"
+                    ET.SubElement(case, "skipped", message=f"{gate.metric} {why}")
+            ET.SubElement(case, "system-out").text = _headline(r)
+    suite.set("tests", str(tests))
+    suite.set("failures", str(failures))
+    suite.set("errors", "0")
+    suite.set("skipped", str(skipped))
+    root = ET.Element("testsuites", name="wcond", tests=str(tests), failures=str(failures), errors="0", skipped=str(skipped))
+    root.append(suite)
+    ET.indent(root)
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
