@@ -14,6 +14,7 @@ from wcond import metrics
 from wcond.analyze import LayerReport, Report, Summary, analyze_tensor, inspect
 from wcond.errors import CheckpointError, UnsafeCheckpointError, UsageError, WcondError
 from wcond.load import Checkpoint, load_checkpoint, open_checkpoint
+from wcond.shrink import load_state_dict
 
 __all__ = [
     "Checkpoint",
@@ -28,6 +29,7 @@ __all__ = [
     "analyze_tensor",
     "inspect",
     "load_checkpoint",
+    "load_state_dict",
     "metrics",
     "open_checkpoint",
 ]

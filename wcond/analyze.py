@@ -21,6 +21,7 @@ from wcond.errors import CheckpointError
 from wcond.gates import Gate, GateResult, evaluate_gates
 from wcond.layers import find_layers, is_layer, layer_kind
 from wcond.load import Checkpoint, TensorInfo, open_checkpoint
+from wcond.shrink import dense_view
 
 __all__ = ["LayerReport", "Report", "Summary", "analyze_tensor", "inspect"]
 
@@ -61,6 +62,7 @@ class LayerReport:
     nonfinite: int = 0
     closest_rows: list[metrics.Pair] = field(default_factory=list)
     closest_cols: list[metrics.Pair] = field(default_factory=list)
+    factorized: dict[str, int] | None = None  # stored by `wcond shrink`: {"params_stored", "params_dense"}
     notes: list[str] = field(default_factory=list)
 
     def value(self, metric: str) -> float | None:
@@ -193,6 +195,7 @@ def inspect(
         infos = {k: ck.info(k) for k in ck.keys()}
         get = ck.get
         name, fmt, wrapper = str(ck.path), ck.format, ".".join(ck.wrapper) or None
+    infos, get, factored = dense_view(infos, get)  # a shrunk checkpoint: analyze the dense weights it stands for
     specs = find_layers(infos, layers, exclude, dict(groups or {}))
     if not specs:
         if any(is_layer(i) for i in infos.values()):
@@ -209,6 +212,8 @@ def inspect(
         )
         if spec.group_note:
             rep.notes.append(spec.group_note)
+        if spec.key in factored:
+            factored[spec.key].annotate(rep)
         reports.append(rep)
         done += spec.info.numel
     if progress:
