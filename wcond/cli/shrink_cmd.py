@@ -127,7 +127,8 @@ def render_shrink(report: ShrinkReport, console: Console) -> None:
     console.print(
         f"parameters: {report.params_before:,} → {report.params_after:,} "
         f"([bold]{report.params_removed:,}[/] removed, {report.percent_removed:.2f}%); "
-        f"tensor bytes: {report.bytes_before:,} → {report.bytes_after:,}"
+        f"tensor bytes: {report.bytes_before:,} → {report.bytes_after:,}",
+        soft_wrap=True,
     )
     if report.widths:
         changed = ", ".join(f"{escape(k)} {a} → {b}" for k, (a, b) in report.widths.items())
@@ -138,7 +139,7 @@ def render_shrink(report: ShrinkReport, console: Console) -> None:
     if report.output is None:
         console.print("dry run: nothing written")
     else:
-        console.print(f"wrote {escape(report.output)}")
+        console.print(f"wrote {escape(report.output)}", soft_wrap=True)
 
 
 def _shape(shape: list[int]) -> str:
@@ -160,7 +161,7 @@ def expand_command(
     if result.expanded:
         stdout.print(f"expanded {len(result.expanded)} factorized layers: {escape(', '.join(result.expanded))}", soft_wrap=True)
     else:
-        stdout.print(f"{escape(result.checkpoint)} holds no factorized layers; its tensors were copied unchanged")
+        stdout.print(f"{escape(result.checkpoint)} holds no factorized layers; its tensors were copied unchanged", soft_wrap=True)
     for warning in result.warnings:
         stderr.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
-    stdout.print(f"wrote {escape(result.output)}")
+    stdout.print(f"wrote {escape(result.output)}", soft_wrap=True)
