@@ -35,3 +35,12 @@ def pt_file(tmp_path: Path, state_dict: dict[str, torch.Tensor]) -> Path:
     path = tmp_path / "model.pt"
     torch.save(state_dict, path)
     return path
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--update-golden", action="store_true", help="Rewrite tests/golden/* from the current output.")
+
+
+@pytest.fixture
+def update_golden(request: pytest.FixtureRequest) -> bool:
+    return bool(request.config.getoption("--update-golden"))

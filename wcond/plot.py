@@ -2,8 +2,8 @@
 
 matplotlib is an optional extra (``pip install 'wcond[plot]'``): it is imported on first use,
 with the Agg backend (no display needed), and its absence is a :class:`UsageError` naming the
-install command. The near-parallel marks come from :func:`wcond.metrics.pair_statistics`, the
-function `inspect` counts them with.
+install command. The near-parallel marks come from :func:`wcond.metrics.near_parallel_pairs`,
+the same test as the counts `inspect` reports.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from wcond.analyze import NUMERIC_FIELDS, Report
 from wcond.errors import UsageError
 from wcond.layers import is_layer
 from wcond.load import Checkpoint, open_checkpoint
+from wcond.shrink import dense_view
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -79,12 +80,8 @@ def _pick(n: int, limit: int, include: Sequence[int] = ()) -> list[int]:
     """All of 0..n-1 when n <= limit, else ``limit`` evenly spaced indices, ``include`` ones first."""
     if n <= limit:
         return list(range(n))
-    chosen = {i for i in include if 0 <= i < n}
-    chosen = set(sorted(chosen)[: limit // 2])
-    for i in np.linspace(0, n - 1, num=limit).round().astype(int).tolist():
-        if len(chosen) >= limit:
-            break
-        chosen.add(i)
+    chosen = set(sorted({i for i in include if 0 <= i < n})[: limit // 2])
+    chosen.update(np.linspace(0, n - 1, num=limit - len(chosen)).round().astype(int).tolist())
     fill = iter(range(n))
     while len(chosen) < limit:  # rounding made duplicates
         chosen.add(next(fill))
@@ -116,38 +113,30 @@ def cos_matrix(
     with np.errstate(invalid="ignore", divide="ignore"):
         u = v / norms[:, None]  # dead (zero) vectors become NaN: their angle is undefined
     cos = np.clip(u @ u.T, -1.0, 1.0)
-    # pair_statistics lists the top_k pairs by |cos| with its own near-parallel verdict; asking for
-    # every pair within reach of tau_cos (with slack for float32) returns all near-parallel ones.
-    upper = np.triu(np.ones_like(cos, dtype=bool), 1)
-    reach = int((np.nan_to_num(1 - np.abs(cos), nan=2.0)[upper] < 2 * tau_cos + 1e-6).sum())
-    near: list[tuple[int, int]] = []
-    if reach:
-        stats = metrics.pair_statistics(shown, tau_cos=tau_cos, tau_euc=tau_euc, top_k=reach)
-        near = [(p.i, p.j) for p in stats.closest if p.near_parallel]
+    near = [(p.i, p.j) for p in metrics.near_parallel_pairs(shown, tau_cos=tau_cos, tau_euc=tau_euc)]
     return CosMatrix(name, axis, cos, idx, vectors.shape[0], near)
 
 
 def layer_weight(source: str | Path | Checkpoint, key: str) -> torch.Tensor:
     """The weight stored under ``key``; a UsageError listing the layer keys when there is none."""
     ck = source if isinstance(source, Checkpoint) else open_checkpoint(source)
-    keys = ck.keys()
-    if key not in keys:
-        layers = [k for k in keys if is_layer(ck.info(k))]
+    infos, get, _ = dense_view({k: ck.info(k) for k in ck.keys()}, ck.get)  # a shrunk layer: its dense weight
+    if key not in infos:
+        layers = [k for k, info in infos.items() if is_layer(info)]
         close = [k for k in layers if key in k or k in key][:5]
         hint = f"; did you mean {', '.join(close)}?" if close else f"; layers: {', '.join(layers[:8])}{' ...' if len(layers) > 8 else ''}"
         raise UsageError(f"{ck.path}: no tensor {key!r}{hint}")
-    if not is_layer(ck.info(key)):
-        info = ck.info(key)
+    info = infos[key]
+    if not is_layer(info):
         raise UsageError(f"{ck.path}: {key!r} ({tuple(info.shape)}, {info.dtype}) is not a layer weight (2 to 5 dims, floating point)")
-    return ck.get(key)
+    return get(key)
 
 
 def _draw_heatmap(fig: Figure, ax: Axes, cm: CosMatrix) -> None:
     import matplotlib as mpl
     from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-    cmap = mpl.colormaps["RdBu_r"].copy()
-    cmap.set_bad("#bbbbbb")  # dead vectors
+    cmap = mpl.colormaps["RdBu_r"].with_extremes(bad="#bbbbbb")  # grey: dead vectors
     n = len(cm.indices)
     image = ax.imshow(cm.cos, cmap=cmap, vmin=-1.0, vmax=1.0, interpolation="nearest")
     if cm.near_parallel:

@@ -233,7 +233,7 @@ def _heatmaps(report: Report, weights: Checkpoint | Mapping[str, torch.Tensor] |
     tau_cos, tau_euc = report.settings.get("tau_cos", 1e-4), report.settings.get("tau_euc", 0.1)
     for layer, why in chosen:
         try:
-            w = weights[layer.name] if isinstance(weights, Mapping) else weights.get(layer.name)
+            w = weights[layer.name] if isinstance(weights, Mapping) else plot.layer_weight(weights, layer.name)
         except (KeyError, WcondError) as e:
             figures.append(f'<figure><figcaption><code>{_e(layer.name)}</code>: not drawn ({_e(e)})</figcaption></figure>')
             continue

@@ -36,6 +36,11 @@ def _headline(r: LayerReport) -> str:
     return f"{r.name} ({r.kind} {shape}): " + ", ".join(f"{m} {fmt_number(r.value(m))}" for m in _HEADLINE)
 
 
+def _exact(v: float) -> str:
+    """Full precision for the log, counts as integers."""
+    return str(int(v)) if float(v).is_integer() else repr(v)
+
+
 def to_junit(report: Report) -> str:
     """JUnit XML: a testcase per (layer, gate), or per layer when no gates are set (see module docs)."""
     gates = [Gate.parse(g.expr) for g in report.gates]
@@ -55,7 +60,7 @@ def to_junit(report: Report) -> str:
                     failures += 1
                     v = fmt_number(tripped[(r.name, expr)])
                     failure = ET.SubElement(case, "failure", type="wcond.gate", message=f"{gate.metric} = {v} trips {expr}")
-                    failure.text = f"{r.name}: {gate.metric} = {tripped[(r.name, expr)]!r}, gate {expr}"
+                    failure.text = f"{r.name}: {gate.metric} = {_exact(tripped[(r.name, expr)])}, gate {expr}"
                 elif value is None or value != value:
                     skipped += 1
                     why = "NaN/Inf in the weights" if r.nonfinite else f"does not apply to a {r.kind}"

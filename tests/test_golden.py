@@ -1,0 +1,135 @@
+"""Golden files: the exact table, Markdown, CSV and JUnit text of a fixed report (and of a diff).
+
+Inputs are a seeded state dict built here, so the report names ``<state_dict>`` instead of a
+machine-dependent path, and the terminal table is rendered on a 100-column console without color.
+Regenerate after an intended change with ``python -m pytest tests/test_golden.py --update-golden``
+and review the diff of tests/golden/.
+
+Numbers are compared to 1e-5 relative rather than byte for byte: CSV and JUnit print full float
+precision, whose last digits may differ between CPUs (BLAS summation order); everything else,
+layout included, must match exactly.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+
+from wcond.analyze import Report, inspect
+from wcond.diff import diff
+from wcond.render import render_table, to_csv, to_markdown
+from wcond.render_diff import diff_to_markdown, render_diff_table
+from wcond.render_junit import to_junit
+
+GOLDEN = Path(__file__).parent / "golden"
+GATES = ["near_parallel_rows>0", "acv_mean>0.2", "conv_similarity_norm>5"]
+_NUMBER = re.compile(r"[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?")
+
+
+def golden_state_dict(seed: int = 5) -> dict[str, torch.Tensor]:
+    """Conv2d, Conv2d with a dead filter, Linear; conv1 rows 1 and 4 near-parallel (1 - cos ~ 1.6e-3).
+
+    The planted pair sits far from float32 noise so every printed digit is stable.
+    """
+    g = torch.Generator().manual_seed(seed)
+    sd = {
+        "conv1.weight": torch.randn(6, 3, 3, 3, generator=g),
+        "conv1.bias": torch.randn(6, generator=g),
+        "conv2.weight": torch.randn(8, 6, 3, 3, generator=g) * 0.2,
+        "fc.weight": torch.randn(4, 32, generator=g) * 0.3,
+        "fc.bias": torch.zeros(4),
+    }
+    base = sd["conv1.weight"][1].flatten()
+    noise = torch.randn(base.numel(), generator=g)
+    noise -= (noise @ base) / (base @ base) * base  # orthogonal to the row: sets the angle exactly
+    sd["conv1.weight"][4] = (0.8 * base + 0.045 * base.norm() / noise.norm() * noise).view(3, 3, 3)
+    sd["conv2.weight"][5] = 0.0
+    return sd
+
+
+def golden_report() -> Report:
+    return inspect(golden_state_dict(), tau_cos=0.01, tau_euc=1.0, fail_if=GATES)
+
+
+def _table(render: Callable[[object, Console], None], obj: object) -> str:
+    console = Console(record=True, width=100, file=io.StringIO(), color_system=None, legacy_windows=False)
+    render(obj, console)
+    return console.export_text()
+
+
+def _same(got: str, want: str) -> bool:
+    """Equal text outside numbers; numbers equal to 1e-5 relative."""
+    if _NUMBER.split(got) != _NUMBER.split(want):
+        return False
+    a, b = _NUMBER.findall(got), _NUMBER.findall(want)
+    return len(a) == len(b) and all(float(x) == pytest.approx(float(y), rel=1e-5, abs=1e-12) for x, y in zip(a, b))
+
+
+def check(name: str, text: str, update: bool) -> None:
+    path = GOLDEN / name
+    if update or not path.exists():
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        if not update:
+            pytest.fail(f"{path} did not exist and was written; review it and rerun")
+        return
+    want = path.read_text(encoding="utf-8")
+    if not _same(text, want):
+        import difflib
+
+        delta = "".join(difflib.unified_diff(want.splitlines(True), text.splitlines(True), "golden", "now"))
+        pytest.fail(f"{name} differs from the golden file (rerun with --update-golden if intended):\n{delta}")
+
+
+def test_golden_report_has_what_the_goldens_should_show() -> None:
+    """Guards the fixture: a golden file of a report with nothing in it would prove little."""
+    r = golden_report()
+    by = {x.name: x for x in r.layers}
+    assert by["conv1.weight"].near_parallel_rows == 1 and by["conv2.weight"].dead_rows == 1
+    assert [g.passed for g in r.gates] == [False, False, True]
+    assert by["conv1.weight"].rare_rows == pytest.approx(0.045**2 / (0.8**2 + 0.045**2), rel=1e-3)
+
+
+def test_table(update_golden: bool) -> None:
+    check("inspect_table.txt", _table(render_table, golden_report()), update_golden)
+
+
+def test_markdown(update_golden: bool) -> None:
+    check("inspect.md", to_markdown(golden_report()), update_golden)
+
+
+def test_csv(update_golden: bool) -> None:
+    check("inspect.csv", to_csv(golden_report()), update_golden)
+
+
+def test_junit(update_golden: bool) -> None:
+    check("inspect.junit.xml", to_junit(golden_report()), update_golden)
+
+
+def _golden_diff():
+    after = golden_state_dict()
+    after["conv1.weight"] = after["conv1.weight"][[0, 1, 2, 3, 5]].contiguous()  # the near-parallel row dropped
+    after["conv2.weight"] = after["conv2.weight"] * 1.5
+    del after["fc.weight"]
+    after["head.weight"] = torch.eye(3)
+    return diff(golden_state_dict(), after, tau_cos=0.01, tau_euc=1.0)
+
+
+def test_diff_table(update_golden: bool) -> None:
+    check("diff_table.txt", _table(render_diff_table, _golden_diff()), update_golden)
+
+
+def test_diff_markdown(update_golden: bool) -> None:
+    check("diff.md", diff_to_markdown(_golden_diff()), update_golden)
+
+
+def test_number_tolerant_comparison_still_catches_changes() -> None:
+    assert _same("acv 0.1234 | x", "acv 0.12340000001 | x")
+    assert not _same("acv 0.1234 | x", "acv 0.1235 | x")
+    assert not _same("acv 0.1234 | x", "acv 0.1234 || x")
