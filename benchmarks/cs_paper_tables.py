@@ -22,17 +22,32 @@ as 1000 separate optimizations would.
 
 Measurements, per episode, over the trajectory t = 0..T (T = iterations,
 t = 0 is the initial state):
-  * feature-map similarity, two ways:
-      raw:    s_t = |<F1, F2>|              (the paper's quantity, in absolute value)
-      cosine: s_t = |cos(F1, F2)|           (scale-free; CS is homogeneous of degree 4,
-                                              so minimizing it also shrinks the kernels)
+  * feature-map similarity s_t, four ways (main table: the first three):
+      <F1,F2>^2        squared raw inner product.  Decision: this is our reading of the
+                       paper's "feature map similarity"; it is squared like both
+                       objectives (<K1,K2>^2, CS), and it is the definition under which our
+                       correlation, frequency and decrease figures land next to the
+                       paper's (see CS_PAPER.md and the diagnostics table).
+      |<F1,F2>|        absolute raw inner product (same reduction frequency; decrease % is
+                       1 - r instead of 1 - r^2 for r = |<F1,F2>_T / <F1,F2>_0|).
+      cos^2(F1,F2), |cos(F1,F2)|   scale-free: CS is homogeneous of degree 4, so
+                       minimizing it also shrinks the kernels, which shrinks any raw
+                       inner product without making the maps any less alike.
   * correlation: Pearson correlation over t between the objective being
     minimized (A: <K1,K2>^2, B: CS) and s_t; mean / std (ddof=0) across episodes
     (episodes with a constant trajectory, where Pearson is undefined, are left out
-    and counted).  Alternative definitions are printed in a secondary table.
+    and counted).  Alternative definitions are printed in a diagnostics table.
   * reduction frequency: % of episodes with s_T < s_0.
   * decrease %: 100 (s_0 - s_T) / s_0 over the decreasing episodes (mean / std).
-  * increase %: 100 (s_T - s_0) / s_0 over the increasing episodes (mean / std).
+  * increase %: 100 (s_T - s_0) / s_0 over the increasing episodes (mean / std);
+    heavy-tailed (s_0 can be arbitrarily close to 0), so its mean is unstable.
+  * episodes whose trajectory overflows (plain SGD on the quartic CS with large
+    kernels) are counted in "# div" and left out of every statistic.
+  <F1,F2> and |F_k| are evaluated every iteration through the paper's eq. 3
+  (<F1,F2> = <K1 (*) K2, (X (*) X)[1-N..N-1]>, exact for full cross-correlation);
+  at the start and end of every run this is asserted against explicit conv1d
+  feature maps, and the fast CS against a conv1d implementation, a naive loop and
+  (when importable) wcond.metrics.conv_similarity.
 
 Reading of the paper's tables (the text extraction mangles the N column): every
 table has six rows, alternating Adam / SGD, i.e. three kernel sizes with two
@@ -125,15 +140,60 @@ def hyperparams(n: int, opt: str, exp: str) -> tuple[float, int, int]:
 # CS: batched local formula, plus checks against a naive loop and the library.
 # --------------------------------------------------------------------------
 def cross_corr_full(k: torch.Tensor) -> torch.Tensor:
-    """k: (B, 2, N) -> (B, 2N-1), c[b, N-1+n] = sum_i K1[i] K2[i+n] (eq. 6)."""
+    """Direct reference: k (B, 2, N) -> (B, 2N-1), c[b, N-1+n] = sum_i K1[i] K2[i+n] (eq. 6),
+    via torch.nn.functional.conv1d with N-1 zero padding (grouped: one group per episode)."""
     b, _, n = k.shape
     out = F.conv1d(k[:, 1].reshape(1, b, n), k[:, 0].reshape(b, 1, n), padding=n - 1, groups=b)
     return out.reshape(b, 2 * n - 1)
 
 
 def cs_batched(k: torch.Tensor) -> torch.Tensor:
-    """Per-episode CS = ||K1 (*) K2||^2 for k of shape (B, 2, N) -> (B,)."""
+    """Per-episode CS = ||K1 (*) K2||^2 for k of shape (B, 2, N) -> (B,) (direct conv1d reference)."""
     return cross_corr_full(k).pow(2).sum(-1)
+
+
+_LAG_MATRICES: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+
+
+def lag_matrix(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """0/1 matrix S (N*N, 2N-1) with S[i*N+j, j-i+N-1] = 1: summing the outer product
+    a_i b_j along its diagonals gives the full cross-correlation sum_i a_i b_{i+l}."""
+    key = (n, dtype)
+    if key not in _LAG_MATRICES:
+        i = torch.arange(n)
+        s = torch.zeros(n * n, 2 * n - 1, dtype=dtype)
+        s[(i[:, None] * n + i[None, :]).flatten(), (i[None, :] - i[:, None] + n - 1).flatten()] = 1
+        _LAG_MATRICES[key] = s
+    return _LAG_MATRICES[key]
+
+
+def xcorr_fast(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Batched full cross-correlation (..., N), (..., N) -> (..., 2N-1), same lag convention as
+    cross_corr_full, as one matmul (a grouped conv1d with 1000 groups is ~5x slower on CPU)."""
+    n = a.shape[-1]
+    outer = (a.unsqueeze(-1) * b.unsqueeze(-2)).flatten(-2)
+    return outer @ lag_matrix(n, a.dtype)
+
+
+def cs_fast(k: torch.Tensor) -> torch.Tensor:
+    """Per-episode CS used inside the optimization loop; asserted equal to cs_batched."""
+    return xcorr_fast(k[:, 0], k[:, 1]).pow(2).sum(-1)
+
+
+def input_autocorr(x: torch.Tensor, n: int) -> torch.Tensor:
+    """(X (*) X)[l] = sum_i X[i] X[i+l] for l = 1-N..N-1; x (B, M) -> (B, 2N-1)."""
+    m = x.shape[-1]
+    return torch.stack([(x[:, max(0, -l):m - max(0, l)] * x[:, max(0, l):m + min(0, l)]).sum(-1)
+                        for l in range(1 - n, n)], dim=-1)
+
+
+def fm_similarity_eq3(acorr: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """<F1,F2> and cos(F1,F2) from the paper's eq. 3 (|F_k|^2 likewise from K_k (*) K_k);
+    an exact identity for full cross-correlation, asserted against explicit feature maps."""
+    kk = torch.stack([k[:, 0], k[:, 0], k[:, 1]], 0)
+    ll = torch.stack([k[:, 1], k[:, 0], k[:, 1]], 0)
+    g = (xcorr_fast(kk, ll) * acorr).sum(-1)  # (3, B): <F1,F2>, |F1|^2, |F2|^2
+    return g[0], g[0] / (g[1] * g[2]).sqrt()
 
 
 def cs_naive(k1: np.ndarray, k2: np.ndarray) -> float:
@@ -167,14 +227,16 @@ def check_identities(x: torch.Tensor, k: torch.Tensor, n_check: int = 4) -> str:
     for b in range(min(n_check, k.shape[0])):
         ref = cs_naive(k[b, 0].tolist(), k[b, 1].tolist())
         assert abs(loc[b].item() - ref) <= 1e-9 * max(1.0, abs(ref)), (loc[b].item(), ref)
-    # eq. 3: <F1,F2> = <K1 (*) K2, (X (*) X)[1-N..N-1]>
-    ip, _ = fm_similarity(x, k)
-    acorr = torch.stack([(x[:, max(0, -l):M - max(0, l)] * x[:, max(0, l):M + min(0, l)]).sum(-1)
-                         for l in range(1 - n, n)], dim=-1)
+    # eq. 3: <F1,F2> = <K1 (*) K2, (X (*) X)[1-N..N-1]>, and our fast path, vs explicit feature maps
+    ip, cos = fm_similarity(x, k)
+    acorr = input_autocorr(x, n)
     eq3 = (cross_corr_full(k) * acorr).sum(-1)
-    err = ((eq3 - ip).abs() / ip.abs().clamp_min(1e-12)).max().item()
-    assert torch.allclose(eq3, ip, rtol=1e-9, atol=1e-9), err
-    msgs.append("eq.3 ok")
+    assert torch.allclose(eq3, ip, rtol=1e-9, atol=1e-12 * ip.abs().max().item()), "eq. 3 violated"
+    ip_f, cos_f = fm_similarity_eq3(acorr, k)
+    assert torch.allclose(ip_f, ip, rtol=1e-9, atol=1e-12 * ip.abs().max().item())
+    assert torch.allclose(cos_f, cos, rtol=1e-7, atol=1e-9)
+    assert torch.allclose(cs_fast(k), loc, rtol=1e-9, atol=1e-12 * loc.abs().max().item())
+    msgs.append("eq.3 & fast paths ok")
     if LIB_CS is not None:
         worst, floor_hits = 0.0, 0
         for b in range(min(n_check, k.shape[0])):
@@ -227,6 +289,7 @@ class Run:
     norm_ratio: np.ndarray  # (B,) final/initial sqrt(|K1||K2|)
     check: str
     seconds: float
+    diverged: int  # episodes left out: non-finite trajectory (SGD overflow)
 
 
 def run_config(n: int, opt: str, exp: str, keep_norm: bool, episodes: int, seed: int) -> Run:
@@ -242,20 +305,23 @@ def run_config(n: int, opt: str, exp: str, keep_norm: bool, episodes: int, seed:
     def objective(kk: torch.Tensor) -> torch.Tensor:
         if exp == "A":
             return (kk[:, 0] * kk[:, 1]).sum(-1).pow(2)
-        return cs_batched(kk)
+        return cs_fast(kk)
 
+    acorr = input_autocorr(x, n)
     optim = torch.optim.Adam([k], lr=lr) if opt == "adam" else torch.optim.SGD([k], lr=lr)
-    obj_t, ip_t, cos_t, ks_t = [], [], [], []
+    traj = torch.empty(4, iters + 1, episodes, dtype=dt)  # objective, <F1,F2>, cos(F1,F2), <K1,K2>
+    step = [0]
 
     def record(loss_vec: torch.Tensor) -> None:
         with torch.no_grad():
-            ip, cs = fm_similarity(x, k)
-            obj_t.append(loss_vec.detach().clone())
-            ip_t.append(ip)
-            cos_t.append(cs)
-            ks_t.append((k[:, 0] * k[:, 1]).sum(-1))
+            ip, cs = fm_similarity_eq3(acorr, k)
+            t = step[0]
+            traj[0, t], traj[1, t], traj[2, t] = loss_vec.detach(), ip, cs
+            traj[3, t] = (k[:, 0] * k[:, 1]).sum(-1)
+            step[0] += 1
 
     t0 = time.perf_counter()
+    np_err = np.seterr(over="ignore", invalid="ignore")
     for _ in range(iters):
         optim.zero_grad(set_to_none=True)
         loss_vec = objective(k)
@@ -268,12 +334,20 @@ def run_config(n: int, opt: str, exp: str, keep_norm: bool, episodes: int, seed:
     with torch.no_grad():
         record(objective(k))  # t = T
     secs = time.perf_counter() - t0
-    check += "; final: " + check_identities(x, k.detach())
+    np.seterr(**np_err)
+    assert step[0] == iters + 1
+    obj, ip, cos, ks = traj.numpy()
+    # Plain SGD on a quartic objective can diverge (overflow to inf/nan) for large initial
+    # kernels; such episodes are counted and left out of every statistic.
+    ok = np.isfinite(obj).all(0) & np.isfinite(ip).all(0) & np.isfinite(cos).all(0)
+    ok_t = torch.from_numpy(ok)
+    check += "; final: " + check_identities(x[ok_t], k.detach()[ok_t])
     with torch.no_grad():
         nr = (k.norm(dim=-1) / norms0.squeeze(-1)).prod(-1).sqrt()
-    st = lambda xs: torch.stack(xs).numpy()  # noqa: E731
-    return Run(n, opt, exp, keep_norm, lr, iters, row, st(obj_t), st(ip_t), st(cos_t), st(ks_t),
-               nr.numpy(), check, secs)
+    if not ok.all():
+        obj, ip, cos, ks = obj[:, ok], ip[:, ok], cos[:, ok], ks[:, ok]
+    return Run(n, opt, exp, keep_norm, lr, iters, row, obj, ip, cos, ks, nr.numpy()[ok], check, secs,
+               int((~ok).sum()))
 
 
 # --------------------------------------------------------------------------
@@ -314,10 +388,10 @@ def corr_stats(r: np.ndarray) -> dict:
 
 
 MEASURES = {  # key: (label, transform of the per-iteration (ip, cos))
-    "ip2": ("<F1,F2>²", lambda r: r.ip ** 2),
-    "absip": ("|<F1,F2>|", lambda r: np.abs(r.ip)),
+    "ip2": ("⟨F1,F2⟩²", lambda r: r.ip ** 2),
+    "absip": ("abs⟨F1,F2⟩", lambda r: np.abs(r.ip)),
     "cos2": ("cos²(F1,F2)", lambda r: r.cos ** 2),
-    "abscos": ("|cos(F1,F2)|", lambda r: np.abs(r.cos)),
+    "abscos": ("abs cos(F1,F2)", lambda r: np.abs(r.cos)),
 }
 
 
@@ -366,13 +440,13 @@ def cell(ours: float, paper: dict | None, key: str, big: bool = False) -> str:
 
 
 def exp_label(run: Run) -> str:
-    return "A: min <K1,K2>²" if run.exp == "A" else ("B: min CS, keep-norm" if run.keep_norm else "B: min CS")
+    return "A: min ⟨K1,K2⟩²" if run.exp == "A" else ("B: min CS, keep-norm" if run.keep_norm else "B: min CS")
 
 
 def main_table(runs: list[Run], measures: list[str]) -> str:
     hdr = ("| N | opt | experiment | lr | iters | FM sim s | paper row | corr mean | corr std | "
-           "red. freq % | dec % mean | dec % std | # inc | inc % mean | inc % std |")
-    lines = [hdr, "|" + "|".join(["---"] * 15) + "|"]
+           "red. freq % | dec % mean | dec % std | # inc | inc % mean | inc % std | # div |")
+    lines = [hdr, "|" + "|".join(["---"] * 16) + "|"]
     for run in runs:
         paper, row = paper_figures(run)
         for which in measures:
@@ -383,15 +457,16 @@ def main_table(runs: list[Run], measures: list[str]) -> str:
                 f"{MEASURES[which][0]} | {row if p else ''} | "
                 f"{cell(m['corr'], p, 'corr')} | {cell(m['corr_sd'], p, 'corr_sd')} | "
                 f"{cell(m['freq'], p, 'freq')} | {cell(m['dec'], p, 'dec')} | {cell(m['dec_sd'], p, 'dec_sd')} | "
-                f"{m['n_inc']} | {cell(m['inc'], p, 'inc', True)} | {cell(m['inc_sd'], p, 'inc_sd', True)} |")
+                f"{m['n_inc']} | {cell(m['inc'], p, 'inc', True)} | {cell(m['inc_sd'], p, 'inc_sd', True)} | "
+                f"{run.diverged} |")
     return "\n".join(lines)
 
 
 def diag_table(runs: list[Run]) -> str:
-    hdr = ("| N | opt | experiment | corr(obj,|ip|) | corr(obj,ip²) | corr(obj,ip) | corr(<K1,K2>,ip) | "
-           "corr(obj,|cos|) | undefined corr (raw/cos) | # inc (raw/cos) | median |ip| T/0 | "
-           "median |cos| t=0 | median |cos| T | median kernel-norm T/0 | median obj T/0 |")
-    lines = [hdr, "|" + "|".join(["---"] * 15) + "|"]
+    hdr = ("| N | opt | experiment | corr(obj, abs ip) | corr(obj,ip²) | corr(obj,ip) | corr(⟨K1,K2⟩, ip) | "
+           "corr(obj, abs cos) | undefined corr (raw/cos) | # inc (raw/cos) | median inc % (⟨F1,F2⟩²) | median abs ip T/0 | "
+           "median abs cos t=0 | median abs cos T | median kernel-norm T/0 | median obj T/0 |")
+    lines = [hdr, "|" + "|".join(["---"] * 16) + "|"]
     for run in runs:
         def c(a, b):
             r = pearson_per_episode(a, b)
@@ -402,11 +477,13 @@ def diag_table(runs: list[Run]) -> str:
         mr, mc = measure(run, "absip"), measure(run, "abscos")
         with np.errstate(invalid="ignore", divide="ignore"):
             ip_ratio = np.median(aip[-1] / aip[0])
+            r2 = (aip[-1] / aip[0]) ** 2
+            inc_med = np.median(100 * (r2[r2 > 1] - 1)) if (r2 > 1).any() else float("nan")
             obj_ratio = np.median(run.objective[-1] / run.objective[0])
         lines.append(
             f"| {run.n} | {run.opt} | {exp_label(run)} | {c(run.objective, aip)} | {c(run.objective, run.ip ** 2)} | "
             f"{c(run.objective, run.ip)} | {c(run.ksim, run.ip)} | {c(run.objective, acos)} | "
-            f"{mr['n_nan']}/{mc['n_nan']} | {mr['n_inc']}/{mc['n_inc']} | {ip_ratio:.2e} | "
+            f"{mr['n_nan']}/{mc['n_nan']} | {mr['n_inc']}/{mc['n_inc']} | {fmt(inc_med, True)} | {ip_ratio:.2e} | "
             f"{np.median(acos[0]):.3f} | {np.median(acos[-1]):.3f} | {np.median(run.norm_ratio):.3g} | {obj_ratio:.2e} |")
     return "\n".join(lines)
 
@@ -417,14 +494,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="smoke test: 50 episodes")
     ap.add_argument("--sizes", type=str, default="2,3,5,9,16", help="kernel sizes N (comma separated)")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave default)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: the tensors are small, more threads only add overhead)")
     ap.add_argument("--measures", type=str, default="ip2,absip,cos2",
                     help=f"feature-map similarity rows of the main table, from {','.join(MEASURES)}")
     ap.add_argument("--out", type=str, default=None, help="also write the markdown to this file")
     args = ap.parse_args(argv)
     episodes = 50 if args.quick else args.episodes
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
 
     t_start = time.perf_counter()
@@ -442,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
                 r = run_config(n, opt, exp, keep, episodes, args.seed)
                 runs.append(r)
                 print(f"  N={n:2d} {opt:4s} {exp_label(r):22s} lr={r.lr:g} it={r.iters:4d} "
-                      f"{r.seconds:6.2f}s  [{r.check}]", file=sys.stderr)
+                      f"{r.seconds:6.2f}s  diverged={r.diverged}  [{r.check}]", file=sys.stderr)
     total = time.perf_counter() - t_start
 
     md = []
@@ -454,17 +531,19 @@ def main(argv: list[str] | None = None) -> int:
               "`paper row` rK is the K-th row of those tables, read as rows (3 Adam, 3 SGD, 9 Adam, 9 SGD, 16 Adam, "
               "16 SGD); `litr1`/`litr2` show rows 1/2 under the literal reading of the mangled labels "
               "(N=2 Adam, N=5 SGD). lr/iters from Table 7 (A) and Table 8 (B); N = 2 and 5 use the first row pair's.\n")
-    md.append("Correlation = per-episode Pearson over iterations t = 0..T between the minimized objective "
-              "(A: <K1,K2>², B: CS) and the FM similarity of the row (|<F1,F2>| or |cos(F1,F2)|); mean ± std "
-              "(ddof 0) across episodes. Reduction frequency = % of episodes with FM similarity at T below t = 0; "
-              "decrease % = 100 (s0 - sT)/s0 over the decreasing episodes, increase % = 100 (sT - s0)/s0 over "
-              "the increasing ones.\n")
+    md.append("FM similarity s: `⟨F1,F2⟩²` (our reading of the paper's quantity: squared like the objectives), "
+              "`abs⟨F1,F2⟩`, and the scale-free `cos²(F1,F2)`. Correlation = per-episode Pearson over iterations "
+              "t = 0..T between the minimized objective (A: ⟨K1,K2⟩², B: CS) and s; mean / std (ddof 0) across "
+              "episodes. Reduction frequency = % of episodes with s_T < s_0; decrease % = 100 (s_0 - s_T)/s_0 over "
+              "the decreasing episodes, increase % = 100 (s_T - s_0)/s_0 over the `# inc` increasing ones "
+              "(heavy-tailed). `# div` = episodes whose SGD trajectory overflowed, left out of every statistic.\n")
     md.append(main_table(runs, [m.strip() for m in args.measures.split(",") if m.strip()]))
     md.append("\n### Diagnostics (ours only)\n")
-    md.append("Alternative correlation definitions (mean±std over episodes; ip = <F1,F2> signed, obj = minimized "
+    md.append("Alternative correlation definitions (mean±std over episodes; ip = ⟨F1,F2⟩ signed, obj = minimized "
               "objective), episodes where Pearson is undefined (constant trajectory), number of increasing "
-              "episodes, and medians over episodes of final/initial |<F1,F2>|, |cos(F1,F2)| at start and end, "
-              "kernel norm sqrt(|K1||K2|) final/initial, and objective final/initial.\n")
+              "episodes (abs ip / abs cos), the median (not mean) increase % of ⟨F1,F2⟩² over its increasing "
+              "episodes, and medians over episodes of final/initial abs⟨F1,F2⟩, abs cos(F1,F2) at start and end, "
+              "kernel norm sqrt(‖K1‖‖K2‖) final/initial, and objective final/initial.\n")
     md.append(diag_table(runs))
     md.append(f"\nTotal wall time: {total:.1f} s (torch {torch.__version__}, {torch.get_num_threads()} threads).")
     text = "\n".join(md) + "\n"
