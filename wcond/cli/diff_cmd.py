@@ -14,6 +14,7 @@ from wcond.cli.common import (
     DeviceChoice,
     DeviceOpt,
     ExcludeOpt,
+    GroupsOpt,
     LayersOpt,
     TauCosOpt,
     TauEucOpt,
@@ -24,7 +25,6 @@ from wcond.cli.common import (
 )
 from wcond.cli.project_config import ConfigOpt, read_config, with_config
 from wcond.diff import diff
-from wcond.layers import parse_groups
 from wcond.render_diff import DIFF_FORMATS, render_diff_table
 
 
@@ -47,7 +47,7 @@ def diff_command(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the diff to this file instead of stdout.")] = None,
     layers: LayersOpt = None,
     exclude: ExcludeOpt = None,
-    groups: Annotated[Optional[list[str]], typer.Option("--groups", help="Conv groups of a layer, KEY=G (KEY may be a glob; repeatable).", metavar="KEY=G")] = None,
+    groups: GroupsOpt = None,
     tau_cos: TauCosOpt = 1e-4,
     tau_euc: TauEucOpt = 0.1,
     device: DeviceOpt = DeviceChoice.cpu,
@@ -64,17 +64,7 @@ def diff_command(
     o = with_config(ctx, cfg, layers=layers, exclude=exclude, groups=groups, tau_cos=tau_cos, tau_euc=tau_euc, device=device.value)
     fmt = format or (_SUFFIX_FORMATS.get(output.suffix.lower()) if output else None) or DiffFormat.table
     with progress_bar("inspecting A and B") as progress:
-        report = diff(
-            a,
-            b,
-            layers=o["layers"] or (),
-            exclude=o["exclude"] or (),
-            groups=o["groups"] if isinstance(o["groups"], dict) else parse_groups(o["groups"] or ()),
-            tau_cos=o["tau_cos"],
-            tau_euc=o["tau_euc"],
-            device=o["device"],
-            progress=progress,
-        )
+        report = diff(a, b, **o, progress=progress)
     report.settings["config"] = str(cfg.path) if cfg.path else None
     if fmt == DiffFormat.table and output is None:
         render_diff_table(report, stdout)

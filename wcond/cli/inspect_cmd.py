@@ -16,6 +16,7 @@ from wcond.cli.common import (
     DeviceChoice,
     DeviceOpt,
     ExcludeOpt,
+    GroupsOpt,
     LayersOpt,
     TauCosOpt,
     TauEucOpt,
@@ -25,7 +26,6 @@ from wcond.cli.common import (
     stdout,
 )
 from wcond.cli.project_config import ConfigOpt, read_config, with_config
-from wcond.layers import parse_groups
 from wcond.render import render, render_table
 
 
@@ -53,7 +53,7 @@ def inspect_command(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the report to this file instead of stdout.")] = None,
     layers: LayersOpt = None,
     exclude: ExcludeOpt = None,
-    groups: Annotated[Optional[list[str]], typer.Option("--groups", help="Conv groups of a layer, KEY=G (KEY may be a glob; repeatable).", metavar="KEY=G")] = None,
+    groups: GroupsOpt = None,
     tau_cos: TauCosOpt = 1e-4,
     tau_euc: TauEucOpt = 0.1,
     top: Annotated[int, typer.Option("--top", help="Closest pairs listed per layer and axis (JSON).", min=0)] = 3,
@@ -71,22 +71,10 @@ def inspect_command(
     cfg = read_config(config)
     o = with_config(ctx, cfg, layers=layers, exclude=exclude, groups=groups, tau_cos=tau_cos, tau_euc=tau_euc,
                     top=top, fail_if=fail_if, device=device.value)  # fmt: skip
-    groups_map = o["groups"] if isinstance(o["groups"], dict) else parse_groups(o["groups"] or ())
     # --format, then -o's extension, then the config's format, then the table.
     fmt = format or (_SUFFIX_FORMATS.get(output.suffix.lower()) if output else None) or Format(cfg.values.get("format", "table"))
     with progress_bar("inspecting") as progress:
-        report = inspect_checkpoint(
-            checkpoint,
-            layers=o["layers"] or (),
-            exclude=o["exclude"] or (),
-            groups=groups_map,
-            tau_cos=o["tau_cos"],
-            tau_euc=o["tau_euc"],
-            top=o["top"],
-            device=o["device"],
-            fail_if=o["fail_if"] or (),
-            progress=progress,
-        )
+        report = inspect_checkpoint(checkpoint, **o, progress=progress)
     report.settings["config"] = str(cfg.path) if cfg.path else None
     if fmt == Format.table and output is None:
         render_table(report, stdout)

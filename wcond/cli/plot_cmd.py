@@ -69,10 +69,8 @@ def plot_command(
         plot_layer(checkpoint, layer, output, vs=vs, axis=axis.value, max_vectors=max_vectors,
                    tau_cos=o["tau_cos"], tau_euc=o["tau_euc"], size_px=size, dpi=dpi)  # fmt: skip
     else:
-        kwargs = dict(layers=o["layers"] or (), exclude=o["exclude"] or (), groups=o["groups"] or {},
-                      tau_cos=o["tau_cos"], tau_euc=o["tau_euc"], device=o["device"])  # fmt: skip
         with progress_bar("inspecting") as progress:
-            report = inspect_checkpoint(checkpoint, progress=progress, **kwargs)
-            other = inspect_checkpoint(vs, progress=progress, **kwargs) if vs is not None else None
+            report = inspect_checkpoint(checkpoint, progress=progress, **o)
+            other = inspect_checkpoint(vs, progress=progress, **o) if vs is not None else None
         plot_metrics(report, output, vs=other, size_px=size, dpi=dpi)
     stderr.print(f"wrote {output}", markup=False, highlight=False)

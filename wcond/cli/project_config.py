@@ -9,6 +9,7 @@ import typer
 
 from wcond.cli.common import stderr
 from wcond.config import Config, load_config
+from wcond.layers import parse_groups
 
 ConfigOpt = Annotated[
     Optional[Path],
@@ -29,11 +30,20 @@ def read_config(path: Path | None) -> Config:
 
 
 def with_config(ctx: typer.Context, config: Config, **values: Any) -> dict[str, Any]:
-    """Each option's value: as given on the command line, else the config file's, else the option's default."""
+    """Each option's value: as given on the command line, else the config file's, else the option's default.
+
+    The result is ready for :func:`wcond.inspect`: unset lists become (), ``--groups KEY=G`` a dict.
+    """
 
     def on_command_line(name: str) -> bool:
         # By name: typer may bring its own copy of click, whose ParameterSource is another enum class.
         source = ctx.get_parameter_source(name)
         return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
 
-    return {k: v if on_command_line(k) or k not in config.values else config.values[k] for k, v in values.items()}
+    out = {k: v if on_command_line(k) or k not in config.values else config.values[k] for k, v in values.items()}
+    for key in ("layers", "exclude", "fail_if"):
+        if key in out:
+            out[key] = tuple(out[key] or ())
+    if "groups" in out and not isinstance(out["groups"], dict):
+        out["groups"] = parse_groups(out["groups"] or ())
+    return out
