@@ -73,7 +73,8 @@ class CosMatrix:
         what = f"cos between {self.axis}"
         if self.subsampled:
             what += f", {len(self.indices)} of {self.total} shown (evenly spaced)"
-        return f"{self.name}\n{what}; {len(self.near_parallel)} near-parallel pairs circled"
+        k = len(self.near_parallel)
+        return f"{self.name}\n{what}; {k} near-parallel pair{'' if k == 1 else 's'} circled"
 
 
 def _pick(n: int, limit: int, include: Sequence[int] = ()) -> list[int]:
