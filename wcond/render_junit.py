@@ -49,9 +49,10 @@ def to_junit(report: Report) -> str:
     props = ET.SubElement(suite, "properties")
     for k, v in report.settings.items():
         ET.SubElement(props, "property", name=k, value=v if isinstance(v, str) else "" if v is None else json.dumps(v))
+    cases: list[tuple[Gate | None, str]] = [(g, res.expr) for g, res in zip(gates, report.gates)] or [(None, "inspect")]
     tests = failures = skipped = 0
     for r in report.layers:
-        for gate, expr in [(g, res.expr) for g, res in zip(gates, report.gates)] or [(None, "inspect")]:
+        for gate, expr in cases:
             case = ET.SubElement(suite, "testcase", classname=r.name, name=expr)
             tests += 1
             if gate is not None:
