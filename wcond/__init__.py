@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 
 from wcond import metrics
 from wcond.analyze import LayerReport, Report, Summary, analyze_tensor, inspect
+from wcond.condition import init_cs
 from wcond.errors import CheckpointError, UnsafeCheckpointError, UsageError, WcondError
 from wcond.load import Checkpoint, load_checkpoint, open_checkpoint
 from wcond.shrink import load_state_dict
@@ -27,6 +28,7 @@ __all__ = [
     "WcondError",
     "__version__",
     "analyze_tensor",
+    "init_cs",
     "inspect",
     "load_checkpoint",
     "load_state_dict",

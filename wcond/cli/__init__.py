@@ -38,5 +38,6 @@ from wcond.cli import inspect_cmd  # noqa: E402,F401  (registers its command on 
 from wcond.cli import diff_cmd  # noqa: E402,F401
 from wcond.cli import plot_cmd  # noqa: E402,F401
 from wcond.cli import shrink_cmd  # noqa: E402,F401
+from wcond.cli import init_cs_cmd  # noqa: E402,F401
 
 __all__ = ["app"]

@@ -1,0 +1,345 @@
+"""Conditioning a checkpoint before training: Convolutional Similarity minimization as an iterative initialization.
+
+The CS paper's Algorithm 1 (papers/convolutional-similarity.txt): minimize the sum of CS over
+the conv layers for I iterations, then train. The loss is :func:`wcond.metrics.conv_similarity`,
+the same function `wcond inspect` reports with. Layers do not interact, so all of them step
+together in one optimizer over float32 copies that are cast back to each tensor's dtype; every
+other tensor is passed through untouched.
+
+CS is homogeneous of degree 4, so part of any drop comes from smaller filters. Each layer's
+result splits the drop into that part and the part from changed directions (the CS of the new
+filters rescaled to their old norms), and ``keep_norm=True`` rescales every filter to its
+original norm after each step (following the gradient projected onto each filter's sphere) so
+that only directions and spectra change.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from wcond import metrics
+from wcond.device import resolve_device
+from wcond.errors import CheckpointError, UsageError
+from wcond.layers import LayerSpec, find_layers, is_layer
+from wcond.load import Checkpoint, TensorInfo, open_checkpoint
+
+__all__ = ["InitCSResult", "LayerResult", "init_cs"]
+
+ProgressFn = Callable[[int, int, str], None]
+OPTIMIZERS = ("adam", "sgd")
+
+_KEEP_NORM_1X1 = "1x1 kernel: its CS depends on the filter norms alone, which --keep-norm holds fixed; left unchanged"
+
+
+@dataclass
+class LayerResult:
+    """What CS minimization did to one conv layer. Relative quantities are fractions (0.25 = 25%).
+
+    ``cs_drop = drop_from_norms + drop_from_directions``: the directions part is the drop of
+    ``cs_rescaled`` (the new filters rescaled to their old norms), the rest came from the norms.
+    """
+
+    name: str
+    shape: list[int]
+    dtype: str
+    groups: int = 1
+    optimized: bool = True
+    cs_before: float | None = None
+    cs_after: float | None = None
+    cs_drop: float | None = None  # (before - after) / before
+    cs_rescaled: float | None = None  # CS of the new filters, each rescaled to its norm before
+    drop_from_norms: float | None = None  # (rescaled - after) / before
+    drop_from_directions: float | None = None  # (before - rescaled) / before
+    cs_norm_before: float | None = None
+    cs_norm_after: float | None = None
+    norm_before: float | None = None  # Frobenius norm of the layer
+    norm_after: float | None = None
+    norm_change: float | None = None  # after / before - 1
+    max_abs_change: float | None = None  # largest |w_new - w_old| over the layer's entries
+    cs_floor: float | None = None  # lowest CS reachable at the original filter norms (METRICS.md)
+    floor_gap_closed: float | None = None  # keep_norm: (before - after) / (before - floor)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class InitCSResult:
+    """Settings, one LayerResult per selected conv layer, totals, and (optionally) the CS curve."""
+
+    checkpoint: str
+    format: str
+    wrapper: str | None
+    settings: dict[str, Any]
+    layers: list[LayerResult]
+    cs_before: float  # sum over the selected layers
+    cs_after: float
+    seconds: float  # wall time of the optimization loop
+    history: dict[str, Any] | None = None  # {"iteration": [...], "total": [...], "layers": {key: [...]}}
+
+    @property
+    def optimized(self) -> list[LayerResult]:
+        return [r for r in self.layers if r.optimized]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (the per-iteration history is left out; see ``history``)."""
+        doc = asdict(self)
+        doc.pop("history")
+        return doc
+
+
+def init_cs(
+    source: str | Path | Checkpoint | Mapping[str, torch.Tensor],
+    *,
+    iterations: int = 500,
+    lr: float = 1e-3,
+    optimizer: str = "adam",
+    device: str | torch.device = "auto",
+    layers: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    groups: Mapping[str, int] | None = None,
+    keep_norm: bool = False,
+    seed: int | None = None,
+    progress: ProgressFn | None = None,
+    history: bool = False,
+) -> tuple[dict[str, torch.Tensor], InitCSResult]:
+    """Minimize Convolutional Similarity over a checkpoint's conv layers (CS paper, Algorithm 1).
+
+    Args:
+        source: a checkpoint path, an opened Checkpoint, or a state dict.
+        iterations, lr, optimizer: I optimizer steps of "adam" (the paper's) or "sgd" at this rate.
+        device: "auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "mps".
+        layers, exclude: glob patterns on tensor keys; only conv kernels (ndim 3-5) are optimized.
+        groups: conv groups by key or glob (a state dict does not record them).
+        keep_norm: keep every filter's norm: the gradient is projected onto each filter's sphere and the
+            filter rescaled to its original norm after each step; 1x1 kernels are then left unchanged.
+        seed: seeds torch (inside a forked RNG state) for a reproducible run.
+        progress: called as progress(steps_done, iterations, "CS <current total>") at every iteration.
+        history: record the CS of every layer at every iteration in ``result.history``.
+
+    Returns:
+        Every tensor of the source by key in stored order (optimized conv weights replaced, in
+        their original dtype and device; all others the very same tensor objects), and the result.
+
+    Example:
+        >>> tensors, result = wcond.init_cs("model.pt", iterations=500, keep_norm=True)
+        >>> wcond.save.save_checkpoint("model_cs.pt", tensors, like=wcond.open_checkpoint("model.pt"))
+    """
+    if iterations < 1:
+        raise UsageError(f"--iterations {iterations}: needs at least 1 iteration")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise UsageError(f"--lr {lr}: the learning rate must be a positive number")
+    if optimizer not in OPTIMIZERS:
+        raise UsageError(f"--optimizer {optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+    dev = resolve_device(device)
+    if isinstance(source, Mapping):
+        tensors = {k: t for k, t in source.items() if isinstance(t, torch.Tensor)}
+        name, fmt, wrapper = "<state_dict>", "state_dict", None
+    else:
+        ck = source if isinstance(source, Checkpoint) else open_checkpoint(source)
+        tensors = dict(ck.items())
+        name, fmt, wrapper = str(ck.path), ck.format, ".".join(ck.wrapper) or None
+    specs = _conv_specs(name, {k: TensorInfo(tuple(t.shape), t.dtype) for k, t in tensors.items()}, layers, exclude, groups)
+
+    rows: dict[str, LayerResult] = {}
+    work: list[_Work] = []
+    for spec in specs:
+        w = tensors[spec.key]
+        row = LayerResult(spec.key, list(w.shape), str(w.dtype).removeprefix("torch."), spec.groups)
+        if spec.group_note:
+            row.notes.append(spec.group_note)
+        rows[spec.key] = row
+        if not bool(torch.isfinite(w).all()):
+            row.optimized = False
+            row.notes.append("NaN/Inf values: left unchanged")
+        elif keep_norm and math.prod(w.shape[2:]) == 1:
+            row.optimized = False
+            row.notes.append(_KEEP_NORM_1X1)
+        else:
+            work.append(_Work.of(spec, w, dev))
+
+    start = time.perf_counter()
+    curve = _minimize(work, iterations, lr, optimizer, keep_norm, seed, progress) if work else None
+    seconds = time.perf_counter() - start
+
+    out = dict(tensors)
+    for item in work:
+        out[item.key] = item.result(like=tensors[item.key])
+    for key, row in rows.items():
+        _fill(row, tensors[key], out[key], keep_norm)
+    result = InitCSResult(
+        checkpoint=name,
+        format=fmt,
+        wrapper=wrapper,
+        settings={"iterations": iterations, "lr": lr, "optimizer": optimizer, "device": str(dev), "keep_norm": keep_norm,
+                  "seed": seed, "layers": list(layers), "exclude": list(exclude), "groups": dict(groups or {})},
+        layers=list(rows.values()),
+        cs_before=math.fsum(r.cs_before or 0.0 for r in rows.values()),
+        cs_after=math.fsum(r.cs_after or 0.0 for r in rows.values()),
+        seconds=seconds,
+        history=curve if history else None,
+    )  # fmt: skip
+    return out, result
+
+
+@dataclass
+class _Work:
+    """One layer being optimized: its float32 copy stored channels-last, i.e. (out, *kernel, in)."""
+
+    key: str
+    groups: int
+    param: torch.Tensor  # leaf tensor, (out, *kernel, in)
+    target_norms: torch.Tensor  # per-filter norms of the original, for keep_norm
+
+    @classmethod
+    def of(cls, spec: LayerSpec, w: torch.Tensor, dev: torch.device) -> _Work:
+        # Channels last makes the (out, taps, in) view that metrics.conv_similarity's Gram path
+        # multiplies contiguous: about twice as fast as the stored layout on CPU.
+        # clone, never contiguous(): for 1x1 or single-channel kernels the moved view is already
+        # contiguous, and the optimizer would then write into the caller's tensor.
+        param = w.detach().to(device=dev, dtype=torch.float32).movedim(1, -1).clone(memory_format=torch.contiguous_format)
+        param.requires_grad_()
+        return cls(spec.key, spec.groups, param, _filter_norms(param.detach()))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The parameter seen as (out, in, *kernel), sharing its storage."""
+        return self.param.movedim(-1, 1)
+
+    def loss(self) -> torch.Tensor:
+        return metrics.conv_similarity(self.weight, groups=self.groups)
+
+    def project_gradient(self) -> None:
+        """Drop each filter's radial gradient component, leaving the part that turns it."""
+        assert self.param.grad is not None
+        g, w = self.param.grad.reshape(self.param.shape[0], -1), self.param.detach().reshape(self.param.shape[0], -1)
+        radial = (g * w).sum(1, keepdim=True) / (w * w).sum(1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+        g.sub_(radial * w)
+
+    def restore_norms(self) -> None:
+        current = _filter_norms(self.param)
+        scale = torch.where(current > 0, self.target_norms / current.clamp_min(torch.finfo(current.dtype).tiny), 1.0)
+        self.param.mul_(scale.view(-1, *[1] * (self.param.ndim - 1)))
+
+    def result(self, like: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(like, memory_format=torch.contiguous_format).copy_(self.weight.detach())
+
+
+def _filter_norms(w: torch.Tensor) -> torch.Tensor:
+    return w.reshape(w.shape[0], -1).norm(dim=1)
+
+
+def _conv_specs(
+    name: str,
+    infos: dict[str, TensorInfo],
+    layers: Sequence[str],
+    exclude: Sequence[str],
+    groups: Mapping[str, int] | None,
+) -> list[LayerSpec]:
+    """The selected conv kernels, or an error saying why there are none."""
+    specs = [s for s in find_layers(infos, layers, exclude, dict(groups or {})) if len(s.info.shape) >= 3]
+    if specs:
+        return specs
+    convs = [k for k, i in infos.items() if is_layer(i) and len(i.shape) >= 3]
+    if convs:
+        raise UsageError(f"{name}: no conv layer matches the --layers/--exclude patterns (conv weights here: {', '.join(convs[:4])}{', ...' if len(convs) > 4 else ''})")
+    raise CheckpointError(
+        f"{name}: no conv weights to condition; init-cs works on Conv1d/2d/3d kernels of shape (out, in, *kernel), "
+        "and this checkpoint holds none"
+    )
+
+
+def _make_optimizer(name: str, params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
+    cls = torch.optim.Adam if name == "adam" else torch.optim.SGD
+    try:  # the fused kernels are several times faster; older torch lacks them on some devices
+        return cls(params, lr=lr, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return cls(params, lr=lr)
+
+
+def _minimize(
+    work: list[_Work],
+    iterations: int,
+    lr: float,
+    optimizer: str,
+    keep_norm: bool,
+    seed: int | None,
+    progress: ProgressFn | None,
+) -> dict[str, Any]:
+    """Run the optimizer; returns the CS curve (entry t: CS after t steps) per layer and in total."""
+    per_layer: list[list[float]] = []
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        opt = _make_optimizer(optimizer, [item.param for item in work], lr)
+        for it in range(iterations + 1):
+            opt.zero_grad(set_to_none=True)
+            with torch.set_grad_enabled(it < iterations):
+                terms = torch.stack([item.loss() for item in work])
+            values = terms.detach().cpu().tolist()
+            per_layer.append(values)
+            total = math.fsum(values)
+            if progress:
+                progress(it, iterations, f"CS {total:.4g}")
+            if not math.isfinite(total):
+                raise UsageError(
+                    f"CS diverged to {total} at iteration {it} with --optimizer {optimizer} --lr {lr}; "
+                    "lower --lr (CS is quartic in the weights, so plain SGD needs a small rate)"
+                )
+            if it == iterations:
+                break
+            terms.sum().backward()
+            if keep_norm:
+                # Riemannian step on each filter's sphere. The radial part of the gradient only
+                # shrinks filters, which the rescaling undoes; left in, it dominates (the lag-0 part
+                # of CS is n_i n_j) and Adam's per-coordinate scaling turns it into noise that does
+                # not lower CS at all.
+                with torch.no_grad():
+                    for item in work:
+                        item.project_gradient()
+            opt.step()
+            if keep_norm:
+                with torch.no_grad():
+                    for item in work:
+                        item.restore_norms()
+    return {
+        "iteration": list(range(iterations + 1)),
+        "total": [math.fsum(v) for v in per_layer],
+        "layers": {item.key: [v[k] for v in per_layer] for k, item in enumerate(work)},
+    }
+
+
+def _fill(row: LayerResult, old: torch.Tensor, new: torch.Tensor, keep_norm: bool) -> None:
+    """Before/after numbers of one layer, each from the wcond.metrics function that defines it, on the stored tensors."""
+    if not bool(torch.isfinite(old).all()):
+        return
+    g = row.groups
+    with torch.no_grad():
+        before, after = float(metrics.conv_similarity(old, g)), float(metrics.conv_similarity(new, g))
+        old_c, new_c = metrics.as_rows(old), metrics.as_rows(new)  # float32 or float64 copies
+        old_n, new_n = old_c.norm(dim=1), new_c.norm(dim=1)
+        rescaled = new_c * torch.where(new_n > 0, old_n / new_n.clamp_min(torch.finfo(new_n.dtype).tiny), 1.0)[:, None]
+        row.cs_before, row.cs_after = before, after
+        row.cs_rescaled = float(metrics.conv_similarity(rescaled.reshape(new.shape), g))
+        if before > 0:
+            row.cs_drop = (before - after) / before
+            row.drop_from_directions = (before - row.cs_rescaled) / before
+            row.drop_from_norms = (row.cs_rescaled - after) / before
+        row.cs_norm_before, row.cs_norm_after = _cs_norm(old, g), _cs_norm(new, g)
+        row.norm_before, row.norm_after = float(old_c.norm()), float(new_c.norm())
+        row.norm_change = row.norm_after / row.norm_before - 1 if row.norm_before else None
+        row.max_abs_change = float((new_c - old_c).abs().max())
+        row.cs_floor = metrics.conv_similarity_floor(old, g)
+        if keep_norm and row.optimized and before > row.cs_floor:
+            row.floor_gap_closed = (before - after) / (before - row.cs_floor)
+
+
+def _cs_norm(w: torch.Tensor, groups: int) -> float | None:
+    """conv_similarity_norm, or None where no pair of filters has non-zero norms."""
+    value = float(metrics.conv_similarity_norm(w, groups))
+    return value if math.isfinite(value) else None
