@@ -56,7 +56,7 @@ def diff_command(
     """Compare two checkpoints (e.g. before and after init-cs or shrink): every inspect metric for A and B,
     the change B - A and the relative change, layers found on one side only, and shape changes.
 
-    Both sides are analyzed with the same settings, taken from [tool.wcond] (or --config) and the flags.
+    Both sides are analyzed with the same settings, taken from \\[tool.wcond] (or --config) and the flags.
 
     Example: wcond diff model.pt model_cs.safetensors -f markdown -o diff.md
     """

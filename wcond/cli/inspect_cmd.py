@@ -64,7 +64,7 @@ def inspect_command(
     """Report per layer: ACV, Convolutional Similarity, norm deviation, near-parallel pairs, RaRe.
 
     Exit codes: 0 fine, 1 a --fail-if gate tripped, 2 unusable input or arguments.
-    Defaults come from [tool.wcond] in pyproject.toml (or --config FILE); flags override them.
+    Defaults come from \\[tool.wcond] in pyproject.toml (or --config FILE); flags override them.
 
     Example: wcond inspect model.safetensors --fail-if "near_parallel_rows>0" -f markdown
     """

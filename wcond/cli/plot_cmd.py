@@ -55,7 +55,7 @@ def plot_command(
     """Draw a checkpoint: the signed cos between a layer's rows (-1..1, near-parallel pairs circled), side by
     side with OTHER's when --vs is given; without --layer, a bar chart of each inspect metric per layer.
 
-    Needs matplotlib: pip install 'wcond[plot]'.
+    Needs matplotlib: pip install 'wcond\\[plot]'.
 
     Example: wcond plot model.pt --layer conv1.weight --vs model_cs.pt -o conv1.png
     """
