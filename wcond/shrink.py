@@ -154,7 +154,8 @@ def fuse_vectors(vectors: Tensor, *, tau_cos: float, tau_euc: float, positive: b
             fused += 1
             widest = max(widest, math.degrees(math.acos(min(1.0, max(0.0, 1 - gap)))))
             for other, gap2 in _retest(work, norms, alive, keep, tau_cos, tau_euc, positive):
-                heapq.heappush(heap, (gap2, min(keep, other), max(keep, other), version[min(keep, other)], version[max(keep, other)]))
+                lo, hi = min(keep, other), max(keep, other)
+                heapq.heappush(heap, (gap2, lo, hi, version[lo], version[hi]))
     kept = [k for k in range(n) if not absorbed[k]]
     slot = {k: p for p, k in enumerate(kept)}
     index = [slot.get(k, -1) for k in range(n)]
@@ -243,13 +244,17 @@ class Factorization:
         angles = [g.max_angle for g in (self.rows, self.cols) if g and g.max_angle is not None]
         return max(angles) if angles else None
 
+    def stored(self, g: Grouping | None) -> tuple[Tensor, Tensor] | None:
+        """One axis as written: int32 indices and float32 (float64 for float64 layers) coefficients."""
+        return None if g is None else (g.index.to(torch.int32), g.coef.to(_coef_dtype(self.w.dtype)))
+
     def tensors(self, key: str) -> dict[str, Tensor]:
         """The entries that replace ``key`` in a shrunk checkpoint."""
         out = {key + W_SUFFIX: self.w}
         for g, (idx_key, coef_key) in ((self.rows, (ROW_INDEX, ROW_COEF)), (self.cols, (COL_INDEX, COL_COEF))):
-            if g is not None:
-                out[key + idx_key] = g.index.to(torch.int32)
-                out[key + coef_key] = g.coef.to(_coef_dtype(self.w.dtype))
+            part = self.stored(g)
+            if part is not None:
+                out[key + idx_key], out[key + coef_key] = part
         return out
 
     @property
@@ -294,12 +299,7 @@ def factorize(
     cols = cols if cols and cols.fused else None
     stored = small.to(w.dtype).cpu()
     f = Factorization(stored, rows, cols, None)
-    parts = f.tensors("w")
-    rebuilt = rebuild_dense(
-        stored.to(x.device),
-        (parts["w" + ROW_INDEX], parts["w" + ROW_COEF]) if rows else None,
-        (parts["w" + COL_INDEX], parts["w" + COL_COEF]) if cols else None,
-    ).to(x.dtype)
+    rebuilt = rebuild_dense(stored.to(x.device), f.stored(rows), f.stored(cols)).to(x.dtype)
     total = float(x.norm())
     f.error = float((x - rebuilt).norm()) / total if total > 0 else None
     return f
@@ -564,8 +564,9 @@ def fold(
     _check_chain(ck, infos, chain)
     dev = resolve_device(device)
 
+    biases = [b for b in (_bias_key(k, infos) for k in chain[:-1]) if b]
     current: dict[str, Tensor] = {}
-    for key in chain + [b for b in map(lambda k: _bias_key(k, infos), chain[:-1]) if b]:
+    for key in chain + biases:
         t = ck.get(key).to(dev)
         current[key] = t if t.dtype == torch.float64 else t.float()
     reports = {k: LayerShrink(k, list(infos[k].shape), list(infos[k].shape), params_before=infos[k].numel) for k in chain}
@@ -588,7 +589,7 @@ def fold(
         if not g.fused:
             continue
         fused_ext = _compress(ext, g, 0)
-        err = float((ext - _spread(fused_ext, g.index, g.coef, 0)).norm()) / max(float(ext.norm()), 1e-300)
+        err = float((ext - _spread(fused_ext, g.index, g.coef, 0)).norm()) / float(ext.norm())  # > 0: it had pairs
         current[a] = _compress(w, g, 0)
         if bias:
             current[bias] = _compress(current[bias], g, 0)
