@@ -396,11 +396,7 @@ def shrink(
     """
     if axis not in AXES:
         raise UsageError(f"--axis {axis!r}: use one of {', '.join(AXES)}")
-    if output is not None:
-        check_output(source, output, force)
-    ck = open_checkpoint(source)
-    infos = {k: ck.info(k) for k in ck.keys()}
-    _refuse_shrunk(ck, infos)
+    ck, infos = _open_source(source, output, force)
     dev = resolve_device(device)
     specs = find_layers(infos, layers, exclude)
     if not specs:
@@ -507,9 +503,15 @@ def _no_layers(ck: Checkpoint, infos: Mapping[str, TensorInfo]) -> None:
     raise CheckpointError(f"{ck.path}: no weight matrices or conv kernels to shrink (need floating-point tensors with 2 to 5 dims)")
 
 
-def _refuse_shrunk(ck: Checkpoint, infos: Mapping[str, TensorInfo]) -> None:
+def _open_source(source: str | Path, output: str | Path | None, force: bool) -> tuple[Checkpoint, dict[str, TensorInfo]]:
+    """Check OUT (unless a dry run), then open the source; an already shrunk one is refused."""
+    if output is not None:
+        check_output(source, output, force)
+    ck = open_checkpoint(source)
+    infos = {k: ck.info(k) for k in ck.keys()}
     if any(k.endswith(W_SUFFIX) for k in infos):
         raise UsageError(f"{ck.path}: is already shrunk (holds {W_SUFFIX} factors); expand it first: wcond expand {ck.path} -o dense.safetensors")
+    return ck, infos
 
 
 def _nbytes(info: TensorInfo) -> int:
@@ -556,11 +558,7 @@ def fold(
         raise UsageError("--chain needs at least two layer keys in the order data flows, e.g. --chain fc1.weight,fc2.weight")
     if len(set(chain)) != len(chain):
         raise UsageError(f"--chain names a layer twice: {','.join(chain)}")
-    if output is not None:
-        check_output(source, output, force)
-    ck = open_checkpoint(source)
-    infos = {k: ck.info(k) for k in ck.keys()}
-    _refuse_shrunk(ck, infos)
+    ck, infos = _open_source(source, output, force)
     _check_chain(ck, infos, chain)
     dev = resolve_device(device)
 
