@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -223,3 +224,26 @@ def test_sample_checkpoints_inspect_cleanly() -> None:
         result = run("inspect", samples / name, "-f", "json")
         assert result.exit_code == 0, result.stderr
         assert json.loads(result.stdout)["summary"]["layers"] >= 2
+
+
+def test_written_files_get_normal_permissions(pt_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    old = os.umask(0o022)
+    try:
+        assert run("inspect", pt_file, "-o", out).exit_code == 0
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o644
+
+
+def test_narrow_terminal_keeps_the_layer_column(pt_file: Path) -> None:
+    from rich.console import Console
+
+    from wcond.analyze import inspect
+    from wcond.render import render_table
+
+    console = Console(width=72, record=True, file=io.StringIO(), color_system=None)
+    render_table(inspect(pt_file), console)
+    text = console.export_text()
+    assert "conv2.weight" in text and "hidden at this width" in text
+    assert max(len(line.rstrip()) for line in text.splitlines()) <= 72 or "acv_mean" in text

@@ -75,33 +75,58 @@ def _worst(report: Report, rank: _Cell, higher_worse: bool) -> LayerReport | Non
     return best if rank(best) else None
 
 
+# Legend of the short headers, and the order in which columns give way on a narrow terminal.
+_LEGEND = {
+    "acv": "acv_mean", "acv/fl": "acv_sum / acv_floor", "cs_n": "conv_similarity_norm",
+    "cs/fl": "conv_similarity / its floor", "normdev": "norm_dev_max", "rare_r": "rare_rows",
+    "rare_c": "rare_cols", "∥r/c": "near-parallel row/col pairs", "dead": "dead_rows",
+}  # fmt: skip
+_DROP_ORDER = ("cs/fl", "acv/fl", "dead", "rare_c", "normdev", "shape")
+
+
 def render_table(report: Report, console: Console) -> None:
-    """The default terminal view: one row per layer, worst value of each column highlighted, then the summary."""
-    table = Table(
-        title=f"wcond inspect: {report.checkpoint}", title_justify="left", header_style="bold",
-        box=box.SIMPLE_HEAD, padding=(0, 0, 0, 1), pad_edge=False,
-    )  # fmt: skip
-    table.add_column("layer", overflow="fold", min_width=16)
-    table.add_column("shape", no_wrap=True)
-    for header, *_ in _COLUMNS:
-        table.add_column(header, justify="right", no_wrap=True)
+    """The default terminal view: one row per layer, worst value of each column highlighted, then the summary.
+
+    On a terminal too narrow for every column, the least important give way (JSON has them all).
+    """
     worst = [_worst(report, rank, hw) if rank else None for _, _, rank, hw in _COLUMNS]
     tripped = {v.layer for g in report.gates for v in g.violations}
+    cells: dict[str, list[Text]] = {"layer": [], "shape": []}
+    for header, *_ in _COLUMNS:
+        cells[header] = []
     for r in report.layers:
-        cells = []
+        cells["layer"].append(Text(r.name, style="bold red" if r.name in tripped or r.nonfinite else ""))
+        cells["shape"].append(Text(_shape(r.shape)))
         for (header, value, _, _), w in zip(_COLUMNS, worst):
             style = "bold red" if w is r else ""
             if header == "∥r/c" and (r.near_parallel_rows or r.near_parallel_cols) and not style:
                 style = "yellow"
-            cells.append(Text(_cell(r, value), style=style))
-        name_style = "bold red" if r.name in tripped or r.nonfinite else ""
-        table.add_row(Text(r.name, style=name_style), _shape(r.shape), *cells)
+            cells[header].append(Text(_cell(r, value), style=style))
+    widths = {h: max([len(h)] + [c.cell_len for c in col]) + 1 for h, col in cells.items()}
+    widths["layer"] = min(widths["layer"], 28)
+    shown = list(cells)
+    hidden = []
+    for h in _DROP_ORDER:
+        if sum(widths[c] for c in shown) + 1 <= console.width:
+            break
+        shown.remove(h)
+        hidden.append(h)
+    table = Table(
+        title=f"wcond inspect: {report.checkpoint}", title_justify="left", header_style="bold",
+        box=box.SIMPLE_HEAD, padding=(0, 0, 0, 1), pad_edge=False,
+    )  # fmt: skip
+    for h in shown:
+        if h == "layer":
+            table.add_column(h, overflow="fold", min_width=12)
+        else:
+            table.add_column(h, justify="left" if h == "shape" else "right", no_wrap=True)
+    for i in range(len(report.layers)):
+        table.add_row(*(cells[h][i] for h in shown))
     console.print(table)
-    console.print(
-        "[dim]acv: acv_mean  acv/fl, cs/fl: acv_sum, conv_similarity over their floors  cs_n: conv_similarity_norm  "
-        "normdev: norm_dev_max  rare_r/c: rare_rows/cols  ∥r/c: near-parallel pairs  dead: dead_rows[/]",
-        soft_wrap=True,
-    )
+    legend = "  ".join(f"{h}: {_LEGEND[h]}" for h in shown if h in _LEGEND)
+    console.print(f"[dim]{legend}[/]")
+    if hidden:
+        console.print(f"[dim]hidden at this width: {', '.join(hidden)} (widen the terminal, or use -f json)[/]")
     _print_summary(report, console)
 
 

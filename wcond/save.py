@@ -35,10 +35,20 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, _new_file_mode(target))  # mkstemp makes 0600; give the file the mode a plain open() would
         os.replace(tmp, target)
     except BaseException:  # Ctrl-C included: never leave the partial file
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _new_file_mode(target: Path) -> int:
+    """The existing file's mode when overwriting, else 0666 less the umask."""
+    if target.exists():
+        return target.stat().st_mode & 0o7777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def write_text(path: str | Path, text: str) -> None:
