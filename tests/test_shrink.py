@@ -508,5 +508,5 @@ def test_fold_refusals(tmp_path: Path) -> None:
         fold(src, chain=["fc1.bias", "fc2.weight"])
     with_bn = tmp_path / "bn.safetensors"
     save_file({**sd, "bn1.running_mean": torch.zeros(16), "bn1.running_var": torch.ones(16)}, str(with_bn))
-    with pytest.raises(UsageError, match="'bn1.running_mean' looks like a BatchNorm on 'fc1.weight'"):
+    with pytest.raises(UsageError, match="'bn1.running_mean' looks like a BatchNorm on the 16 units of 'fc1.weight'"):
         fold(with_bn, chain=["fc1.weight", "fc2.weight"])

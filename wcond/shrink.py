@@ -669,7 +669,7 @@ def _check_chain(ck: Checkpoint, infos: Mapping[str, TensorInfo], chain: Sequenc
         for k, info in infos.items():
             if k.endswith((".running_mean", ".running_var")) and info.shape == (out_a,) and _parent(k) == _parent(a):
                 raise UsageError(
-                    f"--chain: {k!r} looks like a BatchNorm on {a!r}'s {out_a} units; --fold needs each layer to feed the "
+                    f"--chain: {k!r} looks like a BatchNorm on the {out_a} units of {a!r}; --fold needs each layer to feed the "
                     "next through ReLU/LeakyReLU with nothing between. Fold the BatchNorm into the layer first, or shrink without --fold"
                 )
 

@@ -159,7 +159,8 @@ def expand_command(
     """
     result = expand(checkpoint, output, force=force)
     if result.expanded:
-        stdout.print(f"expanded {len(result.expanded)} factorized layers: {escape(', '.join(result.expanded))}", soft_wrap=True)
+        n = len(result.expanded)
+        stdout.print(f"expanded {n} factorized layer{'s' if n > 1 else ''}: {escape(', '.join(result.expanded))}", soft_wrap=True)
     else:
         stdout.print(f"{escape(result.checkpoint)} holds no factorized layers; its tensors were copied unchanged", soft_wrap=True)
     for warning in result.warnings:
