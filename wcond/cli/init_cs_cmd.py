@@ -103,7 +103,10 @@ def init_cs_command(
 
 
 def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:+.1f}%"
+    """A signed percentage with one decimal, none from 100% up (keeps the table within 80 columns)."""
+    if v is None:
+        return "-"
+    return f"{100 * v:+.0f}%" if abs(v) >= 0.9995 else f"{100 * v:+.1f}%"
 
 
 def render_init_cs(result: InitCSResult, console: Console) -> None:
@@ -118,7 +121,7 @@ def render_init_cs(result: InitCSResult, console: Console) -> None:
         table.add_column(header, justify="right", no_wrap=True)
     for r in result.layers:
         if keep_norm:
-            middle = [fmt_number(r.cs_floor, 3), "-" if r.floor_gap_closed is None else f"{100 * r.floor_gap_closed:.1f}%"]
+            middle = [fmt_number(r.cs_floor, 3), "-" if r.floor_gap_closed is None else _pct(r.floor_gap_closed).lstrip("+")]
         else:
             middle = [_pct(_neg(r.drop_from_norms)), _pct(_neg(r.drop_from_directions))]
         cells = [
@@ -160,7 +163,7 @@ def render_init_cs(result: InitCSResult, console: Console) -> None:
 
 def _neg(v: float | None) -> float | None:
     """A drop shown as a (negative) change."""
-    return None if v is None else -v
+    return None if v is None else 0.0 - v  # 0.0 - 0.0 is +0.0: an unchanged layer shows +0.0%, not -0.0%
 
 
 def _norms_dominate(rows: list[LayerResult]) -> bool:
