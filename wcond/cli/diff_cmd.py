@@ -53,8 +53,10 @@ def diff_command(
     device: DeviceOpt = DeviceChoice.cpu,
     config: ConfigOpt = None,
 ) -> None:
-    """Compare two checkpoints (e.g. before and after init-cs or shrink): every inspect metric for A and B,
-    the change B - A and the relative change, layers found on one side only, and shape changes.
+    """Compare two checkpoints, e.g. before and after init-cs or shrink.
+
+    Every inspect metric for A and B, the change B - A and the relative change, layers found on
+    one side only, and shape changes.
 
     Both sides are analyzed with the same settings, taken from \\[tool.wcond] (or --config) and the flags.
 

@@ -52,8 +52,10 @@ def plot_command(
     device: DeviceOpt = DeviceChoice.cpu,
     config: ConfigOpt = None,
 ) -> None:
-    """Draw a checkpoint: the signed cos between a layer's rows (-1..1, near-parallel pairs circled), side by
-    side with OTHER's when --vs is given; without --layer, a bar chart of each inspect metric per layer.
+    """Draw a layer's cosine heatmap, or each metric per layer.
+
+    With --layer: the signed cos between the layer's rows (-1..1, near-parallel pairs circled), side
+    by side with OTHER's when --vs is given. Without --layer: a bar chart of each inspect metric per layer.
 
     Needs matplotlib: pip install 'wcond\\[plot]'.
 
