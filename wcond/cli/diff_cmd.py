@@ -50,7 +50,7 @@ def diff_command(
     groups: GroupsOpt = None,
     tau_cos: TauCosOpt = 1e-4,
     tau_euc: TauEucOpt = 0.1,
-    device: DeviceOpt = DeviceChoice.cpu,
+    device: DeviceOpt = DeviceChoice.auto,
     config: ConfigOpt = None,
 ) -> None:
     """Compare two checkpoints, e.g. before and after init-cs or shrink.

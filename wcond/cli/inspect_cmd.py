@@ -58,7 +58,7 @@ def inspect_command(
     tau_euc: TauEucOpt = 0.1,
     top: Annotated[int, typer.Option("--top", help="Closest pairs listed per layer and axis (JSON).", min=0)] = 3,
     fail_if: Annotated[Optional[list[str]], typer.Option("--fail-if", help="Gate: exit 1 when any layer satisfies METRIC OP NUMBER (repeatable).", metavar="EXPR")] = None,
-    device: DeviceOpt = DeviceChoice.cpu,
+    device: DeviceOpt = DeviceChoice.auto,
     config: ConfigOpt = None,
 ) -> None:
     """Report per layer: ACV, Convolutional Similarity, norm deviation, near-parallel pairs, RaRe.

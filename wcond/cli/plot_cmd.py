@@ -49,7 +49,7 @@ def plot_command(
     exclude: ExcludeOpt = None,
     tau_cos: TauCosOpt = 1e-4,
     tau_euc: TauEucOpt = 0.1,
-    device: DeviceOpt = DeviceChoice.cpu,
+    device: DeviceOpt = DeviceChoice.auto,
     config: ConfigOpt = None,
 ) -> None:
     """Draw a layer's cosine heatmap, or each metric per layer.
