@@ -127,8 +127,8 @@ def init_cs(
         their original dtype and device; all others the very same tensor objects), and the result.
 
     Example:
-        >>> tensors, result = wcond.init_cs("model.pt", iterations=500, keep_norm=True)
-        >>> wcond.save.save_checkpoint("model_cs.pt", tensors, like=wcond.open_checkpoint("model.pt"))
+        >>> tensors, result = wcond.init_cs(model.state_dict(), iterations=500, keep_norm=True)
+        >>> model.load_state_dict(tensors)
     """
     if iterations < 1:
         raise UsageError(f"--iterations {iterations}: needs at least 1 iteration")
