@@ -80,7 +80,9 @@ class InitCSResult:
     cs_before: float  # sum over the selected layers
     cs_after: float
     seconds: float  # wall time of the optimization loop
-    history: dict[str, Any] | None = None  # {"iteration": [...], "total": [...], "layers": {key: [...]}}
+    # {"iteration": [0..I], "total": [...], "layers": {key: [...]}}: entry t is the float32 CS after t
+    # steps, over the optimized layers only (a 1x1 kernel under keep_norm is not in it).
+    history: dict[str, Any] | None = None
 
     @property
     def optimized(self) -> list[LayerResult]:
