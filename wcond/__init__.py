@@ -8,6 +8,16 @@ Example:
 
 from __future__ import annotations
 
+import os as _os
+import sys as _sys
+
+# OpenMP's default busy-waiting lets torch's idle worker threads spin between wcond's many small
+# operations; with anything else running on the machine that made `wcond init-cs` 6x slower
+# (benchmarks/README.md). Passive waiting costs nothing measurable on the large products. It only
+# takes effect before torch is first imported, and a value the user set wins.
+if "torch" not in _sys.modules:
+    _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 __version__ = "0.1.0"
 
 from wcond import metrics
