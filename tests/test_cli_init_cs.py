@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from rich.console import Console
 from typer.testing import CliRunner
 
 import wcond.save

@@ -5,11 +5,11 @@ from __future__ import annotations
 import itertools
 import math
 
+import literal
 import pytest
 import torch
 import torch.nn.functional as F
 
-import literal
 from wcond import metrics
 from wcond.condition import init_cs
 from wcond.errors import CheckpointError, UsageError

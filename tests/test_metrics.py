@@ -5,12 +5,12 @@ from __future__ import annotations
 import math
 
 import hypothesis.strategies as st
+import literal
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 
-import literal
 from wcond import metrics
 
 REL = 2e-5  # float32 fast code vs float64 literal

@@ -7,13 +7,13 @@ import math
 from collections import OrderedDict
 from pathlib import Path
 
+import literal
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-import literal
 import wcond
 from wcond import metrics
 from wcond.errors import CheckpointError, UsageError

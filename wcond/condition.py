@@ -249,7 +249,8 @@ def _conv_specs(
         return specs
     convs = [k for k, i in infos.items() if is_layer(i) and len(i.shape) >= 3]
     if convs:
-        raise UsageError(f"{name}: no conv layer matches the --layers/--exclude patterns (conv weights here: {', '.join(convs[:4])}{', ...' if len(convs) > 4 else ''})")
+        listed = ", ".join(convs[:4]) + (", ..." if len(convs) > 4 else "")
+        raise UsageError(f"{name}: no conv layer matches the --layers/--exclude patterns (conv weights here: {listed})")
     raise CheckpointError(
         f"{name}: no conv weights to condition; init-cs works on Conv1d/2d/3d kernels of shape (out, in, *kernel), "
         "and this checkpoint holds none"

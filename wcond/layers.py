@@ -86,7 +86,10 @@ def find_layers(
             elif prev_out is not None and shape[1] < prev_out and prev_out % shape[1] == 0:
                 guess = prev_out // shape[1]
                 if shape[0] % guess == 0:
-                    note = f"may be grouped ({shape[1]} input channels per filter after a {prev_out}-channel conv); pass --groups '{key}={guess}' if so"
+                    note = (
+                        f"may be grouped ({shape[1]} input channels per filter after a {prev_out}-channel conv); "
+                        f"pass --groups '{key}={guess}' if so"
+                    )
             prev_out = shape[0]
         if selected(key, layers, exclude):
             specs.append(LayerSpec(key, info, g or 1, note))

@@ -34,10 +34,12 @@ def _root(
     """Weight analysis and conditioning for PyTorch checkpoints."""
 
 
-from wcond.cli import inspect_cmd  # noqa: E402,F401  (registers its command on app)
-from wcond.cli import diff_cmd  # noqa: E402,F401
-from wcond.cli import plot_cmd  # noqa: E402,F401
-from wcond.cli import shrink_cmd  # noqa: E402,F401
-from wcond.cli import init_cs_cmd  # noqa: E402,F401
+from wcond.cli import (  # noqa: E402  (each module registers its command on app)
+    diff_cmd,  # noqa: E402,F401
+    init_cs_cmd,  # noqa: E402,F401
+    inspect_cmd,  # noqa: E402,F401  (registers its command on app)
+    plot_cmd,  # noqa: E402,F401
+    shrink_cmd,  # noqa: E402,F401
+)
 
 __all__ = ["app"]

@@ -29,6 +29,13 @@ stdout = Console(highlight=False, soft_wrap=False)
 stderr = Console(stderr=True, highlight=False)
 
 
+class ReportFormat(str, Enum):
+    """Output of the commands that rewrite a checkpoint (init-cs, shrink): a table, or JSON for scripts."""
+
+    table = "table"
+    json = "json"
+
+
 class DeviceChoice(str, Enum):
     auto = "auto"
     cpu = "cpu"

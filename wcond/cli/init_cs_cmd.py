@@ -21,7 +21,9 @@ from wcond.cli.common import (
     DeviceOpt,
     ExcludeOpt,
     ForceOpt,
+    GroupsOpt,
     LayersOpt,
+    ReportFormat,
     emit,
     handle_errors,
     progress_bar,
@@ -41,11 +43,6 @@ class Optimizer(str, Enum):
     sgd = "sgd"
 
 
-class ReportFormat(str, Enum):
-    table = "table"
-    json = "json"
-
-
 @app.command("init-cs")
 @handle_errors
 def init_cs_command(
@@ -57,7 +54,7 @@ def init_cs_command(
     device: DeviceOpt = DeviceChoice.auto,
     layers: LayersOpt = None,
     exclude: ExcludeOpt = None,
-    groups: Annotated[Optional[list[str]], typer.Option("--groups", help="Conv groups of a layer, KEY=G (KEY may be a glob; repeatable).", metavar="KEY=G")] = None,
+    groups: GroupsOpt = None,
     keep_norm: Annotated[bool, typer.Option("--keep-norm", help="Rescale every filter to its original norm after each step: only directions change.")] = False,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed torch for a reproducible run (CPU results are then deterministic).")] = None,
     force: ForceOpt = False,

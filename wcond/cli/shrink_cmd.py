@@ -22,6 +22,7 @@ from wcond.cli.common import (
     ExcludeOpt,
     ForceOpt,
     LayersOpt,
+    ReportFormat,
     TauCosOpt,
     TauEucOpt,
     emit,
@@ -40,11 +41,6 @@ class Axis(str, Enum):
     rows = "rows"
     cols = "cols"
     both = "both"
-
-
-class ReportFormat(str, Enum):
-    table = "table"
-    json = "json"
 
 
 @app.command("shrink")
