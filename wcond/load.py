@@ -14,6 +14,7 @@ import re
 import struct
 import zipfile
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -315,20 +316,14 @@ def _flatten(node: Mapping, prefix: str = "") -> Iterator[tuple[str, torch.Tenso
             yield from _flatten(v, key + ".")
 
 
-class _reading:
+@contextmanager
+def _reading(file: Path) -> Iterator[None]:
     """Turn safetensors' errors into CheckpointError naming the file."""
-
-    def __init__(self, file: Path):
-        self.file = file
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, et: type | None, e: BaseException | None, tb: object) -> bool:
-        if isinstance(e, (SafetensorError, OSError)) or (isinstance(e, Exception) and "safetensor" in type(e).__module__.lower()):
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"{self.file}: corrupt or truncated safetensors file ({msg})") from e
-        return False
+    try:
+        yield
+    except (SafetensorError, OSError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({msg})") from e
 
 
 def _itemsize(dtype: torch.dtype) -> int:

@@ -141,7 +141,8 @@ def pair_statistics(
         acv_parts.append(a.sum())
         max_parts.append(a.max())
         if count_pairs:
-            near += sum(1 for _ in _near_in_block(start, c.detach(), a.detach(), live_norms, tau_cos, tau_euc))  # type: ignore[arg-type]
+            assert tau_cos is not None and tau_euc is not None
+            near += sum(1 for _ in _near_in_block(start, c.detach(), a.detach(), live_norms, tau_cos, tau_euc))
         if top_k:
             vals, pos = a.detach().flatten().topk(min(top_k, a.numel()))
             width = n - start
