@@ -1,0 +1,422 @@
+#!/usr/bin/env python3
+"""Timing and memory of `wcond inspect` (issue 2's performance targets), with generated checkpoints.
+
+    python benchmarks/bench_inspect.py resnet50       # vs a bare torch.load; target <= 2x
+    python benchmarks/bench_inspect.py tinyllama      # ~1.1B fp16, sharded; targets < 5 min, < 3 GB
+    python benchmarks/bench_inspect.py embedding      # 32000 x 4096 fp32: bounded memory
+    python benchmarks/bench_inspect.py weightwatcher  # vs WeightWatcher analyze(), ResNet-18
+    python benchmarks/bench_inspect.py all
+
+Checkpoints are written under benchmarks/_data/ (gitignored) from fixed seeds and reused when
+present; ``--clean`` deletes the large ones afterwards. Whole-process timings run the real
+command in a subprocess (interpreter start and imports included); the report goes to a
+discarded stdout. Every section prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench import DATA, ROOT, load_average, machine, table, time_call, time_process, time_v  # noqa: E402
+
+VENV_WW = ROOT / "benchmarks" / "_venv_ww"
+SEED = 0
+
+
+def wcond_cmd(python: str = sys.executable) -> list[str]:
+    """The `wcond` console script installed beside ``python``."""
+    script = Path(python).parent / "wcond"
+    if not script.exists():
+        found = shutil.which("wcond")
+        if not found:
+            sys.exit("no `wcond` on PATH: pip install -e . first")
+        script = Path(found)
+    return [str(script)]
+
+
+# --------------------------------------------------------------------------- ResNet (torchvision's layout)
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, cin: int, width: int, stride: int, downsample: nn.Module | None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, width, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn2(self.conv2(self.bn1(self.conv1(x)).relu()))
+        return (y + (self.downsample(x) if self.downsample else x)).relu()
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, cin: int, width: int, stride: int, downsample: nn.Module | None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, width * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(width * 4)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn2(self.conv2(self.bn1(self.conv1(x)).relu())).relu()
+        y = self.bn3(self.conv3(y))
+        return (y + (self.downsample(x) if self.downsample else x)).relu()
+
+
+class ResNet(nn.Module):
+    """torchvision's ResNet, same state-dict keys and shapes (torchvision is not installed here)."""
+
+    def __init__(self, block: type[BasicBlock] | type[Bottleneck], depths: list[int], classes: int = 1000):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        cin = 64
+        for n, (width, depth) in enumerate(zip((64, 128, 256, 512), depths), 1):
+            blocks: list[nn.Module] = []
+            for b in range(depth):
+                stride = 2 if b == 0 and n > 1 else 1
+                down = None
+                if b == 0 and (stride != 1 or cin != width * block.expansion):
+                    down = nn.Sequential(
+                        nn.Conv2d(cin, width * block.expansion, 1, stride, bias=False),
+                        nn.BatchNorm2d(width * block.expansion),
+                    )
+                blocks.append(block(cin, width, stride, down))
+                cin = width * block.expansion
+            setattr(self, f"layer{n}", nn.Sequential(*blocks))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, classes)
+        # Kaiming-normal weights (torchvision's conv init; fc too, so every layer is random-normal).
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.bn1(self.conv1(x)).relu())
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(self.avgpool(x).flatten(1))
+
+
+RESNETS = {"resnet18": (BasicBlock, [2, 2, 2, 2]), "resnet50": (Bottleneck, [3, 4, 6, 3])}
+
+
+def resnet(name: str) -> ResNet:
+    block, depths = RESNETS[name]
+    torch.manual_seed(SEED)
+    return ResNet(block, depths)
+
+
+def resnet_checkpoint(name: str) -> Path:
+    """benchmarks/_data/<name>.pt: the state dict of a seeded ResNet (torch.save, zip format)."""
+    path = DATA / f"{name}.pt"
+    if not path.exists():
+        DATA.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(resnet(name).state_dict(), tmp)
+        tmp.rename(path)
+        print(f"wrote {path} ({path.stat().st_size / 2**20:.0f} MiB)")
+    return path
+
+
+# --------------------------------------------------------------------------- a: ResNet-50 vs bare torch.load
+
+
+def bench_resnet50(repeat: int) -> None:
+    import wcond
+
+    path = resnet_checkpoint("resnet50")
+    rel = str(path.relative_to(ROOT))
+    sd = torch.load(path)
+    params = sum(t.numel() for t in sd.values() if t.is_floating_point())
+    py = sys.executable
+    runs = {
+        "python -c 'import torch'": [py, "-c", "import torch"],
+        "python -c 'import torch; torch.load(path)'": [py, "-c", f"import torch; torch.load({rel!r})"],
+        "wcond inspect path -f json > /dev/null": [*wcond_cmd(), "inspect", rel, "-f", "json"],
+    }
+    whole = {label: time_process(cmd, repeat) for label, cmd in runs.items()}
+    bare = whole["python -c 'import torch; torch.load(path)'"].median
+    in_proc = {
+        "torch.load(path)": time_call(lambda: torch.load(path), repeat),
+        "wcond.open_checkpoint(path) (load only)": time_call(lambda: wcond.open_checkpoint(path), repeat),
+        "wcond.inspect(path)": time_call(lambda: wcond.inspect(path), repeat),
+    }
+    print(f"\n### ResNet-50-shaped fp32 checkpoint ({params / 1e6:.1f}M params, "
+          f"{path.stat().st_size / 2**20:.0f} MiB, {len(sd)} tensors), {repeat} runs each\n")  # fmt: skip
+    rows = [[f"`{label}`", f"{t.median:.2f}", f"{t.min:.2f}", f"{t.median / bare:.2f}x"] for label, t in whole.items()]
+    rows += [[f"in process: `{label}`", f"{t.median:.3f}", f"{t.min:.3f}", ""] for label, t in in_proc.items()]
+    print(table(["whole process (s)", "median", "min", "vs bare load"], rows))
+    ratio = whole["wcond inspect path -f json > /dev/null"].median / bare
+    print(f"\ntarget wcond <= 2x bare load: {ratio:.2f}x -> {'met' if ratio <= 2 else 'MISSED'}")
+
+
+# --------------------------------------------------------------------------- b: TinyLlama-shaped sharded fp16
+
+
+def tinyllama_shapes() -> Iterator[tuple[str, tuple[int, ...]]]:
+    """TinyLlama-1.1B's tensors in Hugging Face's order: (key, shape)."""
+    vocab, hidden, layers, inter, heads, kv_heads = 32000, 2048, 22, 5632, 32, 4
+    kv = hidden // heads * kv_heads  # 256: grouped-query attention
+    yield "model.embed_tokens.weight", (vocab, hidden)
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        yield p + "self_attn.q_proj.weight", (hidden, hidden)
+        yield p + "self_attn.k_proj.weight", (kv, hidden)
+        yield p + "self_attn.v_proj.weight", (kv, hidden)
+        yield p + "self_attn.o_proj.weight", (hidden, hidden)
+        yield p + "mlp.gate_proj.weight", (inter, hidden)
+        yield p + "mlp.up_proj.weight", (inter, hidden)
+        yield p + "mlp.down_proj.weight", (hidden, inter)
+        yield p + "input_layernorm.weight", (hidden,)
+        yield p + "post_attention_layernorm.weight", (hidden,)
+    yield "model.norm.weight", (hidden,)
+    yield "lm_head.weight", (vocab, hidden)
+
+
+def tinyllama_checkpoint(shard_bytes: int = 10**9) -> Path:
+    """benchmarks/_data/tinyllama/: fp16 shards of at most ``shard_bytes`` plus the index, written last."""
+    from safetensors.torch import save_file
+
+    root = DATA / "tinyllama"
+    index = root / "model.safetensors.index.json"
+    if index.exists():
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for key, shape in tinyllama_shapes():
+        nbytes = math.prod(shape) * 2
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((key, shape))
+        size += nbytes
+    gen = torch.Generator().manual_seed(SEED)
+    weight_map, total = {}, 0
+    t = time.perf_counter()
+    for n, shard in enumerate(shards, 1):
+        name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {}  # one shard in memory at a time
+        for key, shape in shard:
+            if len(shape) == 1:  # RMSNorm gains: near 1
+                tensors[key] = (1 + 0.05 * torch.randn(shape, generator=gen)).half()
+            else:
+                tensors[key] = (0.02 * torch.randn(shape, generator=gen)).half()
+            weight_map[key] = name
+            total += tensors[key].numel() * 2
+        save_file(tensors, str(root / name), metadata={"format": "pt"})
+        del tensors
+        print(f"wrote {root / name} ({time.perf_counter() - t:.0f} s)", flush=True)
+    index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return root
+
+
+def bench_tinyllama() -> None:
+    root = tinyllama_checkpoint()
+    out = DATA / "tinyllama_report.json"
+    out.unlink(missing_ok=True)
+    files = sorted(root.glob("*.safetensors"))
+    params = sum(math.prod(s) for _, s in tinyllama_shapes())
+    cmd = [*wcond_cmd(), "inspect", str(root.relative_to(ROOT)), "-f", "json", "-o", str(out.relative_to(ROOT))]
+    m = time_v(cmd)
+    report = json.loads(out.read_text())
+    print(f"\n### TinyLlama-shaped fp16 checkpoint ({params / 1e9:.3f}B params, {len(files)} shards, "
+          f"{sum(f.stat().st_size for f in files) / 2**30:.2f} GiB), one run under /usr/bin/time -v\n")  # fmt: skip
+    rows = [[
+        "`wcond inspect benchmarks/_data/tinyllama -f json -o benchmarks/_data/tinyllama_report.json`",
+        f"{m.wall_s:.1f}", f"{m.user_s:.0f} + {m.sys_s:.0f}", f"{m.max_rss_mb / 1024:.2f}",
+        len(report["layers"]),
+    ]]  # fmt: skip
+    print(table(["command", "wall (s)", "user + sys CPU (s)", "peak RSS (GiB)", "layers"], rows))
+    ok_t, ok_m = m.wall_s < 300, m.max_rss_mb < 3 * 1024
+    print(f"\ntargets: wall < 300 s {'met' if ok_t else 'MISSED'}; peak RSS < 3 GB {'met' if ok_m else 'MISSED'}")
+
+
+# --------------------------------------------------------------------------- c: one large embedding
+
+
+def embedding_checkpoint() -> Path:
+    from safetensors.torch import save_file
+
+    path = DATA / "embedding_32000x4096.safetensors"
+    if not path.exists():
+        DATA.mkdir(parents=True, exist_ok=True)
+        gen = torch.Generator().manual_seed(SEED)
+        tmp = path.with_suffix(".tmp")
+        save_file({"embed_tokens.weight": 0.02 * torch.randn(32000, 4096, generator=gen)}, str(tmp))
+        tmp.rename(path)
+        print(f"wrote {path}")
+    return path
+
+
+def bench_embedding() -> None:
+    path = embedding_checkpoint()
+    rel = str(path.relative_to(ROOT))
+    load = f"python -c 'from safetensors.torch import load_file; load_file({rel!r})'"
+    runs = {
+        f"`{load}` (bare load, for scale)": [sys.executable, "-c", f"from safetensors.torch import load_file; load_file({rel!r})"],
+        f"`wcond inspect {rel} -f json > /dev/null`": [*wcond_cmd(), "inspect", rel, "-f", "json"],
+    }
+    n = 32000
+    print(f"\n### 32000 x 4096 fp32 embedding ({path.stat().st_size / 2**20:.0f} MiB), one run each under /usr/bin/time -v\n")
+    rows = []
+    for label, cmd in runs.items():
+        m = time_v(cmd)
+        rows.append([label, f"{m.wall_s:.1f}", f"{m.user_s:.0f} + {m.sys_s:.0f}", f"{m.max_rss_mb:.0f}"])
+    print(table(["command", "wall (s)", "user + sys CPU (s)", "peak RSS (MiB)"], rows))
+    print(f"\nthe full {n} x {n} fp32 cosine matrix alone would take {n * n * 4 / 2**20:.0f} MiB")
+
+
+# --------------------------------------------------------------------------- d: WeightWatcher
+
+
+def ensure_ww_venv() -> str:
+    """benchmarks/_venv_ww with torch==2.13.0, weightwatcher and wcond (editable); its python."""
+    py = VENV_WW / "bin" / "python"
+    if not py.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(VENV_WW)], check=True)
+        pip = [str(py), "-m", "pip", "install", "-q"]
+        # torch first and pinned again beside weightwatcher, so no other torch is pulled in.
+        subprocess.run([*pip, "torch==2.13.0"], check=True)
+        subprocess.run([*pip, "torch==2.13.0", "weightwatcher"], check=True)
+        subprocess.run([*pip, "-e", str(ROOT), "--no-deps"], check=True)
+        subprocess.run([*pip, "typer", "rich", "safetensors", "numpy"], check=True)
+    return str(py)
+
+
+def ww_analyze(path: Path) -> object:
+    """What a WeightWatcher user runs: build the model, load the checkpoint, analyze()."""
+    import weightwatcher as ww
+
+    model = resnet("resnet18")
+    model.load_state_dict(torch.load(path))
+    return ww.WeightWatcher(model=model).analyze()
+
+
+def ww_inner(path: Path, repeat: int) -> None:
+    """Run inside the venv: in-process timings of both tools on the same loaded weights."""
+    import weightwatcher as ww
+
+    import wcond
+
+    model = resnet("resnet18")
+    model.load_state_dict(torch.load(path))
+    sd = model.state_dict()
+    details = ww.WeightWatcher(model=model).analyze()  # the untimed warm-up calls, kept for their output
+    report = wcond.inspect(sd)
+    timings = {
+        "ww.WeightWatcher(model=model).analyze()": time_call(lambda: ww.WeightWatcher(model=model).analyze(), repeat, 0),
+        "wcond.inspect(model.state_dict())": time_call(lambda: wcond.inspect(sd), repeat, 0),
+        "wcond.inspect(path)": time_call(lambda: wcond.inspect(path), repeat),
+    }
+    print(json.dumps({
+        "ww_layers": len(details), "ww_columns": [c for c in details.columns],
+        "wcond_layers": len(report.layers),
+        "timings": {k: t.runs for k, t in timings.items()},
+    }))  # fmt: skip
+
+
+def bench_weightwatcher(repeat: int) -> None:
+    py = ensure_ww_venv()
+    path = resnet_checkpoint("resnet18")
+    rel = str(path.relative_to(ROOT))
+    me = str(Path(__file__).relative_to(ROOT))
+    versions = subprocess.run(
+        [py, "-c", "import torch, weightwatcher, numpy; print(torch.__version__, weightwatcher.__version__, numpy.__version__)"],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    whole = {
+        f"`python {me} ww-analyze {rel}` (build model, load, analyze())": time_process([py, me, "ww-analyze", rel], repeat),
+        f"`wcond inspect {rel} -f json > /dev/null`": time_process([*wcond_cmd(py), "inspect", rel, "-f", "json"], repeat),
+    }
+    done = subprocess.run([py, me, "ww-inner", rel, "--repeat", str(repeat)], capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"in-process WeightWatcher run failed:\n{done.stderr[-3000:]}")
+    inner = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"\n### WeightWatcher {versions[1]} vs wcond, ResNet-18-shaped fp32 checkpoint "
+          f"(torch {versions[0]}, numpy {versions[2]}, both in benchmarks/_venv_ww), {repeat} runs each\n")  # fmt: skip
+    med = {k: sorted(v)[len(v) // 2] for k, v in inner["timings"].items()}
+    rows = [[label, f"{t.median:.2f}", f"{t.min:.2f}"] for label, t in whole.items()]
+    rows += [[f"in process: `{k}`", f"{med[k]:.3f}", f"{min(v):.3f}"] for k, v in inner["timings"].items()]
+    print(table(["run", "median (s)", "min (s)"], rows))
+    w_whole, c_whole = (t.median for t in whole.values())
+    w_in = med["ww.WeightWatcher(model=model).analyze()"]
+    c_in = med["wcond.inspect(model.state_dict())"]
+    print(f"\nratio WeightWatcher / wcond: whole process {w_whole / c_whole:.1f}x, in process (analyze() vs inspect(state_dict)) {w_in / c_in:.1f}x")
+    print(f"layers analyzed: WeightWatcher {inner['ww_layers']}, wcond {inner['wcond_layers']}")
+    print(f"WeightWatcher columns: {', '.join(inner['ww_columns'])}")
+
+
+# --------------------------------------------------------------------------- main
+
+
+def clean() -> None:
+    """Delete the large generated checkpoints (the scripts regenerate them)."""
+    for p in (DATA / "tinyllama", DATA / "embedding_32000x4096.safetensors", DATA / "tinyllama_report.json",
+              DATA / "resnet50.pt", DATA / "resnet18.pt"):  # fmt: skip
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["resnet50", "tinyllama", "embedding", "weightwatcher", "all", "clean",
+                                     "ww-analyze", "ww-inner"])  # fmt: skip
+    ap.add_argument("path", nargs="?", help=argparse.SUPPRESS)  # for the ww-* children
+    ap.add_argument("--repeat", type=int, default=5, help="runs per timing (median and min reported)")
+    ap.add_argument("--clean", action="store_true", help="delete the generated checkpoints afterwards")
+    args = ap.parse_args()
+    if args.what == "ww-analyze":
+        ww_analyze(Path(args.path))
+        return
+    if args.what == "ww-inner":
+        ww_inner(Path(args.path), args.repeat)
+        return
+    if args.what == "clean":
+        clean()
+        return
+    print(f"machine: {machine()}; load average at start {load_average()}")
+    benches: dict[str, Callable[[], None]] = {
+        "resnet50": lambda: bench_resnet50(args.repeat),
+        "tinyllama": bench_tinyllama,
+        "embedding": bench_embedding,
+        "weightwatcher": lambda: bench_weightwatcher(args.repeat),
+    }
+    for name, run in benches.items():
+        if args.what in (name, "all"):
+            run()
+    print(f"\nload average at end {load_average()}")
+    if args.clean:
+        clean()
+
+
+if __name__ == "__main__":
+    os.chdir(ROOT)
+    main()
