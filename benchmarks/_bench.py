@@ -44,16 +44,21 @@ def time_call(fn: Callable[[], object], repeat: int, warmup: int = 1) -> Timing:
     return Timing(runs)
 
 
-def time_process(cmd: Sequence[str], repeat: int, env: dict[str, str] | None = None) -> Timing:
-    """Time a whole process (interpreter start, imports, work, exit), output discarded."""
-    runs = []
+def time_processes(cmds: dict[str, Sequence[str]], repeat: int, envs: dict[str, dict[str, str]] | None = None) -> dict[str, Timing]:
+    """Time whole processes (interpreter start, imports, work, exit), output discarded.
+
+    The commands take turns, round after round, so a burst of load from elsewhere on the machine
+    hits all of them alike instead of one. ``envs`` gives a command's environment by label.
+    """
+    runs: dict[str, list[float]] = {label: [] for label in cmds}
     for _ in range(repeat):
-        t = time.perf_counter()
-        done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=ROOT)
-        runs.append(time.perf_counter() - t)
-        if done.returncode not in (0, 1):  # wcond exits 1 when a gate trips; anything else is a failure
-            sys.exit(f"failed ({done.returncode}): {' '.join(cmd)}\n{done.stderr.decode()[-2000:]}")
-    return Timing(runs)
+        for label, cmd in cmds.items():
+            t = time.perf_counter()
+            done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=(envs or {}).get(label), cwd=ROOT)
+            runs[label].append(time.perf_counter() - t)
+            if done.returncode not in (0, 1):  # wcond exits 1 when a gate trips; anything else is a failure
+                sys.exit(f"failed ({done.returncode}): {' '.join(cmd)}\n{done.stderr.decode()[-2000:]}")
+    return {label: Timing(r) for label, r in runs.items()}
 
 
 @dataclass
