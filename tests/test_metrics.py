@@ -212,3 +212,16 @@ def test_cs_predicts_feature_map_orthogonality() -> None:
     w = torch.tensor(np.stack([k1, k2])[:, None, :])
     assert float(metrics.conv_similarity(w)) == pytest.approx(float((literal.full_xcorr(k1, k2) ** 2).sum()), rel=1e-10)
     assert inner == pytest.approx(float(np.dot(literal.full_xcorr(k1, k2), literal.clip_lags(literal.full_xcorr(x, x), [4]))), rel=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_closest_pairs_are_the_exact_top_k(seed: int) -> None:
+    """Several of the closest pairs share a row: the row-maxima shortcut must still find them all."""
+    w = seeded(60, 6, seed=seed)
+    w[10:14] = w[3] + 0.05 * seeded(4, 6, seed=seed + 100)  # rows 3, 10..13 all close to each other
+    u = torch.nn.functional.normalize(w.double(), dim=1)
+    full = (u @ u.T).abs().triu(1)
+    expected = {(int(p) // 60, int(p) % 60) for p in full.flatten().topk(6).indices}
+    s = metrics.pair_statistics(w, top_k=6)
+    assert {(p.i, p.j) for p in s.closest} == expected
+    assert [round(abs(p.cos), 5) for p in s.closest] == sorted((round(abs(p.cos), 5) for p in s.closest), reverse=True)

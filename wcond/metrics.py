@@ -132,36 +132,50 @@ def pair_statistics(
         return stats
 
     count_pairs = tau_cos is not None and tau_euc is not None
+    track = torch.is_grad_enabled() and u.requires_grad
     acv_parts: list[Tensor] = []
     max_parts: list[Tensor] = []
-    best: list[tuple[float, int, int, float]] = []  # (|cos|, i, j, cos) in live indexing
+    best: list[tuple[float, int, int]] = []  # (|cos|, i, j) in live indexing
     near = 0
+    u_d = u.detach()
     for start, c in _cosine_blocks(u):
-        a = c.abs()
+        a = c.abs() if track else c.abs_()  # without gradients, no second block-sized buffer
+        row_max = a.amax(dim=1)
         acv_parts.append(a.sum())
-        max_parts.append(a.max())
+        max_parts.append(row_max.max())
+        a_d = a.detach()
         if count_pairs:
             assert tau_cos is not None and tau_euc is not None
-            near += sum(1 for _ in _near_in_block(start, c.detach(), a.detach(), live_norms, tau_cos, tau_euc))
+            near += sum(1 for _ in _near_in_block(start, u_d, a_d, live_norms, tau_cos, tau_euc))
         if top_k:
-            vals, pos = a.detach().flatten().topk(min(top_k, a.numel()))
-            width = n - start
-            c_d = c.detach().flatten()
-            for val, p in zip(vals.tolist(), pos.tolist()):
-                i, j = start + p // width, start + p % width
-                if i < j:  # masked (lower-triangle) entries hold 0 and are skipped
-                    best.append((min(val, 1.0), i, j, max(-1.0, min(1.0, float(c_d[p])))))
-            best = sorted(best, reverse=True)[:top_k]
+            best = sorted(best + _top_in_block(start, a_d, row_max.detach(), top_k), reverse=True)[:top_k]
     stats.acv_sum = torch.stack(acv_parts).sum()
     stats.max_abs_cos = torch.stack(max_parts).max()
     stats.near_parallel = near
     idx = live_idx.tolist()
     ln = live_norms.tolist()
-    for val, i, j, cos in best:
+    for val, i, j in best:
+        cos = max(-1.0, min(1.0, float(u_d[i] @ u_d[j])))
         d = min(ln[i], ln[j]) * math.sqrt(max(0.0, 2 - 2 * val))
         np_pair = count_pairs and (1 - val < tau_cos) and (d < tau_euc)  # type: ignore[operator]
         stats.closest.append(Pair(idx[i], idx[j], cos, d, bool(np_pair)))
     return stats
+
+
+def _top_in_block(start: int, a: Tensor, row_max: Tensor, k: int) -> list[tuple[float, int, int]]:
+    """The k largest |cos| of a block as (|cos|, i, j).
+
+    They lie in the k rows with the largest maxima (a row outside those has k larger values
+    elsewhere), so only k rows are searched instead of the whole block.
+    """
+    rows = row_max.topk(min(k, row_max.numel())).indices
+    vals, cols = a[rows].topk(min(k, a.shape[1]), dim=1)
+    found = []
+    for r, vs, cs in zip(rows.tolist(), vals.tolist(), cols.tolist()):
+        for val, col in zip(vs, cs):
+            if val > 0 and start + r < start + col:  # masked entries (j <= i) hold 0
+                found.append((min(val, 1.0), start + r, start + col))
+    return found
 
 
 def near_parallel_pairs(vectors: Tensor, *, tau_cos: float, tau_euc: float) -> Iterator[Pair]:
@@ -173,23 +187,24 @@ def near_parallel_pairs(vectors: Tensor, *, tau_cos: float, tau_euc: float) -> I
     live_idx, norms, u = _live_units(_compute_dtype(vectors).detach())
     idx = live_idx.tolist()
     for start, c in _cosine_blocks(u):
-        for i, j, cos, d in _near_in_block(start, c, c.abs(), norms, tau_cos, tau_euc):
+        for i, j, cos, d in _near_in_block(start, u, c.abs_(), norms, tau_cos, tau_euc):
             yield Pair(idx[i], idx[j], cos, d, True)
 
 
 def _near_in_block(
-    start: int, c: Tensor, a: Tensor, norms: Tensor, tau_cos: float, tau_euc: float
+    start: int, u: Tensor, a: Tensor, norms: Tensor, tau_cos: float, tau_euc: float
 ) -> Iterator[tuple[int, int, float, float]]:
-    """Near-parallel pairs of one cosine block (c signed, a = |c|), in live indexing: (i, j, cos, D_euc)."""
+    """Near-parallel pairs of one block of |cos| (rows of unit vectors u), in live indexing: (i, j, cos, D_euc)."""
     bi, bj = torch.nonzero((1 - a) < tau_cos, as_tuple=True)  # few candidates: the rest is elementwise
     if not len(bi):
         return
     i, j = bi + start, bj + start
+    cos = (u[i] * u[j]).sum(1).clamp(-1.0, 1.0)  # the sign, recomputed for the few candidates
     # D_euc = |w_short| sqrt(2 - 2|cos|) (METRICS.md identity)
     d_euc = torch.minimum(norms[i], norms[j]) * torch.sqrt((2 - 2 * a[bi, bj]).clamp_min(0))
-    for ii, jj, cos, d in zip(i.tolist(), j.tolist(), c[bi, bj].clamp(-1.0, 1.0).tolist(), d_euc.tolist()):
+    for ii, jj, c, d in zip(i.tolist(), j.tolist(), cos.tolist(), d_euc.tolist()):
         if d < tau_euc:
-            yield ii, jj, cos, d
+            yield ii, jj, c, d
 
 
 def _live_units(v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -209,7 +224,9 @@ def _cosine_blocks(u: Tensor) -> Iterator[tuple[int, Tensor]]:
     ``start``; entries on or below the diagonal are set to 0, which no cosine statistic counts.
     """
     n = u.shape[0]
-    block = max(1, min(n, _BLOCK_ELEMENTS // max(n, 1)))
+    # At least ~8 row blocks, so the lower triangle that is skipped is most of the lower half;
+    # at most 2**24 cosines per block.
+    block = max(1, min(n, _BLOCK_ELEMENTS // max(n, 1), max(64, -(-n // 8))))
     for start in range(0, n - 1, block):
         stop = min(n, start + block)
         c = u[start:stop] @ u[start:].T
