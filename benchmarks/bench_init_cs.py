@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _bench import time_call  # benchmarks/_bench.py, beside this script
 
 from wcond import metrics
 
@@ -86,13 +87,7 @@ def conv_weights(sd: dict[str, torch.Tensor]) -> list[torch.Tensor]:
 
 def time_per_call(fn, repeats: int) -> float:
     """Median wall seconds of fn() over ``repeats`` calls, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    return time_call(fn, repeats).median
 
 
 def fast_seconds(weights: list[torch.Tensor], repeats: int, channels_last: bool) -> float:
