@@ -248,3 +248,19 @@ def test_narrow_terminal_keeps_the_layer_column(pt_file: Path) -> None:
     assert "conv2.weight" in text and "hidden at this width" in text
     rows = [line for line in text.splitlines() if line.startswith((" conv", " fc", " layer"))]
     assert len(rows) == 4 and all(len(line.rstrip()) <= 72 for line in rows)
+
+
+def test_output_to_a_device_or_pipe_writes_through(pt_file: Path, tmp_path: Path) -> None:
+    """-o /dev/null (or a named pipe) must be written to, never replaced by a renamed regular file."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    import threading
+
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader.start()
+    result = run("inspect", pt_file, "-o", fifo, "-f", "json")
+    reader.join(timeout=30)
+    assert result.exit_code == 0, result.stderr
+    assert fifo.is_fifo() and json.loads(got[0])["summary"]["layers"] == 3
+    assert not list(tmp_path.glob(".*wcond-tmp"))

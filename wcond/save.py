@@ -27,6 +27,13 @@ __all__ = ["atomic_path", "check_output", "output_format", "save_checkpoint", "w
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; rename it onto ``target`` when the block succeeds."""
     target = Path(target)
+    if target.is_dir():
+        raise UsageError(f"{target}: is a directory; give a file name")
+    if target.exists() and not target.is_file():
+        # A device or a pipe (-o /dev/null, /dev/stdout): write straight to it; renaming a
+        # temporary file over it would replace the device itself.
+        yield target
+        return
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".wcond-tmp", dir=target.parent)
     os.close(fd)
