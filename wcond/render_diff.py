@@ -77,7 +77,7 @@ def render_diff_table(d: DiffReport, console: Console) -> None:
             table.add_row(f"  {metric}", *_cells(m), style=_style(metric, m) or None)
     console.print(table)
     console.print(
-        f"{len(d.layers)} layers in both ({len(d.shape_changes)} with a new shape), "
+        f"{len(d.layers)} layer{'s' if len(d.layers) != 1 else ''} in both ({len(d.shape_changes)} with a new shape), "
         f"{len(d.only_a)} only in A, {len(d.only_b)} only in B; change = B - A, rel = change / |A|",
         highlight=False,
     )
