@@ -101,13 +101,13 @@ class Checkpoint:
 
     @property
     def num_bytes(self) -> int:
-        return sum(i.numel * _itemsize(i.dtype) for i in self._infos.values())
+        return sum(i.numel * i.dtype.itemsize for i in self._infos.values())
 
     # -- internals
     def _torch_tensors(self, file: Path) -> dict[str, torch.Tensor]:
         if self._torch_cache is None or self._torch_cache[0] != file:
             obj = _torch_load(file)
-            root, tensors = _state_dict_of(obj, file)
+            _, tensors = _state_dict_of(obj, file)
             self._torch_cache = (file, tensors)
         return self._torch_cache[1]
 
@@ -324,7 +324,3 @@ def _reading(file: Path) -> Iterator[None]:
     except (SafetensorError, OSError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({msg})") from e
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
