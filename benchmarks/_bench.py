@@ -44,7 +44,9 @@ def time_call(fn: Callable[[], object], repeat: int, warmup: int = 1) -> Timing:
     return Timing(runs)
 
 
-def time_processes(cmds: dict[str, Sequence[str]], repeat: int, envs: dict[str, dict[str, str]] | None = None) -> dict[str, Timing]:
+def time_processes(
+    cmds: dict[str, Sequence[str]], repeat: int, envs: dict[str, dict[str, str]] | None = None
+) -> dict[str, Timing]:
     """Time whole processes (interpreter start, imports, work, exit), output discarded.
 
     The commands take turns, round after round, so a burst of load from elsewhere on the machine
@@ -54,10 +56,21 @@ def time_processes(cmds: dict[str, Sequence[str]], repeat: int, envs: dict[str, 
     for _ in range(repeat):
         for label, cmd in cmds.items():
             t = time.perf_counter()
-            done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=(envs or {}).get(label), cwd=ROOT)
+            done = subprocess.run(
+                cmd,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                env=(envs or {}).get(label),
+                cwd=ROOT,
+            )
             runs[label].append(time.perf_counter() - t)
-            if done.returncode not in (0, 1):  # wcond exits 1 when a gate trips; anything else is a failure
-                sys.exit(f"failed ({done.returncode}): {' '.join(cmd)}\n{done.stderr.decode()[-2000:]}")
+            if done.returncode not in (
+                0,
+                1,
+            ):  # wcond exits 1 when a gate trips; anything else is a failure
+                sys.exit(
+                    f"failed ({done.returncode}): {' '.join(cmd)}\n{done.stderr.decode()[-2000:]}"
+                )
     return {label: Timing(r) for label, r in runs.items()}
 
 
@@ -74,7 +87,9 @@ class Measured:
 def time_v(cmd: Sequence[str]) -> Measured:
     """Run ``cmd`` under GNU time -v: wall clock (perf_counter) and peak resident memory."""
     t = time.perf_counter()
-    done = subprocess.run(["/usr/bin/time", "-v", *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
+    done = subprocess.run(
+        ["/usr/bin/time", "-v", *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT
+    )
     wall = time.perf_counter() - t
     err = done.stderr.decode()
     if done.returncode not in (0, 1):

@@ -49,7 +49,9 @@ def literal_block(w: torch.Tensor, a: slice, b: slice) -> torch.Tensor:
     return y.square_().reshape(ni, cin, nj, -1).sum(dim=(1, 3))
 
 
-def literal_pairs(w: torch.Tensor, block: int, max_blocks: int | None) -> tuple[torch.Tensor, torch.Tensor, int, int, float]:
+def literal_pairs(
+    w: torch.Tensor, block: int, max_blocks: int | None
+) -> tuple[torch.Tensor, torch.Tensor, int, int, float]:
     """Literal pair terms over the upper triangle, block by block.
 
     Returns (pair matrix, mask of the pairs computed, blocks done, blocks in all, seconds).
@@ -76,12 +78,18 @@ def rel(a: float, b: float) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--out", type=int, default=256, help="filters of the compared layer")
-    ap.add_argument("--in", dest="cin", type=int, default=256, help="input channels of the compared layer")
+    ap.add_argument(
+        "--in", dest="cin", type=int, default=256, help="input channels of the compared layer"
+    )
     ap.add_argument("--k", type=int, default=3, help="kernel size")
     ap.add_argument("--block", type=int, default=16, help="filters per literal conv2d block")
-    ap.add_argument("--blocks", type=int, default=6, help="literal blocks to time (then extrapolated)")
+    ap.add_argument(
+        "--blocks", type=int, default=6, help="literal blocks to time (then extrapolated)"
+    )
     ap.add_argument("--full", action="store_true", help="run the whole literal triangle")
     ap.add_argument("--repeat", type=int, default=5, help="timed calls of the fast version")
     ap.add_argument("--no-scaling", action="store_true", help="skip the scaling table")
@@ -89,7 +97,9 @@ def main() -> None:
 
     print(f"machine: {machine()}; load average at start {load_average()}\n")
     torch.manual_seed(0)
-    w = torch.randn(args.out, args.cin, args.k, args.k) * math.sqrt(2 / (args.cin * args.k * args.k))
+    w = torch.randn(args.out, args.cin, args.k, args.k) * math.sqrt(
+        2 / (args.cin * args.k * args.k)
+    )
 
     fast = time_call(lambda: metrics.conv_similarity(w), args.repeat)
     cs_fast = float(metrics.conv_similarity(w))
@@ -97,17 +107,27 @@ def main() -> None:
     r = metrics.autocorrelation_sums(w).reshape(args.out, -1).double()
     gram = r @ r.T
 
-    pairs, mask, done, total, seconds = literal_pairs(w, args.block, None if args.full else args.blocks)
+    pairs, mask, done, total, seconds = literal_pairs(
+        w, args.block, None if args.full else args.blocks
+    )
     lit_pairs, fast_pairs = pairs[mask].double(), gram[mask]
     max_pair_rel = float(((lit_pairs - fast_pairs).abs() / fast_pairs.abs()).max())
     subset_rel = rel(float(lit_pairs.sum()), float(fast_pairs.sum()))
     literal_s = seconds * total / done
     shape = f"{args.out}x{args.cin}x{args.k}x{args.k}"
-    how = "measured (all blocks)" if done == total else f"extrapolated from {done} of {total} blocks ({seconds:.1f} s)"
+    how = (
+        "measured (all blocks)"
+        if done == total
+        else f"extrapolated from {done} of {total} blocks ({seconds:.1f} s)"
+    )
 
     print(f"\n### Convolutional Similarity, {shape} (float32)\n")
     rows = [
-        ["wcond.metrics.conv_similarity", f"{fast.median * 1e3:.1f} ms (min {fast.min * 1e3:.1f})", f"median of {args.repeat}"],
+        [
+            "wcond.metrics.conv_similarity",
+            f"{fast.median * 1e3:.1f} ms (min {fast.min * 1e3:.1f})",
+            f"median of {args.repeat}",
+        ],
         ["literal, conv2d per filter pair and channel pair", f"{literal_s:.0f} s", how],
         ["ratio literal / wcond", f"{literal_s / fast.median:,.0f}x", ""],
     ]
@@ -117,18 +137,28 @@ def main() -> None:
         f"{max_pair_rel:.1e}, of their sum {subset_rel:.1e}"
     )
     if done == total:
-        print(f"CS literal {float(lit_pairs.sum()):.6e} vs wcond {cs_fast:.6e}: relative difference {rel(float(lit_pairs.sum()), cs_fast):.1e}")
+        print(
+            f"CS literal {float(lit_pairs.sum()):.6e} vs wcond {cs_fast:.6e}: relative difference {rel(float(lit_pairs.sum()), cs_fast):.1e}"
+        )
 
     if not args.no_scaling:
-        print(f"\n### Scaling of wcond.metrics.conv_similarity (k={args.k}, median of {args.repeat})\n")
+        print(
+            f"\n### Scaling of wcond.metrics.conv_similarity (k={args.k}, median of {args.repeat})\n"
+        )
         rows = []
         for cin_of in (lambda out: 256, lambda out: out):
             for out in (64, 128, 256, 512, 1024):
                 cin = cin_of(out)
                 x = torch.randn(out, cin, args.k, args.k)
                 t = time_call(lambda x=x: metrics.conv_similarity(x), args.repeat)
-                rows.append([f"{out}x{cin}x{args.k}x{args.k}", out * cin, f"{t.median * 1e3:.2f}",
-                             f"{t.median / (out * cin) * 1e9:.0f}"])  # fmt: skip
+                rows.append(
+                    [
+                        f"{out}x{cin}x{args.k}x{args.k}",
+                        out * cin,
+                        f"{t.median * 1e3:.2f}",
+                        f"{t.median / (out * cin) * 1e9:.0f}",
+                    ]
+                )
         print(table(["shape", "out x in", "ms", "ns per (out x in)"], rows))
     print(f"\nload average at end {load_average()}")
 

@@ -92,7 +92,8 @@ def time_per_call(fn, repeats: int) -> float:
 
 def fast_seconds(weights: list[torch.Tensor], repeats: int, channels_last: bool) -> float:
     params = [
-        (w.movedim(1, -1).contiguous() if channels_last else w.clone()).requires_grad_() for w in weights
+        (w.movedim(1, -1).contiguous() if channels_last else w.clone()).requires_grad_()
+        for w in weights
     ]
 
     def step() -> None:
@@ -106,7 +107,9 @@ def fast_seconds(weights: list[torch.Tensor], repeats: int, channels_last: bool)
 def literal_pairs_loss(w: torch.Tensor, i: int, js: range) -> torch.Tensor:
     """sum over j in js, c1, c2 of ||K_i[c1] * K_j[c2]||^2, full cross-correlation by conv2d."""
     _, cin, kh, kw = w.shape
-    images = w[js.start : js.stop].reshape(-1, 1, kh, kw)  # every channel of every K_j: a 1-channel image
+    images = w[js.start : js.stop].reshape(
+        -1, 1, kh, kw
+    )  # every channel of every K_j: a 1-channel image
     filters = w[i].reshape(cin, 1, kh, kw)  # every channel of K_i: one output channel
     xcorr = F.conv2d(images, filters, padding=(kh - 1, kw - 1))  # (|js| * cin, cin, 2kh-1, 2kw-1)
     return xcorr.pow(2).sum()
@@ -132,7 +135,9 @@ def check_literal_matches(weights: list[torch.Tensor]) -> float:
     worst = 0.0
     for w in weights:
         sub = w[:6, :5].double()
-        lit = sum(literal_pairs_loss(sub, i, range(i + 1, sub.shape[0])) for i in range(sub.shape[0] - 1))
+        lit = sum(
+            literal_pairs_loss(sub, i, range(i + 1, sub.shape[0])) for i in range(sub.shape[0] - 1)
+        )
         fast = metrics.conv_similarity(sub)
         worst = max(worst, abs(float(fast) - float(lit)) / float(lit))
     return worst
@@ -141,15 +146,39 @@ def check_literal_matches(weights: list[torch.Tensor]) -> float:
 def run_cli(src: Path, iterations: int, env_extra: dict[str, str]) -> dict:
     """Time one whole ``wcond init-cs`` process; its JSON summary gives the loop's share and the CS totals."""
     out = src.with_name("resnet18_cs.pt")
-    cmd = [sys.executable, "-m", "wcond", "init-cs", str(src), "-o", str(out), "--iterations", str(iterations),
-           "--device", "cpu", "--seed", "0", "--format", "json", "--force"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "wcond",
+        "init-cs",
+        str(src),
+        "-o",
+        str(out),
+        "--iterations",
+        str(iterations),
+        "--device",
+        "cpu",
+        "--seed",
+        "0",
+        "--format",
+        "json",
+        "--force",
+    ]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, **env_extra})
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, check=True, env={**os.environ, **env_extra}
+    )
     wall = time.perf_counter() - start
     doc = json.loads(proc.stdout)
     env = " ".join(f"{k}={v}" for k, v in env_extra.items())
     command = " ".join([env, "wcond", *cmd[3:]]).strip().replace(str(src.parent) + os.sep, "")
-    return {"wall": wall, "loop": doc["seconds"], "cs_before": doc["cs_before"], "cs_after": doc["cs_after"], "command": command}
+    return {
+        "wall": wall,
+        "loop": doc["seconds"],
+        "cs_before": doc["cs_before"],
+        "cs_after": doc["cs_after"],
+        "command": command,
+    }
 
 
 # The whole-process runs: torch's defaults, then the two settings that avoid OpenMP's busy-waiting
@@ -160,16 +189,22 @@ CLI_ENVS = [{}, {"OMP_WAIT_POLICY": "PASSIVE"}, {"OMP_NUM_THREADS": "1"}]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--iterations", type=int, default=500)
-    ap.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (median reported)")
+    ap.add_argument(
+        "--repeats", type=int, default=5, help="timed calls per measurement (median reported)"
+    )
     ap.add_argument("--skip-cli", action="store_true", help="skip the 500-iteration init-cs run")
     args = ap.parse_args()
 
     sd = resnet18_state_dict()
     weights = conv_weights(sd)
     n_conv = sum(w.numel() for w in weights)
-    print(f"## init-cs benchmark: ResNet-18-shaped checkpoint ({len(weights)} conv weights, {n_conv:,} conv parameters)\n")
-    print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at start.\n")  # fmt: skip
+    print(
+        f"## init-cs benchmark: ResNet-18-shaped checkpoint ({len(weights)} conv weights, {n_conv:,} conv parameters)\n"
+    )
+    print(
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at start.\n"
+    )
 
     mismatch = check_literal_matches(weights)
     fast_std = fast_seconds(weights, args.repeats, channels_last=False)
@@ -194,15 +229,25 @@ def main() -> None:
     print("|---|---:|")
     print(f"| fast `metrics.conv_similarity`, stored layout | {fast_std:.4f} |")
     print(f"| fast, channels-last (init-cs's float32 copies) | {fast_cl:.4f} |")
-    print(f"| fast, FFT route forced (taken by kernels over {gram_max_taps} taps) | {fast_fft:.4f} |")
-    print(f"| literal pairwise eq. 10 (conv2d per channel pair), extrapolated | {literal_total:,.0f} |")
-    print(f"\nspeed-up: {literal_total / fast_std:,.0f}x (stored layout). Fast and literal agree to "
-          f"{mismatch:.1e} relative on 6-filter x 5-channel slices of every layer (float64).\n")  # fmt: skip
-    print("Literal extrapolation per layer shape (timed on filter pairs (0, j), j = 1..batch; every pair costs the same):\n")
+    print(
+        f"| fast, FFT route forced (taken by kernels over {gram_max_taps} taps) | {fast_fft:.4f} |"
+    )
+    print(
+        f"| literal pairwise eq. 10 (conv2d per channel pair), extrapolated | {literal_total:,.0f} |"
+    )
+    print(
+        f"\nspeed-up: {literal_total / fast_std:,.0f}x (stored layout). Fast and literal agree to "
+        f"{mismatch:.1e} relative on 6-filter x 5-channel slices of every layer (float64).\n"
+    )
+    print(
+        "Literal extrapolation per layer shape (timed on filter pairs (0, j), j = 1..batch; every pair costs the same):\n"
+    )
     print("| shape | layers | pairs per layer | timed pairs | s / pair | s / iteration |")
     print("|---|---:|---:|---:|---:|---:|")
     for shape, count, pairs, batch, per_pair, total in rows:
-        print(f"| {'x'.join(map(str, shape))} | {count} | {pairs:,} | {batch} | {per_pair:.2e} | {total:,.1f} |")
+        print(
+            f"| {'x'.join(map(str, shape))} | {count} | {pairs:,} | {batch} | {per_pair:.2e} | {total:,.1f} |"
+        )
 
     if not args.skip_cli:
         print(f"\nWhole `wcond init-cs` process, {args.iterations} iterations, Adam lr 1e-3:\n")
@@ -213,8 +258,11 @@ def main() -> None:
             torch.save(sd, src)
             for env in CLI_ENVS:
                 r = run_cli(src, args.iterations, env)
-                print(f"| `{r['command']}` | {r['wall']:.1f} | {r['loop']:.1f} | {r['loop'] / args.iterations:.3f} | "
-                      f"{r['cs_before']:.4g} -> {r['cs_after']:.4g} |", flush=True)  # fmt: skip
+                print(
+                    f"| `{r['command']}` | {r['wall']:.1f} | {r['loop']:.1f} | {r['loop'] / args.iterations:.3f} | "
+                    f"{r['cs_before']:.4g} -> {r['cs_after']:.4g} |",
+                    flush=True,
+                )
     print(f"\nload average at end {os.getloadavg()[0]:.1f}")
 
 

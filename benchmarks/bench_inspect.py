@@ -89,7 +89,9 @@ class Bottleneck(nn.Module):
 class ResNet(nn.Module):
     """torchvision's ResNet, same state-dict keys and shapes (torchvision is not installed here)."""
 
-    def __init__(self, block: type[BasicBlock] | type[Bottleneck], depths: list[int], classes: int = 1000):
+    def __init__(
+        self, block: type[BasicBlock] | type[Bottleneck], depths: list[int], classes: int = 1000
+    ):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
@@ -159,27 +161,50 @@ def bench_resnet50(repeat: int) -> None:
     one_thread_label = "OMP_NUM_THREADS=1 wcond inspect path -f json > /dev/null"
     runs = {
         "python -c 'import torch'": [py, "-c", "import torch"],
-        "python -c 'import torch; torch.load(path)'": [py, "-c", f"import torch; torch.load({rel!r})"],
+        "python -c 'import torch; torch.load(path)'": [
+            py,
+            "-c",
+            f"import torch; torch.load({rel!r})",
+        ],
         wcond_label: [*wcond_cmd(), "inspect", rel, "-f", "json"],
         one_thread_label: [*wcond_cmd(), "inspect", rel, "-f", "json"],
     }
     # What the second core buys (wcond already sets OMP_WAIT_POLICY=PASSIVE unless the user chose).
-    whole = time_processes(runs, repeat, envs={one_thread_label: dict(os.environ, OMP_NUM_THREADS="1")})
+    whole = time_processes(
+        runs, repeat, envs={one_thread_label: dict(os.environ, OMP_NUM_THREADS="1")}
+    )
     bare = whole["python -c 'import torch; torch.load(path)'"].median
     in_proc = {
         "torch.load(path)": time_call(lambda: torch.load(path), repeat),
-        "wcond.open_checkpoint(path) (load only)": time_call(lambda: wcond.open_checkpoint(path), repeat),
+        "wcond.open_checkpoint(path) (load only)": time_call(
+            lambda: wcond.open_checkpoint(path), repeat
+        ),
         "wcond.inspect(path)": time_call(lambda: wcond.inspect(path), repeat),
     }
-    print(f"\n### ResNet-50-shaped fp32 checkpoint ({params / 1e6:.1f}M params, "
-          f"{path.stat().st_size / 2**20:.0f} MiB, {len(sd)} tensors), {repeat} runs each\n")  # fmt: skip
-    rows = [[f"`{label}`", f"{t.median:.2f}", f"{t.min:.2f}", f"{t.median / bare:.2f}x"] for label, t in whole.items()]
-    rows += [[f"in process: `{label}`", f"{t.median:.3f}", f"{t.min:.3f}", ""] for label, t in in_proc.items()]
+    print(
+        f"\n### ResNet-50-shaped fp32 checkpoint ({params / 1e6:.1f}M params, "
+        f"{path.stat().st_size / 2**20:.0f} MiB, {len(sd)} tensors), {repeat} runs each\n"
+    )
+    rows = [
+        [f"`{label}`", f"{t.median:.2f}", f"{t.min:.2f}", f"{t.median / bare:.2f}x"]
+        for label, t in whole.items()
+    ]
+    rows += [
+        [f"in process: `{label}`", f"{t.median:.3f}", f"{t.min:.3f}", ""]
+        for label, t in in_proc.items()
+    ]
     print(table(["whole process (s)", "median", "min", "vs bare load"], rows))
     ratio = whole[wcond_label].median / bare
     # Rounds ran back to back, so each round's ratio compares runs made under the same load.
-    paired = statistics.median(w / b for w, b in zip(whole[wcond_label].runs, whole["python -c 'import torch; torch.load(path)'"].runs))
-    print(f"\ntarget wcond <= 2x bare load: {ratio:.2f}x (median of per-round ratios {paired:.2f}x) -> {'met' if ratio <= 2 else 'MISSED'}")
+    paired = statistics.median(
+        w / b
+        for w, b in zip(
+            whole[wcond_label].runs, whole["python -c 'import torch; torch.load(path)'"].runs
+        )
+    )
+    print(
+        f"\ntarget wcond <= 2x bare load: {ratio:.2f}x (median of per-round ratios {paired:.2f}x) -> {'met' if ratio <= 2 else 'MISSED'}"
+    )
 
 
 # --------------------------------------------------------------------------- b: TinyLlama-shaped sharded fp16
@@ -239,7 +264,9 @@ def tinyllama_checkpoint(shard_bytes: int = 10**9) -> Path:
         save_file(tensors, str(root / name), metadata={"format": "pt"})
         del tensors
         print(f"wrote {root / name} ({time.perf_counter() - t:.0f} s)", flush=True)
-    index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    index.write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
     return root
 
 
@@ -249,19 +276,35 @@ def bench_tinyllama() -> None:
     out.unlink(missing_ok=True)
     files = sorted(root.glob("*.safetensors"))
     params = sum(math.prod(s) for _, s in tinyllama_shapes())
-    cmd = [*wcond_cmd(), "inspect", str(root.relative_to(ROOT)), "-f", "json", "-o", str(out.relative_to(ROOT))]
+    cmd = [
+        *wcond_cmd(),
+        "inspect",
+        str(root.relative_to(ROOT)),
+        "-f",
+        "json",
+        "-o",
+        str(out.relative_to(ROOT)),
+    ]
     m = time_v(cmd)
     report = json.loads(out.read_text())
-    print(f"\n### TinyLlama-shaped fp16 checkpoint ({params / 1e9:.3f}B params, {len(files)} shards, "
-          f"{sum(f.stat().st_size for f in files) / 2**30:.2f} GiB), one run under /usr/bin/time -v\n")  # fmt: skip
-    rows = [[
-        "`wcond inspect benchmarks/_data/tinyllama -f json -o benchmarks/_data/tinyllama_report.json`",
-        f"{m.wall_s:.1f}", f"{m.user_s:.0f} + {m.sys_s:.0f}", f"{m.max_rss_mb / 1024:.2f}",
-        len(report["layers"]),
-    ]]  # fmt: skip
+    print(
+        f"\n### TinyLlama-shaped fp16 checkpoint ({params / 1e9:.3f}B params, {len(files)} shards, "
+        f"{sum(f.stat().st_size for f in files) / 2**30:.2f} GiB), one run under /usr/bin/time -v\n"
+    )
+    rows = [
+        [
+            "`wcond inspect benchmarks/_data/tinyllama -f json -o benchmarks/_data/tinyllama_report.json`",
+            f"{m.wall_s:.1f}",
+            f"{m.user_s:.0f} + {m.sys_s:.0f}",
+            f"{m.max_rss_mb / 1024:.2f}",
+            len(report["layers"]),
+        ]
+    ]
     print(table(["command", "wall (s)", "user + sys CPU (s)", "peak RSS (GiB)", "layers"], rows))
     ok_t, ok_m = m.wall_s < 300, m.max_rss_mb < 3 * 1024
-    print(f"\ntargets: wall < 300 s {'met' if ok_t else 'MISSED'}; peak RSS < 3 GB {'met' if ok_m else 'MISSED'}")
+    print(
+        f"\ntargets: wall < 300 s {'met' if ok_t else 'MISSED'}; peak RSS < 3 GB {'met' if ok_m else 'MISSED'}"
+    )
 
 
 # --------------------------------------------------------------------------- c: one large embedding
@@ -291,11 +334,15 @@ def bench_embedding() -> None:
         f"`wcond inspect {rel} -f json > /dev/null`": [*wcond_cmd(), "inspect", rel, "-f", "json"],
     }
     n = 32000
-    print(f"\n### 32000 x 4096 fp32 embedding ({path.stat().st_size / 2**20:.0f} MiB), one run each under /usr/bin/time -v\n")
+    print(
+        f"\n### 32000 x 4096 fp32 embedding ({path.stat().st_size / 2**20:.0f} MiB), one run each under /usr/bin/time -v\n"
+    )
     rows = []
     for label, cmd in runs.items():
         m = time_v(cmd)
-        rows.append([label, f"{m.wall_s:.1f}", f"{m.user_s:.0f} + {m.sys_s:.0f}", f"{m.max_rss_mb:.0f}"])
+        rows.append(
+            [label, f"{m.wall_s:.1f}", f"{m.user_s:.0f} + {m.sys_s:.0f}", f"{m.max_rss_mb:.0f}"]
+        )
     print(table(["command", "wall (s)", "user + sys CPU (s)", "peak RSS (MiB)"], rows))
     print(f"\nthe full {n} x {n} fp32 cosine matrix alone would take {n * n * 4 / 2**20:.0f} MiB")
 
@@ -335,18 +382,27 @@ def ww_inner(path: Path, repeat: int) -> None:
     model = resnet("resnet18")
     model.load_state_dict(torch.load(path))
     sd = model.state_dict()
-    details = ww.WeightWatcher(model=model).analyze()  # the untimed warm-up calls, kept for their output
+    details = ww.WeightWatcher(
+        model=model
+    ).analyze()  # the untimed warm-up calls, kept for their output
     report = wcond.inspect(sd)
     timings = {
-        "ww.WeightWatcher(model=model).analyze()": time_call(lambda: ww.WeightWatcher(model=model).analyze(), repeat, 0),
+        "ww.WeightWatcher(model=model).analyze()": time_call(
+            lambda: ww.WeightWatcher(model=model).analyze(), repeat, 0
+        ),
         "wcond.inspect(model.state_dict())": time_call(lambda: wcond.inspect(sd), repeat, 0),
         "wcond.inspect(path)": time_call(lambda: wcond.inspect(path), repeat),
     }
-    print(json.dumps({
-        "ww_layers": len(details), "ww_columns": [c for c in details.columns],
-        "wcond_layers": len(report.layers),
-        "timings": {k: t.runs for k, t in timings.items()},
-    }))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "ww_layers": len(details),
+                "ww_columns": [c for c in details.columns],
+                "wcond_layers": len(report.layers),
+                "timings": {k: t.runs for k, t in timings.items()},
+            }
+        )
+    )
 
 
 def bench_weightwatcher(repeat: int) -> None:
@@ -355,30 +411,56 @@ def bench_weightwatcher(repeat: int) -> None:
     rel = str(path.relative_to(ROOT))
     me = str(Path(__file__).relative_to(ROOT))
     versions = subprocess.run(
-        [py, "-c", "import torch, weightwatcher, numpy; print(torch.__version__, weightwatcher.__version__, numpy.__version__)"],
-        capture_output=True, text=True, check=True,
-    ).stdout.split()  # fmt: skip
+        [
+            py,
+            "-c",
+            "import torch, weightwatcher, numpy; print(torch.__version__, weightwatcher.__version__, numpy.__version__)",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     whole = time_processes(
         {
-            f"`python {me} ww-analyze {rel}` (build model, load, analyze())": [py, me, "ww-analyze", rel],
-            f"`wcond inspect {rel} -f json > /dev/null`": [*wcond_cmd(py), "inspect", rel, "-f", "json"],
+            f"`python {me} ww-analyze {rel}` (build model, load, analyze())": [
+                py,
+                me,
+                "ww-analyze",
+                rel,
+            ],
+            f"`wcond inspect {rel} -f json > /dev/null`": [
+                *wcond_cmd(py),
+                "inspect",
+                rel,
+                "-f",
+                "json",
+            ],
         },
         repeat,
     )
-    done = subprocess.run([py, me, "ww-inner", rel, "--repeat", str(repeat)], capture_output=True, text=True)
+    done = subprocess.run(
+        [py, me, "ww-inner", rel, "--repeat", str(repeat)], capture_output=True, text=True
+    )
     if done.returncode:
         sys.exit(f"in-process WeightWatcher run failed:\n{done.stderr[-3000:]}")
     inner = json.loads(done.stdout.strip().splitlines()[-1])
-    print(f"\n### WeightWatcher {versions[1]} vs wcond, ResNet-18-shaped fp32 checkpoint "
-          f"(torch {versions[0]}, numpy {versions[2]}, both in benchmarks/_venv_ww), {repeat} runs each\n")  # fmt: skip
+    print(
+        f"\n### WeightWatcher {versions[1]} vs wcond, ResNet-18-shaped fp32 checkpoint "
+        f"(torch {versions[0]}, numpy {versions[2]}, both in benchmarks/_venv_ww), {repeat} runs each\n"
+    )
     med = {k: sorted(v)[len(v) // 2] for k, v in inner["timings"].items()}
     rows = [[label, f"{t.median:.2f}", f"{t.min:.2f}"] for label, t in whole.items()]
-    rows += [[f"in process: `{k}`", f"{med[k]:.3f}", f"{min(v):.3f}"] for k, v in inner["timings"].items()]
+    rows += [
+        [f"in process: `{k}`", f"{med[k]:.3f}", f"{min(v):.3f}"]
+        for k, v in inner["timings"].items()
+    ]
     print(table(["run", "median (s)", "min (s)"], rows))
     w_whole, c_whole = (t.median for t in whole.values())
     w_in = med["ww.WeightWatcher(model=model).analyze()"]
     c_in = med["wcond.inspect(model.state_dict())"]
-    print(f"\nratio WeightWatcher / wcond: whole process {w_whole / c_whole:.1f}x, in process (analyze() vs inspect(state_dict)) {w_in / c_in:.1f}x")
+    print(
+        f"\nratio WeightWatcher / wcond: whole process {w_whole / c_whole:.1f}x, in process (analyze() vs inspect(state_dict)) {w_in / c_in:.1f}x"
+    )
     print(f"layers analyzed: WeightWatcher {inner['ww_layers']}, wcond {inner['wcond_layers']}")
     print(f"WeightWatcher columns: {', '.join(inner['ww_columns'])}")
 
@@ -388,8 +470,13 @@ def bench_weightwatcher(repeat: int) -> None:
 
 def clean() -> None:
     """Delete the large generated checkpoints (the scripts regenerate them)."""
-    for p in (DATA / "tinyllama", DATA / "embedding_32000x4096.safetensors", DATA / "tinyllama_report.json",
-              DATA / "resnet50.pt", DATA / "resnet18.pt"):  # fmt: skip
+    for p in (
+        DATA / "tinyllama",
+        DATA / "embedding_32000x4096.safetensors",
+        DATA / "tinyllama_report.json",
+        DATA / "resnet50.pt",
+        DATA / "resnet18.pt",
+    ):
         if p.is_dir():
             shutil.rmtree(p)
         else:
@@ -397,12 +484,29 @@ def clean() -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["resnet50", "tinyllama", "embedding", "weightwatcher", "all", "clean",
-                                     "ww-analyze", "ww-inner"])  # fmt: skip
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "what",
+        choices=[
+            "resnet50",
+            "tinyllama",
+            "embedding",
+            "weightwatcher",
+            "all",
+            "clean",
+            "ww-analyze",
+            "ww-inner",
+        ],
+    )
     ap.add_argument("path", nargs="?", help=argparse.SUPPRESS)  # for the ww-* children
-    ap.add_argument("--repeat", type=int, default=5, help="runs per timing (median and min reported)")
-    ap.add_argument("--clean", action="store_true", help="delete the generated checkpoints afterwards")
+    ap.add_argument(
+        "--repeat", type=int, default=5, help="runs per timing (median and min reported)"
+    )
+    ap.add_argument(
+        "--clean", action="store_true", help="delete the generated checkpoints afterwards"
+    )
     args = ap.parse_args()
     if args.what == "ww-analyze":
         ww_analyze(Path(args.path))

@@ -52,7 +52,10 @@ def child(name: str, device_name: str) -> dict[str, object]:
         if k < PLANTED:  # exactly (anti-)parallel
             w[b] = (-1.5 if k % 2 else 0.5) * w[a]
         else:  # near-parallel: relative noise 1e-4..1e-3, so 1 - cos ~ 1e-8..1e-6 and D_euc < 0.1
-            w[b] = 0.8 * w[a] + 1e-4 * (1 + 3 * (k % 4)) * w[a].norm() * torch.randn(d, generator=g) / d**0.5
+            w[b] = (
+                0.8 * w[a]
+                + 1e-4 * (1 + 3 * (k % 4)) * w[a].norm() * torch.randn(d, generator=g) / d**0.5
+            )
     w = w.to(device)
     _sync(device)
     data_rss = _rss_mib()
@@ -68,10 +71,17 @@ def child(name: str, device_name: str) -> dict[str, object]:
     _sync(device)
     fuse_s = time.perf_counter() - t
     out: dict[str, object] = {
-        "case": name, "device": str(device), "pairs": len(pairs), "fused": grouping.fused,
-        "search_s": round(search_s, 2), "fuse_s": round(fuse_s, 2), "data_mib": round(w.numel() * 4 / 2**20),
-        "rss_data_mib": round(data_rss), "rss_search_mib": round(search_rss), "rss_peak_mib": round(_rss_mib()),
-    }  # fmt: skip
+        "case": name,
+        "device": str(device),
+        "pairs": len(pairs),
+        "fused": grouping.fused,
+        "search_s": round(search_s, 2),
+        "fuse_s": round(fuse_s, 2),
+        "data_mib": round(w.numel() * 4 / 2**20),
+        "rss_data_mib": round(data_rss),
+        "rss_search_mib": round(search_rss),
+        "rss_peak_mib": round(_rss_mib()),
+    }
     if device.type == "cuda":
         out["gpu_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
     return out
@@ -80,23 +90,34 @@ def child(name: str, device_name: str) -> dict[str, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--case", choices=list(CASES), help="run one case in this process (used by the parent)")
+    parser.add_argument(
+        "--case", choices=list(CASES), help="run one case in this process (used by the parent)"
+    )
     args = parser.parse_args()
     if args.case:
         print(json.dumps(child(args.case, args.device)))
         return
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, device {args.device}")
+    print(
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, device {args.device}"
+    )
     head = "| case | pairs found | fused | search (s) | search + fuse (s) | data (MiB) | peak RSS: data / after search / after fuse (MiB) |"
     print(head)
     print("|" + "---|" * head.count(" | ") + "---|")
     for name in CASES:
-        proc = subprocess.run([sys.executable, __file__, "--case", name, "--device", args.device], capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--case", name, "--device", args.device],
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode:
             sys.exit(f"{name}: failed\n{proc.stderr}")
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         gpu = f", GPU peak {r['gpu_peak_mib']} MiB" if "gpu_peak_mib" in r else ""
-        print(f"| {name} | {r['pairs']} | {r['fused']} | {r['search_s']} | {r['fuse_s']} | {r['data_mib']} | "
-              f"{r['rss_data_mib']} / {r['rss_search_mib']} / {r['rss_peak_mib']}{gpu} |", flush=True)  # fmt: skip
+        print(
+            f"| {name} | {r['pairs']} | {r['fused']} | {r['search_s']} | {r['fuse_s']} | {r['data_mib']} | "
+            f"{r['rss_data_mib']} / {r['rss_search_mib']} / {r['rss_peak_mib']}{gpu} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

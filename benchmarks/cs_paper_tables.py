@@ -61,6 +61,7 @@ default reading is therefore rows = (3 Adam, 3 SGD, 9 Adam, 9 SGD, 16 Adam,
 hyper-parameters of the first row pair, and show beside N=2/Adam and N=5/SGD the
 paper's rows 1 and 2 under the literal reading, marked "lit".
 """
+
 from __future__ import annotations
 
 import argparse
@@ -95,17 +96,33 @@ M = 64  # input length (paper: fixed M = 64)
 # extracted.  Row -> (N, optimizer) is decided by PAPER_ROW_OF below.
 # --------------------------------------------------------------------------
 PAPER_ROWS = {  # row: (printed N label, optimizer)
-    1: ("2", "adam"), 2: ("5", "sgd"), 3: ("9", "adam"),
-    4: ("", "sgd"), 5: ("16", "adam"), 6: ("", "sgd"),
+    1: ("2", "adam"),
+    2: ("5", "sgd"),
+    3: ("9", "adam"),
+    4: ("", "sgd"),
+    5: ("16", "adam"),
+    6: ("", "sgd"),
 }
 # Table 1 (Section 3.1): minimizing kernel similarity <K1,K2>^2.
 PAPER_TABLE1 = {  # row: corr mean, corr std, red. freq %, dec mean, dec std, inc mean, inc std
-    1: dict(corr=0.67, corr_sd=0.28, freq=91.8, dec=92.95, dec_sd=15.24, inc=14.12e3, inc_sd=71.12e3),
-    2: dict(corr=0.35, corr_sd=0.85, freq=67.5, dec=78.75, dec_sd=24.71, inc=13.82e4, inc_sd=10.60e5),
-    3: dict(corr=0.54, corr_sd=0.33, freq=82.0, dec=86.12, dec_sd=21.14, inc=17.52e4, inc_sd=20.85e5),
-    4: dict(corr=0.25, corr_sd=0.87, freq=60.7, dec=67.82, dec_sd=29.42, inc=55.76e4, inc_sd=87.15e5),
-    5: dict(corr=0.47, corr_sd=0.36, freq=77.6, dec=81.88, dec_sd=23.48, inc=17.10e4, inc_sd=20.50e5),
-    6: dict(corr=0.54, corr_sd=0.33, freq=71.6, dec=69.84, dec_sd=28.19, inc=97.62e2, inc_sd=74.75e3),
+    1: dict(
+        corr=0.67, corr_sd=0.28, freq=91.8, dec=92.95, dec_sd=15.24, inc=14.12e3, inc_sd=71.12e3
+    ),
+    2: dict(
+        corr=0.35, corr_sd=0.85, freq=67.5, dec=78.75, dec_sd=24.71, inc=13.82e4, inc_sd=10.60e5
+    ),
+    3: dict(
+        corr=0.54, corr_sd=0.33, freq=82.0, dec=86.12, dec_sd=21.14, inc=17.52e4, inc_sd=20.85e5
+    ),
+    4: dict(
+        corr=0.25, corr_sd=0.87, freq=60.7, dec=67.82, dec_sd=29.42, inc=55.76e4, inc_sd=87.15e5
+    ),
+    5: dict(
+        corr=0.47, corr_sd=0.36, freq=77.6, dec=81.88, dec_sd=23.48, inc=17.10e4, inc_sd=20.50e5
+    ),
+    6: dict(
+        corr=0.54, corr_sd=0.33, freq=71.6, dec=69.84, dec_sd=28.19, inc=97.62e2, inc_sd=74.75e3
+    ),
 }
 # Table 2 (correlation) and Table 3 (frequency / decrease / increase), Section 4.1:
 # minimizing CS (no norm constraint).
@@ -118,11 +135,32 @@ PAPER_TABLE2_3 = {
     6: dict(corr=0.86, corr_sd=0.25, freq=100.0, dec=99.78, dec_sd=3.04, inc=0.0, inc_sd=0.0),
 }
 # Table 7 (kernel-similarity runs) and Table 8 (CS runs): (learning rate, iterations).
-PAPER_TABLE7 = {1: (0.1, 250), 2: (0.1, 250), 3: (0.1, 250), 4: (0.1, 250), 5: (0.1, 250), 6: (0.1, 300)}
-PAPER_TABLE8 = {1: (0.1, 300), 2: (0.2, 350), 3: (0.1, 400), 4: (0.07, 550), 5: (0.2, 450), 6: (0.035, 1500)}
+PAPER_TABLE7 = {
+    1: (0.1, 250),
+    2: (0.1, 250),
+    3: (0.1, 250),
+    4: (0.1, 250),
+    5: (0.1, 250),
+    6: (0.1, 300),
+}
+PAPER_TABLE8 = {
+    1: (0.1, 300),
+    2: (0.2, 350),
+    3: (0.1, 400),
+    4: (0.07, 550),
+    5: (0.2, 450),
+    6: (0.035, 1500),
+}
 
 # Our reading of the rows (see module docstring).
-PAPER_ROW_OF = {(3, "adam"): 1, (3, "sgd"): 2, (9, "adam"): 3, (9, "sgd"): 4, (16, "adam"): 5, (16, "sgd"): 6}
+PAPER_ROW_OF = {
+    (3, "adam"): 1,
+    (3, "sgd"): 2,
+    (9, "adam"): 3,
+    (9, "sgd"): 4,
+    (16, "adam"): 5,
+    (16, "sgd"): 6,
+}
 # Literal reading of the extracted labels, shown for comparison only.
 LITERAL_ROW_OF = {(2, "adam"): 1, (5, "sgd"): 2}
 
@@ -183,8 +221,13 @@ def cs_fast(k: torch.Tensor) -> torch.Tensor:
 def input_autocorr(x: torch.Tensor, n: int) -> torch.Tensor:
     """(X (*) X)[l] = sum_i X[i] X[i+l] for l = 1-N..N-1; x (B, M) -> (B, 2N-1)."""
     m = x.shape[-1]
-    return torch.stack([(x[:, max(0, -l):m - max(0, l)] * x[:, max(0, l):m + min(0, l)]).sum(-1)
-                        for l in range(1 - n, n)], dim=-1)
+    return torch.stack(
+        [
+            (x[:, max(0, -l) : m - max(0, l)] * x[:, max(0, l) : m + min(0, l)]).sum(-1)
+            for l in range(1 - n, n)
+        ],
+        dim=-1,
+    )
 
 
 def fm_similarity_eq3(acorr: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -253,20 +296,25 @@ def check_identities(x: torch.Tensor, k: torch.Tensor, n_check: int = 4) -> str:
             diff = abs(lib_v - ref)
             rel = diff / max(abs(ref), 1e-300)
             ok = rel <= 1e-5 or diff <= tol_abs
-            assert ok, f"wcond.metrics.conv_similarity={lib_v} vs local={ref} (rel {rel:.2e}, abs {diff:.2e})"
+            assert ok, (
+                f"wcond.metrics.conv_similarity={lib_v} vs local={ref} (rel {rel:.2e}, abs {diff:.2e})"
+            )
             if rel <= 1e-5:
                 worst = max(worst, rel)
             else:
                 floor_hits += 1
             if isinstance(lib, torch.Tensor) and lib.requires_grad:  # gradients too, when available
                 (g_lib,) = torch.autograd.grad(lib, w)
-                kk = k[b:b + 1].detach().clone().requires_grad_(True)
+                kk = k[b : b + 1].detach().clone().requires_grad_(True)
                 (g_loc,) = torch.autograd.grad(cs_batched(kk).sum(), kk)
                 g_lib = g_lib.reshape(2, n).to(g_loc.dtype)
                 gerr = ((g_lib - g_loc[0]).norm() / g_loc[0].norm().clamp_min(1e-30)).item()
                 assert gerr <= 1e-5, f"gradient mismatch, rel {gerr:.2e}"
-        msgs.append(f"library==local (max rel {worst:.1e}"
-                    + (f"; {floor_hits} below rounding floor, abs-checked" if floor_hits else "") + ")")
+        msgs.append(
+            f"library==local (max rel {worst:.1e}"
+            + (f"; {floor_hits} below rounding floor, abs-checked" if floor_hits else "")
+            + ")"
+        )
     return ", ".join(msgs)
 
 
@@ -346,8 +394,23 @@ def run_config(n: int, opt: str, exp: str, keep_norm: bool, episodes: int, seed:
         nr = (k.norm(dim=-1) / norms0.squeeze(-1)).prod(-1).sqrt()
     if not ok.all():
         obj, ip, cos, ks = obj[:, ok], ip[:, ok], cos[:, ok], ks[:, ok]
-    return Run(n, opt, exp, keep_norm, lr, iters, row, obj, ip, cos, ks, nr.numpy()[ok], check, secs,
-               int((~ok).sum()))
+    return Run(
+        n,
+        opt,
+        exp,
+        keep_norm,
+        lr,
+        iters,
+        row,
+        obj,
+        ip,
+        cos,
+        ks,
+        nr.numpy()[ok],
+        check,
+        secs,
+        int((~ok).sum()),
+    )
 
 
 # --------------------------------------------------------------------------
@@ -375,22 +438,27 @@ def change_stats(s: np.ndarray) -> dict:
     i = pct[inc]
     return dict(
         freq=100.0 * dec.mean(),
-        dec=d.mean() if d.size else float("nan"), dec_sd=d.std() if d.size else float("nan"),
-        inc=i.mean() if i.size else 0.0, inc_sd=i.std() if i.size else 0.0,
+        dec=d.mean() if d.size else float("nan"),
+        dec_sd=d.std() if d.size else float("nan"),
+        inc=i.mean() if i.size else 0.0,
+        inc_sd=i.std() if i.size else 0.0,
         n_inc=int(inc.sum()),
     )
 
 
 def corr_stats(r: np.ndarray) -> dict:
     ok = r[np.isfinite(r)]
-    return dict(corr=ok.mean() if ok.size else float("nan"), corr_sd=ok.std() if ok.size else float("nan"),
-                n_nan=int((~np.isfinite(r)).sum()))
+    return dict(
+        corr=ok.mean() if ok.size else float("nan"),
+        corr_sd=ok.std() if ok.size else float("nan"),
+        n_nan=int((~np.isfinite(r)).sum()),
+    )
 
 
 MEASURES = {  # key: (label, transform of the per-iteration (ip, cos))
-    "ip2": ("⟨F1,F2⟩²", lambda r: r.ip ** 2),
+    "ip2": ("⟨F1,F2⟩²", lambda r: r.ip**2),
     "absip": ("abs⟨F1,F2⟩", lambda r: np.abs(r.ip)),
-    "cos2": ("cos²(F1,F2)", lambda r: r.cos ** 2),
+    "cos2": ("cos²(F1,F2)", lambda r: r.cos**2),
     "abscos": ("abs cos(F1,F2)", lambda r: np.abs(r.cos)),
 }
 
@@ -440,38 +508,51 @@ def cell(ours: float, paper: dict | None, key: str, big: bool = False) -> str:
 
 
 def exp_label(run: Run) -> str:
-    return "A: min ⟨K1,K2⟩²" if run.exp == "A" else ("B: min CS, keep-norm" if run.keep_norm else "B: min CS")
+    return (
+        "A: min ⟨K1,K2⟩²"
+        if run.exp == "A"
+        else ("B: min CS, keep-norm" if run.keep_norm else "B: min CS")
+    )
 
 
 def main_table(runs: list[Run], measures: list[str]) -> str:
-    hdr = ("| N | opt | experiment | lr | iters | FM sim s | paper row | corr mean | corr std | "
-           "red. freq % | dec % mean | dec % std | # inc | inc % mean | inc % std | # div |")
+    hdr = (
+        "| N | opt | experiment | lr | iters | FM sim s | paper row | corr mean | corr std | "
+        "red. freq % | dec % mean | dec % std | # inc | inc % mean | inc % std | # div |"
+    )
     lines = [hdr, "|" + "|".join(["---"] * 16) + "|"]
     for run in runs:
         paper, row = paper_figures(run)
         for which in measures:
             m = measure(run, which)
-            p = paper if which in ("ip2", "absip") else None  # the paper reports the raw inner product only
+            p = (
+                paper if which in ("ip2", "absip") else None
+            )  # the paper reports the raw inner product only
             lines.append(
                 f"| {run.n} | {run.opt} | {exp_label(run)} | {run.lr:g} | {run.iters} | "
                 f"{MEASURES[which][0]} | {row if p else ''} | "
                 f"{cell(m['corr'], p, 'corr')} | {cell(m['corr_sd'], p, 'corr_sd')} | "
                 f"{cell(m['freq'], p, 'freq')} | {cell(m['dec'], p, 'dec')} | {cell(m['dec_sd'], p, 'dec_sd')} | "
                 f"{m['n_inc']} | {cell(m['inc'], p, 'inc', True)} | {cell(m['inc_sd'], p, 'inc_sd', True)} | "
-                f"{run.diverged} |")
+                f"{run.diverged} |"
+            )
     return "\n".join(lines)
 
 
 def diag_table(runs: list[Run]) -> str:
-    hdr = ("| N | opt | experiment | corr(obj, abs ip) | corr(obj,ip²) | corr(obj,ip) | corr(⟨K1,K2⟩, ip) | "
-           "corr(obj, abs cos) | undefined corr (raw/cos) | # inc (raw/cos) | median inc % (⟨F1,F2⟩²) | median abs ip T/0 | "
-           "median abs cos t=0 | median abs cos T | median kernel-norm T/0 | median obj T/0 |")
+    hdr = (
+        "| N | opt | experiment | corr(obj, abs ip) | corr(obj,ip²) | corr(obj,ip) | corr(⟨K1,K2⟩, ip) | "
+        "corr(obj, abs cos) | undefined corr (raw/cos) | # inc (raw/cos) | median inc % (⟨F1,F2⟩²) | median abs ip T/0 | "
+        "median abs cos t=0 | median abs cos T | median kernel-norm T/0 | median obj T/0 |"
+    )
     lines = [hdr, "|" + "|".join(["---"] * 16) + "|"]
     for run in runs:
+
         def c(a, b):
             r = pearson_per_episode(a, b)
             r = r[np.isfinite(r)]
             return f"{r.mean():.2f}±{r.std():.2f}" if r.size else "–"
+
         aip = np.abs(run.ip)
         acos = np.abs(run.cos)
         mr, mc = measure(run, "absip"), measure(run, "abscos")
@@ -481,10 +562,11 @@ def diag_table(runs: list[Run]) -> str:
             inc_med = np.median(100 * (r2[r2 > 1] - 1)) if (r2 > 1).any() else float("nan")
             obj_ratio = np.median(run.objective[-1] / run.objective[0])
         lines.append(
-            f"| {run.n} | {run.opt} | {exp_label(run)} | {c(run.objective, aip)} | {c(run.objective, run.ip ** 2)} | "
+            f"| {run.n} | {run.opt} | {exp_label(run)} | {c(run.objective, aip)} | {c(run.objective, run.ip**2)} | "
             f"{c(run.objective, run.ip)} | {c(run.ksim, run.ip)} | {c(run.objective, acos)} | "
             f"{mr['n_nan']}/{mc['n_nan']} | {mr['n_inc']}/{mc['n_inc']} | {fmt(inc_med, True)} | {ip_ratio:.2e} | "
-            f"{np.median(acos[0]):.3f} | {np.median(acos[-1]):.3f} | {np.median(run.norm_ratio):.3g} | {obj_ratio:.2e} |")
+            f"{np.median(acos[0]):.3f} | {np.median(acos[-1]):.3f} | {np.median(run.norm_ratio):.3g} | {obj_ratio:.2e} |"
+        )
     return "\n".join(lines)
 
 
@@ -493,11 +575,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--episodes", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="smoke test: 50 episodes")
-    ap.add_argument("--sizes", type=str, default="2,3,5,9,16", help="kernel sizes N (comma separated)")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (default 1: the tensors are small, more threads only add overhead)")
-    ap.add_argument("--measures", type=str, default="ip2,absip,cos2",
-                    help=f"feature-map similarity rows of the main table, from {','.join(MEASURES)}")
+    ap.add_argument(
+        "--sizes", type=str, default="2,3,5,9,16", help="kernel sizes N (comma separated)"
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: the tensors are small, more threads only add overhead)",
+    )
+    ap.add_argument(
+        "--measures",
+        type=str,
+        default="ip2,absip,cos2",
+        help=f"feature-map similarity rows of the main table, from {','.join(MEASURES)}",
+    )
     ap.add_argument("--out", type=str, default=None, help="also write the markdown to this file")
     args = ap.parse_args(argv)
     episodes = 50 if args.quick else args.episodes
@@ -505,11 +597,13 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
 
     t_start = time.perf_counter()
-    src = ("wcond.metrics.conv_similarity (library; the batched local formula is used inside the optimization "
-           "loop and asserted equal to the library, rel. 1e-5, on 4 episodes at start and end of every run)"
-           if LIB_CS is not None else
-           f"local fallback (wcond.metrics not importable: {LIB_ERR}); local batched formula checked against "
-           "a naive float64 loop on 4 episodes at start and end of every run")
+    src = (
+        "wcond.metrics.conv_similarity (library; the batched local formula is used inside the optimization "
+        "loop and asserted equal to the library, rel. 1e-5, on 4 episodes at start and end of every run)"
+        if LIB_CS is not None
+        else f"local fallback (wcond.metrics not importable: {LIB_ERR}); local batched formula checked against "
+        "a naive float64 loop on 4 episodes at start and end of every run"
+    )
     print(f"CS source: {src}", file=sys.stderr)
 
     runs: list[Run] = []
@@ -518,34 +612,45 @@ def main(argv: list[str] | None = None) -> int:
             for exp, keep in (("A", False), ("B", False), ("B", True)):
                 r = run_config(n, opt, exp, keep, episodes, args.seed)
                 runs.append(r)
-                print(f"  N={n:2d} {opt:4s} {exp_label(r):22s} lr={r.lr:g} it={r.iters:4d} "
-                      f"{r.seconds:6.2f}s  diverged={r.diverged}  [{r.check}]", file=sys.stderr)
+                print(
+                    f"  N={n:2d} {opt:4s} {exp_label(r):22s} lr={r.lr:g} it={r.iters:4d} "
+                    f"{r.seconds:6.2f}s  diverged={r.diverged}  [{r.check}]",
+                    file=sys.stderr,
+                )
     total = time.perf_counter() - t_start
 
     md = []
     md.append(f"## CS paper numerical validation: {episodes} episodes, seed {args.seed}, M = {M}\n")
     md.append(f"CS source: {src}.\n")
-    md.append("Cells read `ours (paper)`. Paper figures are citations from papers/convolutional-similarity.txt: "
-              "Table 1 for experiment A, Table 2 (correlation) and Table 3 (frequency, decrease, increase) for "
-              "experiment B; the paper reports the raw inner product only and has no keep-norm runs. "
-              "`paper row` rK is the K-th row of those tables, read as rows (3 Adam, 3 SGD, 9 Adam, 9 SGD, 16 Adam, "
-              "16 SGD); `litr1`/`litr2` show rows 1/2 under the literal reading of the mangled labels "
-              "(N=2 Adam, N=5 SGD). lr/iters from Table 7 (A) and Table 8 (B); N = 2 and 5 use the first row pair's.\n")
-    md.append("FM similarity s: `⟨F1,F2⟩²` (our reading of the paper's quantity: squared like the objectives), "
-              "`abs⟨F1,F2⟩`, and the scale-free `cos²(F1,F2)`. Correlation = per-episode Pearson over iterations "
-              "t = 0..T between the minimized objective (A: ⟨K1,K2⟩², B: CS) and s; mean / std (ddof 0) across "
-              "episodes. Reduction frequency = % of episodes with s_T < s_0; decrease % = 100 (s_0 - s_T)/s_0 over "
-              "the decreasing episodes, increase % = 100 (s_T - s_0)/s_0 over the `# inc` increasing ones "
-              "(heavy-tailed). `# div` = episodes whose SGD trajectory overflowed, left out of every statistic.\n")
+    md.append(
+        "Cells read `ours (paper)`. Paper figures are citations from papers/convolutional-similarity.txt: "
+        "Table 1 for experiment A, Table 2 (correlation) and Table 3 (frequency, decrease, increase) for "
+        "experiment B; the paper reports the raw inner product only and has no keep-norm runs. "
+        "`paper row` rK is the K-th row of those tables, read as rows (3 Adam, 3 SGD, 9 Adam, 9 SGD, 16 Adam, "
+        "16 SGD); `litr1`/`litr2` show rows 1/2 under the literal reading of the mangled labels "
+        "(N=2 Adam, N=5 SGD). lr/iters from Table 7 (A) and Table 8 (B); N = 2 and 5 use the first row pair's.\n"
+    )
+    md.append(
+        "FM similarity s: `⟨F1,F2⟩²` (our reading of the paper's quantity: squared like the objectives), "
+        "`abs⟨F1,F2⟩`, and the scale-free `cos²(F1,F2)`. Correlation = per-episode Pearson over iterations "
+        "t = 0..T between the minimized objective (A: ⟨K1,K2⟩², B: CS) and s; mean / std (ddof 0) across "
+        "episodes. Reduction frequency = % of episodes with s_T < s_0; decrease % = 100 (s_0 - s_T)/s_0 over "
+        "the decreasing episodes, increase % = 100 (s_T - s_0)/s_0 over the `# inc` increasing ones "
+        "(heavy-tailed). `# div` = episodes whose SGD trajectory overflowed, left out of every statistic.\n"
+    )
     md.append(main_table(runs, [m.strip() for m in args.measures.split(",") if m.strip()]))
     md.append("\n### Diagnostics (ours only)\n")
-    md.append("Alternative correlation definitions (mean±std over episodes; ip = ⟨F1,F2⟩ signed, obj = minimized "
-              "objective), episodes where Pearson is undefined (constant trajectory), number of increasing "
-              "episodes (abs ip / abs cos), the median (not mean) increase % of ⟨F1,F2⟩² over its increasing "
-              "episodes, and medians over episodes of final/initial abs⟨F1,F2⟩, abs cos(F1,F2) at start and end, "
-              "kernel norm sqrt(‖K1‖‖K2‖) final/initial, and objective final/initial.\n")
+    md.append(
+        "Alternative correlation definitions (mean±std over episodes; ip = ⟨F1,F2⟩ signed, obj = minimized "
+        "objective), episodes where Pearson is undefined (constant trajectory), number of increasing "
+        "episodes (abs ip / abs cos), the median (not mean) increase % of ⟨F1,F2⟩² over its increasing "
+        "episodes, and medians over episodes of final/initial abs⟨F1,F2⟩, abs cos(F1,F2) at start and end, "
+        "kernel norm sqrt(‖K1‖‖K2‖) final/initial, and objective final/initial.\n"
+    )
     md.append(diag_table(runs))
-    md.append(f"\nTotal wall time: {total:.1f} s (torch {torch.__version__}, {torch.get_num_threads()} threads).")
+    md.append(
+        f"\nTotal wall time: {total:.1f} s (torch {torch.__version__}, {torch.get_num_threads()} threads)."
+    )
     text = "\n".join(md) + "\n"
     print(text)
     if args.out:

@@ -139,7 +139,11 @@ def make_mlp() -> dict[str, Tensor]:
         noise = torch.randn(w.shape[1], generator=gen, dtype=torch.float64).tolist()
         along = math.fsum(n * b for n, b in zip(noise, base)) / math.fsum(b * b for b in base)
         noise = [n - along * b for n, b in zip(noise, base)]  # orthogonal to the row
-        scale = 1e-3 * math.sqrt(math.fsum(b * b for b in base)) / math.sqrt(math.fsum(n * n for n in noise))
+        scale = (
+            1e-3
+            * math.sqrt(math.fsum(b * b for b in base))
+            / math.sqrt(math.fsum(n * n for n in noise))
+        )
         w[17] = torch.tensor([b + scale * n for b, n in zip(base, noise)], dtype=torch.float32)
         model.fc2.weight[33] = 0.0
         model.fc2.bias[33] = 0.0

@@ -38,7 +38,11 @@ def pt_file(tmp_path: Path, state_dict: dict[str, torch.Tensor]) -> Path:
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--update-golden", action="store_true", help="Rewrite tests/golden/* from the current output.")
+    parser.addoption(
+        "--update-golden",
+        action="store_true",
+        help="Rewrite tests/golden/* from the current output.",
+    )
 
 
 @pytest.fixture

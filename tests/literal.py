@@ -192,7 +192,9 @@ def cs_pair(k_i: Any, k_j: Any) -> float:
     """One pair term of eq. 10: sum_{c1, c2} ||K_i[c1] (x) K_j[c2]||^2 over every channel pair."""
     k_i, k_j = to_f64(k_i), to_f64(k_j)
     if k_i.shape != k_j.shape or k_i.ndim < 2:
-        raise ValueError(f"cs_pair needs two (in, *kernel) filters, got {k_i.shape} and {k_j.shape}")
+        raise ValueError(
+            f"cs_pair needs two (in, *kernel) filters, got {k_i.shape} and {k_j.shape}"
+        )
     terms = []
     for c1 in range(k_i.shape[0]):
         for c2 in range(k_j.shape[0]):

@@ -50,7 +50,12 @@ def ckpt(tmp_path: Path) -> Path:
         "global_step": 910,
         "pytorch-lightning_version": "2.4.0",
         "state_dict": sd,
-        "optimizer_states": [{"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(8, 3, 3, 3)}}, "param_groups": [{"lr": 0.01, "params": [0]}]}],
+        "optimizer_states": [
+            {
+                "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(8, 3, 3, 3)}},
+                "param_groups": [{"lr": 0.01, "params": [0]}],
+            }
+        ],
         "hyper_parameters": {"width": 8, "name": "tiny"},
     }
     path = tmp_path / "model.ckpt"
@@ -69,12 +74,19 @@ def test_lightning_checkpoint_round_trip(ckpt: Path, tmp_path: Path) -> None:
     out = tmp_path / "out.ckpt"
     result = run(ckpt, "-o", out, "--iterations", 15, "--device", "cpu")
     assert result.exit_code == 0, result.output
-    assert f"wrote {out}" in result.stdout and "total CS" in result.stdout and "model.conv1." in result.stdout
+    assert (
+        f"wrote {out}" in result.stdout
+        and "total CS" in result.stdout
+        and "model.conv1." in result.stdout
+    )
     src, new = torch.load(ckpt, weights_only=True), torch.load(out, weights_only=True)
     assert list(new) == list(src)
     for key in ("epoch", "global_step", "pytorch-lightning_version", "hyper_parameters"):
         assert new[key] == src[key]
-    assert torch.equal(new["optimizer_states"][0]["state"][0]["exp_avg"], src["optimizer_states"][0]["state"][0]["exp_avg"])
+    assert torch.equal(
+        new["optimizer_states"][0]["state"][0]["exp_avg"],
+        src["optimizer_states"][0]["state"][0]["exp_avg"],
+    )
     assert list(new["state_dict"]) == list(src["state_dict"])
     for key, t in src["state_dict"].items():
         n = new["state_dict"][key]
@@ -99,7 +111,9 @@ def test_summary_numbers_are_what_inspect_reports(st_file: Path, tmp_path: Path)
     result = run(st_file, "-o", out, "-n", 10, "--device", "cpu", "--format", "json")
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
-    assert doc["output"] == str(out) and doc["settings"]["iterations"] == 10 and "history" not in doc
+    assert (
+        doc["output"] == str(out) and doc["settings"]["iterations"] == 10 and "history" not in doc
+    )
     before = {r.name: r for r in inspect(st_file, layers=CONVS).layers}
     after = {r.name: r for r in inspect(out, layers=CONVS).layers}
     assert [r["name"] for r in doc["layers"]] == CONVS
@@ -114,8 +128,12 @@ def test_summary_numbers_are_what_inspect_reports(st_file: Path, tmp_path: Path)
 def test_keep_norm_table_says_1x1_kernels_are_left_alone(ckpt: Path, tmp_path: Path) -> None:
     result = run(ckpt, "-o", tmp_path / "out.pt", "-n", 5, "--keep-norm", "--device", "cpu")
     assert result.exit_code == 0, result.output
-    assert "floor: lowest CS at these filter norms" in result.stdout and "--keep-norm" in result.stdout
-    assert "model.pw.weight: 1x1 kernel: its CS depends on the filter norms alone" in " ".join(result.stdout.split())
+    assert (
+        "floor: lowest CS at these filter norms" in result.stdout and "--keep-norm" in result.stdout
+    )
+    assert "model.pw.weight: 1x1 kernel: its CS depends on the filter norms alone" in " ".join(
+        result.stdout.split()
+    )
     new = torch.load(tmp_path / "out.pt", weights_only=True)["state_dict"]
     assert torch.equal(new["model.pw.weight"], state_dict()["model.pw.weight"])
 
@@ -144,7 +162,9 @@ def test_existing_output_needs_force(ckpt: Path, tmp_path: Path) -> None:
     out.write_bytes(b"keep me")
     result = run(ckpt, "-o", out, "-n", 2, "--device", "cpu")
     assert result.exit_code == 2
-    assert f"error: {out}: already exists; pass --force to overwrite it" in " ".join(result.stderr.split())
+    assert f"error: {out}: already exists; pass --force to overwrite it" in " ".join(
+        result.stderr.split()
+    )
     assert out.read_bytes() == b"keep me"
     result = run(ckpt, "-o", out, "-n", 2, "--device", "cpu", "--force")
     assert result.exit_code == 0, result.output
@@ -154,20 +174,39 @@ def test_existing_output_needs_force(ckpt: Path, tmp_path: Path) -> None:
 def test_seed_gives_identical_output(st_file: Path, tmp_path: Path) -> None:
     # Compare tensors, not bytes: torch.save names its archive after the (random) temporary file
     # and adds a serialization id; safetensors writes its metadata map in random order.
-    outs = [tmp_path / "a.pt", tmp_path / "b.pt", tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    outs = [
+        tmp_path / "a.pt",
+        tmp_path / "b.pt",
+        tmp_path / "a.safetensors",
+        tmp_path / "b.safetensors",
+    ]
     for out in outs:
         assert run(st_file, "-o", out, "-n", 10, "--seed", 5, "--device", "cpu").exit_code == 0
     loaded = [torch.load(outs[0], weights_only=True), torch.load(outs[1], weights_only=True)]
     loaded += [load_file(str(outs[2])), load_file(str(outs[3]))]
     for other in loaded[1:]:
         assert sorted(other) == sorted(loaded[0])
-        assert all(torch.equal(other[k], t) and other[k].dtype == t.dtype for k, t in loaded[0].items())
+        assert all(
+            torch.equal(other[k], t) and other[k].dtype == t.dtype for k, t in loaded[0].items()
+        )
     assert not torch.equal(loaded[0]["model.conv1.weight"], state_dict()["model.conv1.weight"])
 
 
 def test_history_file(ckpt: Path, tmp_path: Path) -> None:
     hist = tmp_path / "curve.json"
-    result = run(ckpt, "-o", tmp_path / "out.ckpt", "-n", 6, "--history", hist, "--device", "cpu", "--optimizer", "sgd")
+    result = run(
+        ckpt,
+        "-o",
+        tmp_path / "out.ckpt",
+        "-n",
+        6,
+        "--history",
+        hist,
+        "--device",
+        "cpu",
+        "--optimizer",
+        "sgd",
+    )
     assert result.exit_code == 0, result.output
     doc = json.loads(hist.read_text())
     assert doc["iteration"] == list(range(7)) and doc["settings"]["optimizer"] == "sgd"
@@ -203,7 +242,9 @@ def test_no_conv_layers_is_an_error(tmp_path: Path) -> None:
     assert not (tmp_path / "out.safetensors").exists()
 
 
-def test_ctrl_c_while_optimizing_writes_nothing(ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ctrl_c_while_optimizing_writes_nothing(
+    ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def interrupted(self, *args, **kwargs):
         raise KeyboardInterrupt
 
@@ -214,7 +255,9 @@ def test_ctrl_c_while_optimizing_writes_nothing(ckpt: Path, tmp_path: Path, monk
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.ckpt"]
 
 
-def test_ctrl_c_while_saving_leaves_no_partial_file(ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ctrl_c_while_saving_leaves_no_partial_file(
+    ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def half_written(obj: object, path: Path) -> None:
         Path(path).write_bytes(b"PK\x03\x04 partial")
         raise KeyboardInterrupt

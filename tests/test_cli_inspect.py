@@ -19,9 +19,21 @@ from wcond.cli import app
 
 runner = CliRunner()
 JSON_KEYS = {
-    "name", "kind", "shape", "acv_sum", "acv_mean", "conv_similarity", "conv_similarity_norm", "norm_loss",
-    "norm_dev_max", "rare_rows", "rare_cols", "near_parallel_rows", "near_parallel_cols", "dead_rows",
-}  # fmt: skip
+    "name",
+    "kind",
+    "shape",
+    "acv_sum",
+    "acv_mean",
+    "conv_similarity",
+    "conv_similarity_norm",
+    "norm_loss",
+    "norm_dev_max",
+    "rare_rows",
+    "rare_cols",
+    "near_parallel_rows",
+    "near_parallel_cols",
+    "dead_rows",
+}
 
 
 def run(*args: str):
@@ -40,23 +52,35 @@ def test_table_output(pt_file: Path) -> None:
     out = result.stdout
     for name in ("conv1.weight", "conv2.weight", "fc.weight"):
         assert name in out
-    assert "bn1.weight" not in out and "num_batches_tracked" not in out  # 1-D and integer tensors are not layers
+    assert (
+        "bn1.weight" not in out and "num_batches_tracked" not in out
+    )  # 1-D and integer tensors are not layers
     assert "near-parallel pairs: 1 rows" in out
 
 
 def test_json_is_the_stable_interface(pt_file: Path) -> None:
     doc = inspect_json(pt_file)
     assert {"checkpoint", "layers", "summary"} <= set(doc)
-    assert [layer["name"] for layer in doc["layers"]] == ["conv1.weight", "conv2.weight", "fc.weight"]
+    assert [layer["name"] for layer in doc["layers"]] == [
+        "conv1.weight",
+        "conv2.weight",
+        "fc.weight",
+    ]
     for layer in doc["layers"]:
         assert JSON_KEYS <= set(layer)
     conv2, fc = doc["layers"][1], doc["layers"][2]
     assert conv2["kind"] == "conv2d" and conv2["shape"] == [16, 8, 3, 3]
-    assert fc["kind"] == "matrix" and fc["conv_similarity"] is None and fc["conv_similarity_norm"] is None
+    assert (
+        fc["kind"] == "matrix"
+        and fc["conv_similarity"] is None
+        and fc["conv_similarity_norm"] is None
+    )
     assert conv2["near_parallel_rows"] == 1 and conv2["rare_rows"] == pytest.approx(0, abs=1e-6)
     closest = conv2["closest_rows"][0]
     assert (closest["i"], closest["j"]) == (1, 4) and closest["cos"] == pytest.approx(-1, abs=1e-6)
-    assert doc["summary"]["near_parallel_rows"] == 1 and doc["summary"]["worst"]["near_parallel"] == ["conv2.weight"]
+    assert doc["summary"]["near_parallel_rows"] == 1 and doc["summary"]["worst"][
+        "near_parallel"
+    ] == ["conv2.weight"]
 
 
 def test_markdown_and_csv(pt_file: Path) -> None:
@@ -78,9 +102,20 @@ def test_output_file_and_format_from_extension(pt_file: Path, tmp_path: Path) ->
 @pytest.mark.parametrize("wrapper", ["state_dict", "model", "model_state_dict", "module"])
 def test_every_wrapper(tmp_path: Path, state_dict: dict, wrapper: str) -> None:
     path = tmp_path / "w.ckpt"
-    torch.save({wrapper: state_dict, "epoch": 1, "optimizer_states": [{"state": {0: {"m": torch.ones(4, 4)}}}]}, path)
+    torch.save(
+        {
+            wrapper: state_dict,
+            "epoch": 1,
+            "optimizer_states": [{"state": {0: {"m": torch.ones(4, 4)}}}],
+        },
+        path,
+    )
     doc = inspect_json(path)
-    assert [layer["name"] for layer in doc["layers"]] == ["conv1.weight", "conv2.weight", "fc.weight"]
+    assert [layer["name"] for layer in doc["layers"]] == [
+        "conv1.weight",
+        "conv2.weight",
+        "fc.weight",
+    ]
     assert doc["wrapper"] == wrapper
 
 
@@ -89,7 +124,9 @@ def test_safetensors_fp16_bf16_and_sharded(tmp_path: Path, state_dict: dict) -> 
     half["fc.weight"] = state_dict["fc.weight"].bfloat16()
     save_file(dict(list(half.items())[:4]), str(tmp_path / "model-00001-of-00002.safetensors"))
     save_file(dict(list(half.items())[4:]), str(tmp_path / "model-00002-of-00002.safetensors"))
-    weight_map = {k: f"model-0000{1 if i < 4 else 2}-of-00002.safetensors" for i, k in enumerate(half)}
+    weight_map = {
+        k: f"model-0000{1 if i < 4 else 2}-of-00002.safetensors" for i, k in enumerate(half)
+    }
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     doc = inspect_json(tmp_path)
     dtypes = {layer["name"]: layer["dtype"] for layer in doc["layers"]}
@@ -98,19 +135,28 @@ def test_safetensors_fp16_bf16_and_sharded(tmp_path: Path, state_dict: dict) -> 
 
 
 def test_layer_selection(pt_file: Path) -> None:
-    names = [layer["name"] for layer in inspect_json(pt_file, "--layers", "conv*", "--exclude", "conv1.*")["layers"]]
+    names = [
+        layer["name"]
+        for layer in inspect_json(pt_file, "--layers", "conv*", "--exclude", "conv1.*")["layers"]
+    ]
     assert names == ["conv2.weight"]
     result = run("inspect", pt_file, "--layers", "nothing*")
     assert result.exit_code == 2 and "no layer matches" in result.stderr
 
 
 def test_groups_option_and_depthwise_hint(tmp_path: Path) -> None:
-    sd = {"stem.weight": torch.randn(8, 3, 3, 3), "dw.weight": torch.randn(8, 1, 3, 3), "pw.weight": torch.randn(16, 8, 1, 1)}
+    sd = {
+        "stem.weight": torch.randn(8, 3, 3, 3),
+        "dw.weight": torch.randn(8, 1, 3, 3),
+        "pw.weight": torch.randn(16, 8, 1, 1),
+    }
     path = tmp_path / "m.pt"
     torch.save(sd, path)
     doc = inspect_json(path)
     dw = doc["layers"][1]
-    assert dw["groups"] == 1 and any("depthwise" in n and "--groups 'dw.weight=8'" in n for n in dw["notes"])
+    assert dw["groups"] == 1 and any(
+        "depthwise" in n and "--groups 'dw.weight=8'" in n for n in dw["notes"]
+    )
     grouped = inspect_json(path, "--groups", "dw.weight=8")["layers"][1]
     assert grouped["groups"] == 8 and grouped["conv_similarity"] < dw["conv_similarity"]
     assert not any("depthwise" in n for n in grouped["notes"])
@@ -118,7 +164,9 @@ def test_groups_option_and_depthwise_hint(tmp_path: Path) -> None:
     assert bad.exit_code == 2 and "does not divide" in bad.stderr
 
 
-def test_nonfinite_and_dead_rows_are_flagged_and_the_rest_reported(tmp_path: Path, state_dict: dict) -> None:
+def test_nonfinite_and_dead_rows_are_flagged_and_the_rest_reported(
+    tmp_path: Path, state_dict: dict
+) -> None:
     state_dict["conv1.weight"][2, 0, 0, 0] = float("nan")
     state_dict["fc.weight"][[3, 7]] = 0.0
     path = tmp_path / "m.pt"
@@ -127,7 +175,11 @@ def test_nonfinite_and_dead_rows_are_flagged_and_the_rest_reported(tmp_path: Pat
     conv1, conv2, fc = doc["layers"]
     assert conv1["nonfinite"] == 1 and conv1["acv_mean"] is None and "NaN/Inf" in conv1["notes"][0]
     assert conv2["acv_mean"] is not None
-    assert fc["dead_rows"] == 2 and doc["summary"]["dead_rows"] == 2 and doc["summary"]["nonfinite_layers"] == 1
+    assert (
+        fc["dead_rows"] == 2
+        and doc["summary"]["dead_rows"] == 2
+        and doc["summary"]["nonfinite_layers"] == 1
+    )
     table = run("inspect", path)
     assert table.exit_code == 0 and "NaN/Inf" in table.stdout
 
@@ -137,14 +189,29 @@ def test_gates(pt_file: Path) -> None:
     assert ok.exit_code == 0 and "PASS near_parallel_rows>5" in ok.stdout
     bad = run("inspect", pt_file, "--fail-if", "near_parallel_rows>0", "--fail-if", "acv_mean>10")
     assert bad.exit_code == 1
-    assert "FAIL near_parallel_rows>0: conv2.weight (1)" in bad.stdout and "PASS acv_mean>10" in bad.stdout
-    doc = json.loads(run("inspect", pt_file, "-f", "json", "--fail-if", "near_parallel_rows>0").stdout)
-    assert doc["gates"] == [{"expr": "near_parallel_rows>0", "passed": False, "violations": [{"layer": "conv2.weight", "value": 1.0}]}]
+    assert (
+        "FAIL near_parallel_rows>0: conv2.weight (1)" in bad.stdout
+        and "PASS acv_mean>10" in bad.stdout
+    )
+    doc = json.loads(
+        run("inspect", pt_file, "-f", "json", "--fail-if", "near_parallel_rows>0").stdout
+    )
+    assert doc["gates"] == [
+        {
+            "expr": "near_parallel_rows>0",
+            "passed": False,
+            "violations": [{"layer": "conv2.weight", "value": 1.0}],
+        }
+    ]
 
 
 @pytest.mark.parametrize(
     "expr, message",
-    [("acv_mean >> 1", "expected METRIC OP NUMBER"), ("nonsense>1", "unknown metric 'nonsense'"), ("acv_mean>", "expected METRIC OP NUMBER")],
+    [
+        ("acv_mean >> 1", "expected METRIC OP NUMBER"),
+        ("nonsense>1", "unknown metric 'nonsense'"),
+        ("acv_mean>", "expected METRIC OP NUMBER"),
+    ],
 )
 def test_bad_gate_expressions(pt_file: Path, expr: str, message: str) -> None:
     result = run("inspect", pt_file, "--fail-if", expr)
@@ -165,7 +232,9 @@ def test_null_metrics_never_trip_gates(pt_file: Path) -> None:
         (b"", "file is empty"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, content: bytes | None, message: str) -> None:
+def test_bad_input_is_one_line_and_exit_2(
+    tmp_path: Path, content: bytes | None, message: str
+) -> None:
     path = tmp_path / "x.pt"
     if content is not None:
         path.write_bytes(content)
@@ -190,12 +259,23 @@ def test_corrupt_safetensors_and_unsafe_pickle(tmp_path: Path) -> None:
     evil = tmp_path / "evil.pt"
     torch.save({"w": torch.zeros(2, 2), "x": Evil()}, evil)
     result = run("inspect", evil)
-    assert result.exit_code == 2 and "refused" in result.stderr and "this must never print" not in result.output
+    assert (
+        result.exit_code == 2
+        and "refused" in result.stderr
+        and "this must never print" not in result.output
+    )
 
 
 def test_no_analyzable_tensors(tmp_path: Path) -> None:
     path = tmp_path / "b.pt"
-    torch.save({"bias": torch.zeros(4), "steps": torch.ones(3, 3, dtype=torch.int64), "one_row": torch.zeros(1, 9)}, path)
+    torch.save(
+        {
+            "bias": torch.zeros(4),
+            "steps": torch.ones(3, 3, dtype=torch.int64),
+            "one_row": torch.zeros(1, 9),
+        },
+        path,
+    )
     result = run("inspect", path)
     assert result.exit_code == 2 and "no analyzable tensors" in result.stderr
 
@@ -213,7 +293,11 @@ def test_unavailable_device(pt_file: Path) -> None:
 
 
 def test_python_dash_m_and_version(pt_file: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "wcond", "inspect", str(pt_file), "-f", "json"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "wcond", "inspect", str(pt_file), "-f", "json"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0 and json.loads(proc.stdout)["summary"]["layers"] == 3
     assert run("--version").stdout.startswith("wcond ")
 

@@ -13,8 +13,17 @@ import wcond
 from wcond.cli import app
 
 runner = CliRunner()
-LAYER_KEYS = {"name", "fused_rows", "fused_cols", "params_before", "params_after", "reconstruction_error",
-              "shape_before", "shape_after", "max_angle_deg"}  # fmt: skip
+LAYER_KEYS = {
+    "name",
+    "fused_rows",
+    "fused_cols",
+    "params_before",
+    "params_after",
+    "reconstruction_error",
+    "shape_before",
+    "shape_after",
+    "max_angle_deg",
+}
 
 
 def run(*args: object):
@@ -25,10 +34,13 @@ def _state(seed: int = 0) -> dict[str, torch.Tensor]:
     """fc1 (24 -> 32) -> fc2 (32 -> 32) -> fc3 (32 -> 4) with positively parallel fc1 units and fc2 row pairs."""
     g = torch.Generator().manual_seed(seed)
     sd = {
-        "fc1.weight": torch.randn(32, 24, generator=g), "fc1.bias": torch.randn(32, generator=g),
-        "fc2.weight": torch.randn(32, 32, generator=g), "fc2.bias": torch.randn(32, generator=g),
-        "fc3.weight": torch.randn(4, 32, generator=g), "fc3.bias": torch.randn(4, generator=g),
-    }  # fmt: skip
+        "fc1.weight": torch.randn(32, 24, generator=g),
+        "fc1.bias": torch.randn(32, generator=g),
+        "fc2.weight": torch.randn(32, 32, generator=g),
+        "fc2.bias": torch.randn(32, generator=g),
+        "fc3.weight": torch.randn(4, 32, generator=g),
+        "fc3.bias": torch.randn(4, generator=g),
+    }
     for a, b, k in ((0, 20, 2.0), (1, 21, 0.5), (2, 22, 3.0), (3, 23, 1.5)):
         sd["fc1.weight"][b], sd["fc1.bias"][b] = k * sd["fc1.weight"][a], k * sd["fc1.bias"][a]
     for a, b, k in ((4, 24, -1.0), (5, 25, 2.0), (6, 26, -0.5)):  # only (5, 25) folds: k > 0
@@ -47,7 +59,11 @@ def test_table_report_and_output(model_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "small.safetensors"
     result = run("shrink", model_file, "-o", out)
     assert result.exit_code == 0, result.output
-    assert "fc2.weight" in result.stdout and "32x32 → 29x32" in result.stdout and "3/0" in result.stdout
+    assert (
+        "fc2.weight" in result.stdout
+        and "32x32 → 29x32" in result.stdout
+        and "3/0" in result.stdout
+    )
     assert "parameters: 1,988 → 1,796 (192 removed, 9.66%)" in result.stdout
     assert f"wrote {out}" in result.stdout
     assert out.exists() and out.stat().st_size < model_file.stat().st_size
@@ -57,20 +73,32 @@ def test_json_report(model_file: Path) -> None:
     result = run("shrink", model_file, "--dry-run", "--format", "json", "--axis", "both")
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
-    assert doc["output"] is None and doc["mode"] == "factorize" and doc["settings"]["axis"] == "both"
+    assert (
+        doc["output"] is None and doc["mode"] == "factorize" and doc["settings"]["axis"] == "both"
+    )
     assert [layer["name"] for layer in doc["layers"]] == ["fc1.weight", "fc2.weight", "fc3.weight"]
     for layer in doc["layers"]:
         assert LAYER_KEYS <= set(layer)
     fc1, fc2 = doc["layers"][0], doc["layers"][1]
-    assert fc1["fused_rows"] == 4 and fc1["params_after"] == 28 * 24 and fc1["reconstruction_error"] < 1e-6
+    assert (
+        fc1["fused_rows"] == 4
+        and fc1["params_after"] == 28 * 24
+        and fc1["reconstruction_error"] < 1e-6
+    )
     assert fc2["fused_rows"] == 3 and fc2["shape_after"] == [29, 32] and fc2["max_angle_deg"] < 0.1
-    assert doc["params_removed"] == 4 * 24 + 3 * 32 and doc["percent_removed"] == pytest.approx(100 * 192 / 1988)
+    assert doc["params_removed"] == 4 * 24 + 3 * 32 and doc["percent_removed"] == pytest.approx(
+        100 * 192 / 1988
+    )
 
 
 def test_dry_run_writes_nothing(model_file: Path, tmp_path: Path) -> None:
     before = sorted(tmp_path.iterdir())
     out = tmp_path / "small.safetensors"
-    for args in (("--dry-run",), ("--dry-run", "-o", out), ("--dry-run", "--fold", "--chain", "fc1.weight,fc2.weight")):
+    for args in (
+        ("--dry-run",),
+        ("--dry-run", "-o", out),
+        ("--dry-run", "--fold", "--chain", "fc1.weight,fc2.weight"),
+    ):
         result = run("shrink", model_file, *args)
         assert result.exit_code == 0, result.output
         assert "dry run: nothing written" in result.stdout
@@ -79,11 +107,17 @@ def test_dry_run_writes_nothing(model_file: Path, tmp_path: Path) -> None:
 
 def test_fold_prints_the_new_widths(model_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "narrow.safetensors"
-    result = run("shrink", model_file, "--fold", "--chain", "fc1.weight, fc2.weight,fc3.weight", "-o", out)
+    result = run(
+        "shrink", model_file, "--fold", "--chain", "fc1.weight, fc2.weight,fc3.weight", "-o", out
+    )
     assert result.exit_code == 0, result.output
     assert "new widths (output units): fc1.weight 32 → 28, fc2.weight 32 → 31" in result.stdout
     sd = wcond.load_state_dict(out)
-    assert sd["fc1.weight"].shape == (28, 24) and sd["fc2.weight"].shape == (31, 28) and sd["fc3.weight"].shape == (4, 31)
+    assert (
+        sd["fc1.weight"].shape == (28, 24)
+        and sd["fc2.weight"].shape == (31, 28)
+        and sd["fc3.weight"].shape == (4, 31)
+    )
 
 
 def test_expand_round_trip(model_file: Path, tmp_path: Path) -> None:
@@ -91,7 +125,10 @@ def test_expand_round_trip(model_file: Path, tmp_path: Path) -> None:
     assert run("shrink", model_file, "-o", small).exit_code == 0
     result = run("expand", small, "-o", dense)
     assert result.exit_code == 0, result.output
-    assert "expanded 2 factorized layers: fc1.weight, fc2.weight" in result.stdout and f"wrote {dense}" in result.stdout
+    assert (
+        "expanded 2 factorized layers: fc1.weight, fc2.weight" in result.stdout
+        and f"wrote {dense}" in result.stdout
+    )
     back = wcond.load_checkpoint(dense)
     for key, t in _state().items():
         torch.testing.assert_close(back[key], t, rtol=1e-5, atol=1e-6)
@@ -104,10 +141,15 @@ def test_inspect_shows_the_factorization(model_file: Path, tmp_path: Path) -> No
     assert run("shrink", model_file, "-o", small).exit_code == 0
     table = run("inspect", small)
     assert table.exit_code == 0, table.output
-    assert "note fc2.weight: factorized (rows fused): stored as 29x32, 928 of 1,024 parameters (90.6%)" in table.stdout
+    assert (
+        "note fc2.weight: factorized (rows fused): stored as 29x32, 928 of 1,024 parameters (90.6%)"
+        in table.stdout
+    )
     doc = json.loads(run("inspect", small, "--format", "json").stdout)
     assert [layer["factorized"] for layer in doc["layers"]] == [
-        {"params_stored": 672, "params_dense": 768}, {"params_stored": 928, "params_dense": 1024}, None
+        {"params_stored": 672, "params_dense": 768},
+        {"params_stored": 928, "params_dense": 1024},
+        None,
     ]
 
 
@@ -120,14 +162,30 @@ def test_inspect_shows_the_factorization(model_file: Path, tmp_path: Path) -> No
         (("-o", "{tmp}/out.txt"), "unknown output format '.txt'"),
         (("--dry-run", "--chain", "fc1.weight,fc2.weight"), "--chain goes with --fold"),
         (("--dry-run", "--fold"), "--fold needs --chain KEY1,KEY2,..."),
-        (("--dry-run", "--fold", "--chain", "fc1.weight,fc2.weight", "--axis", "rows", "--protect", "x"),
-         "--fold takes its layers from --chain; --axis, --protect do not apply to it"),
-        (("--dry-run", "--fold", "--chain", "fc1,fc2.weight"), "has no tensor named 'fc1'; did you mean 'fc1.weight'?"),
+        (
+            (
+                "--dry-run",
+                "--fold",
+                "--chain",
+                "fc1.weight,fc2.weight",
+                "--axis",
+                "rows",
+                "--protect",
+                "x",
+            ),
+            "--fold takes its layers from --chain; --axis, --protect do not apply to it",
+        ),
+        (
+            ("--dry-run", "--fold", "--chain", "fc1,fc2.weight"),
+            "has no tensor named 'fc1'; did you mean 'fc1.weight'?",
+        ),
         (("--dry-run", "--layers", "conv*"), "no layer matches the --layers/--exclude patterns"),
         (("--dry-run", "--device", "cuda"), "CUDA is not available"),
     ],
 )
-def test_refusals_are_one_line_and_exit_2(model_file: Path, tmp_path: Path, args: tuple[str, ...], message: str) -> None:
+def test_refusals_are_one_line_and_exit_2(
+    model_file: Path, tmp_path: Path, args: tuple[str, ...], message: str
+) -> None:
     existing = tmp_path / "existing.safetensors"
     existing.write_bytes(b"")
     subst = {"{src}": str(model_file), "{existing}": str(existing), "{tmp}": str(tmp_path)}

@@ -17,7 +17,9 @@ from wcond.errors import CheckpointError, UsageError
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
-def seeded(*shape: int, seed: int = 0, scale: float = 0.3, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def seeded(
+    *shape: int, seed: int = 0, scale: float = 0.3, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale).to(dtype)
 
 
@@ -59,7 +61,9 @@ def test_cs_falls_on_every_layer_and_is_what_metrics_reports() -> None:
         assert r.cs_drop == pytest.approx(r.drop_from_norms + r.drop_from_directions, abs=1e-9)
         assert r.norm_change < 0  # the default shrinks the filters: CS is homogeneous of degree 4
         assert r.max_abs_change == pytest.approx(float((out[r.name] - sd[r.name]).abs().max()))
-        assert r.cs_norm_before == pytest.approx(float(metrics.conv_similarity_norm(sd[r.name], g)), rel=1e-5)
+        assert r.cs_norm_before == pytest.approx(
+            float(metrics.conv_similarity_norm(sd[r.name], g)), rel=1e-5
+        )
     assert result.cs_before == pytest.approx(sum(r.cs_before for r in result.layers))
     assert result.cs_after < result.cs_before
 
@@ -71,7 +75,9 @@ def test_drop_split_rescales_new_filters_to_old_norms() -> None:
     old, new = sd["c2d.weight"], out["c2d.weight"]
     rescaled = new * (filter_norms(old) / filter_norms(new)).float().view(-1, 1, 1, 1)
     assert row.cs_rescaled == pytest.approx(float(metrics.conv_similarity(rescaled)), rel=1e-5)
-    assert row.drop_from_directions == pytest.approx((row.cs_before - row.cs_rescaled) / row.cs_before, abs=1e-9)
+    assert row.drop_from_directions == pytest.approx(
+        (row.cs_before - row.cs_rescaled) / row.cs_before, abs=1e-9
+    )
 
 
 def test_keep_norm_preserves_every_filter_norm_and_skips_1x1() -> None:
@@ -82,13 +88,19 @@ def test_keep_norm_preserves_every_filter_norm_and_skips_1x1() -> None:
         rel = (filter_norms(out[key]) - filter_norms(sd[key])).abs() / filter_norms(sd[key])
         assert float(rel.max()) < 1e-5, key
     assert torch.equal(out["pointwise.weight"], sd["pointwise.weight"])
-    assert not rows["pointwise.weight"].optimized and "1x1 kernel" in rows["pointwise.weight"].notes[0]
+    assert (
+        not rows["pointwise.weight"].optimized and "1x1 kernel" in rows["pointwise.weight"].notes[0]
+    )
     for key in ("c1d.weight", "c2d.weight", "grouped.weight", "c3d.weight"):
         r = rows[key]
         assert r.optimized and r.cs_after < r.cs_before, key
-        assert abs(r.drop_from_norms) < 1e-4 and r.drop_from_directions == pytest.approx(r.cs_drop, abs=1e-4)
+        assert abs(r.drop_from_norms) < 1e-4 and r.drop_from_directions == pytest.approx(
+            r.cs_drop, abs=1e-4
+        )
         assert r.cs_after >= r.cs_floor * (1 - 1e-6)
-        assert r.floor_gap_closed == pytest.approx((r.cs_before - r.cs_after) / (r.cs_before - r.cs_floor))
+        assert r.floor_gap_closed == pytest.approx(
+            (r.cs_before - r.cs_after) / (r.cs_before - r.cs_floor)
+        )
 
 
 def test_everything_else_is_untouched_and_the_input_is_not_modified() -> None:
@@ -97,7 +109,9 @@ def test_everything_else_is_untouched_and_the_input_is_not_modified() -> None:
     out, _ = init_cs(sd, iterations=5, groups=GROUPS, device="cpu")
     assert list(out) == list(sd)
     for key, t in sd.items():
-        assert torch.equal(t, copy[key])  # the caller's tensors are never written to (1x1 kernels included)
+        assert torch.equal(
+            t, copy[key]
+        )  # the caller's tensors are never written to (1x1 kernels included)
         assert out[key].dtype == t.dtype and out[key].shape == t.shape
         if key not in CONV_KEYS:
             assert out[key] is t
@@ -115,21 +129,29 @@ def test_dtype_of_each_tensor_is_kept(dtype: torch.dtype) -> None:
 
 
 def test_deterministic_with_seed() -> None:
-    a, ra = init_cs(model_state_dict(), iterations=15, seed=3, groups=GROUPS, device="cpu", history=True)
-    b, rb = init_cs(model_state_dict(), iterations=15, seed=3, groups=GROUPS, device="cpu", history=True)
+    a, ra = init_cs(
+        model_state_dict(), iterations=15, seed=3, groups=GROUPS, device="cpu", history=True
+    )
+    b, rb = init_cs(
+        model_state_dict(), iterations=15, seed=3, groups=GROUPS, device="cpu", history=True
+    )
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert ra.history == rb.history
 
 
 def test_history_is_the_cs_curve() -> None:
-    out, result = init_cs(model_state_dict(), iterations=12, optimizer="sgd", lr=1e-3, device="cpu", history=True)
+    out, result = init_cs(
+        model_state_dict(), iterations=12, optimizer="sgd", lr=1e-3, device="cpu", history=True
+    )
     h = result.history
     assert h["iteration"] == list(range(13)) and set(h["layers"]) == set(CONV_KEYS)
     for r in result.layers:
         curve = h["layers"][r.name]
         assert len(curve) == 13 and curve[0] == pytest.approx(r.cs_before, rel=1e-6)
         assert curve[-1] == pytest.approx(r.cs_after, rel=1e-5) and curve[-1] < curve[0]
-    assert h["total"] == pytest.approx([math.fsum(v[t] for v in h["layers"].values()) for t in range(13)])
+    assert h["total"] == pytest.approx(
+        [math.fsum(v[t] for v in h["layers"].values()) for t in range(13)]
+    )
     assert "history" not in result.to_dict()
     _, plain = init_cs(model_state_dict(), iterations=2, device="cpu")
     assert plain.history is None
@@ -143,7 +165,11 @@ def test_progress_reports_current_total_cs() -> None:
 
 
 def test_group_notes_and_nonfinite_layers() -> None:
-    sd = {"a.weight": seeded(8, 4, 3, 3), "dw.weight": seeded(8, 1, 3, 3, seed=1), "bad.weight": seeded(4, 8, 3, 3, seed=2)}
+    sd = {
+        "a.weight": seeded(8, 4, 3, 3),
+        "dw.weight": seeded(8, 1, 3, 3, seed=1),
+        "bad.weight": seeded(4, 8, 3, 3, seed=2),
+    }
     sd["bad.weight"][0, 0, 0, 0] = float("nan")
     out, result = init_cs(sd, iterations=3, device="cpu")
     rows = {r.name: r for r in result.layers}
@@ -158,7 +184,10 @@ def test_group_notes_and_nonfinite_layers() -> None:
 def test_errors() -> None:
     with pytest.raises(CheckpointError, match="no conv weights to condition"):
         init_cs({"fc.weight": seeded(4, 3), "fc.bias": seeded(4)}, iterations=2)
-    with pytest.raises(UsageError, match=r"no conv layer matches the --layers/--exclude patterns \(conv weights here: c1d.weight"):
+    with pytest.raises(
+        UsageError,
+        match=r"no conv layer matches the --layers/--exclude patterns \(conv weights here: c1d.weight",
+    ):
         init_cs(model_state_dict(), layers=["fc.*"], iterations=2)
     with pytest.raises(UsageError, match="--iterations 0"):
         init_cs(model_state_dict(), iterations=0)
@@ -169,7 +198,13 @@ def test_errors() -> None:
     with pytest.raises(UsageError, match="does not divide"):
         init_cs(model_state_dict(), groups={"c2d.weight": 3})
     with pytest.raises(UsageError, match="CS diverged .* lower --lr"):
-        init_cs({"c.weight": seeded(8, 8, 3, 3, scale=3.0)}, optimizer="sgd", lr=10.0, iterations=50, device="cpu")
+        init_cs(
+            {"c.weight": seeded(8, 8, 3, 3, scale=3.0)},
+            optimizer="sgd",
+            lr=10.0,
+            iterations=50,
+            device="cpu",
+        )
 
 
 # --------------------------------------------------------------------------- the gradient init-cs follows
@@ -203,10 +238,14 @@ def literal_cs(w: torch.Tensor, groups: int) -> torch.Tensor:
     ],
     ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else f"g{v}",
 )
-def test_fast_cs_gradient_matches_autograd_through_the_definition(shape: tuple[int, ...], groups: int) -> None:
+def test_fast_cs_gradient_matches_autograd_through_the_definition(
+    shape: tuple[int, ...], groups: int
+) -> None:
     w = seeded(*shape, dtype=torch.float64).requires_grad_()
     slow = literal_cs(w, groups)
-    assert float(slow.detach()) == pytest.approx(literal.conv_similarity(w.detach(), groups), rel=1e-12)
+    assert float(slow.detach()) == pytest.approx(
+        literal.conv_similarity(w.detach(), groups), rel=1e-12
+    )
     (g_slow,) = torch.autograd.grad(slow, w)
     fast = metrics.conv_similarity(w, groups=groups)
     (g_fast,) = torch.autograd.grad(fast, w)

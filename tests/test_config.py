@@ -27,8 +27,13 @@ def inspect_json(*args: object) -> tuple[dict, str]:
     return json.loads(result.stdout), result.stderr
 
 
-def test_found_walking_up_from_the_current_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = write(tmp_path / "repo" / "pyproject.toml", "[project]\nname = 'x'\n[tool.wcond]\ntau-cos = 0.01\n")
+def test_found_walking_up_from_the_current_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = write(
+        tmp_path / "repo" / "pyproject.toml",
+        "[project]\nname = 'x'\n[tool.wcond]\ntau-cos = 0.01\n",
+    )
     deep = tmp_path / "repo" / "src" / "pkg"
     deep.mkdir(parents=True)
     assert find_config(deep) == cfg
@@ -56,7 +61,9 @@ def test_no_config_anywhere(tmp_path: Path) -> None:
 
 
 def test_all_keys_read(tmp_path: Path) -> None:
-    cfg = write(tmp_path / "wcond.toml", """
+    cfg = write(
+        tmp_path / "wcond.toml",
+        """
 tau-cos = 0.001
 tau-euc = 0.5
 top = 5
@@ -66,12 +73,19 @@ groups = { "conv2.weight" = 2 }
 fail-if = ["acv_mean>0.5", "near_parallel_rows>0"]
 format = "markdown"
 device = "cpu"
-""")  # fmt: skip
+""",
+    )
     assert load_config(cfg).values == {
-        "tau_cos": 0.001, "tau_euc": 0.5, "top": 5, "layers": ["conv*"], "exclude": ["*.bias"],
-        "groups": {"conv2.weight": 2}, "fail_if": ["acv_mean>0.5", "near_parallel_rows>0"],
-        "format": "markdown", "device": "cpu",
-    }  # fmt: skip
+        "tau_cos": 0.001,
+        "tau_euc": 0.5,
+        "top": 5,
+        "layers": ["conv*"],
+        "exclude": ["*.bias"],
+        "groups": {"conv2.weight": 2},
+        "fail_if": ["acv_mean>0.5", "near_parallel_rows>0"],
+        "format": "markdown",
+        "device": "cpu",
+    }
 
 
 @pytest.mark.parametrize(
@@ -82,9 +96,15 @@ device = "cpu"
         ("[tool.wcond]\ntau-cos = 'small'\n", "tau-cos = 'small': expected number"),
         ("[tool.wcond]\ntop = -1\n", "top = -1: expected integer"),
         ("[tool.wcond]\nlayers = 'conv*'\n", "layers = 'conv*': expected list of glob strings"),
-        ("[tool.wcond]\ngroups = { a = 0 }\n", "groups = {'a': 0}: expected table of glob = integer"),
+        (
+            "[tool.wcond]\ngroups = { a = 0 }\n",
+            "groups = {'a': 0}: expected table of glob = integer",
+        ),
         ("[tool.wcond]\nformat = 'pdf'\n", "format = 'pdf': expected one of table"),
-        ("[tool.wcond]\nfail-if = ['acv_mean>>1']\n", "fail-if: --fail-if 'acv_mean>>1': expected METRIC OP NUMBER"),
+        (
+            "[tool.wcond]\nfail-if = ['acv_mean>>1']\n",
+            "fail-if: --fail-if 'acv_mean>>1': expected METRIC OP NUMBER",
+        ),
         ("[tool.wcond]\nfail-if = ['accuracy>1']\n", "unknown metric 'accuracy'"),
         ("[tool.wcond\n", "not valid TOML"),
     ],
@@ -96,44 +116,67 @@ def test_bad_config_names_file_and_key(tmp_path: Path, text: str, message: str) 
     assert str(cfg) in str(e.value) and message in str(e.value)
 
 
-def test_bad_config_is_exit_2_with_one_line(tmp_path: Path, pt_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_config_is_exit_2_with_one_line(
+    tmp_path: Path, pt_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     write(tmp_path / "pyproject.toml", "[tool.wcond]\nbogus = 1\n")
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(app, ["inspect", str(pt_file)])
     assert result.exit_code == 2
-    assert f"error: {tmp_path / 'pyproject.toml'}: [tool.wcond]: unknown key 'bogus'" in result.stderr  # brackets survive rich
+    assert (
+        f"error: {tmp_path / 'pyproject.toml'}: [tool.wcond]: unknown key 'bogus'" in result.stderr
+    )  # brackets survive rich
 
 
 def test_named_file_must_exist_and_hold_the_table(tmp_path: Path, pt_file: Path) -> None:
     result = runner.invoke(app, ["inspect", str(pt_file), "--config", str(tmp_path / "nope.toml")])
     assert result.exit_code == 2 and "nope.toml: no such file" in result.stderr
     write(tmp_path / "pyproject.toml", "[project]\nname = 'x'\n")
-    result = runner.invoke(app, ["inspect", str(pt_file), "--config", str(tmp_path / "pyproject.toml")])
+    result = runner.invoke(
+        app, ["inspect", str(pt_file), "--config", str(tmp_path / "pyproject.toml")]
+    )
     assert result.exit_code == 2 and "has no [tool.wcond] table" in result.stderr
 
 
-def test_precedence_defaults_then_file_then_flags(tmp_path: Path, pt_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_precedence_defaults_then_file_then_flags(
+    tmp_path: Path, pt_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     base, _ = inspect_json(pt_file)
-    assert base["settings"]["tau_cos"] == 1e-4 and base["gates"] == [] and base["settings"]["config"] is None
+    assert (
+        base["settings"]["tau_cos"] == 1e-4
+        and base["gates"] == []
+        and base["settings"]["config"] is None
+    )
 
-    cfg = write(tmp_path / "pyproject.toml", """[tool.wcond]
+    cfg = write(
+        tmp_path / "pyproject.toml",
+        """[tool.wcond]
 tau-cos = 0.02
 tau-euc = 3.0
 top = 1
 exclude = ["fc.*"]
 fail-if = ["acv_mean>100"]
-""")  # fmt: skip
+""",
+    )
     doc, err = inspect_json(pt_file)
     assert f"config: {cfg}" in err
     s = doc["settings"]
-    assert (s["tau_cos"], s["tau_euc"], s["top"], s["exclude"], s["config"]) == (0.02, 3.0, 1, ["fc.*"], str(cfg))
+    assert (s["tau_cos"], s["tau_euc"], s["top"], s["exclude"], s["config"]) == (
+        0.02,
+        3.0,
+        1,
+        ["fc.*"],
+        str(cfg),
+    )
     assert [g["expr"] for g in doc["gates"]] == ["acv_mean>100"]
     assert [layer["name"] for layer in doc["layers"]] == ["conv1.weight", "conv2.weight"]
     assert all(len(layer["closest_rows"]) <= 1 for layer in doc["layers"])
 
     # Flags override the file, keys not given on the command line still come from it.
-    doc, _ = inspect_json(pt_file, "--tau-cos", "0.5", "--exclude", "conv1.*", "--fail-if", "acv_mean>0")
+    doc, _ = inspect_json(
+        pt_file, "--tau-cos", "0.5", "--exclude", "conv1.*", "--fail-if", "acv_mean>0"
+    )
     s = doc["settings"]
     assert (s["tau_cos"], s["tau_euc"], s["exclude"]) == (0.5, 3.0, ["conv1.*"])
     assert [g["expr"] for g in doc["gates"]] == ["acv_mean>0"]
@@ -150,7 +193,9 @@ def test_config_format_is_a_default_below_flag_and_extension(tmp_path: Path, pt_
     cfg = write(tmp_path / "wcond.toml", 'format = "csv"\n')
     result = runner.invoke(app, ["inspect", str(pt_file), "--config", str(cfg)])
     assert result.exit_code == 0 and result.stdout.startswith("name,kind,shape")
-    result = runner.invoke(app, ["inspect", str(pt_file), "--config", str(cfg), "-o", str(tmp_path / "r.md")])
+    result = runner.invoke(
+        app, ["inspect", str(pt_file), "--config", str(cfg), "-o", str(tmp_path / "r.md")]
+    )
     assert result.exit_code == 0 and (tmp_path / "r.md").read_text().startswith("## wcond inspect")
     result = runner.invoke(app, ["inspect", str(pt_file), "--config", str(cfg), "-f", "json"])
     assert json.loads(result.stdout)["layers"]
@@ -158,7 +203,9 @@ def test_config_format_is_a_default_below_flag_and_extension(tmp_path: Path, pt_
 
 def test_config_applies_to_diff(tmp_path: Path, pt_file: Path) -> None:
     cfg = write(tmp_path / "wcond.toml", 'layers = ["conv2.*"]\ntau-cos = 0.03\n')
-    result = runner.invoke(app, ["diff", str(pt_file), str(pt_file), "--config", str(cfg), "-f", "json"])
+    result = runner.invoke(
+        app, ["diff", str(pt_file), str(pt_file), "--config", str(cfg), "-f", "json"]
+    )
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert [layer["name"] for layer in doc["layers"]] == ["conv2.weight"]

@@ -52,7 +52,9 @@ def test_self_diff_cli_json_and_table_show_no_change(pt_file: Path) -> None:
             assert entry["delta"] in (0, None) and entry["a"] == entry["b"]
     table = runner.invoke(app, ["diff", str(pt_file), str(pt_file)]).stdout
     assert "(0 with a new shape), 0 only in A, 0 only in B" in table and "  new shape" not in table
-    rows = [line.split() for line in table.splitlines() if line.startswith("   ") and line.strip()]  # metric rows
+    rows = [
+        line.split() for line in table.splitlines() if line.startswith("   ") and line.strip()
+    ]  # metric rows
     assert len(rows) > 40 and all(r[-2:] == ["0", "0%"] for r in rows)
 
 
@@ -73,9 +75,14 @@ def test_changes_are_b_minus_a_of_inspect(state_dict: dict[str, torch.Tensor]) -
             assert (m.a, m.b) == (a, b)
             if a is not None:
                 assert m.delta == b - a
-                assert m.relative == (pytest.approx((b - a) / abs(a)) if a else (0.0 if b == a else None))
+                assert m.relative == (
+                    pytest.approx((b - a) / abs(a)) if a else (0.0 if b == a else None)
+                )
     # the planted anti-parallel pair (rows 1, 4) survives the cut; scaling fc leaves its angles alone
-    assert conv2.metrics["near_parallel_rows"].delta == 0 and conv2.metrics["params"].delta == -4 * 8 * 9
+    assert (
+        conv2.metrics["near_parallel_rows"].delta == 0
+        and conv2.metrics["params"].delta == -4 * 8 * 9
+    )
     assert d.layers[1].metrics["acv_mean"].delta == pytest.approx(0, abs=1e-6)
     assert d.layers[1].metrics["norm_loss"].delta != 0
     assert d.summary["layers"].a == 3 and d.summary["layers"].b == 3
@@ -102,11 +109,18 @@ def test_cli_formats_and_output_file(tmp_path: Path, state_dict: dict[str, torch
     md = runner.invoke(app, ["diff", str(a), str(b), "-o", str(tmp_path / "d.md")])
     assert md.exit_code == 0 and "wrote" in md.stderr
     text = (tmp_path / "d.md").read_text()
-    assert "**Only in A**: `conv1.weight`" in text and "- `conv2.weight`: 16x8x3x3 → 12x8x3x3" in text
+    assert (
+        "**Only in A**: `conv1.weight`" in text and "- `conv2.weight`: 16x8x3x3 → 12x8x3x3" in text
+    )
     assert "| `conv2.weight` | shape | 16x8x3x3 | 12x8x3x3 | new shape | |" in text
     doc = json.loads(runner.invoke(app, ["diff", str(a), str(b), "-f", "json"]).stdout)
     conv2 = doc["layers"][0]
-    assert conv2["shape_changed"] is True and conv2["params"] == {"a": 1152, "b": 864, "delta": -288, "relative": -0.25}
+    assert conv2["shape_changed"] is True and conv2["params"] == {
+        "a": 1152,
+        "b": 864,
+        "delta": -288,
+        "relative": -0.25,
+    }
     assert doc["only_a"] == ["conv1.weight"] and doc["only_b"] == ["head.weight"]
 
 
@@ -125,7 +139,11 @@ def test_diff_of_a_shrunk_checkpoint(tmp_path: Path) -> None:
     w = torch.randn(24, 40, generator=g)
     w[7] = 1.5 * w[2]
     w[11] = -0.5 * w[5]
-    sd = {"fc1.weight": w, "fc2.weight": torch.randn(6, 24, generator=g), "fc3.weight": torch.randn(5, 6, generator=g)}
+    sd = {
+        "fc1.weight": w,
+        "fc2.weight": torch.randn(6, 24, generator=g),
+        "fc3.weight": torch.randn(5, 6, generator=g),
+    }
     src, small = tmp_path / "dense.safetensors", tmp_path / "small.safetensors"
     save_file(sd, src)
     shrink(src, small, axis="rows")

@@ -58,7 +58,9 @@ def golden_report() -> Report:
 
 
 def _table(render: Callable[[object, Console], None], obj: object) -> str:
-    console = Console(record=True, width=100, file=io.StringIO(), color_system=None, legacy_windows=False)
+    console = Console(
+        record=True, width=100, file=io.StringIO(), color_system=None, legacy_windows=False
+    )
     render(obj, console)
     return console.export_text()
 
@@ -68,7 +70,9 @@ def _same(got: str, want: str) -> bool:
     if _NUMBER.split(got) != _NUMBER.split(want):
         return False
     a, b = _NUMBER.findall(got), _NUMBER.findall(want)
-    return len(a) == len(b) and all(float(x) == pytest.approx(float(y), rel=1e-5, abs=1e-12) for x, y in zip(a, b))
+    return len(a) == len(b) and all(
+        float(x) == pytest.approx(float(y), rel=1e-5, abs=1e-12) for x, y in zip(a, b)
+    )
 
 
 def check(name: str, text: str, update: bool) -> None:
@@ -83,8 +87,12 @@ def check(name: str, text: str, update: bool) -> None:
     if not _same(text, want):
         import difflib
 
-        delta = "".join(difflib.unified_diff(want.splitlines(True), text.splitlines(True), "golden", "now"))
-        pytest.fail(f"{name} differs from the golden file (rerun with --update-golden if intended):\n{delta}")
+        delta = "".join(
+            difflib.unified_diff(want.splitlines(True), text.splitlines(True), "golden", "now")
+        )
+        pytest.fail(
+            f"{name} differs from the golden file (rerun with --update-golden if intended):\n{delta}"
+        )
 
 
 def test_golden_report_has_what_the_goldens_should_show() -> None:
@@ -114,7 +122,9 @@ def test_junit(update_golden: bool) -> None:
 
 def _golden_diff():
     after = golden_state_dict()
-    after["conv1.weight"] = after["conv1.weight"][[0, 1, 2, 3, 5]].contiguous()  # the near-parallel row dropped
+    after["conv1.weight"] = after["conv1.weight"][
+        [0, 1, 2, 3, 5]
+    ].contiguous()  # the near-parallel row dropped
     after["conv2.weight"] = after["conv2.weight"] * 1.5
     del after["fc.weight"]
     after["head.weight"] = torch.eye(3)

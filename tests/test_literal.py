@@ -35,7 +35,12 @@ def test_rows_and_cols_of_a_conv_accept_torch_of_any_dtype() -> None:
 
 
 def test_dead_indices_means_norm_exactly_zero() -> None:
-    vs = [np.zeros(3), np.array([0.0, 1e-300, 0.0]), np.array([-0.0, 0.0, 0.0]), np.array([5e-324, 5e-324, 0.0])]
+    vs = [
+        np.zeros(3),
+        np.array([0.0, 1e-300, 0.0]),
+        np.array([-0.0, 0.0, 0.0]),
+        np.array([5e-324, 5e-324, 0.0]),
+    ]
     assert L.dead_indices(vs) == [0, 2]
     assert L.live_indices(vs) == [1, 3]
     assert L.cos(vs[1], vs[3]) == pytest.approx(1 / math.sqrt(2), rel=1e-15)  # no underflow
@@ -88,10 +93,14 @@ def test_full_xcorr_by_hand_orientation() -> None:
 
 
 @pytest.mark.parametrize("shape", [(4,), (2, 3), (3, 2), (2, 3, 2)])
-def test_full_xcorr_matches_torch_conv_and_flips_when_swapped(rng: np.random.Generator, shape: tuple[int, ...]) -> None:
+def test_full_xcorr_matches_torch_conv_and_flips_when_swapped(
+    rng: np.random.Generator, shape: tuple[int, ...]
+) -> None:
     a, b = rng.standard_normal(shape), rng.standard_normal(shape)
     conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(shape)]
-    ref = conv(torch.tensor(b)[None, None], torch.tensor(a)[None, None], padding=[k - 1 for k in shape])
+    ref = conv(
+        torch.tensor(b)[None, None], torch.tensor(a)[None, None], padding=[k - 1 for k in shape]
+    )
     c = L.full_xcorr(a, b)
     assert c.shape == tuple(2 * k - 1 for k in shape)
     np.testing.assert_allclose(c, ref[0, 0].numpy(), rtol=1e-12, atol=1e-12)
@@ -103,7 +112,9 @@ def test_full_xcorr_matches_torch_conv_and_flips_when_swapped(rng: np.random.Gen
 
 def test_full_xcorr_matches_numpy_correlate_for_unequal_lengths(rng: np.random.Generator) -> None:
     a, b = rng.standard_normal(3), rng.standard_normal(7)
-    np.testing.assert_allclose(L.full_xcorr(a, b), np.correlate(b, a, "full"), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+        L.full_xcorr(a, b), np.correlate(b, a, "full"), rtol=1e-12, atol=1e-12
+    )
 
 
 # --------------------------------------------------------------------------- Convolutional Similarity
@@ -145,7 +156,9 @@ def test_conv_similarity_groups_only_pair_within_groups(rng: np.random.Generator
     assert L.conv_similarity(w, groups=4) == 0.0
     assert L.conv_similarity(w) == pytest.approx(sum(p.values()), rel=1e-14)
     den = sum(np.sum(w[i] ** 2) * np.sum(w[j] ** 2) for i, j in [(0, 1), (2, 3)])
-    assert L.conv_similarity_norm(w, groups=2) == pytest.approx((p[0, 1] + p[2, 3]) / den, rel=1e-13)
+    assert L.conv_similarity_norm(w, groups=2) == pytest.approx(
+        (p[0, 1] + p[2, 3]) / den, rel=1e-13
+    )
     n = [float(np.sum(w[i] ** 2)) for i in range(4)]
     raw = sum(((n[a] + n[b]) ** 2 - 3 * (n[a] ** 2 + n[b] ** 2)) / 2 for a, b in [(0, 1), (2, 3)])
     assert L.cs_floor(w, groups=2, clamp=False) == pytest.approx(raw, rel=1e-13)
@@ -161,7 +174,9 @@ def test_conv_similarity_is_none_for_matrices() -> None:
     assert L.conv_similarity_norm(np.zeros((2, 1, 3))) is None  # 0 / 0
 
 
-@pytest.mark.parametrize("shape", [(9, 1, 2), (6, 2, 3), (5, 1, 2, 1), (3, 2, 2, 3), (3, 1, 1, 2, 2)])
+@pytest.mark.parametrize(
+    "shape", [(9, 1, 2), (6, 2, 3), (5, 1, 2, 1), (3, 2, 2, 3), (3, 1, 1, 2, 2)]
+)
 def test_cs_floor_bounds_cs(rng: np.random.Generator, shape: tuple[int, ...]) -> None:
     w = rng.standard_normal(shape)
     cs, floor, raw = L.conv_similarity(w), L.cs_floor(w), L.cs_floor(w, clamp=False)
@@ -186,7 +201,9 @@ def test_feature_map_is_full_xcorr_and_torch_full_padding(rng: np.random.Generat
     f = L.feature_map(k, x)
     assert f.shape == (8 + 3 - 1,)
     np.testing.assert_allclose(f, L.full_xcorr(k, x), rtol=1e-12, atol=1e-12)
-    ref = F.conv1d(torch.tensor(x)[None, None], torch.tensor(k)[None, None], padding=2)[0, 0].numpy()
+    ref = F.conv1d(torch.tensor(x)[None, None], torch.tensor(k)[None, None], padding=2)[
+        0, 0
+    ].numpy()
     np.testing.assert_allclose(f, ref, rtol=1e-12, atol=1e-12)
 
 
@@ -216,7 +233,9 @@ def test_eq3_with_channels_needs_one_lag_orientation(rng: np.random.Generator) -
         for c2 in range(c)
     )
     assert lhs == pytest.approx(same, rel=1e-12)
-    assert abs(lhs - flipped) > 1e-6 * abs(lhs)  # cross-channel input correlations are not symmetric
+    assert abs(lhs - flipped) > 1e-6 * abs(
+        lhs
+    )  # cross-channel input correlations are not symmetric
 
 
 # --------------------------------------------------------------------------- Norm deviation
@@ -270,12 +289,17 @@ def test_d_euc_by_hand() -> None:
     assert L.d_euc([2.0, 0.0], [1.0, 0.0]) == 0.0
     assert L.d_euc([-2.0, 0.0], [1.0, 0.0]) == 0.0  # sign(cos) aligns anti-parallel vectors
     assert L.d_euc([0.0, 2.0], [1.0, 0.0]) == pytest.approx(math.sqrt(2), rel=1e-15)  # sign(0) = +1
-    assert L.d_euc([3.0, 4.0], [0.0, 1.0]) == L.d_euc([0.0, 1.0], [3.0, 4.0])  # longer one is rescaled
+    assert L.d_euc([3.0, 4.0], [0.0, 1.0]) == L.d_euc(
+        [0.0, 1.0], [3.0, 4.0]
+    )  # longer one is rescaled
 
 
 def test_d_euc_identity_on_random_vectors(rng: np.random.Generator) -> None:
     for _ in range(20):
-        a, b = rng.standard_normal(7) * rng.uniform(0.1, 3), rng.standard_normal(7) * rng.uniform(0.1, 3)
+        a, b = (
+            rng.standard_normal(7) * rng.uniform(0.1, 3),
+            rng.standard_normal(7) * rng.uniform(0.1, 3),
+        )
         shorter = min(np.linalg.norm(a), np.linalg.norm(b))
         c = L.cos(a, b)
         assert L.d_euc(a, b) == pytest.approx(shorter * math.sqrt(2 - 2 * abs(c)), rel=1e-12)
@@ -303,5 +327,7 @@ def test_cosine_metrics_are_scale_invariant(w: np.ndarray, s: float) -> None:
 @given(arrays(np.float64, (2, 2, 3), elements=st.floats(-2, 2, allow_subnormal=False)))
 def test_cs_pair_is_symmetric_and_homogeneous_of_degree_four(w: np.ndarray) -> None:
     assert L.cs_pair(w[0], w[1]) == pytest.approx(L.cs_pair(w[1], w[0]), rel=1e-12, abs=1e-300)
-    assert L.conv_similarity(2 * w) == pytest.approx(16 * L.conv_similarity(w), rel=1e-12, abs=1e-300)
+    assert L.conv_similarity(2 * w) == pytest.approx(
+        16 * L.conv_similarity(w), rel=1e-12, abs=1e-300
+    )
     assert L.cs_pair(w[0], w[1]) >= 0.0

@@ -14,8 +14,12 @@ from safetensors.torch import save_file
 from wcond import CheckpointError, UnsafeCheckpointError, load_checkpoint, open_checkpoint
 
 
-def assert_same(loaded: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], ordered: bool = True) -> None:
-    assert (list(loaded) if ordered else sorted(loaded)) == (list(expected) if ordered else sorted(expected))
+def assert_same(
+    loaded: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], ordered: bool = True
+) -> None:
+    assert (list(loaded) if ordered else sorted(loaded)) == (
+        list(expected) if ordered else sorted(expected)
+    )
     for k in expected:
         assert loaded[k].dtype == expected[k].dtype and torch.equal(loaded[k], expected[k]), k
 
@@ -41,7 +45,9 @@ def test_lightning_checkpoint(tmp_path: Path, state_dict: dict) -> None:
         "global_step": 100,
         "pytorch-lightning_version": "2.4.0",
         "state_dict": OrderedDict((f"model.{k}", v) for k, v in state_dict.items()),
-        "optimizer_states": [{"state": {0: {"exp_avg": torch.zeros(3)}}, "param_groups": [{"lr": 0.1}]}],
+        "optimizer_states": [
+            {"state": {0: {"exp_avg": torch.zeros(3)}}, "param_groups": [{"lr": 0.1}]}
+        ],
         "lr_schedulers": [],
         "hyper_parameters": {"lr": 0.1},
     }
@@ -107,7 +113,9 @@ def test_sharded_torch_bin_index(tmp_path: Path, state_dict: dict) -> None:
     keys = list(state_dict)
     torch.save({k: state_dict[k] for k in keys[:3]}, tmp_path / "pytorch_model-00001-of-00002.bin")
     torch.save({k: state_dict[k] for k in keys[3:]}, tmp_path / "pytorch_model-00002-of-00002.bin")
-    weight_map = {k: f"pytorch_model-0000{1 if i < 3 else 2}-of-00002.bin" for i, k in enumerate(keys)}
+    weight_map = {
+        k: f"pytorch_model-0000{1 if i < 3 else 2}-of-00002.bin" for i, k in enumerate(keys)
+    }
     (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
     assert_same(load_checkpoint(tmp_path), state_dict)
 
@@ -129,7 +137,9 @@ def test_unsafe_pickle_is_refused_and_never_executed(tmp_path: Path) -> None:
     torch.save({"w": torch.zeros(2, 2), "payload": Evil()}, path)
     with pytest.raises(UnsafeCheckpointError) as e:
         open_checkpoint(path)
-    assert str(path) in str(e.value) and "system" in str(e.value) and "never runs code" in str(e.value)
+    assert (
+        str(path) in str(e.value) and "system" in str(e.value) and "never runs code" in str(e.value)
+    )
     assert not marker.exists()
 
 
@@ -185,7 +195,9 @@ def test_directory_problems(tmp_path: Path, state_dict: dict) -> None:
 def test_index_with_missing_shard(tmp_path: Path, state_dict: dict) -> None:
     index = _shard(tmp_path, state_dict)
     (tmp_path / "model-00002-of-00002.safetensors").unlink()
-    with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors listed in the index is missing"):
+    with pytest.raises(
+        CheckpointError, match="model-00002-of-00002.safetensors listed in the index is missing"
+    ):
         open_checkpoint(index)
 
 

@@ -44,8 +44,14 @@ def test_conv_similarity_matches_literal(shape: tuple[int, ...]) -> None:
 @pytest.mark.parametrize("groups", [2, 3])
 def test_conv_similarity_grouped_pairs_within_groups(groups: int) -> None:
     w = seeded(6, 2, 3, seed=groups)
-    assert close(metrics.conv_similarity(w, groups=groups), literal.conv_similarity(w, groups=groups), rel=1e-4)
-    assert close(metrics.conv_similarity_norm(w, groups), literal.conv_similarity_norm(w, groups), rel=1e-4)
+    assert close(
+        metrics.conv_similarity(w, groups=groups),
+        literal.conv_similarity(w, groups=groups),
+        rel=1e-4,
+    )
+    assert close(
+        metrics.conv_similarity_norm(w, groups), literal.conv_similarity_norm(w, groups), rel=1e-4
+    )
     assert metrics.conv_similarity(w, groups=groups) < metrics.conv_similarity(w)
 
 
@@ -97,7 +103,9 @@ def test_planted_parallel_and_antiparallel_pairs() -> None:
     assert s.dead == [9] and s.live == 9
     assert sorted((p.i, p.j) for p in s.closest) == [(1, 5), (3, 7)]
     signs = {(p.i, p.j): p.cos for p in s.closest}
-    assert signs[(1, 5)] == pytest.approx(-1, abs=1e-6) and signs[(3, 7)] == pytest.approx(1, abs=1e-6)
+    assert signs[(1, 5)] == pytest.approx(-1, abs=1e-6) and signs[(3, 7)] == pytest.approx(
+        1, abs=1e-6
+    )
     assert float(s.rare) == pytest.approx(0, abs=1e-6)
     assert close(s.acv_sum, literal.acv_sum(vecs), rel=1e-5)
 
@@ -150,7 +158,12 @@ def test_cs_floor_bounds_cs() -> None:
 
 def test_regularizers_accept_module_list_and_tensor() -> None:
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 8, 3, groups=2), torch.nn.Flatten(), torch.nn.Linear(8, 4))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3),
+        torch.nn.Conv2d(8, 8, 3, groups=2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, 4),
+    )
     convs = [model[0].weight, model[1].weight]
     cs_module = metrics.conv_similarity(model)
     expected = metrics.conv_similarity(convs[0]) + metrics.conv_similarity(convs[1], groups=2)
@@ -161,7 +174,9 @@ def test_regularizers_accept_module_list_and_tensor() -> None:
         model.zero_grad()
         fn(model).backward()
         assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in weights)
-    assert float(metrics.acv(model[3].weight).detach()) == pytest.approx(literal.acv_sum(literal.rows(model[3].weight.detach())), rel=1e-5)
+    assert float(metrics.acv(model[3].weight).detach()) == pytest.approx(
+        literal.acv_sum(literal.rows(model[3].weight.detach())), rel=1e-5
+    )
 
 
 def test_cs_gradient_matches_autograd_through_literal_definition() -> None:
@@ -175,7 +190,9 @@ def test_cs_gradient_matches_autograd_through_literal_definition() -> None:
         for j in range(i + 1, 4):
             for c1 in range(3):
                 for c2 in range(3):
-                    xc = torch.nn.functional.conv1d(w2[j, c2].view(1, 1, -1), w2[i, c1].view(1, 1, -1), padding=4)
+                    xc = torch.nn.functional.conv1d(
+                        w2[j, c2].view(1, 1, -1), w2[i, c1].view(1, 1, -1), padding=4
+                    )
                     total = total + xc.pow(2).sum()
     (g_slow,) = torch.autograd.grad(total, w2)
     assert float(fast.detach()) == pytest.approx(float(total.detach()), rel=1e-10)
@@ -201,7 +218,9 @@ def test_invariants(out: int, cin: int, k: int, scale: float, seed: int) -> None
     assert float(metrics.conv_similarity(w * scale)) == pytest.approx(cs * scale**4, rel=1e-3)
     # reversing the filter order changes nothing (symmetry of the pair sum)
     assert float(metrics.conv_similarity(w.flip(0))) == pytest.approx(cs, rel=1e-4)
-    assert float(metrics.conv_similarity_norm(w * scale)) == pytest.approx(float(metrics.conv_similarity_norm(w)), rel=1e-3)
+    assert float(metrics.conv_similarity_norm(w * scale)) == pytest.approx(
+        float(metrics.conv_similarity_norm(w)), rel=1e-3
+    )
 
 
 def test_cs_predicts_feature_map_orthogonality() -> None:
@@ -210,8 +229,13 @@ def test_cs_predicts_feature_map_orthogonality() -> None:
     k1, k2, x = rng.uniform(-1, 1, 4), rng.uniform(-1, 1, 4), rng.uniform(0, 1, 32)
     inner = literal.feature_map_inner(k1, k2, x)
     w = torch.tensor(np.stack([k1, k2])[:, None, :])
-    assert float(metrics.conv_similarity(w)) == pytest.approx(float((literal.full_xcorr(k1, k2) ** 2).sum()), rel=1e-10)
-    assert inner == pytest.approx(float(np.dot(literal.full_xcorr(k1, k2), literal.clip_lags(literal.full_xcorr(x, x), [4]))), rel=1e-9)
+    assert float(metrics.conv_similarity(w)) == pytest.approx(
+        float((literal.full_xcorr(k1, k2) ** 2).sum()), rel=1e-10
+    )
+    assert inner == pytest.approx(
+        float(np.dot(literal.full_xcorr(k1, k2), literal.clip_lags(literal.full_xcorr(x, x), [4]))),
+        rel=1e-9,
+    )
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -224,4 +248,6 @@ def test_closest_pairs_are_the_exact_top_k(seed: int) -> None:
     expected = {(int(p) // 60, int(p) % 60) for p in full.flatten().topk(6).indices}
     s = metrics.pair_statistics(w, top_k=6)
     assert {(p.i, p.j) for p in s.closest} == expected
-    assert [round(abs(p.cos), 5) for p in s.closest] == sorted((round(abs(p.cos), 5) for p in s.closest), reverse=True)
+    assert [round(abs(p.cos), 5) for p in s.closest] == sorted(
+        (round(abs(p.cos), 5) for p in s.closest), reverse=True
+    )

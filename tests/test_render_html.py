@@ -60,14 +60,18 @@ def page(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def test_html_is_self_contained(page: tuple[Path, Path]) -> None:
     text = page[1].read_text(encoding="utf-8")
-    assert not re.search(r"(?i)\b(?:https?|ftp)://", text), "an external URL (even in a comment) in the page"
+    assert not re.search(r"(?i)\b(?:https?|ftp)://", text), (
+        "an external URL (even in a comment) in the page"
+    )
     assert not re.search(r"(?i)(?:src|href)\s*=\s*[\"']?//", text), "a protocol-relative reference"
     parser = _Refs()
     parser.feed(text)
     assert not {"link", "iframe", "object", "embed"} & parser.tags
     assert all(tag == "script" for tag in parser.tags & {"script"})
     for tag, attr, value in parser.refs:
-        assert value.startswith("data:") or value.startswith("#"), f"<{tag} {attr}={value[:60]!r}> leaves the file"
+        assert value.startswith("data:") or value.startswith("#"), (
+            f"<{tag} {attr}={value[:60]!r}> leaves the file"
+        )
     assert not re.search(r"<script[^>]+src", text) and "@import" not in text and "url(" not in text
 
 
@@ -88,7 +92,9 @@ def test_html_shows_gates_layers_summary_and_heatmaps(page: tuple[Path, Path]) -
     assert "Closest row pairs: 1&ndash;4 (cos -1.0000)" in text
 
 
-def test_without_matplotlib_the_page_says_what_to_install(tmp_path: Path, pt_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_matplotlib_the_page_says_what_to_install(
+    tmp_path: Path, pt_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     text = make_report(tmp_path, pt_file).read_text(encoding="utf-8")
     assert "Heatmaps need matplotlib: pip install &#x27;wcond[plot]&#x27;" in text
@@ -125,15 +131,23 @@ def _browser() -> str | None:
 
 def _chromium(browser: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     flags = [
-        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
         f"--user-data-dir={tmp_path / 'profile'}",
-    ]  # fmt: skip
+    ]
     return subprocess.run([browser, *flags, *args], capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.skipif(_browser() is None, reason="no chromium found (apt-get install chromium)")
-def test_in_headless_chromium_the_page_renders_and_sorts(tmp_path: Path, page: tuple[Path, Path]) -> None:
+def test_in_headless_chromium_the_page_renders_and_sorts(
+    tmp_path: Path, page: tuple[Path, Path]
+) -> None:
     ckpt, html_file = page
     browser = _browser()
     assert browser is not None
@@ -155,20 +169,30 @@ def test_in_headless_chromium_the_page_renders_and_sorts(tmp_path: Path, page: t
     head("acv_mean").click(); head("acv_mean").click();
     </script>"""
     clicked = tmp_path / "clicked.html"
-    clicked.write_text(html_file.read_text(encoding="utf-8").replace("</body>", clicks + "</body>"), encoding="utf-8")
+    clicked.write_text(
+        html_file.read_text(encoding="utf-8").replace("</body>", clicks + "</body>"),
+        encoding="utf-8",
+    )
 
     dom = _chromium(browser, tmp_path, "--dump-dom", clicked.as_uri())
     assert dom.returncode == 0, dom.stderr[-2000:]
     html = dom.stdout
     assert "FAIL: 1 of 2 gates tripped" in html
-    body = html[html.index('<table class="sortable" id="layers">'):]
+    body = html[html.index('<table class="sortable" id="layers">') :]
     body = body[: body.index("</table>")]
     order = re.findall(r'<tr data-i="\d+"[^>]*><td class="t" data-v="([^"]+)"', body)
     assert order == by_acv, f"rows after sorting by acv_mean descending: {order}"
-    assert re.search(r'<th [^>]*aria-sort="descending"[^>]*>acv_mean</th>', body) and body.count("aria-sort=") == 1
+    assert (
+        re.search(r'<th [^>]*aria-sort="descending"[^>]*>acv_mean</th>', body)
+        and body.count("aria-sort=") == 1
+    )
     assert f'data-after-params="{",".join(by_params)}"' in html
-    assert by_params != sorted(by_params, key=lambda n: str(next(r.params for r in report.layers if r.name == n)))
+    assert by_params != sorted(
+        by_params, key=lambda n: str(next(r.params for r in report.layers if r.name == n))
+    )
 
     shot = tmp_path / "page.png"
-    result = _chromium(browser, tmp_path, f"--screenshot={shot}", "--window-size=1280,1600", html_file.as_uri())
+    result = _chromium(
+        browser, tmp_path, f"--screenshot={shot}", "--window-size=1280,1600", html_file.as_uri()
+    )
     assert result.returncode == 0 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -23,7 +23,9 @@ def parse(text: str) -> ET.Element:
 
 
 def test_one_testcase_per_layer_and_gate(state_dict: dict) -> None:
-    report = inspect(state_dict, fail_if=["near_parallel_rows>0", "conv_similarity_norm>0", "acv_mean>100"])
+    report = inspect(
+        state_dict, fail_if=["near_parallel_rows>0", "conv_similarity_norm>0", "acv_mean>100"]
+    )
     root = parse(to_junit(report))
     (suite,) = root.findall("testsuite")
     cases = suite.findall("testcase")
@@ -32,22 +34,43 @@ def test_one_testcase_per_layer_and_gate(state_dict: dict) -> None:
         for layer in ("conv1.weight", "conv2.weight", "fc.weight")
         for gate in ("near_parallel_rows>0", "conv_similarity_norm>0", "acv_mean>100")
     ]
-    failed = {(c.get("classname"), c.get("name")): c.find("failure") for c in cases if c.find("failure") is not None}
+    failed = {
+        (c.get("classname"), c.get("name")): c.find("failure")
+        for c in cases
+        if c.find("failure") is not None
+    }
     want = {(v.layer, g.expr) for g in report.gates for v in g.violations}
-    assert set(failed) == want == {
-        ("conv2.weight", "near_parallel_rows>0"), ("conv1.weight", "conv_similarity_norm>0"),
-        ("conv2.weight", "conv_similarity_norm>0"),
-    }  # fmt: skip
+    assert (
+        set(failed)
+        == want
+        == {
+            ("conv2.weight", "near_parallel_rows>0"),
+            ("conv1.weight", "conv_similarity_norm>0"),
+            ("conv2.weight", "conv_similarity_norm>0"),
+        }
+    )
     f = failed[("conv1.weight", "conv_similarity_norm>0")]
     cs = report.layers[0].conv_similarity_norm
     assert f.get("message") == f"conv_similarity_norm = {cs:.4g} trips conv_similarity_norm>0"
     assert f.text == f"conv1.weight: conv_similarity_norm = {cs!r}, gate conv_similarity_norm>0"
-    assert failed[("conv2.weight", "near_parallel_rows>0")].get("message") == "near_parallel_rows = 1 trips near_parallel_rows>0"
+    assert (
+        failed[("conv2.weight", "near_parallel_rows>0")].get("message")
+        == "near_parallel_rows = 1 trips near_parallel_rows>0"
+    )
     # CS does not apply to the Linear layer: skipped, like the gate that never trips on it
-    fc_cs = next(c for c in cases if c.get("classname") == "fc.weight" and c.get("name") == "conv_similarity_norm>0")
+    fc_cs = next(
+        c
+        for c in cases
+        if c.get("classname") == "fc.weight" and c.get("name") == "conv_similarity_norm>0"
+    )
     assert fc_cs.find("skipped").get("message") == "conv_similarity_norm does not apply to a matrix"
     for el in (root, suite):
-        assert (el.get("tests"), el.get("failures"), el.get("errors"), el.get("skipped")) == ("9", "3", "0", "1")
+        assert (el.get("tests"), el.get("failures"), el.get("errors"), el.get("skipped")) == (
+            "9",
+            "3",
+            "0",
+            "1",
+        )
     props = {p.get("name"): p.get("value") for p in suite.find("properties")}
     assert props["tau_cos"] == "0.0001" and props["layers"] == "[]"
 
@@ -56,8 +79,10 @@ def test_without_gates_one_passing_case_per_layer(state_dict: dict) -> None:
     root = parse(to_junit(inspect(state_dict)))
     cases = root.find("testsuite").findall("testcase")
     assert [(c.get("classname"), c.get("name")) for c in cases] == [
-        ("conv1.weight", "inspect"), ("conv2.weight", "inspect"), ("fc.weight", "inspect"),
-    ]  # fmt: skip
+        ("conv1.weight", "inspect"),
+        ("conv2.weight", "inspect"),
+        ("fc.weight", "inspect"),
+    ]
     assert all(c.find("failure") is None and c.find("skipped") is None for c in cases)
     assert "near_parallel_rows 1" in cases[1].find("system-out").text
     assert root.get("failures") == "0"
@@ -73,11 +98,15 @@ def test_nonfinite_layer_is_skipped_not_failed() -> None:
 
 def test_cli_writes_xml_by_extension_and_exit_code_agrees(tmp_path: Path, pt_file: Path) -> None:
     out = tmp_path / "wcond.xml"
-    result = runner.invoke(app, ["inspect", str(pt_file), "-o", str(out), "--fail-if", "near_parallel_rows>0"])
+    result = runner.invoke(
+        app, ["inspect", str(pt_file), "-o", str(out), "--fail-if", "near_parallel_rows>0"]
+    )
     assert result.exit_code == 1 and f"wrote {out}" in result.stderr
     root = parse(out.read_text(encoding="utf-8"))
     assert root.get("failures") == "1"
-    result = runner.invoke(app, ["inspect", str(pt_file), "-f", "junit", "--fail-if", "dead_rows>0"])
+    result = runner.invoke(
+        app, ["inspect", str(pt_file), "-f", "junit", "--fail-if", "dead_rows>0"]
+    )
     assert result.exit_code == 0 and parse(result.stdout).get("failures") == "0"
 
 

@@ -49,8 +49,12 @@ def _rebuild(f, key: str = "w") -> torch.Tensor:
 
 
 @pytest.mark.parametrize("block_elements", [1 << 24, 7])
-def test_near_parallel_pairs_match_the_literal_definition(monkeypatch: pytest.MonkeyPatch, block_elements: int) -> None:
-    monkeypatch.setattr(metrics, "_BLOCK_ELEMENTS", block_elements)  # 7: one row per block, many blocks
+def test_near_parallel_pairs_match_the_literal_definition(
+    monkeypatch: pytest.MonkeyPatch, block_elements: int
+) -> None:
+    monkeypatch.setattr(
+        metrics, "_BLOCK_ELEMENTS", block_elements
+    )  # 7: one row per block, many blocks
     v = torch.randn(30, 5, generator=_gen(1))
     v[7] = 2 * v[3]
     v[9] = -0.3 * v[3] + 1e-4 * torch.randn(5, generator=_gen(2))
@@ -84,8 +88,12 @@ def test_parallel_and_antiparallel_pairs_fuse_keeping_the_shorter() -> None:
     assert g.kept_indices == [0, 1, 2, 4, 6, 7] and g.removed == [3, 5]
     assert g.index[5] == g.index[1] and g.index[3] == g.index[6]
     # METRICS.md: r = <w_i, w_j> / |w_j|^2, s = sqrt(1 + r^2); j gets 1/s, i gets r/s.
-    assert float(g.coef[1]) == pytest.approx(1 / math.sqrt(5)) and float(g.coef[5]) == pytest.approx(2 / math.sqrt(5))
-    assert float(g.coef[6]) == pytest.approx(1 / math.sqrt(17)) and float(g.coef[3]) == pytest.approx(-4 / math.sqrt(17))
+    assert float(g.coef[1]) == pytest.approx(1 / math.sqrt(5)) and float(
+        g.coef[5]
+    ) == pytest.approx(2 / math.sqrt(5))
+    assert float(g.coef[6]) == pytest.approx(1 / math.sqrt(17)) and float(
+        g.coef[3]
+    ) == pytest.approx(-4 / math.sqrt(17))
     assert g.max_angle == pytest.approx(0, abs=1e-5)
 
 
@@ -96,13 +104,17 @@ def test_a_fused_vector_is_retested_so_groups_grow() -> None:
     g = fuse_vectors(v, tau_cos=1e-4, tau_euc=0.1)
     assert g.fused == 2 and g.removed == [2, 7]
     assert len({int(g.index[k]) for k in (2, 7, 9)}) == 1
-    assert float((g.coef[[2, 7, 9]] ** 2).sum()) == pytest.approx(1)  # a group's coefficients are a unit vector
+    assert float((g.coef[[2, 7, 9]] ** 2).sum()) == pytest.approx(
+        1
+    )  # a group's coefficients are a unit vector
 
 
 def test_closest_pair_first() -> None:
     # 1 is near both 0 and 2; (1, 2) is closer, fuses first, and the fused vector is too far from 0.
     base = torch.tensor([1.0, 0, 0], dtype=torch.float64)
-    v = torch.stack([base + torch.tensor([0, 0.0135, 0.0]), base, base + torch.tensor([0, -0.004, 0.0])])
+    v = torch.stack(
+        [base + torch.tensor([0, 0.0135, 0.0]), base, base + torch.tensor([0, -0.004, 0.0])]
+    )
     g = fuse_vectors(v, tau_cos=1e-4, tau_euc=0.1)
     assert g.fused == 1 and g.index[1] == g.index[2] != g.index[0]
 
@@ -119,7 +131,12 @@ def test_positive_only_skips_antiparallel_pairs() -> None:
 def test_nothing_to_fuse_is_the_identity() -> None:
     v = torch.randn(20, 32, generator=_gen(6))
     g = fuse_vectors(v, tau_cos=1e-4, tau_euc=0.1)
-    assert g.fused == 0 and g.index.tolist() == list(range(20)) and g.coef.tolist() == [1.0] * 20 and g.max_angle is None
+    assert (
+        g.fused == 0
+        and g.index.tolist() == list(range(20))
+        and g.coef.tolist() == [1.0] * 20
+        and g.max_angle is None
+    )
 
 
 # --------------------------------------------------------------------------- one layer
@@ -152,7 +169,9 @@ def test_factorize_conv_along_filters_and_input_channels() -> None:
     q = torch.zeros(5, 6, dtype=torch.float64)
     q[cols.cols.index, torch.arange(6)] = cols.cols.coef
     x_small = torch.einsum("nchw,kc->nkhw", x.double(), q).float()
-    torch.testing.assert_close(nn.functional.conv2d(x_small, cols.w), nn.functional.conv2d(x, w), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        nn.functional.conv2d(x_small, cols.w), nn.functional.conv2d(x, w), rtol=1e-4, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -186,7 +205,9 @@ def test_near_parallel_error_within_what_tau_cos_allows(seed: int) -> None:
 
 
 class MLP(nn.Module):
-    def __init__(self, widths: tuple[int, ...] = (64, 64, 64, 10), act: type[nn.Module] = nn.ReLU) -> None:
+    def __init__(
+        self, widths: tuple[int, ...] = (64, 64, 64, 10), act: type[nn.Module] = nn.ReLU
+    ) -> None:
         super().__init__()
         self.fc1 = nn.Linear(widths[0], widths[1])
         self.fc2 = nn.Linear(widths[1], widths[2])
@@ -225,13 +246,21 @@ def test_shrink_and_load_give_back_the_model(mlp_file: Path, tmp_path: Path) -> 
     out = tmp_path / "small.safetensors"
     report = shrink(mlp_file, out)
     by = {r.name: r for r in report.layers}
-    assert (by["fc1.weight"].fused_rows, by["fc1.weight"].fused_cols) == (4, 0)  # square: both axes, columns protected
+    assert (by["fc1.weight"].fused_rows, by["fc1.weight"].fused_cols) == (
+        4,
+        0,
+    )  # square: both axes, columns protected
     assert (by["fc2.weight"].fused_rows, by["fc2.weight"].fused_cols) == (3, 3)
-    assert (by["fc3.weight"].fused_rows, by["fc3.weight"].fused_cols) == (0, 0)  # rows protected; cols: none parallel
+    assert (by["fc3.weight"].fused_rows, by["fc3.weight"].fused_cols) == (
+        0,
+        0,
+    )  # rows protected; cols: none parallel
     assert by["fc2.weight"].shape_after == [61, 61] and by["fc2.weight"].params_after == 61 * 61
     assert all(r.reconstruction_error < 1e-6 for r in report.layers)
     assert any("columns protected" in n for n in by["fc1.weight"].notes)
-    assert by["fc3.weight"].axes == ["cols"] and by["fc3.weight"].notes == []  # auto never looked at its rows
+    assert (
+        by["fc3.weight"].axes == ["cols"] and by["fc3.weight"].notes == []
+    )  # auto never looked at its rows
     assert report.params_removed == 64 * 64 - 60 * 64 + 64 * 64 - 61 * 61
     assert out.stat().st_size < mlp_file.stat().st_size
 
@@ -255,12 +284,20 @@ def test_stored_layout_manifest_and_untouched_tensors(mlp_file: Path, tmp_path: 
         meta = json.loads(f.metadata()[MANIFEST_KEY])
         stored = {k: f.get_tensor(k) for k in keys}
     assert "fc1.weight" not in stored and "fc2.weight" not in stored
-    assert stored["fc1.weight" + W_SUFFIX].shape == (60, 64) and "fc1.weight" + COL_INDEX not in stored
-    assert stored["fc1.weight" + ROW_INDEX].dtype == torch.int32 and stored["fc1.weight" + ROW_INDEX].shape == (64,)
-    assert stored["fc2.weight" + COL_COEF].dtype == torch.float32 and stored["fc2.weight" + COL_COEF].shape == (64,)
+    assert (
+        stored["fc1.weight" + W_SUFFIX].shape == (60, 64) and "fc1.weight" + COL_INDEX not in stored
+    )
+    assert stored["fc1.weight" + ROW_INDEX].dtype == torch.int32 and stored[
+        "fc1.weight" + ROW_INDEX
+    ].shape == (64,)
+    assert stored["fc2.weight" + COL_COEF].dtype == torch.float32 and stored[
+        "fc2.weight" + COL_COEF
+    ].shape == (64,)
     for key in ("fc1.bias", "fc2.bias", "fc3.weight", "fc3.bias"):  # untouched: bit-identical
         assert stored[key].dtype == original[key].dtype and torch.equal(stored[key], original[key])
-    assert meta["layers"]["fc2.weight"]["shape"] == [64, 64] and meta["layers"]["fc2.weight"]["stored_shape"] == [61, 61]
+    assert meta["layers"]["fc2.weight"]["shape"] == [64, 64] and meta["layers"]["fc2.weight"][
+        "stored_shape"
+    ] == [61, 61]
     assert meta["settings"]["tau_cos"] == 1e-4 and "fc3.weight" not in meta["layers"]
 
 
@@ -271,15 +308,25 @@ def test_no_protect_ends_and_protect(mlp_file: Path) -> None:
     by = {r.name: r for r in shrink(mlp_file, axis="both", protect_ends=False).layers}
     assert by["fc1.weight"].fused_cols == 1 and by["fc3.weight"].fused_rows == 1
     by = {r.name: r for r in shrink(mlp_file, protect=["fc2.*"]).layers}
-    assert by["fc2.weight"].fused_rows == by["fc2.weight"].fused_cols == 0 and by["fc1.weight"].fused_rows == 4
+    assert (
+        by["fc2.weight"].fused_rows == by["fc2.weight"].fused_cols == 0
+        and by["fc1.weight"].fused_rows == 4
+    )
     assert by["fc2.weight"].notes == ["protected (--protect): not fused"]
 
 
 def test_axis_choice(mlp_file: Path) -> None:
     by = {r.name: r for r in shrink(mlp_file, axis="cols").layers}
-    assert (by["fc1.weight"].fused_rows, by["fc2.weight"].fused_rows, by["fc2.weight"].fused_cols) == (0, 0, 3)
+    assert (
+        by["fc1.weight"].fused_rows,
+        by["fc2.weight"].fused_rows,
+        by["fc2.weight"].fused_cols,
+    ) == (0, 0, 3)
     by = {r.name: r for r in shrink(mlp_file, axis="rows", layers=["fc2.*"]).layers}
-    assert list(by) == ["fc2.weight"] and (by["fc2.weight"].fused_rows, by["fc2.weight"].fused_cols) == (3, 0)
+    assert list(by) == ["fc2.weight"] and (
+        by["fc2.weight"].fused_rows,
+        by["fc2.weight"].fused_cols,
+    ) == (3, 0)
     with pytest.raises(UsageError, match="--axis 'diagonal'"):
         shrink(mlp_file, axis="diagonal")
 
@@ -290,16 +337,31 @@ def test_auto_axis_is_the_longer_one(tmp_path: Path) -> None:
     w[30:] = 0.5 * w[:10]
     path = tmp_path / "tall.safetensors"
     # safetensors sorts its keys: wcond reads them in natural order, so "first" and "last" are l1 and l3
-    save_file({"l3.weight": torch.randn(3, 40, generator=_gen(13)), "l2.weight": w, "l1.weight": torch.randn(8, 8, generator=_gen(12))}, str(path))
+    save_file(
+        {
+            "l3.weight": torch.randn(3, 40, generator=_gen(13)),
+            "l2.weight": w,
+            "l1.weight": torch.randn(8, 8, generator=_gen(12)),
+        },
+        str(path),
+    )
     by = {r.name: r for r in shrink(path).layers}
     assert (by["l2.weight"].fused_rows, by["l2.weight"].fused_cols) == (10, 0)
-    assert by["l2.weight"].axes == ["rows"] and by["l3.weight"].axes == ["cols"] and by["l1.weight"].axes == ["rows"]
+    assert (
+        by["l2.weight"].axes == ["rows"]
+        and by["l3.weight"].axes == ["cols"]
+        and by["l1.weight"].axes == ["rows"]
+    )
 
 
 def test_a_factorization_that_would_not_save_bytes_is_left_dense(tmp_path: Path) -> None:
     w = torch.randn(16, 16, generator=_gen(14))
     w[9] = 2 * w[3]  # one row saves 64 bytes, the index and coefficient per row cost 128
-    sd = {"a.weight": torch.randn(16, 16, generator=_gen(15)), "b.weight": w, "c.weight": torch.randn(4, 16, generator=_gen(16))}
+    sd = {
+        "a.weight": torch.randn(16, 16, generator=_gen(15)),
+        "b.weight": w,
+        "c.weight": torch.randn(4, 16, generator=_gen(16)),
+    }
     src, out = tmp_path / "m.safetensors", tmp_path / "o.safetensors"
     save_file(sd, str(src))
     report = shrink(src, out)
@@ -311,7 +373,11 @@ def test_a_factorization_that_would_not_save_bytes_is_left_dense(tmp_path: Path)
 def test_dry_run_writes_nothing(mlp_file: Path, tmp_path: Path) -> None:
     before = set(tmp_path.iterdir())
     report = shrink(mlp_file, None)
-    assert report.output is None and report.params_removed > 0 and report.bytes_after < report.bytes_before
+    assert (
+        report.output is None
+        and report.params_removed > 0
+        and report.bytes_after < report.bytes_before
+    )
     assert set(tmp_path.iterdir()) == before
 
 
@@ -333,21 +399,39 @@ def test_refusals(mlp_file: Path, tmp_path: Path) -> None:
         shrink(biases)
 
 
-def test_torch_output_keeps_wrapper_entries_order_and_manifest(mlp_file: Path, tmp_path: Path) -> None:
+def test_torch_output_keeps_wrapper_entries_order_and_manifest(
+    mlp_file: Path, tmp_path: Path
+) -> None:
     sd = torch.load(mlp_file, weights_only=True)
     src = tmp_path / "lightning.ckpt"
-    torch.save({"epoch": 3, "state_dict": OrderedDict((f"model.{k}", v) for k, v in sd.items()), "hyper_parameters": {"lr": 0.1}}, src)
+    torch.save(
+        {
+            "epoch": 3,
+            "state_dict": OrderedDict((f"model.{k}", v) for k, v in sd.items()),
+            "hyper_parameters": {"lr": 0.1},
+        },
+        src,
+    )
     out = tmp_path / "small.ckpt"
     shrink(src, out)
     obj = torch.load(out, weights_only=True)
     assert obj["epoch"] == 3 and obj["hyper_parameters"] == {"lr": 0.1}
     assert json.loads(obj[MANIFEST_KEY])["layers"]["model.fc1.weight"]["stored_shape"] == [60, 64]
-    assert list(obj["state_dict"])[:4] == ["model.fc1.weight" + W_SUFFIX, "model.fc1.weight" + ROW_INDEX, "model.fc1.weight" + ROW_COEF, "model.fc1.bias"]
+    assert list(obj["state_dict"])[:4] == [
+        "model.fc1.weight" + W_SUFFIX,
+        "model.fc1.weight" + ROW_INDEX,
+        "model.fc1.weight" + ROW_COEF,
+        "model.fc1.bias",
+    ]
     dense = tmp_path / "dense.ckpt"
     result = expand(out, dense)
     assert result.expanded == ["model.fc1.weight", "model.fc2.weight"]
     obj = torch.load(dense, weights_only=True)
-    assert MANIFEST_KEY not in obj and obj["epoch"] == 3 and list(obj["state_dict"]) == [f"model.{k}" for k in sd]
+    assert (
+        MANIFEST_KEY not in obj
+        and obj["epoch"] == 3
+        and list(obj["state_dict"]) == [f"model.{k}" for k in sd]
+    )
     for k, v in sd.items():
         torch.testing.assert_close(obj["state_dict"][f"model.{k}"], v, rtol=1e-5, atol=1e-6)
 
@@ -369,10 +453,18 @@ def test_inspect_reads_a_shrunk_checkpoint(mlp_file: Path, tmp_path: Path) -> No
     report = wcond.inspect(small)
     by = {r.name: r for r in report.layers}
     assert list(by) == ["fc1.weight", "fc2.weight", "fc3.weight"]
-    assert by["fc2.weight"].shape == [64, 64] and by["fc2.weight"].factorized == {"params_stored": 61 * 61, "params_dense": 64 * 64}
+    assert by["fc2.weight"].shape == [64, 64] and by["fc2.weight"].factorized == {
+        "params_stored": 61 * 61,
+        "params_dense": 64 * 64,
+    }
     assert by["fc3.weight"].factorized is None
-    assert any(n.startswith("factorized (rows and columns fused): stored as 61x61") for n in by["fc2.weight"].notes)
-    assert by["fc2.weight"].near_parallel_rows == 3  # the metrics are those of the rebuilt dense weight
+    assert any(
+        n.startswith("factorized (rows and columns fused): stored as 61x61")
+        for n in by["fc2.weight"].notes
+    )
+    assert (
+        by["fc2.weight"].near_parallel_rows == 3
+    )  # the metrics are those of the rebuilt dense weight
 
 
 def test_damaged_shrunk_checkpoints_are_clear_errors(mlp_file: Path, tmp_path: Path) -> None:
@@ -388,7 +480,10 @@ def test_damaged_shrunk_checkpoints_are_clear_errors(mlp_file: Path, tmp_path: P
         return path
 
     no_coef = damaged("no_coef", lambda sd: sd.pop("fc1.weight" + ROW_COEF))
-    with pytest.raises(CheckpointError, match=r"'fc1.weight.__wcond_row_index' has no 'fc1.weight.__wcond_row_coef'"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"'fc1.weight.__wcond_row_index' has no 'fc1.weight.__wcond_row_coef'",
+    ):
         wcond.load_state_dict(no_coef)
     orphan = damaged("orphan", lambda sd: sd.pop("fc1.weight" + W_SUFFIX))
     with pytest.raises(CheckpointError, match="has no 'fc1.weight.__wcond_w' beside it"):
@@ -404,7 +499,9 @@ def test_damaged_shrunk_checkpoints_are_clear_errors(mlp_file: Path, tmp_path: P
 def test_load_state_dict_of_a_plain_checkpoint(mlp_file: Path) -> None:
     plain = wcond.load_state_dict(mlp_file)
     original = torch.load(mlp_file, weights_only=True)
-    assert list(plain) == list(original) and all(torch.equal(plain[k], original[k]) for k in original)
+    assert list(plain) == list(original) and all(
+        torch.equal(plain[k], original[k]) for k in original
+    )
 
 
 class ConvNet(nn.Module):
@@ -429,7 +526,10 @@ def planted_convnet() -> ConvNet:
         for a, b, k in ((3, 12, 1.5), (4, 13, -0.5)):
             w2[b] = k * w2[a]  # filters
             m.conv2.bias[b] = k * m.conv2.bias[a]
-        for a, b, k in ((0, 7, 2.0), (5, 11, 0.25)):  # positively parallel conv1 units, bias included
+        for a, b, k in (
+            (0, 7, 2.0),
+            (5, 11, 0.25),
+        ):  # positively parallel conv1 units, bias included
             m.conv1.weight[b] = k * m.conv1.weight[a]
             m.conv1.bias[b] = k * m.conv1.bias[a]
     return m
@@ -454,7 +554,10 @@ def planted_fold_mlp(act: type[nn.Module]) -> MLP:
     torch.manual_seed(2)
     m = MLP((8, 16, 12, 4), act)
     with torch.no_grad():
-        for layer, pairs in ((m.fc1, ((3, 5, 2.5), (1, 9, 0.7), (4, 11, -1.0))), (m.fc2, ((7, 2, 3.0),))):
+        for layer, pairs in (
+            (m.fc1, ((3, 5, 2.5), (1, 9, 0.7), (4, 11, -1.0))),
+            (m.fc2, ((7, 2, 3.0),)),
+        ):
             for a, b, k in pairs:
                 layer.weight[b] = k * layer.weight[a]
                 layer.bias[b] = k * layer.bias[a]
@@ -463,16 +566,27 @@ def planted_fold_mlp(act: type[nn.Module]) -> MLP:
 
 
 @pytest.mark.parametrize("act", [nn.ReLU, nn.LeakyReLU])
-def test_fold_gives_a_narrower_model_with_the_same_outputs(tmp_path: Path, act: type[nn.Module]) -> None:
+def test_fold_gives_a_narrower_model_with_the_same_outputs(
+    tmp_path: Path, act: type[nn.Module]
+) -> None:
     src, out = tmp_path / "mlp.pt", tmp_path / "narrow.safetensors"
     torch.save(planted_fold_mlp(act).state_dict(), src)
     report = fold(src, out, chain=["fc1.weight", "fc2.weight", "fc3.weight"])
-    assert report.widths == {"fc1.weight": [16, 14], "fc2.weight": [12, 11]}  # the anti-parallel pair stays
+    assert report.widths == {
+        "fc1.weight": [16, 14],
+        "fc2.weight": [12, 11],
+    }  # the anti-parallel pair stays
     with safe_open(str(out), framework="pt") as f:
         meta = json.loads(f.metadata()["wcond.fold"])
-    assert meta["layers"]["fc1.weight"]["removed"] == [1, 5] and meta["layers"]["fc2.weight"]["removed"] == [2]
+    assert meta["layers"]["fc1.weight"]["removed"] == [1, 5] and meta["layers"]["fc2.weight"][
+        "removed"
+    ] == [2]
     sd = wcond.load_state_dict(out)
-    assert sd["fc1.bias"].shape == (14,) and sd["fc2.weight"].shape == (11, 14) and sd["fc3.weight"].shape == (4, 11)
+    assert (
+        sd["fc1.bias"].shape == (14,)
+        and sd["fc2.weight"].shape == (11, 14)
+        and sd["fc3.weight"].shape == (4, 11)
+    )
     narrow = MLP((8, 14, 11, 4), act)
     narrow.load_state_dict(sd)  # strict: same keys, new widths
     x = torch.randn(64, 8, generator=_gen(18))
@@ -484,10 +598,15 @@ def test_fold_through_convs_and_global_pooling(tmp_path: Path) -> None:
     src, out = tmp_path / "cnn.pt", tmp_path / "narrow.pt"
     torch.save(planted_convnet().state_dict(), src)
     report = fold(src, out, chain=["conv1.weight", "conv2.weight", "head.weight"])
-    assert report.widths == {"conv1.weight": [16, 14], "conv2.weight": [16, 15]}  # conv2: only the k > 0 pair
+    assert report.widths == {
+        "conv1.weight": [16, 14],
+        "conv2.weight": [16, 15],
+    }  # conv2: only the k > 0 pair
     assert any("no place for the removed indices" in w for w in report.warnings)
     sd = torch.load(out, weights_only=True)
-    assert set(sd) == set(planted_convnet().state_dict())  # a bare state dict: nothing but the tensors
+    assert set(sd) == set(
+        planted_convnet().state_dict()
+    )  # a bare state dict: nothing but the tensors
     narrow = ConvNet(14, 15)
     narrow.load_state_dict(sd)
     x = torch.randn(4, 3, 8, 8, generator=_gen(19))
@@ -502,11 +621,18 @@ def test_fold_refusals(tmp_path: Path) -> None:
         fold(src, chain=["fc1.weight"])
     with pytest.raises(UsageError, match="has no tensor named 'fc1'; did you mean 'fc1.weight'"):
         fold(src, chain=["fc1", "fc2.weight"])
-    with pytest.raises(UsageError, match="'fc3.weight' reads 12 inputs but 'fc1.weight' produces 16 units"):
+    with pytest.raises(
+        UsageError, match="'fc3.weight' reads 12 inputs but 'fc1.weight' produces 16 units"
+    ):
         fold(src, chain=["fc1.weight", "fc3.weight"])
     with pytest.raises(UsageError, match="is not a weight matrix or conv kernel"):
         fold(src, chain=["fc1.bias", "fc2.weight"])
     with_bn = tmp_path / "bn.safetensors"
-    save_file({**sd, "bn1.running_mean": torch.zeros(16), "bn1.running_var": torch.ones(16)}, str(with_bn))
-    with pytest.raises(UsageError, match="'bn1.running_mean' looks like a BatchNorm on the 16 units of 'fc1.weight'"):
+    save_file(
+        {**sd, "bn1.running_mean": torch.zeros(16), "bn1.running_var": torch.ones(16)}, str(with_bn)
+    )
+    with pytest.raises(
+        UsageError,
+        match="'bn1.running_mean' looks like a BatchNorm on the 16 units of 'fc1.weight'",
+    ):
         fold(with_bn, chain=["fc1.weight", "fc2.weight"])

@@ -29,10 +29,23 @@ ProgressFn = Callable[[int, int, str], None]
 
 # Keys of LayerReport that hold one number each: the ones gates and diffs can name.
 NUMERIC_FIELDS = (
-    "acv_sum", "acv_mean", "acv_floor", "conv_similarity", "conv_similarity_norm", "conv_similarity_floor",
-    "norm_loss", "norm_dev_max", "rare_rows", "rare_cols", "near_parallel_rows", "near_parallel_cols",
-    "dead_rows", "dead_cols", "nonfinite", "params",
-)  # fmt: skip
+    "acv_sum",
+    "acv_mean",
+    "acv_floor",
+    "conv_similarity",
+    "conv_similarity_norm",
+    "conv_similarity_floor",
+    "norm_loss",
+    "norm_dev_max",
+    "rare_rows",
+    "rare_cols",
+    "near_parallel_rows",
+    "near_parallel_cols",
+    "dead_rows",
+    "dead_cols",
+    "nonfinite",
+    "params",
+)
 
 
 @dataclass
@@ -62,7 +75,9 @@ class LayerReport:
     nonfinite: int = 0
     closest_rows: list[metrics.Pair] = field(default_factory=list)
     closest_cols: list[metrics.Pair] = field(default_factory=list)
-    factorized: dict[str, int] | None = None  # stored by `wcond shrink`: {"params_stored", "params_dense"}
+    factorized: dict[str, int] | None = (
+        None  # stored by `wcond shrink`: {"params_stored", "params_dense"}
+    )
     notes: list[str] = field(default_factory=list)
 
     def value(self, metric: str) -> float | None:
@@ -122,9 +137,13 @@ def analyze_tensor(
     """All diagnostics of one weight tensor of shape (out, in, *kernel)."""
     shape = list(w.shape)
     rep = LayerReport(
-        name=name, kind=layer_kind(shape), shape=shape, dtype=str(w.dtype).removeprefix("torch."),
-        params=w.numel(), groups=groups,
-    )  # fmt: skip
+        name=name,
+        kind=layer_kind(shape),
+        shape=shape,
+        dtype=str(w.dtype).removeprefix("torch."),
+        params=w.numel(),
+        groups=groups,
+    )
     w = w.to(device=device)
     with torch.no_grad():
         bad = int((~torch.isfinite(w)).sum())
@@ -132,8 +151,12 @@ def analyze_tensor(
             rep.nonfinite = bad
             rep.notes.append(f"{bad} NaN/Inf values: metrics not computed")
             return rep
-        rows = metrics.pair_statistics(metrics.as_rows(w), tau_cos=tau_cos, tau_euc=tau_euc, top_k=top)
-        cols = metrics.pair_statistics(metrics.as_cols(w), tau_cos=tau_cos, tau_euc=tau_euc, top_k=top)
+        rows = metrics.pair_statistics(
+            metrics.as_rows(w), tau_cos=tau_cos, tau_euc=tau_euc, top_k=top
+        )
+        cols = metrics.pair_statistics(
+            metrics.as_cols(w), tau_cos=tau_cos, tau_euc=tau_euc, top_k=top
+        )
         rep.dead_rows, rep.dead_cols = len(rows.dead), len(cols.dead)
         rep.acv_sum = float(rows.acv_sum)
         rep.acv_mean = rows.acv_mean
@@ -187,7 +210,11 @@ def inspect(
     gates = [g if isinstance(g, Gate) else Gate.parse(g) for g in fail_if]
     dev = resolve_device(device)
     if isinstance(source, Mapping):
-        infos = {k: TensorInfo(tuple(t.shape), t.dtype) for k, t in source.items() if isinstance(t, torch.Tensor)}
+        infos = {
+            k: TensorInfo(tuple(t.shape), t.dtype)
+            for k, t in source.items()
+            if isinstance(t, torch.Tensor)
+        }
         get = source.__getitem__
         name, fmt, wrapper = "<state_dict>", "state_dict", None
     else:
@@ -195,12 +222,16 @@ def inspect(
         infos = {k: ck.info(k) for k in ck.keys()}
         get = ck.get
         name, fmt, wrapper = str(ck.path), ck.format, ".".join(ck.wrapper) or None
-    infos, get, factored = dense_view(infos, get)  # a shrunk checkpoint: analyze the dense weights it stands for
+    infos, get, factored = dense_view(
+        infos, get
+    )  # a shrunk checkpoint: analyze the dense weights it stands for
     specs = find_layers(infos, layers, exclude, dict(groups or {}))
     if not specs:
         if any(is_layer(i) for i in infos.values()):
             raise CheckpointError(f"{name}: no layer matches the --layers/--exclude patterns")
-        raise CheckpointError(f"{name}: no analyzable tensors (need floating-point tensors with 2 to 5 dims and at least 2 rows)")
+        raise CheckpointError(
+            f"{name}: no analyzable tensors (need floating-point tensors with 2 to 5 dims and at least 2 rows)"
+        )
     total = sum(s.info.numel for s in specs)
     done = 0
     reports: list[LayerReport] = []
@@ -208,7 +239,13 @@ def inspect(
         if progress:
             progress(done, total, spec.key)
         rep = analyze_tensor(
-            spec.key, get(spec.key), groups=spec.groups, tau_cos=tau_cos, tau_euc=tau_euc, top=top, device=dev
+            spec.key,
+            get(spec.key),
+            groups=spec.groups,
+            tau_cos=tau_cos,
+            tau_euc=tau_euc,
+            top=top,
+            device=dev,
         )
         if spec.group_note:
             rep.notes.append(spec.group_note)
@@ -222,11 +259,18 @@ def inspect(
         checkpoint=name,
         format=fmt,
         wrapper=wrapper,
-        settings={"tau_cos": tau_cos, "tau_euc": tau_euc, "top": top, "device": str(dev),
-                  "layers": list(layers), "exclude": list(exclude), "groups": dict(groups or {})},
+        settings={
+            "tau_cos": tau_cos,
+            "tau_euc": tau_euc,
+            "top": top,
+            "device": str(dev),
+            "layers": list(layers),
+            "exclude": list(exclude),
+            "groups": dict(groups or {}),
+        },
         layers=reports,
         summary=_summarize(reports, len(infos)),
-    )  # fmt: skip
+    )
     report.gates = evaluate_gates(gates, reports)
     return report
 
@@ -236,7 +280,11 @@ def _summarize(layers: list[LayerReport], tensors: int) -> Summary:
         return float(sum(getattr(r, metric) or 0 for r in layers))
 
     def worst(metric: str, largest: bool = True, n: int = 5) -> list[str]:
-        have = [r for r in layers if getattr(r, metric) is not None and math.isfinite(getattr(r, metric))]
+        have = [
+            r
+            for r in layers
+            if getattr(r, metric) is not None and math.isfinite(getattr(r, metric))
+        ]
         have.sort(key=lambda r: getattr(r, metric), reverse=largest)
         return [r.name for r in have[:n]]
 
@@ -248,7 +296,9 @@ def _summarize(layers: list[LayerReport], tensors: int) -> Summary:
         tensors=tensors,
         skipped_tensors=tensors - len(layers),
         acv_sum=total("acv_sum"),
-        conv_similarity=total("conv_similarity") if any(r.conv_similarity is not None for r in layers) else None,
+        conv_similarity=total("conv_similarity")
+        if any(r.conv_similarity is not None for r in layers)
+        else None,
         norm_loss=total("norm_loss"),
         near_parallel_rows=int(total("near_parallel_rows")),
         near_parallel_cols=int(total("near_parallel_cols")),

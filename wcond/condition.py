@@ -146,7 +146,13 @@ def init_cs(
         ck = source if isinstance(source, Checkpoint) else open_checkpoint(source)
         tensors = dict(ck.items())
         name, fmt, wrapper = str(ck.path), ck.format, ".".join(ck.wrapper) or None
-    specs = _conv_specs(name, {k: TensorInfo(tuple(t.shape), t.dtype) for k, t in tensors.items()}, layers, exclude, groups)
+    specs = _conv_specs(
+        name,
+        {k: TensorInfo(tuple(t.shape), t.dtype) for k, t in tensors.items()},
+        layers,
+        exclude,
+        groups,
+    )
 
     rows: dict[str, LayerResult] = {}
     work: list[_Work] = []
@@ -178,14 +184,23 @@ def init_cs(
         checkpoint=name,
         format=fmt,
         wrapper=wrapper,
-        settings={"iterations": iterations, "lr": lr, "optimizer": optimizer, "device": str(dev), "keep_norm": keep_norm,
-                  "seed": seed, "layers": list(layers), "exclude": list(exclude), "groups": dict(groups or {})},
+        settings={
+            "iterations": iterations,
+            "lr": lr,
+            "optimizer": optimizer,
+            "device": str(dev),
+            "keep_norm": keep_norm,
+            "seed": seed,
+            "layers": list(layers),
+            "exclude": list(exclude),
+            "groups": dict(groups or {}),
+        },
         layers=list(rows.values()),
         cs_before=math.fsum(r.cs_before or 0.0 for r in rows.values()),
         cs_after=math.fsum(r.cs_after or 0.0 for r in rows.values()),
         seconds=seconds,
         history=curve if history else None,
-    )  # fmt: skip
+    )
     return out, result
 
 
@@ -204,7 +219,12 @@ class _Work:
         # multiplies contiguous: about twice as fast as the stored layout on CPU.
         # clone, never contiguous(): for 1x1 or single-channel kernels the moved view is already
         # contiguous, and the optimizer would then write into the caller's tensor.
-        param = w.detach().to(device=dev, dtype=torch.float32).movedim(1, -1).clone(memory_format=torch.contiguous_format)
+        param = (
+            w.detach()
+            .to(device=dev, dtype=torch.float32)
+            .movedim(1, -1)
+            .clone(memory_format=torch.contiguous_format)
+        )
         param.requires_grad_()
         return cls(spec.key, spec.groups, param, _filter_norms(param.detach()))
 
@@ -219,17 +239,26 @@ class _Work:
     def project_gradient(self) -> None:
         """Drop each filter's radial gradient component, leaving the part that turns it."""
         assert self.param.grad is not None
-        g, w = self.param.grad.reshape(self.param.shape[0], -1), self.param.detach().reshape(self.param.shape[0], -1)
-        radial = (g * w).sum(1, keepdim=True) / (w * w).sum(1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+        g, w = (
+            self.param.grad.reshape(self.param.shape[0], -1),
+            self.param.detach().reshape(self.param.shape[0], -1),
+        )
+        radial = (g * w).sum(1, keepdim=True) / (w * w).sum(1, keepdim=True).clamp_min(
+            torch.finfo(w.dtype).tiny
+        )
         g.sub_(radial * w)
 
     def restore_norms(self) -> None:
         current = _filter_norms(self.param)
-        scale = torch.where(current > 0, self.target_norms / current.clamp_min(torch.finfo(current.dtype).tiny), 1.0)
+        scale = torch.where(
+            current > 0, self.target_norms / current.clamp_min(torch.finfo(current.dtype).tiny), 1.0
+        )
         self.param.mul_(scale.view(-1, *[1] * (self.param.ndim - 1)))
 
     def result(self, like: torch.Tensor) -> torch.Tensor:
-        return torch.empty_like(like, memory_format=torch.contiguous_format).copy_(self.weight.detach())
+        return torch.empty_like(like, memory_format=torch.contiguous_format).copy_(
+            self.weight.detach()
+        )
 
 
 def _filter_norms(w: torch.Tensor) -> torch.Tensor:
@@ -244,13 +273,17 @@ def _conv_specs(
     groups: Mapping[str, int] | None,
 ) -> list[LayerSpec]:
     """The selected conv kernels, or an error saying why there are none."""
-    specs = [s for s in find_layers(infos, layers, exclude, dict(groups or {})) if len(s.info.shape) >= 3]
+    specs = [
+        s for s in find_layers(infos, layers, exclude, dict(groups or {})) if len(s.info.shape) >= 3
+    ]
     if specs:
         return specs
     convs = [k for k, i in infos.items() if is_layer(i) and len(i.shape) >= 3]
     if convs:
         listed = ", ".join(convs[:4]) + (", ..." if len(convs) > 4 else "")
-        raise UsageError(f"{name}: no conv layer matches the --layers/--exclude patterns (conv weights here: {listed})")
+        raise UsageError(
+            f"{name}: no conv layer matches the --layers/--exclude patterns (conv weights here: {listed})"
+        )
     raise CheckpointError(
         f"{name}: no conv weights to condition; init-cs works on Conv1d/2d/3d kernels of shape (out, in, *kernel), "
         "and this checkpoint holds none"
@@ -323,10 +356,18 @@ def _fill(row: LayerResult, old: torch.Tensor, new: torch.Tensor, keep_norm: boo
         return
     g = row.groups
     with torch.no_grad():
-        before, after = float(metrics.conv_similarity(old, g)), float(metrics.conv_similarity(new, g))
+        before, after = (
+            float(metrics.conv_similarity(old, g)),
+            float(metrics.conv_similarity(new, g)),
+        )
         old_c, new_c = metrics.as_rows(old), metrics.as_rows(new)  # float32 or float64 copies
         old_n, new_n = old_c.norm(dim=1), new_c.norm(dim=1)
-        rescaled = new_c * torch.where(new_n > 0, old_n / new_n.clamp_min(torch.finfo(new_n.dtype).tiny), 1.0)[:, None]
+        rescaled = (
+            new_c
+            * torch.where(new_n > 0, old_n / new_n.clamp_min(torch.finfo(new_n.dtype).tiny), 1.0)[
+                :, None
+            ]
+        )
         row.cs_before, row.cs_after = before, after
         row.cs_rescaled = float(metrics.conv_similarity(rescaled.reshape(new.shape), g))
         if before > 0:

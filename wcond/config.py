@@ -87,7 +87,9 @@ def load_config(path: str | Path | None = None, start: str | Path | None = None)
     if path.name == "pyproject.toml":
         table = doc.get("tool", {}).get("wcond")
         if table is None:
-            raise UsageError(f"{path}: has no [tool.wcond] table; add one or point --config at a wcond.toml")
+            raise UsageError(
+                f"{path}: has no [tool.wcond] table; add one or point --config at a wcond.toml"
+            )
     else:
         table = doc
     return Config(path, _check(table, path))
@@ -108,8 +110,14 @@ def _check(table: Mapping[str, Any], path: Path) -> dict[str, Any]:
     where = f"{path}: [tool.wcond]" if path.name == "pyproject.toml" else str(path)
     for key, value in table.items():
         if key not in CONFIG_KEYS:
-            hint = f" (did you mean {key.replace('_', '-')!r}?)" if key.replace("_", "-") in CONFIG_KEYS else ""
-            raise UsageError(f"{where}: unknown key {key!r}{hint}; known keys: {', '.join(CONFIG_KEYS)}")
+            hint = (
+                f" (did you mean {key.replace('_', '-')!r}?)"
+                if key.replace("_", "-") in CONFIG_KEYS
+                else ""
+            )
+            raise UsageError(
+                f"{where}: unknown key {key!r}{hint}; known keys: {', '.join(CONFIG_KEYS)}"
+            )
         if not _valid(key, value):
             raise UsageError(f"{where}: {key} = {value!r}: expected {CONFIG_KEYS[key]}")
         if key == "fail-if":
@@ -130,7 +138,9 @@ def _valid(key: str, v: Any) -> bool:
     if key in ("layers", "exclude", "fail-if"):
         return isinstance(v, list) and all(isinstance(s, str) for s in v)
     if key == "groups":
-        return isinstance(v, dict) and all(isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in v.values())
+        return isinstance(v, dict) and all(
+            isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in v.values()
+        )
     if key == "format":
         return v in _FORMATS
     return v in _DEVICES  # device

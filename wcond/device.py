@@ -22,15 +22,23 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     try:
         dev = torch.device(name)
     except RuntimeError as e:
-        raise UsageError(f"--device {name!r}: not a device (use auto, cpu, cuda, cuda:N or mps)") from e
+        raise UsageError(
+            f"--device {name!r}: not a device (use auto, cpu, cuda, cuda:N or mps)"
+        ) from e
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available here (torch {torch.__version__}); use --device cpu or auto")
+        raise UsageError(
+            f"--device {name}: CUDA is not available here (torch {torch.__version__}); use --device cpu or auto"
+        )
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
+        raise UsageError(
+            f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present"
+        )
     if dev.type == "mps" and not _mps_available():
         raise UsageError(f"--device {name}: MPS is not available here; use --device cpu or auto")
     if dev.type not in ("cpu", "cuda", "mps"):
-        raise UsageError(f"--device {name}: unsupported device type {dev.type!r} (use auto, cpu, cuda or mps)")
+        raise UsageError(
+            f"--device {name}: unsupported device type {dev.type!r} (use auto, cpu, cuda or mps)"
+        )
     return dev
 
 

@@ -23,8 +23,15 @@ Source = str | Path | Checkpoint | Mapping[str, torch.Tensor]
 
 # Totals of wcond.analyze.Summary compared in the diff's summary.
 SUMMARY_FIELDS = (
-    "layers", "params", "acv_sum", "conv_similarity", "norm_loss", "near_parallel_rows", "near_parallel_cols", "dead_rows",
-)  # fmt: skip
+    "layers",
+    "params",
+    "acv_sum",
+    "conv_similarity",
+    "norm_loss",
+    "near_parallel_rows",
+    "near_parallel_cols",
+    "dead_rows",
+)
 
 
 @dataclass
@@ -92,17 +99,26 @@ class DiffReport:
         layers = []
         for d in self.layers:
             entry: dict[str, Any] = {
-                "name": d.name, "kind": d.kind, "shape_a": d.shape_a, "shape_b": d.shape_b,
+                "name": d.name,
+                "kind": d.kind,
+                "shape_a": d.shape_a,
+                "shape_b": d.shape_b,
                 "shape_changed": d.shape_changed,
-            }  # fmt: skip
+            }
             entry.update({m: asdict(v) for m, v in d.metrics.items()})
             entry["notes_a"], entry["notes_b"] = d.notes_a, d.notes_b
             layers.append(entry)
-        return _finite({
-            "a": self.a, "b": self.b, "settings": self.settings,
-            "summary": {m: asdict(v) for m, v in self.summary.items()},
-            "layers": layers, "only_a": self.only_a, "only_b": self.only_b,
-        })  # fmt: skip
+        return _finite(
+            {
+                "a": self.a,
+                "b": self.b,
+                "settings": self.settings,
+                "summary": {m: asdict(v) for m, v in self.summary.items()},
+                "layers": layers,
+                "only_a": self.only_a,
+                "only_b": self.only_b,
+            }
+        )
 
 
 def diff_reports(ra: Report, rb: Report) -> DiffReport:
@@ -115,8 +131,12 @@ def diff_reports(ra: Report, rb: Report) -> DiffReport:
         if lb is None:
             continue
         metrics = {m: MetricDiff.of(getattr(la, m), getattr(lb, m)) for m in NUMERIC_FIELDS}
-        layers.append(LayerDiff(la.name, lb.kind, la.shape, lb.shape, metrics, list(la.notes), list(lb.notes)))
-    summary = {f: MetricDiff.of(getattr(ra.summary, f), getattr(rb.summary, f)) for f in SUMMARY_FIELDS}
+        layers.append(
+            LayerDiff(la.name, lb.kind, la.shape, lb.shape, metrics, list(la.notes), list(lb.notes))
+        )
+    summary = {
+        f: MetricDiff.of(getattr(ra.summary, f), getattr(rb.summary, f)) for f in SUMMARY_FIELDS
+    }
     return DiffReport(
         a=ra.checkpoint,
         b=rb.checkpoint,
@@ -142,4 +162,3 @@ def diff(a: Source, b: Source, **inspect_kwargs: Any) -> DiffReport:
         >>> {l.name: l.metrics["acv_mean"].delta for l in d.layers}
     """
     return diff_reports(inspect(a, **inspect_kwargs), inspect(b, **inspect_kwargs))
-

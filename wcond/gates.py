@@ -17,9 +17,16 @@ if TYPE_CHECKING:
 __all__ = ["Gate", "GateResult", "Violation", "evaluate_gates"]
 
 _OPS: dict[str, Callable[[float, float], bool]] = {
-    ">=": operator.ge, "<=": operator.le, "==": operator.eq, "!=": operator.ne, ">": operator.gt, "<": operator.lt,
-}  # fmt: skip
-_EXPR = re.compile(r"^\s*([A-Za-z_]+)\s*(>=|<=|==|!=|>|<)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[-+]?inf)\s*$")
+    ">=": operator.ge,
+    "<=": operator.le,
+    "==": operator.eq,
+    "!=": operator.ne,
+    ">": operator.gt,
+    "<": operator.lt,
+}
+_EXPR = re.compile(
+    r"^\s*([A-Za-z_]+)\s*(>=|<=|==|!=|>|<)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[-+]?inf)\s*$"
+)
 
 
 def gate_metrics() -> tuple[str, ...]:
@@ -40,10 +47,14 @@ class Gate:
     def parse(cls, expr: str) -> Gate:
         m = _EXPR.match(expr)
         if not m:
-            raise UsageError(f"--fail-if {expr!r}: expected METRIC OP NUMBER, e.g. 'acv_mean>0.5' (OP one of > >= < <= == !=)")
+            raise UsageError(
+                f"--fail-if {expr!r}: expected METRIC OP NUMBER, e.g. 'acv_mean>0.5' (OP one of > >= < <= == !=)"
+            )
         metric, op, number = m.groups()
         if metric not in gate_metrics():
-            raise UsageError(f"--fail-if {expr!r}: unknown metric {metric!r}; one of: {', '.join(gate_metrics())}")
+            raise UsageError(
+                f"--fail-if {expr!r}: unknown metric {metric!r}; one of: {', '.join(gate_metrics())}"
+            )
         return cls(metric, op, float(number))
 
     def __str__(self) -> str:

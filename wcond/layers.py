@@ -37,7 +37,9 @@ def parse_groups(specs: Iterable[str]) -> dict[str, int]:
     for spec in specs:
         key, sep, value = spec.rpartition("=")
         if not sep or not key or not value.isdigit() or int(value) < 1:
-            raise UsageError(f"--groups {spec!r}: expected KEY=G with G a positive integer, e.g. --groups 'layer1.conv2.weight=32'")
+            raise UsageError(
+                f"--groups {spec!r}: expected KEY=G with G a positive integer, e.g. --groups 'layer1.conv2.weight=32'"
+            )
         out[key] = int(value)
     return out
 
@@ -80,7 +82,9 @@ def find_layers(
         if len(shape) >= 3:
             if g is not None:
                 if shape[0] % g:
-                    raise UsageError(f"--groups {key}={g}: {g} does not divide the layer's {shape[0]} output filters")
+                    raise UsageError(
+                        f"--groups {key}={g}: {g} does not divide the layer's {shape[0]} output filters"
+                    )
             elif shape[1] == 1 and prev_out not in (None, 1):
                 note = f"may be depthwise (1 input channel per filter); pass --groups '{key}={shape[0]}' if so"
             elif prev_out is not None and shape[1] < prev_out and prev_out % shape[1] == 0:

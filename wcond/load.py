@@ -33,10 +33,17 @@ INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network")
 
 _SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
-}  # fmt: skip
+}
 
 
 @dataclass(frozen=True)
@@ -135,7 +142,9 @@ class Checkpoint:
 
     def _add(self, key: str, info: TensorInfo, file: Path) -> None:
         if key in self._infos:
-            raise CheckpointError(f"{self.path}: tensor {key!r} appears in both {self._where[key].name} and {file.name}")
+            raise CheckpointError(
+                f"{self.path}: tensor {key!r} appears in both {self._where[key].name} and {file.name}"
+            )
         self._infos[key] = info
         self._where[key] = file
 
@@ -195,15 +204,21 @@ def sniff(file: Path) -> str:
         if head[8:9] == b"{" and n <= size - 8:
             return "safetensors"
         if head[8:9] == b"{":
-            raise CheckpointError(f"{file}: truncated safetensors file (header says {n} bytes, file has {size - 8})")
+            raise CheckpointError(
+                f"{file}: truncated safetensors file (header says {n} bytes, file has {size - 8})"
+            )
     if _looks_like_text(head):
-        raise CheckpointError(f"{file}: looks like a text file, not a checkpoint (expected .safetensors or a torch.save file)")
+        raise CheckpointError(
+            f"{file}: looks like a text file, not a checkpoint (expected .safetensors or a torch.save file)"
+        )
     raise CheckpointError(f"{file}: unknown format: neither safetensors nor a torch.save file")
 
 
 def natural_key(key: str) -> list[Any]:
     """Sort key comparing digit runs as numbers: 'layers.2' < 'layers.10'."""
-    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", key)]
+    return [
+        (0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", key)
+    ]
 
 
 def _looks_like_text(head: bytes) -> bool:
@@ -231,7 +246,9 @@ def _open_directory(d: Path) -> Checkpoint:
             ck._add_safetensors(f)
         return ck
     if not st and not pt:
-        raise CheckpointError(f"{d}: directory holds no checkpoint (.safetensors, .pt, .pth, .bin, .ckpt or *.index.json)")
+        raise CheckpointError(
+            f"{d}: directory holds no checkpoint (.safetensors, .pt, .pth, .bin, .ckpt or *.index.json)"
+        )
     names = ", ".join(f.name for f in (st + pt)[:6])
     raise CheckpointError(f"{d}: directory holds several checkpoints ({names}); name one file")
 
@@ -242,7 +259,9 @@ def _open_index(index: Path) -> Checkpoint:
         if not isinstance(weight_map, dict):
             raise TypeError
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{index}: not a valid shard index (expected JSON with a 'weight_map' object)") from e
+        raise CheckpointError(
+            f"{index}: not a valid shard index (expected JSON with a 'weight_map' object)"
+        ) from e
     shards: list[Path] = []
     for name in weight_map.values():
         f = index.parent / name
@@ -267,14 +286,20 @@ def _torch_load(file: Path) -> Any:
         return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        what = f"the object {found.group(1)}" if found else "objects other than tensors and plain containers"
+        what = (
+            f"the object {found.group(1)}"
+            if found
+            else "objects other than tensors and plain containers"
+        )
         raise UnsafeCheckpointError(
             f"{file}: refused: its pickle would construct {what}, and wcond never runs code from a checkpoint. "
             "If you trust the file, re-save just the weights: torch.save(model.state_dict(), path)"
         ) from e
     except (RuntimeError, EOFError, ValueError, OSError, struct.error, zipfile.BadZipFile) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{file}: corrupt or truncated torch checkpoint ({first[:160]})") from e
+        raise CheckpointError(
+            f"{file}: corrupt or truncated torch checkpoint ({first[:160]})"
+        ) from e
 
 
 def _state_dict_of(obj: Any, file: Path) -> tuple[tuple[str, ...], dict[str, torch.Tensor]]:
@@ -285,7 +310,10 @@ def _state_dict_of(obj: Any, file: Path) -> tuple[tuple[str, ...], dict[str, tor
     node: Mapping = obj
     while True:
         direct = any(isinstance(v, torch.Tensor) for v in node.values())
-        inner = next((k for k in WRAPPER_KEYS if isinstance(node.get(k), Mapping) and _has_tensor(node[k])), None)
+        inner = next(
+            (k for k in WRAPPER_KEYS if isinstance(node.get(k), Mapping) and _has_tensor(node[k])),
+            None,
+        )
         if inner is None or direct and not _is_wrapper_dict(node):
             break
         wrapper += (inner,)

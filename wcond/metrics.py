@@ -148,7 +148,9 @@ def pair_statistics(
             assert tau_cos is not None and tau_euc is not None
             near += sum(1 for _ in _near_in_block(start, u_d, a_d, live_norms, tau_cos, tau_euc))
         if top_k:
-            best = sorted(best + _top_in_block(start, a_d, row_max.detach(), top_k), reverse=True)[:top_k]
+            best = sorted(best + _top_in_block(start, a_d, row_max.detach(), top_k), reverse=True)[
+                :top_k
+            ]
     stats.acv_sum = torch.stack(acv_parts).sum()
     stats.max_abs_cos = torch.stack(max_parts).max()
     stats.near_parallel = near
@@ -195,7 +197,9 @@ def _near_in_block(
     start: int, u: Tensor, a: Tensor, norms: Tensor, tau_cos: float, tau_euc: float
 ) -> Iterator[tuple[int, int, float, float]]:
     """Near-parallel pairs of one block of |cos| (rows of unit vectors u), in live indexing: (i, j, cos, D_euc)."""
-    bi, bj = torch.nonzero((1 - a) < tau_cos, as_tuple=True)  # few candidates: the rest is elementwise
+    bi, bj = torch.nonzero(
+        (1 - a) < tau_cos, as_tuple=True
+    )  # few candidates: the rest is elementwise
     if not len(bi):
         return
     i, j = bi + start, bj + start
@@ -254,7 +258,9 @@ def autocorrelation_sums(w: Tensor) -> Tensor:
         # (out, taps, in): contiguous when the caller keeps channels last, a strided view otherwise.
         positions = w.reshape(w.shape[0], w.shape[1], taps).transpose(1, 2)
         gram = _PositionGram.apply(positions).reshape(w.shape[0], taps * taps)
-        r = gram.new_zeros(w.shape[0], math.prod(sizes)).index_add(1, _lag_index(kernel, gram.device), gram)
+        r = gram.new_zeros(w.shape[0], math.prod(sizes)).index_add(
+            1, _lag_index(kernel, gram.device), gram
+        )
         return r.reshape(w.shape[0], *sizes)
     spatial = tuple(range(2, w.ndim))
     spec = torch.fft.rfftn(w, s=sizes, dim=spatial)
@@ -286,7 +292,9 @@ class _PositionGram(torch.autograd.Function):
 def _lag_index(kernel: tuple[int, ...], device: torch.device) -> Tensor:
     """For every position pair (n, n') of a kernel, row-major, the flat index of lag n' - n mod (2k-1) per axis."""
     grid = torch.cartesian_prod(*(torch.arange(k) for k in kernel)).reshape(-1, len(kernel))
-    lags = (grid[None, :, :] - grid[:, None, :]).remainder(torch.tensor([2 * k - 1 for k in kernel]))
+    lags = (grid[None, :, :] - grid[:, None, :]).remainder(
+        torch.tensor([2 * k - 1 for k in kernel])
+    )
     flat = torch.zeros(lags.shape[:2], dtype=torch.long)
     for axis, k in enumerate(kernel):
         flat = flat * (2 * k - 1) + lags[..., axis]
@@ -309,7 +317,9 @@ def pair_norm_products(w: Tensor, groups: int) -> Tensor:
 
 def _conv_similarity_tensor(w: Tensor, groups: int = 1) -> Tensor:
     if w.ndim < 3:
-        raise ValueError(f"Convolutional Similarity needs a conv kernel (ndim >= 3), got shape {tuple(w.shape)}")
+        raise ValueError(
+            f"Convolutional Similarity needs a conv kernel (ndim >= 3), got shape {tuple(w.shape)}"
+        )
     r = _group_sums(autocorrelation_sums(w), groups)
     # CS = sum_{i<j} <R_i, R_j> = (|sum_i R_i|^2 - sum_i |R_i|^2) / 2, per group (METRICS.md).
     total = r.sum(dim=1).pow(2).sum()
@@ -338,7 +348,9 @@ def conv_similarity_norm(w: Tensor, groups: int = 1) -> Tensor:
 
 def conv_similarity_floor(w: Tensor, groups: int = 1) -> float:
     """Lower bound on CS at the filters' current norms: ((sum n)^2 - L sum n^2) / 2 per group, clamped at 0."""
-    n = _group_sums(_compute_dtype(w).detach().reshape(w.shape[0], -1).pow(2).sum(1), groups).squeeze(-1)
+    n = _group_sums(
+        _compute_dtype(w).detach().reshape(w.shape[0], -1).pow(2).sum(1), groups
+    ).squeeze(-1)
     bins = math.prod(2 * k - 1 for k in w.shape[2:])
     per_group = (n.sum(1) ** 2 - bins * (n**2).sum(1)) / 2
     return float(per_group.clamp_min(0).sum())

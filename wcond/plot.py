@@ -31,15 +31,28 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = [
-    "INSTALL_HINT", "CosMatrix", "cos_matrix", "heatmap_png", "layer_weight", "plot_layer", "plot_metrics",
+    "INSTALL_HINT",
+    "CosMatrix",
+    "cos_matrix",
+    "heatmap_png",
+    "layer_weight",
+    "plot_layer",
+    "plot_metrics",
     "require_matplotlib",
-]  # fmt: skip
+]
 
 INSTALL_HINT = "pip install 'wcond[plot]'  (or: pip install 'matplotlib>=3.7')"
 MAX_VECTORS = 256  # beyond this a heatmap cell is under a pixel at default sizes: subsample
 SUFFIXES = (".png", ".svg")
 _DEFAULT_DPI = 100
-_COUNTS = {"near_parallel_rows", "near_parallel_cols", "dead_rows", "dead_cols", "nonfinite", "params"}
+_COUNTS = {
+    "near_parallel_rows",
+    "near_parallel_cols",
+    "dead_rows",
+    "dead_cols",
+    "nonfinite",
+    "params",
+}
 
 
 def require_matplotlib() -> Any:
@@ -47,7 +60,9 @@ def require_matplotlib() -> Any:
     try:
         import matplotlib
     except ImportError as e:
-        raise UsageError(f"plotting needs matplotlib, which is not installed: {INSTALL_HINT}") from e
+        raise UsageError(
+            f"plotting needs matplotlib, which is not installed: {INSTALL_HINT}"
+        ) from e
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -114,22 +129,32 @@ def cos_matrix(
     with np.errstate(invalid="ignore", divide="ignore"):
         u = v / norms[:, None]  # dead (zero) vectors become NaN: their angle is undefined
     cos = np.clip(u @ u.T, -1.0, 1.0)
-    near = [(p.i, p.j) for p in metrics.near_parallel_pairs(shown, tau_cos=tau_cos, tau_euc=tau_euc)]
+    near = [
+        (p.i, p.j) for p in metrics.near_parallel_pairs(shown, tau_cos=tau_cos, tau_euc=tau_euc)
+    ]
     return CosMatrix(name, axis, cos, idx, vectors.shape[0], near)
 
 
 def layer_weight(source: str | Path | Checkpoint, key: str) -> torch.Tensor:
     """The weight stored under ``key``; a UsageError listing the layer keys when there is none."""
     ck = source if isinstance(source, Checkpoint) else open_checkpoint(source)
-    infos, get, _ = dense_view({k: ck.info(k) for k in ck.keys()}, ck.get)  # a shrunk layer: its dense weight
+    infos, get, _ = dense_view(
+        {k: ck.info(k) for k in ck.keys()}, ck.get
+    )  # a shrunk layer: its dense weight
     if key not in infos:
         layers = [k for k, info in infos.items() if is_layer(info)]
         close = [k for k in layers if key in k or k in key][:5]
-        hint = f"; did you mean {', '.join(close)}?" if close else f"; layers: {', '.join(layers[:8])}{' ...' if len(layers) > 8 else ''}"
+        hint = (
+            f"; did you mean {', '.join(close)}?"
+            if close
+            else f"; layers: {', '.join(layers[:8])}{' ...' if len(layers) > 8 else ''}"
+        )
         raise UsageError(f"{ck.path}: no tensor {key!r}{hint}")
     info = infos[key]
     if not is_layer(info):
-        raise UsageError(f"{ck.path}: {key!r} ({tuple(info.shape)}, {info.dtype}) is not a layer weight (2 to 5 dims, floating point)")
+        raise UsageError(
+            f"{ck.path}: {key!r} ({tuple(info.shape)}, {info.dtype}) is not a layer weight (2 to 5 dims, floating point)"
+        )
     return get(key)
 
 
@@ -158,7 +183,9 @@ def _draw_heatmap(fig: Figure, ax: Axes, cm: CosMatrix) -> None:
     fig.colorbar(image, ax=ax, shrink=0.85, label="cos")
 
 
-def _figure(plt: Any, size_px: tuple[int, int] | None, default_in: tuple[float, float], dpi: int, **kw: Any) -> tuple[Figure, Any]:
+def _figure(
+    plt: Any, size_px: tuple[int, int] | None, default_in: tuple[float, float], dpi: int, **kw: Any
+) -> tuple[Figure, Any]:
     inches = (size_px[0] / dpi, size_px[1] / dpi) if size_px else default_in
     return plt.subplots(figsize=inches, dpi=dpi, **kw)
 
@@ -173,7 +200,12 @@ def _save(plt: Any, fig: Figure, out: Path, dpi: int) -> None:
             fig.savefig(buf, format="svg", dpi=dpi)
             w, h = (round(x * dpi) for x in fig.get_size_inches())
             # matplotlib sizes an SVG in points (72 per inch); state pixels so browsers draw it as large as the PNG.
-            svg = re.sub(r'width="[\d.]+pt" height="[\d.]+pt"', f'width="{w}px" height="{h}px"', buf.getvalue(), count=1)
+            svg = re.sub(
+                r'width="[\d.]+pt" height="[\d.]+pt"',
+                f'width="{w}px" height="{h}px"',
+                buf.getvalue(),
+                count=1,
+            )
             out.write_text(svg, encoding="utf-8")
     finally:
         plt.close(fig)
@@ -183,7 +215,9 @@ def check_plot_output(out: str | Path) -> Path:
     """The output path, if its extension is one we write."""
     out = Path(out)
     if out.suffix.lower() not in SUFFIXES:
-        raise UsageError(f"{out}: unknown image format {out.suffix or '(no extension)'!r}; use .png or .svg")
+        raise UsageError(
+            f"{out}: unknown image format {out.suffix or '(no extension)'!r}; use .png or .svg"
+        )
     return out
 
 
@@ -210,16 +244,28 @@ def plot_layer(
     sides = [(source, layer_weight(source, key))]
     if vs is not None:
         sides.append((vs, layer_weight(vs, key)))
-    fig, axes = _figure(plt, size_px, (7.0 * len(sides), 6.0), dpi, ncols=len(sides), squeeze=False, layout="constrained")
+    fig, axes = _figure(
+        plt,
+        size_px,
+        (7.0 * len(sides), 6.0),
+        dpi,
+        ncols=len(sides),
+        squeeze=False,
+        layout="constrained",
+    )
     for ax, (src, w) in zip(axes[0], sides):
         label = f"{_source_name(src)}: {key}" if vs is not None else key
-        cm = cos_matrix(label, w, axis=axis, max_vectors=max_vectors, tau_cos=tau_cos, tau_euc=tau_euc)
+        cm = cos_matrix(
+            label, w, axis=axis, max_vectors=max_vectors, tau_cos=tau_cos, tau_euc=tau_euc
+        )
         _draw_heatmap(fig, ax, cm)
     _save(plt, fig, out, dpi)
     return out
 
 
-def heatmap_png(cm: CosMatrix, size_px: tuple[int, int] = (520, 460), dpi: int = _DEFAULT_DPI) -> bytes:
+def heatmap_png(
+    cm: CosMatrix, size_px: tuple[int, int] = (520, 460), dpi: int = _DEFAULT_DPI
+) -> bytes:
     """One heatmap as PNG bytes (for embedding in a report)."""
     plt = require_matplotlib()
     fig, ax = _figure(plt, size_px, (5.2, 4.6), dpi, layout="constrained")
@@ -252,8 +298,17 @@ def plot_metrics(
     ncols = 4
     nrows = math.ceil(len(NUMERIC_FIELDS) / ncols)
     width_in = max(14.0, 0.25 * len(names) * ncols * len(reports))
-    fig, axes = _figure(plt, size_px, (min(width_in, 40.0), 2.4 * nrows + 1.5), dpi, nrows=nrows, ncols=ncols,
-                        sharex=True, squeeze=False, layout="constrained")  # fmt: skip
+    fig, axes = _figure(
+        plt,
+        size_px,
+        (min(width_in, 40.0), 2.4 * nrows + 1.5),
+        dpi,
+        nrows=nrows,
+        ncols=ncols,
+        sharex=True,
+        squeeze=False,
+        layout="constrained",
+    )
     x = np.arange(len(names))
     bar = 0.8 / len(reports)
     labelled = len(names) <= 40
@@ -263,21 +318,43 @@ def plot_metrics(
         for s, (rep, color) in enumerate(zip(reports, ("#4477aa", "#ee6677"))):
             by_name = {r.name: r.value(metric) for r in rep.layers}
             values = [_nan(by_name.get(n)) for n in names]
-            ax.bar(x + (s - (len(reports) - 1) / 2) * bar, values, width=bar, color=color, label=_source_name(rep.checkpoint))
+            ax.bar(
+                x + (s - (len(reports) - 1) / 2) * bar,
+                values,
+                width=bar,
+                color=color,
+                label=_source_name(rep.checkpoint),
+            )
             top = max([top] + [v for v in values if math.isfinite(v)])
             any_value = any_value or any(math.isfinite(v) for v in values)
         ax.set_title(metric, fontsize=9)
-        ax.set_ylim(bottom=0, top=None if top > 0 else 1)  # every metric is >= 0; all-zero gets a visible axis
+        ax.set_ylim(
+            bottom=0, top=None if top > 0 else 1
+        )  # every metric is >= 0; all-zero gets a visible axis
         if not any_value:
-            ax.text(0.5, 0.5, "does not apply to these layers", ha="center", va="center", fontsize=8, color="gray", transform=ax.transAxes)
+            ax.text(
+                0.5,
+                0.5,
+                "does not apply to these layers",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="gray",
+                transform=ax.transAxes,
+            )
         if metric in _COUNTS:
             ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.tick_params(labelsize=7)
         ax.grid(axis="y", alpha=0.3)
-    for ax in axes.flat[len(NUMERIC_FIELDS):]:
+    for ax in axes.flat[len(NUMERIC_FIELDS) :]:
         ax.set_visible(False)
     for ax in axes[-1]:
-        ax.set_xticks(x, [n.removesuffix(".weight") for n in names] if labelled else [str(i) for i in x], rotation=90, fontsize=7)
+        ax.set_xticks(
+            x,
+            [n.removesuffix(".weight") for n in names] if labelled else [str(i) for i in x],
+            rotation=90,
+            fontsize=7,
+        )
     if vs is not None:
         axes[0][0].legend(fontsize=7)
     title = f"wcond metrics per layer: {_source_name(report.checkpoint)}"

@@ -52,7 +52,12 @@ _COLUMNS: list[tuple[str, _Cell, _Cell | None, bool]] = [
     ("normdev", lambda r: r.norm_dev_max, lambda r: r.norm_dev_max, True),
     ("rare_r", lambda r: r.rare_rows, lambda r: r.rare_rows, False),
     ("rare_c", lambda r: r.rare_cols, lambda r: r.rare_cols, False),
-    ("∥r/c", lambda r: _pair_counts(r), lambda r: (r.near_parallel_rows or 0) + (r.near_parallel_cols or 0), True),
+    (
+        "∥r/c",
+        lambda r: _pair_counts(r),
+        lambda r: (r.near_parallel_rows or 0) + (r.near_parallel_cols or 0),
+        True,
+    ),
     ("dead", lambda r: r.dead_rows, lambda r: r.dead_rows, True),
 ]
 
@@ -77,10 +82,16 @@ def _worst(report: Report, rank: _Cell, higher_worse: bool) -> LayerReport | Non
 
 # Legend of the short headers, and the order in which columns give way on a narrow terminal.
 _LEGEND = {
-    "acv": "acv_mean", "acv/fl": "acv_sum / acv_floor", "cs_n": "conv_similarity_norm",
-    "cs/fl": "conv_similarity / its floor", "normdev": "norm_dev_max", "rare_r": "rare_rows",
-    "rare_c": "rare_cols", "∥r/c": "near-parallel row/col pairs", "dead": "dead_rows",
-}  # fmt: skip
+    "acv": "acv_mean",
+    "acv/fl": "acv_sum / acv_floor",
+    "cs_n": "conv_similarity_norm",
+    "cs/fl": "conv_similarity / its floor",
+    "normdev": "norm_dev_max",
+    "rare_r": "rare_rows",
+    "rare_c": "rare_cols",
+    "∥r/c": "near-parallel row/col pairs",
+    "dead": "dead_rows",
+}
 _DROP_ORDER = ("cs/fl", "acv/fl", "dead", "rare_c", "normdev", "shape")
 
 
@@ -95,7 +106,9 @@ def render_table(report: Report, console: Console) -> None:
     for header, *_ in _COLUMNS:
         cells[header] = []
     for r in report.layers:
-        cells["layer"].append(Text(r.name, style="bold red" if r.name in tripped or r.nonfinite else ""))
+        cells["layer"].append(
+            Text(r.name, style="bold red" if r.name in tripped or r.nonfinite else "")
+        )
         cells["shape"].append(Text(_shape(r.shape)))
         for (header, value, _, _), w in zip(_COLUMNS, worst):
             style = "bold red" if w is r else ""
@@ -112,9 +125,13 @@ def render_table(report: Report, console: Console) -> None:
         shown.remove(h)
         hidden.append(h)
     table = Table(
-        title=f"wcond inspect: {report.checkpoint}", title_justify="left", header_style="bold",
-        box=box.SIMPLE_HEAD, padding=(0, 0, 0, 1), pad_edge=False,
-    )  # fmt: skip
+        title=f"wcond inspect: {report.checkpoint}",
+        title_justify="left",
+        header_style="bold",
+        box=box.SIMPLE_HEAD,
+        padding=(0, 0, 0, 1),
+        pad_edge=False,
+    )
     for h in shown:
         if h == "layer":
             table.add_column(h, overflow="fold", min_width=12)
@@ -126,7 +143,9 @@ def render_table(report: Report, console: Console) -> None:
     legend = "  ".join(f"{h}: {_LEGEND[h]}" for h in shown if h in _LEGEND)
     console.print(f"[dim]{legend}[/]")
     if hidden:
-        console.print(f"[dim]hidden at this width: {', '.join(hidden)} (widen the terminal, or use -f json)[/]")
+        console.print(
+            f"[dim]hidden at this width: {', '.join(hidden)} (widen the terminal, or use -f json)[/]"
+        )
     _print_summary(report, console)
 
 
@@ -150,7 +169,9 @@ def _print_summary(report: Report, console: Console) -> None:
     }
     for key, label in labels.items():
         if s.worst.get(key):
-            console.print(f"{label}: " + ", ".join(s.worst[key][:3]), highlight=False, soft_wrap=True)
+            console.print(
+                f"{label}: " + ", ".join(s.worst[key][:3]), highlight=False, soft_wrap=True
+            )
     for r in report.layers:
         for note in r.notes:
             console.print(f"[dim]note[/] {r.name}: {note}", highlight=False, soft_wrap=True)
@@ -160,7 +181,9 @@ def _print_summary(report: Report, console: Console) -> None:
         else:
             names = ", ".join(f"{v.layer} ({fmt_number(v.value)})" for v in g.violations[:10])
             more = f" and {len(g.violations) - 10} more" if len(g.violations) > 10 else ""
-            console.print(f"[bold red]FAIL[/] {g.expr}: {names}{more}", highlight=False, soft_wrap=True)
+            console.print(
+                f"[bold red]FAIL[/] {g.expr}: {names}{more}", highlight=False, soft_wrap=True
+            )
 
 
 def to_json(report: Report) -> str:
@@ -173,7 +196,9 @@ def to_markdown(report: Report) -> str:
     """A GitHub-flavoured Markdown report that pastes into a CI job summary."""
     s = report.summary
     out = [f"## wcond inspect: `{report.checkpoint}`", ""]
-    verdict = "❌ gates failed" if report.failed else ("✅ all gates passed" if report.gates else "")
+    verdict = (
+        "❌ gates failed" if report.failed else ("✅ all gates passed" if report.gates else "")
+    )
     out.append(
         f"{s.layers} layers, {s.params:,} parameters; near-parallel pairs: {s.near_parallel_rows} rows, "
         f"{s.near_parallel_cols} cols; dead rows: {s.dead_rows}. {verdict}".rstrip()

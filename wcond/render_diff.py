@@ -18,9 +18,13 @@ __all__ = ["DIFF_FORMATS", "diff_to_json", "diff_to_markdown", "render_diff_tabl
 
 # Which way is better, for coloring the change: -1 lower is better, +1 higher is better, 0 neutral.
 _BETTER = {
-    "rare_rows": 1, "rare_cols": 1,
-    "acv_floor": 0, "conv_similarity_floor": 0, "params": 0, "layers": 0,
-}  # fmt: skip
+    "rare_rows": 1,
+    "rare_cols": 1,
+    "acv_floor": 0,
+    "conv_similarity_floor": 0,
+    "params": 0,
+    "layers": 0,
+}
 
 
 def _signed(v: float | int | None) -> str:
@@ -70,9 +74,12 @@ def render_diff_table(d: DiffReport, console: Console) -> None:
         table.add_section()
         changed = layer.shape_changed
         table.add_row(
-            Text(layer.name, style="bold"), _shape(layer.shape_a), _shape(layer.shape_b), "new shape" if changed else "",
+            Text(layer.name, style="bold"),
+            _shape(layer.shape_a),
+            _shape(layer.shape_b),
+            "new shape" if changed else "",
             style="yellow" if changed else None,
-        )  # fmt: skip
+        )
         for metric, m in _shown(layer):
             table.add_row(f"  {metric}", *_cells(m), style=_style(metric, m) or None)
     console.print(table)
@@ -87,7 +94,9 @@ def render_diff_table(d: DiffReport, console: Console) -> None:
     for layer in d.layers:
         for side, notes in (("A", layer.notes_a), ("B", layer.notes_b)):
             for note in notes:
-                console.print(f"note {side} {layer.name}: {note}", style="dim", highlight=False, markup=False)
+                console.print(
+                    f"note {side} {layer.name}: {note}", style="dim", highlight=False, markup=False
+                )
 
 
 def diff_to_json(d: DiffReport) -> str:
@@ -113,7 +122,9 @@ def diff_to_markdown(d: DiffReport) -> str:
     out += ["| layer | metric | A | B | change | rel |", "|---|---|---:|---:|---:|---:|"]
     for layer in d.layers:
         changed = "new shape" if layer.shape_changed else ""
-        out.append(f"| `{layer.name}` | shape | {_shape(layer.shape_a)} | {_shape(layer.shape_b)} | {changed} | |")
+        out.append(
+            f"| `{layer.name}` | shape | {_shape(layer.shape_a)} | {_shape(layer.shape_b)} | {changed} | |"
+        )
         out += [f"| | {k} | " + " | ".join(_cells(m)) + " |" for k, m in _shown(layer)]
     out += ["", "change = B - A; rel = change / |A|."]
     return "\n".join(out) + "\n"

@@ -31,9 +31,21 @@ _COLUMNS: list[tuple[str, str, Callable[[LayerReport], "float | int | str | None
     ("shape", "stored shape", lambda r: "x".join(map(str, r.shape))),
     ("params", "parameters", lambda r: r.params),
     ("acv_mean", "mean |cos| between rows", lambda r: r.acv_mean),
-    ("acv/floor", "acv_sum over its floor (rows that cannot all be orthogonal)", lambda r: _ratio(r.acv_sum, r.acv_floor)),
-    ("cs_norm", "conv_similarity_norm: 1 = white spectra, >1 filters crowd the same frequencies", lambda r: r.conv_similarity_norm),
-    ("cs/floor", "conv_similarity over its floor at these norms", lambda r: _ratio(r.conv_similarity, r.conv_similarity_floor)),
+    (
+        "acv/floor",
+        "acv_sum over its floor (rows that cannot all be orthogonal)",
+        lambda r: _ratio(r.acv_sum, r.acv_floor),
+    ),
+    (
+        "cs_norm",
+        "conv_similarity_norm: 1 = white spectra, >1 filters crowd the same frequencies",
+        lambda r: r.conv_similarity_norm,
+    ),
+    (
+        "cs/floor",
+        "conv_similarity over its floor at these norms",
+        lambda r: _ratio(r.conv_similarity, r.conv_similarity_floor),
+    ),
     ("norm_dev_max", "max |1 - |row||", lambda r: r.norm_dev_max),
     ("norm_loss", "sum (1 - |row|)^2", lambda r: r.norm_loss),
     ("rare_rows", "min 1 - cos^2 over row pairs (0: some pair parallel)", lambda r: r.rare_rows),
@@ -135,7 +147,9 @@ def _verdict(report: Report) -> str:
     failed = [g for g in report.gates if not g.passed]
     if failed:
         return f'<div class="verdict fail" id="verdict">FAIL: {len(failed)} of {len(report.gates)} gates tripped</div>'
-    return f'<div class="verdict pass" id="verdict">PASS: all {len(report.gates)} gates passed</div>'
+    return (
+        f'<div class="verdict pass" id="verdict">PASS: all {len(report.gates)} gates passed</div>'
+    )
 
 
 def _gates(report: Report) -> str:
@@ -144,8 +158,15 @@ def _gates(report: Report) -> str:
     rows = []
     for g in report.gates:
         status = '<td class="t pass">PASS</td>' if g.passed else '<td class="t fail">FAIL</td>'
-        where = ", ".join(f"<code>{_e(v.layer)}</code> ({_e(fmt_number(v.value))})" for v in g.violations) or "-"
-        rows.append(f'<tr>{status}<td class="t"><code>{_e(g.expr)}</code></td><td class="t">{where}</td></tr>')
+        where = (
+            ", ".join(
+                f"<code>{_e(v.layer)}</code> ({_e(fmt_number(v.value))})" for v in g.violations
+            )
+            or "-"
+        )
+        rows.append(
+            f'<tr>{status}<td class="t"><code>{_e(g.expr)}</code></td><td class="t">{where}</td></tr>'
+        )
     head = '<tr><th class="t">verdict</th><th class="t">gate</th><th class="t">layers that trip it (value)</th></tr>'
     return f'<h2>Gates</h2><table id="gates"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>'
 
@@ -162,8 +183,12 @@ def _summary(report: Report) -> str:
         ("conv_similarity total", fmt_number(s.conv_similarity)),
         ("norm_loss total", fmt_number(s.norm_loss)),
     ]
-    labels = {"acv_mean": "highest acv_mean", "conv_similarity_norm": "highest cs_norm",
-              "near_parallel": "most near-parallel pairs", "rare_rows": "lowest rare_rows"}  # fmt: skip
+    labels = {
+        "acv_mean": "highest acv_mean",
+        "conv_similarity_norm": "highest cs_norm",
+        "near_parallel": "most near-parallel pairs",
+        "rare_rows": "lowest rare_rows",
+    }
     items += [(label, ", ".join(s.worst[k][:3])) for k, label in labels.items() if s.worst.get(k)]
     body = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in items)
     return f'<h2>Summary</h2><dl id="summary">{body}</dl>'
@@ -189,9 +214,9 @@ def _layer_table(report: Report) -> str:
         cls = ' class="tripped"' if r.name in tripped or r.nonfinite else ""
         rows.append(f'<tr data-i="{n}"{cls}>{"".join(cells)}</tr>')
     return (
-        "<h2>Layers</h2><p class=\"sub\">Click a column header to sort. Layers in red trip a gate or hold NaN/Inf.</p>"
+        '<h2>Layers</h2><p class="sub">Click a column header to sort. Layers in red trip a gate or hold NaN/Inf.</p>'
         f'<div class="scroll"><table class="sortable" id="layers"><thead><tr>{"".join(heads)}</tr></thead>'
-        f'<tbody>{"".join(rows)}</tbody></table></div>'
+        f"<tbody>{''.join(rows)}</tbody></table></div>"
     )
 
 
@@ -204,7 +229,10 @@ def _worst_layers(report: Report, n: int) -> list[tuple[LayerReport, str]]:
             reasons.setdefault(v.layer, f"trips {g.expr} ({fmt_number(v.value)})")
     for name in report.summary.worst.get("near_parallel", []):
         r = by_name[name]
-        reasons.setdefault(name, f"{r.near_parallel_rows} near-parallel row pairs, {r.near_parallel_cols} col pairs")
+        reasons.setdefault(
+            name,
+            f"{r.near_parallel_rows} near-parallel row pairs, {r.near_parallel_cols} col pairs",
+        )
     for name in report.summary.worst.get("acv_mean", [])[:2]:
         reasons.setdefault(name, f"high acv_mean ({fmt_number(by_name[name].acv_mean)})")
     for name in report.summary.worst.get("rare_rows", [])[:2]:
@@ -212,7 +240,9 @@ def _worst_layers(report: Report, n: int) -> list[tuple[LayerReport, str]]:
     return [(by_name[k], why) for k, why in reasons.items() if not by_name[k].nonfinite][:n]
 
 
-def _heatmaps(report: Report, weights: Checkpoint | Mapping[str, torch.Tensor] | None, n: int) -> str:
+def _heatmaps(
+    report: Report, weights: Checkpoint | Mapping[str, torch.Tensor] | None, n: int
+) -> str:
     if n <= 0:
         return ""
     head = "<h2>Worst layers: cosine between rows</h2>"
@@ -224,18 +254,30 @@ def _heatmaps(report: Report, weights: Checkpoint | Mapping[str, torch.Tensor] |
     try:
         plot.require_matplotlib()
     except WcondError:
-        return head + f'<p class="note" id="heatmaps-note">Heatmaps need matplotlib: {_e(plot.INSTALL_HINT)}</p>'
+        return (
+            head
+            + f'<p class="note" id="heatmaps-note">Heatmaps need matplotlib: {_e(plot.INSTALL_HINT)}</p>'
+        )
     if weights is None:
         if not Path(report.checkpoint).exists():
-            return head + '<p class="note" id="heatmaps-note">Heatmaps need the checkpoint\'s weights (pass weights= to to_html).</p>'
+            return (
+                head
+                + '<p class="note" id="heatmaps-note">Heatmaps need the checkpoint\'s weights (pass weights= to to_html).</p>'
+            )
         weights = open_checkpoint(report.checkpoint)
     figures = []
     tau_cos, tau_euc = report.settings.get("tau_cos", 1e-4), report.settings.get("tau_euc", 0.1)
     for layer, why in chosen:
         try:
-            w = weights[layer.name] if isinstance(weights, Mapping) else plot.layer_weight(weights, layer.name)
+            w = (
+                weights[layer.name]
+                if isinstance(weights, Mapping)
+                else plot.layer_weight(weights, layer.name)
+            )
         except (KeyError, WcondError) as e:
-            figures.append(f'<figure><figcaption><code>{_e(layer.name)}</code>: not drawn ({_e(e)})</figcaption></figure>')
+            figures.append(
+                f"<figure><figcaption><code>{_e(layer.name)}</code>: not drawn ({_e(e)})</figcaption></figure>"
+            )
             continue
         include = [i for p in layer.closest_rows for i in (p.i, p.j)]
         cm = plot.cos_matrix(layer.name, w, tau_cos=tau_cos, tau_euc=tau_euc, include=include)
@@ -251,5 +293,7 @@ def _heatmaps(report: Report, weights: Checkpoint | Mapping[str, torch.Tensor] |
 
 
 def _settings(report: Report) -> str:
-    body = "".join(f"<dt>{_e(k)}</dt><dd><code>{_e(v)}</code></dd>" for k, v in report.settings.items())
+    body = "".join(
+        f"<dt>{_e(k)}</dt><dd><code>{_e(v)}</code></dd>" for k, v in report.settings.items()
+    )
     return f'<h2>Settings</h2><dl id="settings">{body}</dl>'

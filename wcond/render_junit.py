@@ -27,13 +27,23 @@ from wcond.render import fmt_number
 
 __all__ = ["to_junit"]
 
-_HEADLINE = ("acv_mean", "conv_similarity_norm", "norm_dev_max", "rare_rows", "rare_cols",
-             "near_parallel_rows", "near_parallel_cols", "dead_rows")  # fmt: skip
+_HEADLINE = (
+    "acv_mean",
+    "conv_similarity_norm",
+    "norm_dev_max",
+    "rare_rows",
+    "rare_cols",
+    "near_parallel_rows",
+    "near_parallel_cols",
+    "dead_rows",
+)
 
 
 def _headline(r: LayerReport) -> str:
     shape = "x".join(map(str, r.shape))
-    return f"{r.name} ({r.kind} {shape}): " + ", ".join(f"{m} {fmt_number(r.value(m))}" for m in _HEADLINE)
+    return f"{r.name} ({r.kind} {shape}): " + ", ".join(
+        f"{m} {fmt_number(r.value(m))}" for m in _HEADLINE
+    )
 
 
 def _exact(v: float) -> str:
@@ -48,8 +58,15 @@ def to_junit(report: Report) -> str:
     suite = ET.Element("testsuite", name=f"wcond inspect {report.checkpoint}")
     props = ET.SubElement(suite, "properties")
     for k, v in report.settings.items():
-        ET.SubElement(props, "property", name=k, value=v if isinstance(v, str) else "" if v is None else json.dumps(v))
-    cases: list[tuple[Gate | None, str]] = [(g, res.expr) for g, res in zip(gates, report.gates)] or [(None, "inspect")]
+        ET.SubElement(
+            props,
+            "property",
+            name=k,
+            value=v if isinstance(v, str) else "" if v is None else json.dumps(v),
+        )
+    cases: list[tuple[Gate | None, str]] = [
+        (g, res.expr) for g, res in zip(gates, report.gates)
+    ] or [(None, "inspect")]
     tests = failures = skipped = 0
     for r in report.layers:
         for gate, expr in cases:
@@ -60,18 +77,34 @@ def to_junit(report: Report) -> str:
                 if (r.name, expr) in tripped:
                     failures += 1
                     v = fmt_number(tripped[(r.name, expr)])
-                    failure = ET.SubElement(case, "failure", type="wcond.gate", message=f"{gate.metric} = {v} trips {expr}")
-                    failure.text = f"{r.name}: {gate.metric} = {_exact(tripped[(r.name, expr)])}, gate {expr}"
+                    failure = ET.SubElement(
+                        case,
+                        "failure",
+                        type="wcond.gate",
+                        message=f"{gate.metric} = {v} trips {expr}",
+                    )
+                    failure.text = (
+                        f"{r.name}: {gate.metric} = {_exact(tripped[(r.name, expr)])}, gate {expr}"
+                    )
                 elif value is None or value != value:
                     skipped += 1
-                    why = "NaN/Inf in the weights" if r.nonfinite else f"does not apply to a {r.kind}"
+                    why = (
+                        "NaN/Inf in the weights" if r.nonfinite else f"does not apply to a {r.kind}"
+                    )
                     ET.SubElement(case, "skipped", message=f"{gate.metric} {why}")
             ET.SubElement(case, "system-out").text = _headline(r)
     suite.set("tests", str(tests))
     suite.set("failures", str(failures))
     suite.set("errors", "0")
     suite.set("skipped", str(skipped))
-    root = ET.Element("testsuites", name="wcond", tests=str(tests), failures=str(failures), errors="0", skipped=str(skipped))
+    root = ET.Element(
+        "testsuites",
+        name="wcond",
+        tests=str(tests),
+        failures=str(failures),
+        errors="0",
+        skipped=str(skipped),
+    )
     root.append(suite)
     ET.indent(root)
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"

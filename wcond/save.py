@@ -35,14 +35,18 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         yield target
         return
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".wcond-tmp", dir=target.parent)
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f".{target.name}.", suffix=".wcond-tmp", dir=target.parent
+    )
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, _new_file_mode(target))  # mkstemp makes 0600; give the file the mode a plain open() would
+        os.chmod(
+            tmp, _new_file_mode(target)
+        )  # mkstemp makes 0600; give the file the mode a plain open() would
         os.replace(tmp, target)
     except BaseException:  # Ctrl-C included: never leave the partial file
         tmp.unlink(missing_ok=True)
@@ -71,16 +75,24 @@ def output_format(path: str | Path) -> str:
         return "safetensors"
     if suffix in TORCH_SUFFIXES:
         return "torch"
-    raise UsageError(f"{path}: unknown output format {suffix or '(no extension)'!r}; use .safetensors, .pt, .pth, .bin or .ckpt")
+    raise UsageError(
+        f"{path}: unknown output format {suffix or '(no extension)'!r}; use .safetensors, .pt, .pth, .bin or .ckpt"
+    )
 
 
 def check_output(src: str | Path, out: str | Path, force: bool) -> None:
     """Refuse to write over the input, or over an existing file without ``force``."""
     src_p, out_p = Path(src), Path(out)
-    if out_p.exists() and (src_p.resolve() == out_p.resolve() or _same_file(src_p, out_p) or _inside(out_p, src_p)):
-        raise UsageError(f"{out}: refusing to write over the input checkpoint; choose another -o path")
+    if out_p.exists() and (
+        src_p.resolve() == out_p.resolve() or _same_file(src_p, out_p) or _inside(out_p, src_p)
+    ):
+        raise UsageError(
+            f"{out}: refusing to write over the input checkpoint; choose another -o path"
+        )
     if out_p.is_dir():
-        raise UsageError(f"{out}: is a directory; give a file name such as {out_p / 'model.safetensors'}")
+        raise UsageError(
+            f"{out}: is a directory; give a file name such as {out_p / 'model.safetensors'}"
+        )
     if out_p.exists() and not force:
         raise UsageError(f"{out}: already exists; pass --force to overwrite it")
     output_format(out_p)
@@ -118,7 +130,9 @@ def save_checkpoint(
             if like is not None and like.obj is not None:
                 obj = _rebuild(like.obj, like.wrapper, tensors)
             elif meta:
-                warnings.append(f"{path}: a torch file has no place for safetensors metadata; it was not written")
+                warnings.append(
+                    f"{path}: a torch file has no place for safetensors metadata; it was not written"
+                )
             torch.save(obj, tmp)
     return warnings
 
@@ -138,7 +152,11 @@ def _inside(out: Path, src: Path) -> bool:
 def _plain(t: torch.Tensor) -> torch.Tensor:
     """safetensors refuses shared or non-contiguous storage: give it a compact copy when needed."""
     t = t.detach().cpu()
-    return t.contiguous().clone() if not t.is_contiguous() or t.untyped_storage().nbytes() != t.nbytes else t
+    return (
+        t.contiguous().clone()
+        if not t.is_contiguous() or t.untyped_storage().nbytes() != t.nbytes
+        else t
+    )
 
 
 def _has_extras(ck: Checkpoint) -> bool:
@@ -173,7 +191,10 @@ def _replace(node: Mapping, remaining: dict[str, torch.Tensor], prefix: str) -> 
 
 
 def _holds_tensor(node: Mapping) -> bool:
-    return any(isinstance(v, torch.Tensor) or (isinstance(v, Mapping) and _holds_tensor(v)) for v in node.values())
+    return any(
+        isinstance(v, torch.Tensor) or (isinstance(v, Mapping) and _holds_tensor(v))
+        for v in node.values()
+    )
 
 
 def _copy_mapping(node: Mapping, empty: bool = False) -> Any:

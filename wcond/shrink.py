@@ -108,7 +108,9 @@ class Grouping:
         return [k for k in range(self.index.numel()) if k not in keep]
 
 
-def fuse_vectors(vectors: Tensor, *, tau_cos: float, tau_euc: float, positive: bool = False) -> Grouping:
+def fuse_vectors(
+    vectors: Tensor, *, tau_cos: float, tau_euc: float, positive: bool = False
+) -> Grouping:
     """Greedy RaRe merging of the near-parallel rows of ``vectors`` (N, d), closest pair first.
 
     Candidates come from the blocked search of :func:`wcond.metrics.near_parallel_pairs`. Each
@@ -124,7 +126,9 @@ def fuse_vectors(vectors: Tensor, *, tau_cos: float, tau_euc: float, positive: b
         for p in metrics.near_parallel_pairs(v, tau_cos=tau_cos, tau_euc=tau_euc)
         if not positive or p.cos > 0
     ]
-    groups: dict[int, list[tuple[int, float]]] = {}  # kept index -> (member, coefficient), fused groups only
+    groups: dict[
+        int, list[tuple[int, float]]
+    ] = {}  # kept index -> (member, coefficient), fused groups only
     absorbed = [False] * n
     widest = 0.0
     fused = 0
@@ -164,15 +168,27 @@ def fuse_vectors(vectors: Tensor, *, tau_cos: float, tau_euc: float, positive: b
         for m, c in members:
             index[m], coef[m] = slot[root], c
     return Grouping(
-        torch.tensor(index, dtype=torch.int64), torch.tensor(coef, dtype=torch.float64), kept, fused, widest if fused else None
+        torch.tensor(index, dtype=torch.int64),
+        torch.tensor(coef, dtype=torch.float64),
+        kept,
+        fused,
+        widest if fused else None,
     )
 
 
 def _retest(
-    work: Tensor, norms: Tensor, alive: Tensor, k: int, tau_cos: float, tau_euc: float, positive: bool
+    work: Tensor,
+    norms: Tensor,
+    alive: Tensor,
+    k: int,
+    tau_cos: float,
+    tau_euc: float,
+    positive: bool,
 ) -> Iterable[tuple[int, float]]:
     """(other, 1 - |cos|) for every remaining vector near-parallel to ``work[k]`` (the test of METRICS.md)."""
-    cos = (work @ work[k]) / (norms * norms[k])  # zero vectors give NaN, which fails every test below
+    cos = (work @ work[k]) / (
+        norms * norms[k]
+    )  # zero vectors give NaN, which fails every test below
     a = cos.abs().clamp(max=1.0)
     d_euc = torch.minimum(norms, norms[k]) * torch.sqrt((2 - 2 * a).clamp_min(0))
     hit = alive & (1 - a < tau_cos) & (d_euc < tau_euc)
@@ -199,7 +215,9 @@ def _compress(w: Tensor, g: Grouping, dim: int) -> Tensor:
 
 def _spread(w: Tensor, index: Tensor, coef: Tensor, dim: int) -> Tensor:
     """P W' along ``dim``: original k = coef[k] * w'[index[k]]."""
-    return w.index_select(dim, index.to(w.device, torch.int64)) * coef.to(w.device, w.dtype).view(_along(w.ndim, dim))
+    return w.index_select(dim, index.to(w.device, torch.int64)) * coef.to(w.device, w.dtype).view(
+        _along(w.ndim, dim)
+    )
 
 
 def rebuild_dense(
@@ -246,12 +264,17 @@ class Factorization:
 
     def stored(self, g: Grouping | None) -> tuple[Tensor, Tensor] | None:
         """One axis as written: int32 indices and float32 (float64 for float64 layers) coefficients."""
-        return None if g is None else (g.index.to(torch.int32), g.coef.to(_coef_dtype(self.w.dtype)))
+        return (
+            None if g is None else (g.index.to(torch.int32), g.coef.to(_coef_dtype(self.w.dtype)))
+        )
 
     def tensors(self, key: str) -> dict[str, Tensor]:
         """The entries that replace ``key`` in a shrunk checkpoint."""
         out = {key + W_SUFFIX: self.w}
-        for g, (idx_key, coef_key) in ((self.rows, (ROW_INDEX, ROW_COEF)), (self.cols, (COL_INDEX, COL_COEF))):
+        for g, (idx_key, coef_key) in (
+            (self.rows, (ROW_INDEX, ROW_COEF)),
+            (self.cols, (COL_INDEX, COL_COEF)),
+        ):
             part = self.stored(g)
             if part is not None:
                 out[key + idx_key], out[key + coef_key] = part
@@ -414,7 +437,9 @@ def shrink(
             progress(done, total, spec.key)
         done += spec.info.numel
         shape = list(spec.info.shape)
-        rep = LayerShrink(spec.key, shape, shape, params_before=spec.info.numel, params_after=spec.info.numel)
+        rep = LayerShrink(
+            spec.key, shape, shape, params_before=spec.info.numel, params_after=spec.info.numel
+        )
         reports.append(rep)
         rep.axes = _axes(spec.key, shape, axis, first, last, protect, rep.notes)
         if not rep.axes:
@@ -442,17 +467,30 @@ def shrink(
         rep.changed = True
         replaced[spec.key] = f.tensors(spec.key)
         manifest_layers[spec.key] = {
-            "shape": shape, "stored_shape": rep.shape_after, "dtype": _dtype_name(w.dtype),
-            "fused_rows": f.fused_rows, "fused_cols": f.fused_cols, "reconstruction_error": f.error,
-        }  # fmt: skip
+            "shape": shape,
+            "stored_shape": rep.shape_after,
+            "dtype": _dtype_name(w.dtype),
+            "fused_rows": f.fused_rows,
+            "fused_cols": f.fused_cols,
+            "reconstruction_error": f.error,
+        }
     if progress:
         progress(total, total, "")
 
     settings = {
-        "tau_cos": tau_cos, "tau_euc": tau_euc, "axis": axis, "layers": list(layers), "exclude": list(exclude),
-        "protect": list(protect), "protect_ends": protect_ends, "device": str(dev),
-    }  # fmt: skip
-    new_bytes = {k: sum(t.numel() * t.element_size() for t in parts.values()) for k, parts in replaced.items()}
+        "tau_cos": tau_cos,
+        "tau_euc": tau_euc,
+        "axis": axis,
+        "layers": list(layers),
+        "exclude": list(exclude),
+        "protect": list(protect),
+        "protect_ends": protect_ends,
+        "device": str(dev),
+    }
+    new_bytes = {
+        k: sum(t.numel() * t.element_size() for t in parts.values())
+        for k, parts in replaced.items()
+    }
     report = ShrinkReport(
         checkpoint=str(ck.path),
         output=str(output) if output is not None else None,
@@ -460,7 +498,8 @@ def shrink(
         settings=settings,
         layers=reports,
         params_before=sum(i.numel for i in infos.values()),
-        params_after=sum(i.numel for i in infos.values()) - sum(r.params_before - r.params_after for r in reports),
+        params_after=sum(i.numel for i in infos.values())
+        - sum(r.params_before - r.params_after for r in reports),
         bytes_before=ck.num_bytes,
         bytes_after=ck.num_bytes + sum(new_bytes[k] - _nbytes(infos[k]) for k in replaced),
     )
@@ -469,20 +508,41 @@ def shrink(
         for key in infos:
             tensors.update(replaced[key] if key in replaced else {key: ck.get(key)})
         manifest = {
-            "format": 1, "wcond_version": __version__, "settings": settings, "layers": manifest_layers,
+            "format": 1,
+            "wcond_version": __version__,
+            "settings": settings,
+            "layers": manifest_layers,
             "rebuild": "W[o, c] = row_coef[o] * col_coef[c] * W'[row_index[o], col_index[c]]",
-            "suffixes": {"w": W_SUFFIX, "row_index": ROW_INDEX, "row_coef": ROW_COEF, "col_index": COL_INDEX, "col_coef": COL_COEF},
-        }  # fmt: skip
+            "suffixes": {
+                "w": W_SUFFIX,
+                "row_index": ROW_INDEX,
+                "row_coef": ROW_COEF,
+                "col_index": COL_INDEX,
+                "col_coef": COL_COEF,
+            },
+        }
         report.warnings += _write(ck, output, tensors, {MANIFEST_KEY: json.dumps(manifest)})
     return report
 
 
 def _axes(
-    key: str, shape: list[int], axis: str, first: str | None, last: str | None, protect: Sequence[str], notes: list[str]
+    key: str,
+    shape: list[int],
+    axis: str,
+    first: str | None,
+    last: str | None,
+    protect: Sequence[str],
+    notes: list[str],
 ) -> list[str]:
     """The axes to fuse in one layer, after the protections; says in ``notes`` what a protection removed."""
     if axis == "auto":
-        want = ["rows"] if shape[0] > shape[1] else ["cols"] if shape[1] > shape[0] else ["rows", "cols"]
+        want = (
+            ["rows"]
+            if shape[0] > shape[1]
+            else ["cols"]
+            if shape[1] > shape[0]
+            else ["rows", "cols"]
+        )
     else:
         want = ["rows", "cols"] if axis == "both" else [axis]
     if any(fnmatch.fnmatchcase(key, g) for g in protect):
@@ -490,27 +550,37 @@ def _axes(
         return []
     if key == first and "cols" in want:
         want.remove("cols")
-        notes.append("columns protected: the first layer reads the network's inputs (--no-protect-ends lifts this)")
+        notes.append(
+            "columns protected: the first layer reads the network's inputs (--no-protect-ends lifts this)"
+        )
     if key == last and "rows" in want:
         want.remove("rows")
-        notes.append("rows protected: the last layer's rows are the outputs (classes) (--no-protect-ends lifts this)")
+        notes.append(
+            "rows protected: the last layer's rows are the outputs (classes) (--no-protect-ends lifts this)"
+        )
     return want
 
 
 def _no_layers(ck: Checkpoint, infos: Mapping[str, TensorInfo]) -> None:
     if any(is_layer(i) for i in infos.values()):
         raise CheckpointError(f"{ck.path}: no layer matches the --layers/--exclude patterns")
-    raise CheckpointError(f"{ck.path}: no weight matrices or conv kernels to shrink (need floating-point tensors with 2 to 5 dims)")
+    raise CheckpointError(
+        f"{ck.path}: no weight matrices or conv kernels to shrink (need floating-point tensors with 2 to 5 dims)"
+    )
 
 
-def _open_source(source: str | Path, output: str | Path | None, force: bool) -> tuple[Checkpoint, dict[str, TensorInfo]]:
+def _open_source(
+    source: str | Path, output: str | Path | None, force: bool
+) -> tuple[Checkpoint, dict[str, TensorInfo]]:
     """Check OUT (unless a dry run), then open the source; an already shrunk one is refused."""
     if output is not None:
         check_output(source, output, force)
     ck = open_checkpoint(source)
     infos = {k: ck.info(k) for k in ck.keys()}
     if any(k.endswith(W_SUFFIX) for k in infos):
-        raise UsageError(f"{ck.path}: is already shrunk (holds {W_SUFFIX} factors); expand it first: wcond expand {ck.path} -o dense.safetensors")
+        raise UsageError(
+            f"{ck.path}: is already shrunk (holds {W_SUFFIX} factors); expand it first: wcond expand {ck.path} -o dense.safetensors"
+        )
     return ck, infos
 
 
@@ -555,7 +625,9 @@ def fold(
     """
     chain = list(chain)
     if len(chain) < 2:
-        raise UsageError("--chain needs at least two layer keys in the order data flows, e.g. --chain fc1.weight,fc2.weight")
+        raise UsageError(
+            "--chain needs at least two layer keys in the order data flows, e.g. --chain fc1.weight,fc2.weight"
+        )
     if len(set(chain)) != len(chain):
         raise UsageError(f"--chain names a layer twice: {','.join(chain)}")
     ck, infos = _open_source(source, output, force)
@@ -567,7 +639,10 @@ def fold(
     for key in chain + biases:
         t = ck.get(key).to(dev)
         current[key] = t if t.dtype == torch.float64 else t.float()
-    reports = {k: LayerShrink(k, list(infos[k].shape), list(infos[k].shape), params_before=infos[k].numel) for k in chain}
+    reports = {
+        k: LayerShrink(k, list(infos[k].shape), list(infos[k].shape), params_before=infos[k].numel)
+        for k in chain
+    }
     widths: dict[str, list[int]] = {}
     manifest_layers: dict[str, dict[str, Any]] = {}
     total = len(chain) - 1
@@ -587,15 +662,26 @@ def fold(
         if not g.fused:
             continue
         fused_ext = _compress(ext, g, 0)
-        err = float((ext - _spread(fused_ext, g.index, g.coef, 0)).norm()) / float(ext.norm())  # > 0: it had pairs
+        err = float((ext - _spread(fused_ext, g.index, g.coef, 0)).norm()) / float(
+            ext.norm()
+        )  # > 0: it had pairs
         current[a] = _compress(w, g, 0)
         if bias:
             current[bias] = _compress(current[bias], g, 0)
-        current[b] = _compress(current[b], g, 1)  # next layer: column j gets sum_k coef_k * column k
+        current[b] = _compress(
+            current[b], g, 1
+        )  # next layer: column j gets sum_k coef_k * column k
         rep.fused_rows, rep.reconstruction_error, rep.max_angle_deg = g.fused, err, g.max_angle
         reports[b].fused_cols = g.fused
-        reports[b].notes.append(f"input columns folded with {a}'s removed units (exact given those units)")
-        manifest_layers[a] = {"width_before": w.shape[0], "width_after": g.kept, "removed": g.removed, "kept": g.kept_indices}
+        reports[b].notes.append(
+            f"input columns folded with {a}'s removed units (exact given those units)"
+        )
+        manifest_layers[a] = {
+            "width_before": w.shape[0],
+            "width_after": g.kept,
+            "removed": g.removed,
+            "kept": g.kept_indices,
+        }
     if progress:
         progress(total, total, "")
     reports[chain[-1]].reconstruction_error = None  # its rows are the chain's outputs: never fused
@@ -616,16 +702,21 @@ def fold(
         params_before=params_before,
         params_after=params_before - removed,
         bytes_before=ck.num_bytes,
-        bytes_after=ck.num_bytes - sum(_nbytes(infos[k]) - t.numel() * t.element_size() for k, t in out_tensors.items()),
+        bytes_after=ck.num_bytes
+        - sum(_nbytes(infos[k]) - t.numel() * t.element_size() for k, t in out_tensors.items()),
         widths=widths,
     )
     if output is not None:
         changed = {k: t for k, t in out_tensors.items() if t.shape != infos[k].shape}
         tensors = {key: changed[key] if key in changed else ck.get(key) for key in infos}
         manifest = {
-            "format": 1, "wcond_version": __version__, "mode": "fold", "chain": chain,
-            "settings": report.settings, "layers": manifest_layers,
-        }  # fmt: skip
+            "format": 1,
+            "wcond_version": __version__,
+            "mode": "fold",
+            "chain": chain,
+            "settings": report.settings,
+            "layers": manifest_layers,
+        }
         entries = {FOLD_MANIFEST_KEY: json.dumps(manifest)}
         if output_format(output) == "torch" and not ck.wrapper:
             # In a bare state dict an extra entry would break model.load_state_dict(torch.load(OUT)).
@@ -658,7 +749,9 @@ def _check_chain(ck: Checkpoint, infos: Mapping[str, TensorInfo], chain: Sequenc
             hint = f"; did you mean {key + '.weight'!r}?" if key + ".weight" in infos else ""
             raise UsageError(f"--chain: {ck.path} has no tensor named {key!r}{hint}")
         if not is_layer(infos[key]):
-            raise UsageError(f"--chain: {key!r} (shape {list(infos[key].shape)}) is not a weight matrix or conv kernel")
+            raise UsageError(
+                f"--chain: {key!r} (shape {list(infos[key].shape)}) is not a weight matrix or conv kernel"
+            )
     for a, b in zip(chain, chain[1:]):
         out_a, in_b = infos[a].shape[0], infos[b].shape[1]
         if out_a != in_b:
@@ -667,7 +760,11 @@ def _check_chain(ck: Checkpoint, infos: Mapping[str, TensorInfo], chain: Sequenc
                 "directly (no flatten, grouped conv or concatenation between)"
             )
         for k, info in infos.items():
-            if k.endswith((".running_mean", ".running_var")) and info.shape == (out_a,) and _parent(k) == _parent(a):
+            if (
+                k.endswith((".running_mean", ".running_var"))
+                and info.shape == (out_a,)
+                and _parent(k) == _parent(a)
+            ):
                 raise UsageError(
                     f"--chain: {k!r} looks like a BatchNorm on the {out_a} units of {a!r}; --fold needs each layer to feed the "
                     "next through ReLU/LeakyReLU with nothing between. Fold the BatchNorm into the layer first, or shrink without --fold"
@@ -727,7 +824,9 @@ def dense_view(
         elif key.endswith(_PARTS):
             base = key.removesuffix(next(p for p in _PARTS if key.endswith(p)))
             if base + W_SUFFIX not in infos:
-                raise CheckpointError(f"{key!r} has no {base + W_SUFFIX!r} beside it: the shrunk checkpoint is incomplete")
+                raise CheckpointError(
+                    f"{key!r} has no {base + W_SUFFIX!r} beside it: the shrunk checkpoint is incomplete"
+                )
         else:
             out[key] = info
 
@@ -736,8 +835,13 @@ def dense_view(
         if f is None:
             return get(key)
         w = get(key + W_SUFFIX)
-        parts = [_axis_parts(key, get, suffixes, w.shape[dim]) if on else None
-                 for on, suffixes, dim in ((f.rows, (ROW_INDEX, ROW_COEF), 0), (f.cols, (COL_INDEX, COL_COEF), 1))]  # fmt: skip
+        parts = [
+            _axis_parts(key, get, suffixes, w.shape[dim]) if on else None
+            for on, suffixes, dim in (
+                (f.rows, (ROW_INDEX, ROW_COEF), 0),
+                (f.cols, (COL_INDEX, COL_COEF), 1),
+            )
+        ]
         return rebuild_dense(w, parts[0], parts[1]).to(w.dtype)
 
     return out, view_get, factored
@@ -745,17 +849,23 @@ def dense_view(
 
 def _factored(base: str, infos: Mapping[str, TensorInfo]) -> Factored:
     if base in infos:
-        raise CheckpointError(f"{base!r} is stored both dense and factorized ({base + W_SUFFIX!r}); the checkpoint is inconsistent")
+        raise CheckpointError(
+            f"{base!r} is stored both dense and factorized ({base + W_SUFFIX!r}); the checkpoint is inconsistent"
+        )
     w = infos[base + W_SUFFIX]
     if len(w.shape) < 2:
-        raise CheckpointError(f"{base + W_SUFFIX!r} has shape {list(w.shape)}; a factorized weight has at least 2 dims")
+        raise CheckpointError(
+            f"{base + W_SUFFIX!r} has shape {list(w.shape)}; a factorized weight has at least 2 dims"
+        )
     shape = list(w.shape)
     on = []
     for dim, (idx, coef) in enumerate(((ROW_INDEX, ROW_COEF), (COL_INDEX, COL_COEF))):
         i, c = infos.get(base + idx), infos.get(base + coef)
         if (i is None) != (c is None):
             have, missing = (idx, coef) if i is not None else (coef, idx)
-            raise CheckpointError(f"{base + have!r} has no {base + missing!r} beside it: the shrunk checkpoint is incomplete")
+            raise CheckpointError(
+                f"{base + have!r} has no {base + missing!r} beside it: the shrunk checkpoint is incomplete"
+            )
         if i is not None and c is not None:
             if len(i.shape) != 1 or i.shape != c.shape or i.dtype.is_floating_point:
                 raise CheckpointError(
@@ -767,10 +877,14 @@ def _factored(base: str, infos: Mapping[str, TensorInfo]) -> Factored:
     return Factored(base, tuple(w.shape), tuple(shape), on[0], on[1])
 
 
-def _axis_parts(base: str, get: Callable[[str], Tensor], suffixes: tuple[str, str], size: int) -> tuple[Tensor, Tensor]:
+def _axis_parts(
+    base: str, get: Callable[[str], Tensor], suffixes: tuple[str, str], size: int
+) -> tuple[Tensor, Tensor]:
     index, coef = get(base + suffixes[0]), get(base + suffixes[1])
     if index.numel() and (int(index.min()) < 0 or int(index.max()) >= size):
-        raise CheckpointError(f"{base + suffixes[0]!r} points outside the {size} stored rows/columns of {base + W_SUFFIX!r}")
+        raise CheckpointError(
+            f"{base + suffixes[0]!r} points outside the {size} stored rows/columns of {base + W_SUFFIX!r}"
+        )
     return index, coef
 
 
@@ -819,7 +933,9 @@ def expand(source: str | Path, output: str | Path, *, force: bool = False) -> Ex
 _MANIFESTS = (MANIFEST_KEY, FOLD_MANIFEST_KEY)
 
 
-def _write(ck: Checkpoint, output: str | Path, tensors: dict[str, Tensor], entries: Mapping[str, str]) -> list[str]:
+def _write(
+    ck: Checkpoint, output: str | Path, tensors: dict[str, Tensor], entries: Mapping[str, str]
+) -> list[str]:
     """Save ``tensors`` in their given order through wcond.save with the source's layout.
 
     ``entries`` (the manifest) go to the safetensors metadata, or to the top level of a torch
@@ -829,7 +945,9 @@ def _write(ck: Checkpoint, output: str | Path, tensors: dict[str, Tensor], entri
     layout.wrapper = ck.wrapper
     layout.metadata = {k: v for k, v in ck.metadata.items() if k not in _MANIFESTS}
     if output_format(output) == "safetensors":
-        layout.obj = ck.obj  # only consulted to warn about a wrapper's entries that safetensors cannot hold
+        layout.obj = (
+            ck.obj
+        )  # only consulted to warn about a wrapper's entries that safetensors cannot hold
         return save_checkpoint(output, tensors, like=layout, metadata=entries)
     # save_checkpoint keeps the order and non-tensor entries of ``like.obj``: give it the source's
     # structure with the new tensors in their new order, so a factorized layer sits where it was.
@@ -837,7 +955,9 @@ def _write(ck: Checkpoint, output: str | Path, tensors: dict[str, Tensor], entri
     return save_checkpoint(output, tensors, like=layout)
 
 
-def _torch_layout(obj: Any, wrapper: tuple[str, ...], tensors: Mapping[str, Tensor], entries: Mapping[str, str]) -> Any:
+def _torch_layout(
+    obj: Any, wrapper: tuple[str, ...], tensors: Mapping[str, Tensor], entries: Mapping[str, str]
+) -> Any:
     def loose(node: Any) -> dict[str, Any]:
         """A node's entries that are neither tensors nor hold tensors, stale manifests left out."""
         if not isinstance(node, Mapping):
@@ -858,4 +978,6 @@ def _torch_layout(obj: Any, wrapper: tuple[str, ...], tensors: Mapping[str, Tens
 
 
 def _holds_tensors(v: Any) -> bool:
-    return isinstance(v, Tensor) or (isinstance(v, Mapping) and any(_holds_tensors(x) for x in v.values()))
+    return isinstance(v, Tensor) or (
+        isinstance(v, Mapping) and any(_holds_tensors(x) for x in v.values())
+    )

@@ -44,14 +44,49 @@ class DeviceChoice(str, Enum):
 
 
 # Options used by several commands, defined once.
-DeviceOpt = Annotated[DeviceChoice, typer.Option("--device", help="Where the heavy work runs: auto picks CUDA, then MPS, then CPU.")]
-LayersOpt = Annotated[Optional[list[str]], typer.Option("--layers", help="Only tensors whose key matches this glob (repeatable).", metavar="GLOB")]
-ExcludeOpt = Annotated[Optional[list[str]], typer.Option("--exclude", help="Skip tensors whose key matches this glob (repeatable).", metavar="GLOB")]
-TauCosOpt = Annotated[float, typer.Option("--tau-cos", help="Near-parallel when 1 - |cos| is below this.", min=0.0)]
-TauEucOpt = Annotated[float, typer.Option("--tau-euc", help="...and the rescaled Euclidean distance is below this.", min=0.0)]
-GroupsOpt = Annotated[Optional[list[str]], typer.Option("--groups", help="Conv groups of a layer, KEY=G (KEY may be a glob; repeatable).", metavar="KEY=G")]
+DeviceOpt = Annotated[
+    DeviceChoice,
+    typer.Option(
+        "--device", help="Where the heavy work runs: auto picks CUDA, then MPS, then CPU."
+    ),
+]
+LayersOpt = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--layers", help="Only tensors whose key matches this glob (repeatable).", metavar="GLOB"
+    ),
+]
+ExcludeOpt = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--exclude", help="Skip tensors whose key matches this glob (repeatable).", metavar="GLOB"
+    ),
+]
+TauCosOpt = Annotated[
+    float, typer.Option("--tau-cos", help="Near-parallel when 1 - |cos| is below this.", min=0.0)
+]
+TauEucOpt = Annotated[
+    float,
+    typer.Option(
+        "--tau-euc", help="...and the rescaled Euclidean distance is below this.", min=0.0
+    ),
+]
+GroupsOpt = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--groups",
+        help="Conv groups of a layer, KEY=G (KEY may be a glob; repeatable).",
+        metavar="KEY=G",
+    ),
+]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite OUT if it exists.")]
-CheckpointArg = Annotated[Path, typer.Argument(help="Checkpoint file (.pt .pth .bin .ckpt .safetensors), shard index, or directory.", show_default=False)]
+CheckpointArg = Annotated[
+    Path,
+    typer.Argument(
+        help="Checkpoint file (.pt .pth .bin .ckpt .safetensors), shard index, or directory.",
+        show_default=False,
+    ),
+]
 
 
 def handle_errors(func: F) -> F:

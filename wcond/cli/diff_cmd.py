@@ -43,8 +43,16 @@ def diff_command(
     ctx: typer.Context,
     a: CheckpointArg,
     b: CheckpointArg,
-    format: Annotated[Optional[DiffFormat], typer.Option("--format", "-f", help="Output format (default: table, or from -o's extension).")] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the diff to this file instead of stdout.")] = None,
+    format: Annotated[
+        Optional[DiffFormat],
+        typer.Option(
+            "--format", "-f", help="Output format (default: table, or from -o's extension)."
+        ),
+    ] = None,
+    output: Annotated[
+        Optional[Path],
+        typer.Option("--output", "-o", help="Write the diff to this file instead of stdout."),
+    ] = None,
     layers: LayersOpt = None,
     exclude: ExcludeOpt = None,
     groups: GroupsOpt = None,
@@ -63,8 +71,21 @@ def diff_command(
     Example: wcond diff model.pt model_cs.safetensors -f markdown -o diff.md
     """
     cfg = read_config(config)
-    o = with_config(ctx, cfg, layers=layers, exclude=exclude, groups=groups, tau_cos=tau_cos, tau_euc=tau_euc, device=device.value)
-    fmt = format or (_SUFFIX_FORMATS.get(output.suffix.lower()) if output else None) or DiffFormat.table
+    o = with_config(
+        ctx,
+        cfg,
+        layers=layers,
+        exclude=exclude,
+        groups=groups,
+        tau_cos=tau_cos,
+        tau_euc=tau_euc,
+        device=device.value,
+    )
+    fmt = (
+        format
+        or (_SUFFIX_FORMATS.get(output.suffix.lower()) if output else None)
+        or DiffFormat.table
+    )
     with progress_bar("inspecting A and B") as progress:
         report = diff(a, b, **o, progress=progress)
     report.settings["config"] = str(cfg.path) if cfg.path else None

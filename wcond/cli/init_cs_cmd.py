@@ -47,19 +47,53 @@ class Optimizer(str, Enum):
 @handle_errors
 def init_cs_command(
     checkpoint: CheckpointArg,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the conditioned checkpoint (.safetensors, .pt, .ckpt, ...).", show_default=False)],
-    iterations: Annotated[int, typer.Option("--iterations", "-n", help="Optimizer steps (the paper's I).", min=1)] = 500,
-    lr: Annotated[float, typer.Option("--lr", help="Learning rate (the paper: Adam at 1e-3).", min=0.0)] = 1e-3,
-    optimizer: Annotated[Optimizer, typer.Option("--optimizer", help="Optimizer minimizing the summed CS.")] = Optimizer.adam,
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Where to write the conditioned checkpoint (.safetensors, .pt, .ckpt, ...).",
+            show_default=False,
+        ),
+    ],
+    iterations: Annotated[
+        int, typer.Option("--iterations", "-n", help="Optimizer steps (the paper's I).", min=1)
+    ] = 500,
+    lr: Annotated[
+        float, typer.Option("--lr", help="Learning rate (the paper: Adam at 1e-3).", min=0.0)
+    ] = 1e-3,
+    optimizer: Annotated[
+        Optimizer, typer.Option("--optimizer", help="Optimizer minimizing the summed CS.")
+    ] = Optimizer.adam,
     device: DeviceOpt = DeviceChoice.auto,
     layers: LayersOpt = None,
     exclude: ExcludeOpt = None,
     groups: GroupsOpt = None,
-    keep_norm: Annotated[bool, typer.Option("--keep-norm", help="Rescale every filter to its original norm after each step: only directions change.")] = False,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed torch for a reproducible run (CPU results are then deterministic).")] = None,
+    keep_norm: Annotated[
+        bool,
+        typer.Option(
+            "--keep-norm",
+            help="Rescale every filter to its original norm after each step: only directions change.",
+        ),
+    ] = False,
+    seed: Annotated[
+        Optional[int],
+        typer.Option(
+            "--seed", help="Seed torch for a reproducible run (CPU results are then deterministic)."
+        ),
+    ] = None,
     force: ForceOpt = False,
-    history: Annotated[Optional[Path], typer.Option("--history", help="Write the CS curve (per iteration, per layer) to this JSON file.", metavar="FILE")] = None,
-    format: Annotated[ReportFormat, typer.Option("--format", "-f", help="Summary format on stdout.")] = ReportFormat.table,
+    history: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--history",
+            help="Write the CS curve (per iteration, per layer) to this JSON file.",
+            metavar="FILE",
+        ),
+    ] = None,
+    format: Annotated[
+        ReportFormat, typer.Option("--format", "-f", help="Summary format on stdout.")
+    ] = ReportFormat.table,
 ) -> None:
     """Minimize Convolutional Similarity over the conv layers (CS paper, Algorithm 1) and write a new checkpoint.
 
@@ -69,7 +103,9 @@ def init_cs_command(
     """
     check_output(checkpoint, output, force)
     if history is not None and history.resolve() in (checkpoint.resolve(), output.resolve()):
-        raise UsageError(f"--history {history}: would overwrite the input or output checkpoint; choose another file")
+        raise UsageError(
+            f"--history {history}: would overwrite the input or output checkpoint; choose another file"
+        )
     ck = open_checkpoint(checkpoint)
     with progress_bar("init-cs") as progress:
         tensors, result = init_cs(
@@ -88,13 +124,32 @@ def init_cs_command(
         )
     warnings = save_checkpoint(output, tensors, like=ck)
     if history is not None:
-        doc = {"wcond_version": __version__, "checkpoint": result.checkpoint, "settings": result.settings, **(result.history or {})}
+        doc = {
+            "wcond_version": __version__,
+            "checkpoint": result.checkpoint,
+            "settings": result.settings,
+            **(result.history or {}),
+        }
         write_text(history, json.dumps(doc) + "\n")
     if format == ReportFormat.json:
-        emit(json.dumps({"wcond_version": __version__, **result.to_dict(), "output": str(output), "warnings": warnings}, indent=2) + "\n", None)
+        emit(
+            json.dumps(
+                {
+                    "wcond_version": __version__,
+                    **result.to_dict(),
+                    "output": str(output),
+                    "warnings": warnings,
+                },
+                indent=2,
+            )
+            + "\n",
+            None,
+        )
     else:
         render_init_cs(result, stdout)
-        stdout.print(f"wrote {escape(str(output))}" + (f" and {escape(str(history))}" if history else ""))
+        stdout.print(
+            f"wrote {escape(str(output))}" + (f" and {escape(str(history))}" if history else "")
+        )
     for warning in warnings:
         stderr.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
 
@@ -109,23 +164,44 @@ def _pct(v: float | None) -> str:
 def render_init_cs(result: InitCSResult, console: Console) -> None:
     """The terminal view: CS before/after per layer, the drop split into norms and directions, then totals and notes."""
     keep_norm = result.settings["keep_norm"]
-    table = Table(title=escape(f"wcond init-cs: {result.checkpoint}"), title_justify="left", header_style="bold",
-                  box=box.SIMPLE_HEAD, padding=(0, 0, 0, 1), pad_edge=False)  # fmt: skip
+    table = Table(
+        title=escape(f"wcond init-cs: {result.checkpoint}"),
+        title_justify="left",
+        header_style="bold",
+        box=box.SIMPLE_HEAD,
+        padding=(0, 0, 0, 1),
+        pad_edge=False,
+    )
     table.add_column("layer", overflow="fold", min_width=12)
     # With --keep-norm the norm part and |W| are 0 by construction; the floor is what matters instead.
     middle = ["floor", "gap"] if keep_norm else ["norms", "dirs"]
-    for header in ["CS", "after", "change", *middle, "cs_n", *([] if keep_norm else ["|W|"]), "max|Δw|"]:
+    for header in [
+        "CS",
+        "after",
+        "change",
+        *middle,
+        "cs_n",
+        *([] if keep_norm else ["|W|"]),
+        "max|Δw|",
+    ]:
         table.add_column(header, justify="right", no_wrap=True)
     for r in result.layers:
         if keep_norm:
-            middle = [fmt_number(r.cs_floor, 3), "-" if r.floor_gap_closed is None else _pct(r.floor_gap_closed).lstrip("+")]
+            middle = [
+                fmt_number(r.cs_floor, 3),
+                "-" if r.floor_gap_closed is None else _pct(r.floor_gap_closed).lstrip("+"),
+            ]
         else:
             middle = [_pct(_neg(r.drop_from_norms)), _pct(_neg(r.drop_from_directions))]
         cells = [
-            fmt_number(r.cs_before, 3), fmt_number(r.cs_after, 3), _pct(_neg(r.cs_drop)), *middle,
+            fmt_number(r.cs_before, 3),
+            fmt_number(r.cs_after, 3),
+            _pct(_neg(r.cs_drop)),
+            *middle,
             f"{fmt_number(r.cs_norm_before, 3)}→{fmt_number(r.cs_norm_after, 3)}",
-            *([] if keep_norm else [_pct(r.norm_change)]), fmt_number(r.max_abs_change, 3),
-        ]  # fmt: skip
+            *([] if keep_norm else [_pct(r.norm_change)]),
+            fmt_number(r.max_abs_change, 3),
+        ]
         table.add_row(escape(r.name), *cells, style="" if r.optimized else "dim")
     console.print(table)
     legend = (
@@ -160,7 +236,9 @@ def render_init_cs(result: InitCSResult, console: Console) -> None:
 
 def _neg(v: float | None) -> float | None:
     """A drop shown as a (negative) change."""
-    return None if v is None else 0.0 - v  # 0.0 - 0.0 is +0.0: an unchanged layer shows +0.0%, not -0.0%
+    return (
+        None if v is None else 0.0 - v
+    )  # 0.0 - 0.0 is +0.0: an unchanged layer shows +0.0%, not -0.0%
 
 
 def _norms_dominate(rows: list[LayerResult]) -> bool:

@@ -39,9 +39,14 @@ class Format(str, Enum):
 
 
 _SUFFIX_FORMATS = {
-    ".json": Format.json, ".md": Format.markdown, ".csv": Format.csv, ".txt": Format.table,
-    ".html": Format.html, ".htm": Format.html, ".xml": Format.junit,
-}  # fmt: skip
+    ".json": Format.json,
+    ".md": Format.markdown,
+    ".csv": Format.csv,
+    ".txt": Format.table,
+    ".html": Format.html,
+    ".htm": Format.html,
+    ".xml": Format.junit,
+}
 
 
 @app.command("inspect")
@@ -49,15 +54,32 @@ _SUFFIX_FORMATS = {
 def inspect_command(
     ctx: typer.Context,
     checkpoint: CheckpointArg,
-    format: Annotated[Optional[Format], typer.Option("--format", "-f", help="Output format (default: table, or from -o's extension).")] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the report to this file instead of stdout.")] = None,
+    format: Annotated[
+        Optional[Format],
+        typer.Option(
+            "--format", "-f", help="Output format (default: table, or from -o's extension)."
+        ),
+    ] = None,
+    output: Annotated[
+        Optional[Path],
+        typer.Option("--output", "-o", help="Write the report to this file instead of stdout."),
+    ] = None,
     layers: LayersOpt = None,
     exclude: ExcludeOpt = None,
     groups: GroupsOpt = None,
     tau_cos: TauCosOpt = 1e-4,
     tau_euc: TauEucOpt = 0.1,
-    top: Annotated[int, typer.Option("--top", help="Closest pairs listed per layer and axis (JSON).", min=0)] = 3,
-    fail_if: Annotated[Optional[list[str]], typer.Option("--fail-if", help="Gate: exit 1 when any layer satisfies METRIC OP NUMBER (repeatable).", metavar="EXPR")] = None,
+    top: Annotated[
+        int, typer.Option("--top", help="Closest pairs listed per layer and axis (JSON).", min=0)
+    ] = 3,
+    fail_if: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--fail-if",
+            help="Gate: exit 1 when any layer satisfies METRIC OP NUMBER (repeatable).",
+            metavar="EXPR",
+        ),
+    ] = None,
     device: DeviceOpt = DeviceChoice.auto,
     config: ConfigOpt = None,
 ) -> None:
@@ -69,10 +91,24 @@ def inspect_command(
     Example: wcond inspect model.safetensors --fail-if "near_parallel_rows>0" -f markdown
     """
     cfg = read_config(config)
-    o = with_config(ctx, cfg, layers=layers, exclude=exclude, groups=groups, tau_cos=tau_cos, tau_euc=tau_euc,
-                    top=top, fail_if=fail_if, device=device.value)  # fmt: skip
+    o = with_config(
+        ctx,
+        cfg,
+        layers=layers,
+        exclude=exclude,
+        groups=groups,
+        tau_cos=tau_cos,
+        tau_euc=tau_euc,
+        top=top,
+        fail_if=fail_if,
+        device=device.value,
+    )
     # --format, then -o's extension, then the config's format, then the table.
-    fmt = format or (_SUFFIX_FORMATS.get(output.suffix.lower()) if output else None) or Format(cfg.values.get("format", "table"))
+    fmt = (
+        format
+        or (_SUFFIX_FORMATS.get(output.suffix.lower()) if output else None)
+        or Format(cfg.values.get("format", "table"))
+    )
     with progress_bar("inspecting") as progress:
         report = inspect_checkpoint(checkpoint, **o, progress=progress)
     report.settings["config"] = str(cfg.path) if cfg.path else None

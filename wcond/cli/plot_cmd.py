@@ -37,14 +37,53 @@ class Axis(str, Enum):
 def plot_command(
     ctx: typer.Context,
     checkpoint: CheckpointArg,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Image file: .png or .svg.", show_default=False)],
-    layer: Annotated[Optional[str], typer.Option("--layer", help="Heatmap of this layer's pairwise cosines (its tensor key). Without it: bar charts of every metric per layer.", metavar="KEY")] = None,
-    vs: Annotated[Optional[Path], typer.Option("--vs", help="A second checkpoint shown beside the first (same layer key).", metavar="OTHER")] = None,
-    axis: Annotated[Axis, typer.Option("--axis", help="Cosines between rows (output units) or cols (input units).")] = Axis.rows,
-    max_vectors: Annotated[int, typer.Option("--max-vectors", help="Heatmap shows at most this many rows/cols, evenly spaced (the title says so).", min=2)] = MAX_VECTORS,
-    width: Annotated[Optional[int], typer.Option("--width", help="Image width in pixels (with --height).", min=50)] = None,
-    height: Annotated[Optional[int], typer.Option("--height", help="Image height in pixels (with --width).", min=50)] = None,
-    dpi: Annotated[int, typer.Option("--dpi", help="Pixels per inch: scales a default-size image, or text and lines within --width x --height.", min=10)] = 100,
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Image file: .png or .svg.", show_default=False)
+    ],
+    layer: Annotated[
+        Optional[str],
+        typer.Option(
+            "--layer",
+            help="Heatmap of this layer's pairwise cosines (its tensor key). Without it: bar charts of every metric per layer.",
+            metavar="KEY",
+        ),
+    ] = None,
+    vs: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--vs",
+            help="A second checkpoint shown beside the first (same layer key).",
+            metavar="OTHER",
+        ),
+    ] = None,
+    axis: Annotated[
+        Axis,
+        typer.Option("--axis", help="Cosines between rows (output units) or cols (input units)."),
+    ] = Axis.rows,
+    max_vectors: Annotated[
+        int,
+        typer.Option(
+            "--max-vectors",
+            help="Heatmap shows at most this many rows/cols, evenly spaced (the title says so).",
+            min=2,
+        ),
+    ] = MAX_VECTORS,
+    width: Annotated[
+        Optional[int],
+        typer.Option("--width", help="Image width in pixels (with --height).", min=50),
+    ] = None,
+    height: Annotated[
+        Optional[int],
+        typer.Option("--height", help="Image height in pixels (with --width).", min=50),
+    ] = None,
+    dpi: Annotated[
+        int,
+        typer.Option(
+            "--dpi",
+            help="Pixels per inch: scales a default-size image, or text and lines within --width x --height.",
+            min=10,
+        ),
+    ] = 100,
     layers: LayersOpt = None,
     exclude: ExcludeOpt = None,
     tau_cos: TauCosOpt = 1e-4,
@@ -64,12 +103,33 @@ def plot_command(
     check_plot_output(output)
     require_matplotlib()  # before minutes of analysis, not after
     if (width is None) != (height is None):
-        raise UsageError("--width and --height go together: give both, or neither for the default size")
+        raise UsageError(
+            "--width and --height go together: give both, or neither for the default size"
+        )
     size = (width, height) if width and height else None
-    o = with_config(ctx, read_config(config), layers=layers, exclude=exclude, groups=None, tau_cos=tau_cos, tau_euc=tau_euc, device=device.value)
+    o = with_config(
+        ctx,
+        read_config(config),
+        layers=layers,
+        exclude=exclude,
+        groups=None,
+        tau_cos=tau_cos,
+        tau_euc=tau_euc,
+        device=device.value,
+    )
     if layer is not None:
-        plot_layer(checkpoint, layer, output, vs=vs, axis=axis.value, max_vectors=max_vectors,
-                   tau_cos=o["tau_cos"], tau_euc=o["tau_euc"], size_px=size, dpi=dpi)  # fmt: skip
+        plot_layer(
+            checkpoint,
+            layer,
+            output,
+            vs=vs,
+            axis=axis.value,
+            max_vectors=max_vectors,
+            tau_cos=o["tau_cos"],
+            tau_euc=o["tau_euc"],
+            size_px=size,
+            dpi=dpi,
+        )
     else:
         with progress_bar("inspecting") as progress:
             report = inspect_checkpoint(checkpoint, progress=progress, **o)

@@ -40,7 +40,10 @@ def with_config(ctx: typer.Context, config: Config, **values: Any) -> dict[str, 
         source = ctx.get_parameter_source(name)
         return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
 
-    out = {k: v if on_command_line(k) or k not in config.values else config.values[k] for k, v in values.items()}
+    out = {
+        k: v if on_command_line(k) or k not in config.values else config.values[k]
+        for k, v in values.items()
+    }
     for key in ("layers", "exclude", "fail_if"):
         if key in out:
             out[key] = tuple(out[key] or ())
