@@ -17,9 +17,9 @@ import torch
 
 from wcond import metrics
 from wcond.device import resolve_device
-from wcond.errors import CheckpointError
+from wcond.errors import CheckpointError, show_key
 from wcond.gates import Gate, GateResult, evaluate_gates
-from wcond.layers import find_layers, is_layer, layer_kind
+from wcond.layers import find_layers, is_layer, layer_kind, selected, skip_note
 from wcond.load import Checkpoint, TensorInfo, open_checkpoint
 from wcond.shrink import dense_view
 
@@ -101,6 +101,8 @@ class Summary:
     dead_rows: int
     nonfinite_layers: int
     worst: dict[str, list[str]]
+    # Tensors that look like weights but are not analyzed, by key: why (sparse, meta, zero-size, ...).
+    skipped: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -145,6 +147,10 @@ def analyze_tensor(
         groups=groups,
     )
     w = w.to(device=device)
+    if w.dtype.is_floating_point and w.dtype.itemsize == 1:
+        w = (
+            w.float()
+        )  # FP8 (e4m3fn, e5m2): torch has few kernels for it; every FP8 value is exact in fp32
     with torch.no_grad():
         bad = int((~torch.isfinite(w)).sum())
         if bad:
@@ -226,11 +232,21 @@ def inspect(
         infos, get
     )  # a shrunk checkpoint: analyze the dense weights it stands for
     specs = find_layers(infos, layers, exclude, dict(groups or {}))
+    skipped = {
+        k: note
+        for k, i in infos.items()
+        if (note := skip_note(i)) is not None and selected(k, layers, exclude)
+    }
     if not specs:
         if any(is_layer(i) for i in infos.values()):
             raise CheckpointError(f"{name}: no layer matches the --layers/--exclude patterns")
+        why = ""
+        if skipped:
+            key, note = next(iter(skipped.items()))
+            why = f"; {len(skipped)} skipped, e.g. {show_key(key)}: {note}"
         raise CheckpointError(
-            f"{name}: no analyzable tensors (need floating-point tensors with 2 to 5 dims and at least 2 rows)"
+            f"{name}: no analyzable tensors (need dense floating-point tensors with 2 to 5 dims "
+            f"and at least 2 rows){why}"
         )
     total = sum(s.info.numel for s in specs)
     done = 0
@@ -271,6 +287,7 @@ def inspect(
         layers=reports,
         summary=_summarize(reports, len(infos)),
     )
+    report.summary.skipped = skipped
     report.gates = evaluate_gates(gates, reports)
     return report
 

@@ -10,10 +10,12 @@ from collections.abc import Callable
 
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
 from wcond.analyze import NUMERIC_FIELDS, LayerReport, Report
+from wcond.errors import show_key
 
 __all__ = ["FORMATS", "fmt_number", "render", "render_table", "to_csv", "to_json", "to_markdown"]
 
@@ -175,6 +177,12 @@ def _print_summary(report: Report, console: Console) -> None:
     for r in report.layers:
         for note in r.notes:
             console.print(f"[dim]note[/] {r.name}: {note}", highlight=False, soft_wrap=True)
+    for key, why in s.skipped.items():
+        console.print(
+            f"[dim]skipped[/] {escape(show_key(key))}: {escape(why)}",
+            highlight=False,
+            soft_wrap=True,
+        )
     for g in report.gates:
         if g.passed:
             console.print(f"[green]PASS[/] {g.expr}", highlight=False, soft_wrap=True)
@@ -219,6 +227,7 @@ def to_markdown(report: Report) -> str:
                 names = ", ".join(f"`{v.layer}` ({fmt_number(v.value)})" for v in g.violations)
                 out.append(f"- ❌ `{g.expr}`: {names}")
     notes = [f"- `{r.name}`: {n}" for r in report.layers for n in r.notes]
+    notes += [f"- {show_key(k)}: skipped: {why}" for k, why in s.skipped.items()]
     if notes:
         out += ["", "**Notes**", ""] + notes
     return "\n".join(out) + "\n"
