@@ -20,7 +20,7 @@ from wcond.device import resolve_device
 from wcond.errors import CheckpointError, show_key
 from wcond.gates import Gate, GateResult, evaluate_gates
 from wcond.layers import find_layers, is_layer, layer_kind, selected, skip_note
-from wcond.load import Checkpoint, TensorInfo, open_checkpoint
+from wcond.load import Checkpoint, open_checkpoint, tensor_info
 from wcond.shrink import dense_view
 
 __all__ = ["LayerReport", "Report", "Summary", "analyze_tensor", "inspect"]
@@ -216,11 +216,7 @@ def inspect(
     gates = [g if isinstance(g, Gate) else Gate.parse(g) for g in fail_if]
     dev = resolve_device(device)
     if isinstance(source, Mapping):
-        infos = {
-            k: TensorInfo(tuple(t.shape), t.dtype)
-            for k, t in source.items()
-            if isinstance(t, torch.Tensor)
-        }
+        infos = {k: tensor_info(t) for k, t in source.items() if isinstance(t, torch.Tensor)}
         get = source.__getitem__
         name, fmt, wrapper = "<state_dict>", "state_dict", None
     else:

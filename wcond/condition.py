@@ -28,7 +28,7 @@ from wcond import metrics
 from wcond.device import resolve_device
 from wcond.errors import CheckpointError, UsageError
 from wcond.layers import LayerSpec, find_layers, is_layer
-from wcond.load import Checkpoint, TensorInfo, open_checkpoint
+from wcond.load import Checkpoint, TensorInfo, open_checkpoint, tensor_info
 
 __all__ = ["InitCSResult", "LayerResult", "init_cs"]
 
@@ -148,7 +148,7 @@ def init_cs(
         name, fmt, wrapper = str(ck.path), ck.format, ".".join(ck.wrapper) or None
     specs = _conv_specs(
         name,
-        {k: TensorInfo(tuple(t.shape), t.dtype) for k, t in tensors.items()},
+        {k: tensor_info(t) for k, t in tensors.items()},
         layers,
         exclude,
         groups,

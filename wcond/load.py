@@ -31,7 +31,7 @@ from wcond.errors import CheckpointError, show_key, show_path
 from wcond.safetensors_header import SafetensorsHeader, read_header, read_tensor
 from wcond.torch_file import MAX_NESTING, load_torch, view_bytes
 
-__all__ = ["Checkpoint", "TensorInfo", "load_checkpoint", "open_checkpoint"]
+__all__ = ["Checkpoint", "TensorInfo", "load_checkpoint", "open_checkpoint", "tensor_info"]
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -144,7 +144,7 @@ class Checkpoint:
             self.obj = obj
         self._torch_cache = (file, tensors)
         for key, t in tensors.items():
-            self._add(key, TensorInfo(tuple(t.shape), t.dtype, _skip_reason(t)), file)
+            self._add(key, tensor_info(t), file)
 
     def _add(self, key: str, info: TensorInfo, file: Path) -> None:
         if key in self._infos:
@@ -396,6 +396,11 @@ def _shard_path(index: Path, root: Path, key: str, name: str) -> Path:
 
 def _torch_load(file: Path) -> Any:
     return load_torch(file)
+
+
+def tensor_info(t: torch.Tensor) -> TensorInfo:
+    """Shape, dtype and (for sparse, meta or broadcast tensors) why it cannot be analyzed."""
+    return TensorInfo(tuple(t.shape), t.dtype, _skip_reason(t))
 
 
 def _skip_reason(t: torch.Tensor) -> str | None:

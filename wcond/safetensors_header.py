@@ -157,29 +157,37 @@ def _parse(
 
 
 def _entry(file: str | os.PathLike[str], name: str, spec: Any, data_size: int) -> SafetensorsEntry:
-    where = f"tensor {show_key(name)}"
     if not isinstance(spec, dict):
-        raise _bad(file, f"{where}: expected an object with dtype, shape and data_offsets")
+        raise _bad(
+            file, f"tensor {show_key(name)}: expected an object with dtype, shape and data_offsets"
+        )
     dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise _bad(file, f"{where}: unknown dtype {str(dtype)[:20]!r}")
+        raise _bad(file, f"tensor {show_key(name)}: unknown dtype {str(dtype)[:20]!r}")
     if not isinstance(shape, list) or not all(_is_count(s) for s in shape):
-        raise _bad(file, f"{where}: shape must be a list of non-negative integers")
+        raise _bad(file, f"tensor {show_key(name)}: shape must be a list of non-negative integers")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(_is_count(o) for o in offsets)
         or offsets[0] > offsets[1]
     ):
-        raise _bad(file, f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end")
+        raise _bad(
+            file,
+            f"tensor {show_key(name)}: data_offsets must be [begin, end] with 0 <= begin <= end",
+        )
     begin, end = offsets
     if end > data_size:
-        raise _bad(file, f"{where}: data_offsets end at {end}, past the {data_size} data bytes")
+        raise _bad(
+            file,
+            f"tensor {show_key(name)}: data_offsets end at {end}, past the {data_size} data bytes",
+        )
     bits = math.prod(shape) * DTYPES[dtype][1]
     if bits != (end - begin) * 8:
         raise _bad(
             file,
-            f"{where}: shape {tuple(shape)} of {dtype} needs {-(-bits // 8)} bytes, data_offsets give {end - begin}",
+            f"tensor {show_key(name)}: shape {tuple(shape)} of {dtype} needs {-(-bits // 8)} bytes, "
+            f"data_offsets give {end - begin}",
         )
     return SafetensorsEntry(dtype, tuple(shape), begin, end)
 
