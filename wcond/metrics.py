@@ -272,7 +272,10 @@ _GRAM_MAX_TAPS = 64
 
 
 class _PositionGram(torch.autograd.Function):
-    """G = X X^T for X of shape (out, taps, in); the backward is one matmul, (dG + dG^T) X, where autograd would use two."""
+    """G = X X^T for X of shape (out, taps, in).
+
+    The backward is one matmul, (dG + dG^T) X, where autograd would use two.
+    """
 
     @staticmethod
     def forward(x: Tensor) -> Tensor:

@@ -153,7 +153,8 @@ def layer_weight(source: str | Path | Checkpoint, key: str) -> torch.Tensor:
     info = infos[key]
     if not is_layer(info):
         raise UsageError(
-            f"{ck.path}: {key!r} ({tuple(info.shape)}, {info.dtype}) is not a layer weight (2 to 5 dims, floating point)"
+            f"{ck.path}: {key!r} ({tuple(info.shape)}, {info.dtype}) is not a layer weight (2 to 5 "
+            "dims, floating point)"
         )
     return get(key)
 

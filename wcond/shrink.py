@@ -587,7 +587,8 @@ def _open_source(
     infos = {k: ck.info(k) for k in ck.keys()}
     if any(k.endswith(W_SUFFIX) for k in infos):
         raise UsageError(
-            f"{ck.path}: is already shrunk (holds {W_SUFFIX} factors); expand it first: wcond expand {ck.path} -o dense.safetensors"
+            f"{ck.path}: is already shrunk (holds {W_SUFFIX} factors); expand it first: wcond "
+            f"expand {ck.path} -o dense.safetensors"
         )
     return ck, infos
 
