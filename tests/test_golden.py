@@ -142,8 +142,7 @@ def test_markdown(update_golden: bool) -> None:
 
 
 def test_csv(update_golden: bool) -> None:
-    # Without the pointwise layer: CSV prints full precision, pinned to the three-layer input.
-    check("inspect.csv", to_csv(golden_report(pointwise=False)), update_golden)
+    check("inspect.csv", to_csv(golden_report()), update_golden)
 
 
 def test_junit(update_golden: bool) -> None:
