@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -12,20 +12,23 @@ from wcond.analyze import inspect as inspect_checkpoint
 from wcond.cli import app
 from wcond.cli.common import (
     EXIT_GATE,
-    CheckpointArg,
     DeviceChoice,
     DeviceOpt,
     ExcludeOpt,
     GroupsOpt,
     LayersOpt,
+    RayAddressOpt,
+    RayOpt,
     TauCosOpt,
     TauEucOpt,
     emit,
+    engine_for,
     handle_errors,
     progress_bar,
     stdout,
 )
 from wcond.cli.project_config import ConfigOpt, read_config, with_config
+from wcond.errors import UsageError
 from wcond.render import render, render_table
 
 
@@ -53,7 +56,16 @@ _SUFFIX_FORMATS = {
 @handle_errors
 def inspect_command(
     ctx: typer.Context,
-    checkpoint: CheckpointArg,
+    checkpoints: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Checkpoint file (.pt .pth .bin .ckpt .safetensors), shard index, or directory. "
+            "Several (or a quoted glob such as 'run/step_*.pt'): one report each, ordered "
+            "naturally, and each metric's trend per layer.",
+            show_default=False,
+            metavar="CHECKPOINT...",
+        ),
+    ],
     format: Annotated[
         Optional[Format],
         typer.Option(
@@ -81,12 +93,16 @@ def inspect_command(
         ),
     ] = None,
     device: DeviceOpt = DeviceChoice.auto,
+    ray: RayOpt = False,
+    ray_address: RayAddressOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Report per layer: ACV, Convolutional Similarity, norm deviation, near-parallel pairs, RaRe.
 
     Exit codes: 0 fine, 1 a --fail-if gate tripped, 2 unusable input or arguments.
     Defaults come from \\[tool.wcond] in pyproject.toml (or --config FILE); flags override them.
+
+    With several checkpoints the gates apply to each, and the exit code is the worst.
 
     Example: wcond inspect model.safetensors --fail-if "near_parallel_rows>0" -f markdown
     """
@@ -109,12 +125,50 @@ def inspect_command(
         or (_SUFFIX_FORMATS.get(output.suffix.lower()) if output else None)
         or Format(cfg.values.get("format", "table"))
     )
-    with progress_bar("inspecting") as progress:
-        report = inspect_checkpoint(checkpoint, **o, progress=progress)
+    from wcond.trend import expand_paths
+
+    paths = expand_paths(checkpoints)
+    label = "inspecting on Ray" if ray or ray_address else "inspecting"
+    if len(paths) > 1:
+        _inspect_many(paths, fmt, output, o, cfg.path, ray, ray_address, label)
+        return
+    with engine_for(ray, ray_address) as engine, progress_bar(label) as progress:
+        report = inspect_checkpoint(paths[0], **o, progress=progress, engine=engine)
     report.settings["config"] = str(cfg.path) if cfg.path else None
     if fmt == Format.table and output is None:
         render_table(report, stdout)
     else:
         emit(render(report, fmt.value), output)
     if report.failed:
+        raise typer.Exit(EXIT_GATE)
+
+
+def _inspect_many(
+    paths: list[Path],
+    fmt: Format,
+    output: Optional[Path],
+    options: dict[str, Any],
+    config: Optional[Path],
+    ray: bool,
+    ray_address: Optional[str],
+    label: str,
+) -> None:
+    """Several checkpoints: their trend as a table, JSON, CSV or Markdown; exit 1 if any gate tripped."""
+    from wcond.render_trend import TREND_FORMATS, render_trend, render_trend_table
+    from wcond.trend import trend
+
+    if fmt.value not in TREND_FORMATS:
+        raise UsageError(
+            f"--format {fmt.value} shows one checkpoint; with {len(paths)} checkpoints use "
+            + ", ".join(TREND_FORMATS)
+        )
+    with engine_for(ray, ray_address) as engine, progress_bar(label) as progress:
+        result = trend(paths, **options, progress=progress, engine=engine)
+    for report in result.reports:
+        report.settings["config"] = str(config) if config else None
+    if fmt == Format.table and output is None:
+        render_trend_table(result, stdout)
+    else:
+        emit(render_trend(result, fmt.value), output)
+    if result.failed:
         raise typer.Exit(EXIT_GATE)
