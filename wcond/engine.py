@@ -10,6 +10,7 @@ Ray is an optional extra (``pip install 'wcond[ray]'``), imported only when a Ra
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from collections.abc import Callable, Sequence
@@ -57,7 +58,7 @@ class Task:
 
 
 def plan_tasks(
-    path: str | Path, layers: Sequence[tuple[str, int]], min_params: int = TASK_MIN_PARAMS
+    path: str | Path, layers: Sequence[tuple[str, int]], min_params: int | None = None
 ) -> list[Task]:
     """Split (key, params) layers, in order, into tasks: large layers alone, small neighbours grouped.
 
@@ -65,6 +66,7 @@ def plan_tasks(
         >>> plan_tasks("m.pt", [("a", 10), ("b", 10), ("big", 1 << 23)], min_params=100)
         [Task(path='m.pt', keys=('a', 'b'), params=20), Task(path='m.pt', keys=('big',), ...)]
     """
+    min_params = TASK_MIN_PARAMS if min_params is None else min_params
     tasks: list[Task] = []
     keys: list[str] = []
     params = 0
@@ -174,6 +176,7 @@ class RayEngine:
                 "address": address,
                 "include_dashboard": False,
                 "log_to_driver": False,
+                "logging_level": logging.ERROR,  # Ray's start-up chatter is not wcond's output
                 **init_kwargs,
             }
             if address == "local" and num_cpus is not None:

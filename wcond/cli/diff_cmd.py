@@ -16,9 +16,12 @@ from wcond.cli.common import (
     ExcludeOpt,
     GroupsOpt,
     LayersOpt,
+    RayAddressOpt,
+    RayOpt,
     TauCosOpt,
     TauEucOpt,
     emit,
+    engine_for,
     handle_errors,
     progress_bar,
     stdout,
@@ -59,6 +62,8 @@ def diff_command(
     tau_cos: TauCosOpt = 1e-4,
     tau_euc: TauEucOpt = 0.1,
     device: DeviceOpt = DeviceChoice.auto,
+    ray: RayOpt = False,
+    ray_address: RayAddressOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Compare two checkpoints, e.g. before and after init-cs or shrink.
@@ -86,8 +91,11 @@ def diff_command(
         or (_SUFFIX_FORMATS.get(output.suffix.lower()) if output else None)
         or DiffFormat.table
     )
-    with progress_bar("inspecting A and B") as progress:
-        report = diff(a, b, **o, progress=progress)
+    with (
+        engine_for(ray, ray_address) as engine,
+        progress_bar("inspecting A and B" + (" on Ray" if engine else "")) as progress,
+    ):
+        report = diff(a, b, **o, progress=progress, engine=engine)
     report.settings["config"] = str(cfg.path) if cfg.path else None
     if fmt == DiffFormat.table and output is None:
         render_diff_table(report, stdout)

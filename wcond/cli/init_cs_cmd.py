@@ -23,8 +23,11 @@ from wcond.cli.common import (
     ForceOpt,
     GroupsOpt,
     LayersOpt,
+    RayAddressOpt,
+    RayOpt,
     ReportFormat,
     emit,
+    engine_for,
     handle_errors,
     progress_bar,
     stderr,
@@ -94,6 +97,8 @@ def init_cs_command(
     format: Annotated[
         ReportFormat, typer.Option("--format", "-f", help="Summary format on stdout.")
     ] = ReportFormat.table,
+    ray: RayOpt = False,
+    ray_address: RayAddressOpt = None,
 ) -> None:
     """Minimize Convolutional Similarity over the conv layers (CS paper, Algorithm 1) and write a new checkpoint.
 
@@ -107,7 +112,10 @@ def init_cs_command(
             f"--history {history}: would overwrite the input or output checkpoint; choose another file"
         )
     ck = open_checkpoint(checkpoint)
-    with progress_bar("init-cs") as progress:
+    with (
+        engine_for(ray, ray_address) as engine,
+        progress_bar("init-cs on Ray" if engine else "init-cs") as progress,
+    ):
         tensors, result = init_cs(
             ck,
             iterations=iterations,
@@ -121,6 +129,7 @@ def init_cs_command(
             seed=seed,
             progress=progress,
             history=history is not None,
+            engine=engine,
         )
     warnings = save_checkpoint(output, tensors, like=ck)
     if history is not None:
