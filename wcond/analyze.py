@@ -9,120 +9,32 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from wcond import metrics
+from wcond.defaults import DEVICE, TAU_COS, TAU_EUC, TOP, ProgressFn
 from wcond.device import resolve_device
 from wcond.engine import Engine, Task, open_on_worker, plan_tasks
 from wcond.errors import CheckpointError, UsageError
-from wcond.gates import Gate, GateResult, evaluate_gates
+from wcond.gates import Gate, evaluate_gates
 from wcond.layers import LayerSpec, find_layers, is_layer, layer_kind
 from wcond.load import Checkpoint, TensorInfo, open_checkpoint
+from wcond.report import NUMERIC_FIELDS, LayerReport, Report, Summary
 from wcond.shrink import dense_view
 
-__all__ = ["LayerReport", "Report", "Summary", "analyze_tensor", "inspect", "inspect_many"]
-
-ProgressFn = Callable[[int, int, str], None]
-
-# Keys of LayerReport that hold one number each: the ones gates and diffs can name.
-NUMERIC_FIELDS = (
-    "acv_sum",
-    "acv_mean",
-    "acv_floor",
-    "conv_similarity",
-    "conv_similarity_norm",
-    "conv_similarity_floor",
-    "norm_loss",
-    "norm_dev_max",
-    "rare_rows",
-    "rare_cols",
-    "near_parallel_rows",
-    "near_parallel_cols",
-    "dead_rows",
-    "dead_cols",
-    "nonfinite",
-    "params",
-)
-
-
-@dataclass
-class LayerReport:
-    """The diagnostics of one layer. ``None`` marks a value that does not apply (CS of a matrix)."""
-
-    name: str
-    kind: str
-    shape: list[int]
-    dtype: str
-    params: int
-    groups: int = 1
-    acv_sum: float | None = None
-    acv_mean: float | None = None
-    acv_floor: float | None = None
-    conv_similarity: float | None = None
-    conv_similarity_norm: float | None = None
-    conv_similarity_floor: float | None = None
-    norm_loss: float | None = None
-    norm_dev_max: float | None = None
-    rare_rows: float | None = None
-    rare_cols: float | None = None
-    near_parallel_rows: int | None = None
-    near_parallel_cols: int | None = None
-    dead_rows: int = 0
-    dead_cols: int = 0
-    nonfinite: int = 0
-    closest_rows: list[metrics.Pair] = field(default_factory=list)
-    closest_cols: list[metrics.Pair] = field(default_factory=list)
-    factorized: dict[str, int] | None = (
-        None  # stored by `wcond shrink`: {"params_stored", "params_dense"}
-    )
-    notes: list[str] = field(default_factory=list)
-
-    def value(self, metric: str) -> float | None:
-        v = getattr(self, metric)
-        return None if v is None else float(v)
-
-
-@dataclass
-class Summary:
-    """Totals over the analyzed layers and the most redundant ones."""
-
-    layers: int
-    params: int
-    tensors: int
-    skipped_tensors: int
-    acv_sum: float
-    conv_similarity: float | None  # None when no conv layer was analyzed
-    norm_loss: float
-    near_parallel_rows: int
-    near_parallel_cols: int
-    dead_rows: int
-    nonfinite_layers: int
-    worst: dict[str, list[str]]
-
-
-@dataclass
-class Report:
-    """What `wcond inspect` reports: settings, one LayerReport per layer, a Summary, gate verdicts."""
-
-    checkpoint: str
-    format: str
-    wrapper: str | None
-    settings: dict[str, Any]
-    layers: list[LayerReport]
-    summary: Summary
-    gates: list[GateResult] = field(default_factory=list)
-
-    @property
-    def failed(self) -> bool:
-        return any(not g.passed for g in self.gates)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict; non-finite floats become None."""
-        return _finite(asdict(self))
+__all__ = [
+    "NUMERIC_FIELDS",
+    "LayerReport",
+    "Report",
+    "Summary",
+    "analyze_tensor",
+    "inspect",
+    "inspect_many",
+]
 
 
 def analyze_tensor(
@@ -130,10 +42,10 @@ def analyze_tensor(
     w: torch.Tensor,
     *,
     groups: int = 1,
-    tau_cos: float = 1e-4,
-    tau_euc: float = 0.1,
-    top: int = 3,
-    device: torch.device | str = "cpu",
+    tau_cos: float = TAU_COS,
+    tau_euc: float = TAU_EUC,
+    top: int = TOP,
+    device: torch.device | str = DEVICE,
 ) -> LayerReport:
     """All diagnostics of one weight tensor of shape (out, in, *kernel)."""
     shape = list(w.shape)
@@ -145,7 +57,7 @@ def analyze_tensor(
         params=w.numel(),
         groups=groups,
     )
-    w = w.to(device=device)
+    w = w.to(device=resolve_device(device))
     with torch.no_grad():
         bad = int((~torch.isfinite(w)).sum())
         if bad:
@@ -221,7 +133,10 @@ def _plan(
     specs = find_layers(dense, layers, exclude, dict(groups or {}))
     if not specs:
         if any(is_layer(i) for i in dense.values()):
-            raise CheckpointError(f"{name}: no layer matches the --layers/--exclude patterns")
+            raise CheckpointError(
+                f"{name}: no layer matches the patterns layers={list(layers)!r}, exclude={list(exclude)!r}",
+                params=("layers", "exclude"),
+            )
         raise CheckpointError(
             f"{name}: no analyzable tensors (need floating-point tensors with 2 to 5 dims and at least 2 rows)"
         )
@@ -234,7 +149,7 @@ def _analyze_spec(
     factored: Mapping[str, Any],
     options: Mapping[str, Any],
 ) -> LayerReport:
-    """The report of one selected layer: the one per-layer step of the local and the Ray paths."""
+    """The report of one selected layer: the one per-layer step of the local and the engine paths."""
     rep = analyze_tensor(spec.key, get(spec.key), groups=spec.groups, **options)
     if spec.group_note:
         rep.notes.append(spec.group_note)
@@ -246,7 +161,7 @@ def _analyze_spec(
 def _inspect_task(
     task: Task, selection: dict[str, Any], options: dict[str, Any]
 ) -> list[LayerReport]:
-    """A Ray task: reopen the checkpoint where the worker runs, and analyze the task's layers."""
+    """An engine task: reopen the checkpoint where the worker runs, and analyze the task's layers."""
     options = {**options, "device": resolve_device(options["device"])}
     plan = _plan(open_on_worker(task.path), **selection)
     by_key = {s.key: s for s in plan.specs}
@@ -259,11 +174,12 @@ def inspect(
     layers: Sequence[str] = (),
     exclude: Sequence[str] = (),
     groups: Mapping[str, int] | None = None,
-    tau_cos: float = 1e-4,
-    tau_euc: float = 0.1,
-    top: int = 3,
-    device: str = "cpu",
+    tau_cos: float = TAU_COS,
+    tau_euc: float = TAU_EUC,
+    top: int = TOP,
+    device: str = DEVICE,
     fail_if: Sequence[str | Gate] = (),
+    config: str | Path | None = None,
     progress: ProgressFn | None = None,
     engine: Engine | None = None,
 ) -> Report:
@@ -276,10 +192,11 @@ def inspect(
         top: how many closest pairs to list per layer and axis.
         device: "auto", "cpu", "cuda", "mps" or any torch device string.
         fail_if: gate expressions such as "acv_mean>0.5".
+        config: the settings file these options were read from, recorded in ``settings``.
         progress: called as progress(done, total, key) while layers are read: parameters
             analyzed in this process, tasks finished on an engine.
         engine: where the layers are analyzed: None for this process, or a
-            :class:`wcond.engine.RayEngine` (the source must then be a path the workers see).
+            :class:`wcond.engine.RayEngine` (the source must then be a path its workers see).
 
     Example:
         >>> report = wcond.inspect("model.safetensors", fail_if=["near_parallel_rows>0"])
@@ -295,6 +212,7 @@ def inspect(
         top=top,
         device=device,
         fail_if=fail_if,
+        config=config,
         progress=progress,
         engine=engine,
     )[0]
@@ -306,25 +224,34 @@ def inspect_many(
     layers: Sequence[str] = (),
     exclude: Sequence[str] = (),
     groups: Mapping[str, int] | None = None,
-    tau_cos: float = 1e-4,
-    tau_euc: float = 0.1,
-    top: int = 3,
-    device: str = "cpu",
+    tau_cos: float = TAU_COS,
+    tau_euc: float = TAU_EUC,
+    top: int = TOP,
+    device: str = DEVICE,
     fail_if: Sequence[str | Gate] = (),
+    config: str | Path | None = None,
     progress: ProgressFn | None = None,
     engine: Engine | None = None,
 ) -> list[Report]:
-    """:func:`inspect` of several checkpoints with the same settings, one Report each, in order.
+    """:func:`inspect` of several checkpoints with the same settings: one Report each, in order.
 
     On an engine every checkpoint's tasks are submitted together, so a cluster works on all of
     them at once. Arguments as for :func:`inspect`.
+
+    Example:
+        >>> first, last = wcond.inspect_many(["run/step_1000.pt", "run/step_9000.pt"])
     """
-    gates = [g if isinstance(g, Gate) else Gate.parse(g) for g in fail_if]
+    gates = [g if isinstance(g, Gate) else Gate.parse(g, NUMERIC_FIELDS) for g in fail_if]
     selection: dict[str, Any] = {"layers": layers, "exclude": exclude, "groups": groups}
     plans = [_plan(source, **selection) for source in sources]
     if engine is None or engine.name == "local":
         dev = resolve_device(device)
-        options = {"tau_cos": tau_cos, "tau_euc": tau_euc, "top": top, "device": dev}
+        options: dict[str, Any] = {
+            "tau_cos": tau_cos,
+            "tau_euc": tau_euc,
+            "top": top,
+            "device": dev,
+        }
         per_plan = _analyze_here(plans, options, progress)
         device_used = str(dev)
     else:
@@ -345,11 +272,12 @@ def inspect_many(
                 "layers": list(layers),
                 "exclude": list(exclude),
                 "groups": dict(groups or {}),
+                "config": None if config is None else str(config),
             },
             layers=layer_reports,
             summary=_summarize(layer_reports, plan.tensors),
         )
-        report.gates = evaluate_gates(gates, layer_reports)
+        report.gates = evaluate_gates(gates, {r.name: r.numbers() for r in layer_reports})
         reports.append(report)
     return reports
 
@@ -448,13 +376,3 @@ def _summarize(layers: list[LayerReport], tensors: int) -> Summary:
 
 def _opt(t: torch.Tensor | None) -> float | None:
     return None if t is None else float(t)
-
-
-def _finite(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj

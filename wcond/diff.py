@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 
-from wcond.analyze import NUMERIC_FIELDS, Report, _finite, inspect_many
+from wcond.analyze import inspect_many
 from wcond.load import Checkpoint
+from wcond.report import NUMERIC_FIELDS, Report, finite
 
 __all__ = ["SUMMARY_FIELDS", "DiffReport", "LayerDiff", "MetricDiff", "diff", "diff_reports"]
 
@@ -108,7 +109,7 @@ class DiffReport:
             entry.update({m: asdict(v) for m, v in d.metrics.items()})
             entry["notes_a"], entry["notes_b"] = d.notes_a, d.notes_b
             layers.append(entry)
-        return _finite(
+        return finite(
             {
                 "a": self.a,
                 "b": self.b,

@@ -14,8 +14,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from wcond.analyze import NUMERIC_FIELDS
-from wcond.render import fmt_number
+from wcond._version import __version__
+from wcond.render_text import fmt_number
+from wcond.report import NUMERIC_FIELDS
 from wcond.trend import TREND_METRICS, TrendReport
 
 __all__ = ["TREND_FORMATS", "render_trend", "render_trend_table", "sparkline"]
@@ -161,9 +162,7 @@ def render_trend_table(
 
 def trend_json(t: TrendReport) -> str:
     """{"checkpoints": [each report with its "step"], "steps", "x", "trend": {layer: {metric: [values]}}, "failed"}."""
-    from wcond.render import _version
-
-    return json.dumps({"wcond_version": _version(), **t.to_dict()}, indent=2) + "\n"
+    return json.dumps({"wcond_version": __version__, **t.to_dict()}, indent=2) + "\n"
 
 
 def trend_csv(t: TrendReport) -> str:

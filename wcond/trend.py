@@ -15,10 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from wcond.analyze import NUMERIC_FIELDS, ProgressFn, Report, _finite, inspect_many
+from wcond.analyze import inspect_many
+from wcond.defaults import ProgressFn
 from wcond.engine import Engine
 from wcond.errors import CheckpointError
 from wcond.load import open_checkpoint
+from wcond.report import NUMERIC_FIELDS, Report, finite
 
 __all__ = ["TREND_METRICS", "TrendReport", "checkpoint_step", "expand_paths", "trend"]
 
@@ -139,7 +141,7 @@ class TrendReport:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: {"checkpoints": [report + "step"], "steps", "trend", "failed"}."""
-        return _finite(
+        return finite(
             {
                 "checkpoints": [
                     {"step": s, **r.to_dict()} for r, s in zip(self.reports, self.steps)

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
-from wcond.analyze import inspect as inspect_checkpoint
 from wcond.cli import app
 from wcond.cli.common import (
     EXIT_GATE,
-    DeviceChoice,
     DeviceOpt,
     ExcludeOpt,
     GroupsOpt,
@@ -24,32 +21,13 @@ from wcond.cli.common import (
     emit,
     engine_for,
     handle_errors,
+    pick_format,
     progress_bar,
     stdout,
 )
 from wcond.cli.project_config import ConfigOpt, read_config, with_config
+from wcond.defaults import DEVICE, INSPECT_FORMATS, TAU_COS, TAU_EUC, TOP, InspectFormat
 from wcond.errors import UsageError
-from wcond.render import render, render_table
-
-
-class Format(str, Enum):
-    table = "table"
-    json = "json"
-    markdown = "markdown"
-    csv = "csv"
-    html = "html"
-    junit = "junit"
-
-
-_SUFFIX_FORMATS = {
-    ".json": Format.json,
-    ".md": Format.markdown,
-    ".csv": Format.csv,
-    ".txt": Format.table,
-    ".html": Format.html,
-    ".htm": Format.html,
-    ".xml": Format.junit,
-}
 
 
 @app.command("inspect")
@@ -67,7 +45,7 @@ def inspect_command(
         ),
     ],
     format: Annotated[
-        Optional[Format],
+        Optional[InspectFormat],
         typer.Option(
             "--format", "-f", help="Output format (default: table, or from -o's extension)."
         ),
@@ -79,11 +57,11 @@ def inspect_command(
     layers: LayersOpt = None,
     exclude: ExcludeOpt = None,
     groups: GroupsOpt = None,
-    tau_cos: TauCosOpt = 1e-4,
-    tau_euc: TauEucOpt = 0.1,
+    tau_cos: TauCosOpt = TAU_COS,
+    tau_euc: TauEucOpt = TAU_EUC,
     top: Annotated[
         int, typer.Option("--top", help="Closest pairs listed per layer and axis (JSON).", min=0)
-    ] = 3,
+    ] = TOP,
     fail_if: Annotated[
         Optional[list[str]],
         typer.Option(
@@ -92,7 +70,7 @@ def inspect_command(
             metavar="EXPR",
         ),
     ] = None,
-    device: DeviceOpt = DeviceChoice.auto,
+    device: DeviceOpt = DEVICE,
     ray: RayOpt = False,
     ray_address: RayAddressOpt = None,
     config: ConfigOpt = None,
@@ -106,6 +84,10 @@ def inspect_command(
 
     Example: wcond inspect model.safetensors --fail-if "near_parallel_rows>0" -f markdown
     """
+    from wcond.analyze import inspect as inspect_checkpoint
+    from wcond.render import render, render_table
+    from wcond.trend import expand_paths
+
     cfg = read_config(config)
     o = with_config(
         ctx,
@@ -117,38 +99,32 @@ def inspect_command(
         tau_euc=tau_euc,
         top=top,
         fail_if=fail_if,
-        device=device.value,
+        device=device,
     )
     # --format, then -o's extension, then the config's format, then the table.
-    fmt = (
-        format
-        or (_SUFFIX_FORMATS.get(output.suffix.lower()) if output else None)
-        or Format(cfg.values.get("format", "table"))
-    )
-    from wcond.trend import expand_paths
-
+    fmt = pick_format(INSPECT_FORMATS, format, output, cfg.values.get("format"))
     paths = expand_paths(checkpoints)
     label = "inspecting on Ray" if ray or ray_address else "inspecting"
     if len(paths) > 1:
-        _inspect_many(paths, fmt, output, o, cfg.path, ray, ray_address, label)
+        _inspect_many(paths, fmt, output, {**o, "config": cfg.path}, ray, ray_address, label)
         return
     with engine_for(ray, ray_address) as engine, progress_bar(label) as progress:
-        report = inspect_checkpoint(paths[0], **o, progress=progress, engine=engine)
-    report.settings["config"] = str(cfg.path) if cfg.path else None
-    if fmt == Format.table and output is None:
+        report = inspect_checkpoint(
+            paths[0], **o, config=cfg.path, progress=progress, engine=engine
+        )
+    if fmt == "table" and output is None:
         render_table(report, stdout)
     else:
-        emit(render(report, fmt.value), output)
+        emit(render(report, fmt), output)
     if report.failed:
         raise typer.Exit(EXIT_GATE)
 
 
 def _inspect_many(
     paths: list[Path],
-    fmt: Format,
+    fmt: str,
     output: Optional[Path],
     options: dict[str, Any],
-    config: Optional[Path],
     ray: bool,
     ray_address: Optional[str],
     label: str,
@@ -157,18 +133,16 @@ def _inspect_many(
     from wcond.render_trend import TREND_FORMATS, render_trend, render_trend_table
     from wcond.trend import trend
 
-    if fmt.value not in TREND_FORMATS:
+    if fmt not in TREND_FORMATS:
         raise UsageError(
-            f"--format {fmt.value} shows one checkpoint; with {len(paths)} checkpoints use "
+            f"--format {fmt} shows one checkpoint; with {len(paths)} checkpoints use "
             + ", ".join(TREND_FORMATS)
         )
     with engine_for(ray, ray_address) as engine, progress_bar(label) as progress:
         result = trend(paths, **options, progress=progress, engine=engine)
-    for report in result.reports:
-        report.settings["config"] = str(config) if config else None
-    if fmt == Format.table and output is None:
+    if fmt == "table" and output is None:
         render_trend_table(result, stdout)
     else:
-        emit(render_trend(result, fmt.value), output)
+        emit(render_trend(result, fmt), output)
     if result.failed:
         raise typer.Exit(EXIT_GATE)
