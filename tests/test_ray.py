@@ -190,3 +190,30 @@ def test_a_worker_that_dies_is_retried(tmp_path: Path, ray_instance: Any) -> Non
     with RayEngine() as eng:
         assert eng.map(flaky, [Task("m.pt", ("conv1.weight",), 1)]) == ["conv1.weight"]
     assert marker.exists()
+
+
+def test_shrink_on_ray_writes_the_local_runs_tensors(
+    tmp_path: Path, pt_file: Path, ray_instance: Any, one_task_per_layer: None
+) -> None:
+    from safetensors import safe_open
+
+    outs = {name: tmp_path / f"{name}.safetensors" for name in ("local", "ray")}
+    docs = {}
+    for name, extra in (("local", ()), ("ray", ("--ray",))):
+        result = run("shrink", pt_file, "-o", outs[name], "--device", "cpu", "-f", "json", *extra)
+        assert result.exit_code == 0, result.output
+        docs[name] = json.loads(result.stdout)
+        docs[name]["settings"].pop("device")
+        docs[name].pop("output")
+    assert_close(docs["ray"], docs["local"], rel=1e-6)
+    assert any(layer["fused_rows"] for layer in docs["ray"]["layers"])  # something was fused
+    with safe_open(outs["local"], "pt") as a, safe_open(outs["ray"], "pt") as b:
+        assert list(a.keys()) == list(b.keys())
+        for key in a.keys():
+            assert torch.equal(a.get_tensor(key), b.get_tensor(key)), key
+
+
+def test_fold_refuses_ray(pt_file: Path, tmp_path: Path) -> None:
+    result = run("shrink", pt_file, "-o", tmp_path / "f.pt", "--fold", "--chain", "a,b", "--ray")
+    assert result.exit_code == 2
+    assert "--fold couples the layers of its chain, so it runs in one process" in result.stderr
