@@ -25,7 +25,7 @@ from wcond.analyze import LayerReport, Report, Summary, analyze_tensor, inspect
 from wcond.condition import init_cs
 from wcond.errors import CheckpointError, UnsafeCheckpointError, UsageError, WcondError
 from wcond.load import Checkpoint, load_checkpoint, open_checkpoint
-from wcond.shrink import load_state_dict
+from wcond.load_factorized import load_state_dict
 
 __all__ = [
     "Checkpoint",

@@ -21,7 +21,7 @@ from wcond.errors import CheckpointError
 from wcond.gates import Gate, GateResult, evaluate_gates
 from wcond.layers import find_layers, is_layer, layer_kind
 from wcond.load import Checkpoint, TensorInfo, open_checkpoint
-from wcond.shrink import dense_view
+from wcond.load_factorized import dense_view
 
 __all__ = ["LayerReport", "Report", "Summary", "analyze_tensor", "inspect"]
 

@@ -24,7 +24,7 @@ from wcond.analyze import NUMERIC_FIELDS, Report
 from wcond.errors import UsageError
 from wcond.layers import is_layer
 from wcond.load import Checkpoint, open_checkpoint
-from wcond.shrink import dense_view
+from wcond.load_factorized import dense_view
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -1,0 +1,311 @@
+"""Shrinking a checkpoint into the factorized format (docs/FACTORIZED.md): W ~ P W' Q per layer."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from wcond import __version__, metrics
+from wcond.device import resolve_device
+from wcond.errors import CheckpointError, UsageError
+from wcond.layers import find_layers, is_layer
+from wcond.load import Checkpoint, TensorInfo
+from wcond.load_factorized import (
+    COL_COEF,
+    COL_INDEX,
+    MANIFEST_KEY,
+    ROW_COEF,
+    ROW_INDEX,
+    W_SUFFIX,
+    _dtype_name,
+    rebuild_dense,
+)
+from wcond.shrink.output import _nbytes, _open_source, _write
+from wcond.shrink.pairs import Grouping, _compress, fuse_vectors
+from wcond.shrink.report import LayerShrink, ProgressFn, ShrinkReport
+
+__all__ = ["AXES", "Factorization", "factorize", "shrink"]
+
+AXES = ("auto", "rows", "cols", "both")
+_INDEX_BYTES = 4  # int32
+
+
+@dataclass
+class Factorization:
+    """One layer as W ~ P W' Q: the stored W' and the groupings of its rows (P) and columns (Q)."""
+
+    w: Tensor  # W', the layer's dtype, on the CPU
+    rows: Grouping | None
+    cols: Grouping | None
+    error: float | None  # |W - P W' Q|_F / |W|_F from the values as stored; None for W = 0
+
+    @property
+    def fused_rows(self) -> int:
+        return self.rows.fused if self.rows else 0
+
+    @property
+    def fused_cols(self) -> int:
+        return self.cols.fused if self.cols else 0
+
+    @property
+    def max_angle(self) -> float | None:
+        angles = [g.max_angle for g in (self.rows, self.cols) if g and g.max_angle is not None]
+        return max(angles) if angles else None
+
+    def stored(self, g: Grouping | None) -> tuple[Tensor, Tensor] | None:
+        """One axis as written: int32 indices and float32 (float64 for float64 layers) coefficients."""
+        return (
+            None if g is None else (g.index.to(torch.int32), g.coef.to(_coef_dtype(self.w.dtype)))
+        )
+
+    def tensors(self, key: str) -> dict[str, Tensor]:
+        """The entries that replace ``key`` in a shrunk checkpoint."""
+        out = {key + W_SUFFIX: self.w}
+        for g, (idx_key, coef_key) in (
+            (self.rows, (ROW_INDEX, ROW_COEF)),
+            (self.cols, (COL_INDEX, COL_COEF)),
+        ):
+            part = self.stored(g)
+            if part is not None:
+                out[key + idx_key], out[key + coef_key] = part
+        return out
+
+    @property
+    def stored_bytes(self) -> int:
+        per = _INDEX_BYTES + torch.empty((), dtype=_coef_dtype(self.w.dtype)).element_size()
+        n = sum(g.index.numel() for g in (self.rows, self.cols) if g is not None)
+        return self.w.numel() * self.w.element_size() + n * per
+
+
+def _coef_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def factorize(
+    w: Tensor,
+    axes: Sequence[str] = ("rows",),
+    *,
+    tau_cos: float = 1e-4,
+    tau_euc: float = 0.1,
+    device: torch.device | str = "cpu",
+) -> Factorization:
+    """Fuse the near-parallel rows and/or columns of one weight (out, in, *kernel).
+
+    Rows (output units; a conv's filters) are fused first, then the columns (input channels) of
+    the row-fused P^T W, so W' = P^T W Q^T, the best fit for both groupings.
+
+    Example:
+        >>> f = factorize(model.fc1.weight, ["rows"])
+        >>> f.fused_rows, f.w.shape, f.error
+    """
+    x = w.detach().to(resolve_device(device))
+    x = x if x.dtype == torch.float64 else x.float()
+    rows = cols = None
+    small = x
+    if "rows" in axes:
+        rows = fuse_vectors(metrics.as_rows(small), tau_cos=tau_cos, tau_euc=tau_euc)
+        small = _compress(small, rows, 0) if rows.fused else small
+    if "cols" in axes:
+        cols = fuse_vectors(metrics.as_cols(small), tau_cos=tau_cos, tau_euc=tau_euc)
+        small = _compress(small, cols, 1) if cols.fused else small
+    rows = rows if rows and rows.fused else None
+    cols = cols if cols and cols.fused else None
+    stored = small.to(w.dtype).cpu()
+    f = Factorization(stored, rows, cols, None)
+    rebuilt = rebuild_dense(stored.to(x.device), f.stored(rows), f.stored(cols)).to(x.dtype)
+    total = float(x.norm())
+    f.error = float((x - rebuilt).norm()) / total if total > 0 else None
+    return f
+
+
+def shrink(
+    source: str | Path,
+    output: str | Path | None = None,
+    *,
+    tau_cos: float = 1e-4,
+    tau_euc: float = 0.1,
+    axis: str = "auto",
+    layers: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    protect: Sequence[str] = (),
+    protect_ends: bool = True,
+    force: bool = False,
+    device: str = "cpu",
+    progress: ProgressFn | None = None,
+) -> ShrinkReport:
+    """Fuse near-parallel rows/columns of every selected layer and write the factorized checkpoint.
+
+    Args:
+        output: where to write (.safetensors or a torch extension); None reports without writing.
+        axis: "auto" fuses along the longer axis only (more rows than columns: rows), both axes
+            for a square layer; or "rows", "cols", "both".
+        protect: globs of layers never fused. With ``protect_ends`` (default), the first
+            analyzable weight's columns (the network's inputs) and the last one's rows (its
+            classes) are never fused, "first" and "last" in stored order, as in the paper.
+        force: overwrite an existing ``output``.
+
+    A layer is stored factorized only when that takes fewer bytes than the dense layer (the
+    index and coefficient per row/column cost 8 bytes each); untouched tensors are written
+    bit-identical.
+
+    Example:
+        >>> report = wcond.shrink.shrink("model.pt", "small.safetensors", tau_cos=1e-4)
+        >>> model.load_state_dict(wcond.load_state_dict("small.safetensors"))
+    """
+    if axis not in AXES:
+        raise UsageError(f"--axis {axis!r}: use one of {', '.join(AXES)}")
+    ck, infos = _open_source(source, output, force)
+    dev = resolve_device(device)
+    specs = find_layers(infos, layers, exclude)
+    if not specs:
+        _no_layers(ck, infos)
+    analyzable = [k for k, i in infos.items() if is_layer(i)]
+    first, last = (analyzable[0], analyzable[-1]) if protect_ends else (None, None)
+
+    total = sum(s.info.numel for s in specs)
+    done = 0
+    reports: list[LayerShrink] = []
+    replaced: dict[str, dict[str, Tensor]] = {}
+    manifest_layers: dict[str, dict[str, Any]] = {}
+    for spec in specs:
+        if progress:
+            progress(done, total, spec.key)
+        done += spec.info.numel
+        shape = list(spec.info.shape)
+        rep = LayerShrink(
+            spec.key, shape, shape, params_before=spec.info.numel, params_after=spec.info.numel
+        )
+        reports.append(rep)
+        rep.axes = _axes(spec.key, shape, axis, first, last, protect, rep.notes)
+        if not rep.axes:
+            continue
+        w = ck.get(spec.key)
+        if not bool(torch.isfinite(w).all()):
+            rep.notes.append("NaN/Inf values: not fused")
+            rep.reconstruction_error = None
+            continue
+        f = factorize(w, rep.axes, tau_cos=tau_cos, tau_euc=tau_euc, device=dev)
+        if not (f.fused_rows or f.fused_cols):
+            continue
+        dense_bytes = spec.info.numel * w.element_size()
+        if f.stored_bytes >= dense_bytes:
+            rep.notes.append(
+                f"{f.fused_rows} row and {f.fused_cols} column pairs would fuse, but W' plus an index and a "
+                f"coefficient per row/column ({f.stored_bytes:,} bytes) is not smaller than the dense layer "
+                f"({dense_bytes:,} bytes): left dense"
+            )
+            continue
+        rep.fused_rows, rep.fused_cols = f.fused_rows, f.fused_cols
+        rep.shape_after = list(f.w.shape)
+        rep.params_after = f.w.numel()
+        rep.reconstruction_error, rep.max_angle_deg = f.error, f.max_angle
+        rep.changed = True
+        replaced[spec.key] = f.tensors(spec.key)
+        manifest_layers[spec.key] = {
+            "shape": shape,
+            "stored_shape": rep.shape_after,
+            "dtype": _dtype_name(w.dtype),
+            "fused_rows": f.fused_rows,
+            "fused_cols": f.fused_cols,
+            "reconstruction_error": f.error,
+        }
+    if progress:
+        progress(total, total, "")
+
+    settings = {
+        "tau_cos": tau_cos,
+        "tau_euc": tau_euc,
+        "axis": axis,
+        "layers": list(layers),
+        "exclude": list(exclude),
+        "protect": list(protect),
+        "protect_ends": protect_ends,
+        "device": str(dev),
+    }
+    new_bytes = {
+        k: sum(t.numel() * t.element_size() for t in parts.values())
+        for k, parts in replaced.items()
+    }
+    report = ShrinkReport(
+        checkpoint=str(ck.path),
+        output=str(output) if output is not None else None,
+        mode="factorize",
+        settings=settings,
+        layers=reports,
+        params_before=sum(i.numel for i in infos.values()),
+        params_after=sum(i.numel for i in infos.values())
+        - sum(r.params_before - r.params_after for r in reports),
+        bytes_before=ck.num_bytes,
+        bytes_after=ck.num_bytes + sum(new_bytes[k] - _nbytes(infos[k]) for k in replaced),
+    )
+    if output is not None:
+        tensors: dict[str, Tensor] = {}
+        for key in infos:
+            tensors.update(replaced[key] if key in replaced else {key: ck.get(key)})
+        manifest = {
+            "format": 1,
+            "wcond_version": __version__,
+            "settings": settings,
+            "layers": manifest_layers,
+            "rebuild": "W[o, c] = row_coef[o] * col_coef[c] * W'[row_index[o], col_index[c]]",
+            "suffixes": {
+                "w": W_SUFFIX,
+                "row_index": ROW_INDEX,
+                "row_coef": ROW_COEF,
+                "col_index": COL_INDEX,
+                "col_coef": COL_COEF,
+            },
+        }
+        report.warnings += _write(ck, output, tensors, {MANIFEST_KEY: json.dumps(manifest)})
+    return report
+
+
+def _axes(
+    key: str,
+    shape: list[int],
+    axis: str,
+    first: str | None,
+    last: str | None,
+    protect: Sequence[str],
+    notes: list[str],
+) -> list[str]:
+    """The axes to fuse in one layer, after the protections; says in ``notes`` what a protection removed."""
+    if axis == "auto":
+        want = (
+            ["rows"]
+            if shape[0] > shape[1]
+            else ["cols"]
+            if shape[1] > shape[0]
+            else ["rows", "cols"]
+        )
+    else:
+        want = ["rows", "cols"] if axis == "both" else [axis]
+    if any(fnmatch.fnmatchcase(key, g) for g in protect):
+        notes.append("protected (--protect): not fused")
+        return []
+    if key == first and "cols" in want:
+        want.remove("cols")
+        notes.append(
+            "columns protected: the first layer reads the network's inputs (--no-protect-ends lifts this)"
+        )
+    if key == last and "rows" in want:
+        want.remove("rows")
+        notes.append(
+            "rows protected: the last layer's rows are the outputs (classes) (--no-protect-ends lifts this)"
+        )
+    return want
+
+
+def _no_layers(ck: Checkpoint, infos: Mapping[str, TensorInfo]) -> None:
+    if any(is_layer(i) for i in infos.values()):
+        raise CheckpointError(f"{ck.path}: no layer matches the --layers/--exclude patterns")
+    raise CheckpointError(
+        f"{ck.path}: no weight matrices or conv kernels to shrink (need floating-point tensors with 2 to 5 dims)"
+    )

@@ -1,0 +1,60 @@
+"""What shrinking and folding did, per layer and in total."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["LayerShrink", "ProgressFn", "ShrinkReport"]
+
+ProgressFn = Callable[[int, int, str], None]
+
+
+@dataclass
+class LayerShrink:
+    """What shrinking did to one layer."""
+
+    name: str
+    shape_before: list[int]
+    shape_after: list[int]
+    fused_rows: int = 0
+    fused_cols: int = 0
+    params_before: int = 0
+    params_after: int = 0
+    reconstruction_error: float | None = 0.0  # |W - P W' Q|_F / |W|_F (fold: rows with bias)
+    max_angle_deg: float | None = None  # the widest pair fused
+    axes: list[str] = field(default_factory=list)  # the axes searched
+    changed: bool = False  # factorized (shrink) or narrowed (fold) in OUT
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ShrinkReport:
+    """What `wcond shrink` did (or, for a dry run, would do)."""
+
+    checkpoint: str
+    output: str | None  # None: dry run, nothing written
+    mode: str  # "factorize" or "fold"
+    settings: dict[str, Any]
+    layers: list[LayerShrink]
+    params_before: int  # every tensor of the checkpoint
+    params_after: int
+    bytes_before: int  # tensor data, as stored
+    bytes_after: int
+    widths: dict[str, list[int]] = field(default_factory=dict)  # fold: key -> [units before, after]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def params_removed(self) -> int:
+        return self.params_before - self.params_after
+
+    @property
+    def percent_removed(self) -> float:
+        return 100.0 * self.params_removed / self.params_before if self.params_before else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["params_removed"] = self.params_removed
+        doc["percent_removed"] = self.percent_removed
+        return doc
