@@ -222,9 +222,8 @@ def inspect(
         infos = {k: ck.info(k) for k in ck.keys()}
         get = ck.get
         name, fmt, wrapper = str(ck.path), ck.format, ".".join(ck.wrapper) or None
-    infos, get, factored = dense_view(
-        infos, get
-    )  # a shrunk checkpoint: analyze the dense weights it stands for
+    # a shrunk checkpoint: analyze the dense weights it stands for
+    infos, get, factored = dense_view(infos, get, name)
     specs = find_layers(infos, layers, exclude, dict(groups or {}))
     if not specs:
         if any(is_layer(i) for i in infos.values()):

@@ -1,4 +1,4 @@
-"""Reading the factorized format that `wcond shrink` writes (docs/FACTORIZED.md).
+"""Reading the factorized format that `wcond shrink` writes (specified in docs/FACTORIZED.md).
 
 A shrunk checkpoint stores a layer as W' plus one index and one coefficient per original row
 and column; this module turns it back into the dense checkpoint it stands for. It sits beside
@@ -27,6 +27,11 @@ COL_INDEX, COL_COEF = ".__wcond_col_index", ".__wcond_col_coef"
 _PARTS = (ROW_INDEX, ROW_COEF, COL_INDEX, COL_COEF)
 MANIFEST_KEY = "wcond.shrink"
 FOLD_MANIFEST_KEY = "wcond.fold"
+_INDEX_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+# The most values one rebuilt layer may have (8 GiB of float32). A few kilobytes of indices can
+# describe a dense tensor of terabytes; no real layer comes near this (Llama-3 405B's largest
+# is 2.1e9 values).
+MAX_DENSE_ELEMENTS = 2**31
 
 
 def _along(ndim: int, dim: int) -> list[int]:
@@ -89,13 +94,17 @@ class Factored:
 
 
 def dense_view(
-    infos: Mapping[str, TensorInfo], get: Callable[[str], Tensor]
+    infos: Mapping[str, TensorInfo], get: Callable[[str], Tensor], source: str = "<state_dict>"
 ) -> tuple[dict[str, TensorInfo], Callable[[str], Tensor], dict[str, Factored]]:
     """The dense checkpoint a shrunk one stands for: factor keys replaced by the original key.
 
     Returns the infos in stored order (a factorized layer where its W' is), a getter that rebuilds
     factorized layers on demand, and the factorized layers by key. Any other checkpoint passes
-    through unchanged.
+    through unchanged. Every factor is checked (docs/FACTORIZED.md, "Reading a file you did not
+    write") before a dense tensor is allocated; ``source`` names the file in the errors.
+
+    Raises:
+        CheckpointError: an incomplete or inconsistent factorization, naming ``source`` and the key.
     """
     if not any(k.endswith(W_SUFFIX) or k.endswith(_PARTS) for k in infos):
         return dict(infos), get, {}
@@ -104,13 +113,14 @@ def dense_view(
     for key, info in infos.items():
         if key.endswith(W_SUFFIX):
             base = key.removesuffix(W_SUFFIX)
-            factored[base] = _factored(base, infos)
+            factored[base] = _factored(base, infos, source)
             out[base] = TensorInfo(factored[base].dense_shape, info.dtype)
         elif key.endswith(_PARTS):
             base = key.removesuffix(next(p for p in _PARTS if key.endswith(p)))
             if base + W_SUFFIX not in infos:
                 raise CheckpointError(
-                    f"{key!r} has no {base + W_SUFFIX!r} beside it: the shrunk checkpoint is incomplete"
+                    f"{source}: {key!r} has no {base + W_SUFFIX!r} beside it: the shrunk "
+                    "checkpoint is incomplete"
                 )
         else:
             out[key] = info
@@ -121,7 +131,7 @@ def dense_view(
             return get(key)
         w = get(key + W_SUFFIX)
         parts = [
-            _axis_parts(key, get, suffixes, w.shape[dim]) if on else None
+            _axis_parts(source, key, get, suffixes, w.shape[dim]) if on else None
             for on, suffixes, dim in (
                 (f.rows, (ROW_INDEX, ROW_COEF), 0),
                 (f.cols, (COL_INDEX, COL_COEF), 1),
@@ -132,15 +142,18 @@ def dense_view(
     return out, view_get, factored
 
 
-def _factored(base: str, infos: Mapping[str, TensorInfo]) -> Factored:
+def _factored(base: str, infos: Mapping[str, TensorInfo], source: str) -> Factored:
+    """Check one factorized layer from shapes and dtypes alone; the dense shape it stands for."""
     if base in infos:
         raise CheckpointError(
-            f"{base!r} is stored both dense and factorized ({base + W_SUFFIX!r}); the checkpoint is inconsistent"
+            f"{source}: {base!r} is stored both dense and factorized ({base + W_SUFFIX!r}); "
+            "the checkpoint is inconsistent"
         )
     w = infos[base + W_SUFFIX]
     if len(w.shape) < 2:
         raise CheckpointError(
-            f"{base + W_SUFFIX!r} has shape {list(w.shape)}; a factorized weight has at least 2 dims"
+            f"{source}: {base + W_SUFFIX!r} has shape {list(w.shape)}; a factorized weight has "
+            "at least 2 dims"
         )
     shape = list(w.shape)
     on = []
@@ -149,26 +162,47 @@ def _factored(base: str, infos: Mapping[str, TensorInfo]) -> Factored:
         if (i is None) != (c is None):
             have, missing = (idx, coef) if i is not None else (coef, idx)
             raise CheckpointError(
-                f"{base + have!r} has no {base + missing!r} beside it: the shrunk checkpoint is incomplete"
+                f"{source}: {base + have!r} has no {base + missing!r} beside it: the shrunk "
+                "checkpoint is incomplete"
             )
         if i is not None and c is not None:
-            if len(i.shape) != 1 or i.shape != c.shape or i.dtype.is_floating_point:
+            if (
+                len(i.shape) != 1
+                or i.shape != c.shape
+                or i.dtype not in _INDEX_DTYPES
+                or not c.dtype.is_floating_point
+            ):
                 raise CheckpointError(
-                    f"{base + idx!r} and {base + coef!r} must be an integer and a float vector of the same length "
-                    f"(got {list(i.shape)} {_dtype_name(i.dtype)} and {list(c.shape)} {_dtype_name(c.dtype)})"
+                    f"{source}: {base + idx!r} and {base + coef!r} must be an integer and a float "
+                    f"vector of the same length (got {list(i.shape)} {_dtype_name(i.dtype)} and "
+                    f"{list(c.shape)} {_dtype_name(c.dtype)})"
+                )
+            if i.shape[0] < w.shape[dim]:
+                raise CheckpointError(
+                    f"{source}: {base + idx!r} has {i.shape[0]} entries for the {w.shape[dim]} "
+                    f"stored {('rows', 'columns')[dim]} of {base + W_SUFFIX!r}; a factorization "
+                    "never stores more than it stands for"
                 )
             shape[dim] = i.shape[0]
         on.append(i is not None)
+    dense = math.prod(shape)
+    if dense > MAX_DENSE_ELEMENTS:
+        raise CheckpointError(
+            f"{source}: {base!r} would rebuild to shape {shape} ({dense:,} values) from "
+            f"{math.prod(w.shape):,} stored; refused above {MAX_DENSE_ELEMENTS:,} values"
+        )
     return Factored(base, tuple(w.shape), tuple(shape), on[0], on[1])
 
 
 def _axis_parts(
-    base: str, get: Callable[[str], Tensor], suffixes: tuple[str, str], size: int
+    source: str, base: str, get: Callable[[str], Tensor], suffixes: tuple[str, str], size: int
 ) -> tuple[Tensor, Tensor]:
+    """One axis's index and coefficients, the index checked against the stored size first."""
     index, coef = get(base + suffixes[0]), get(base + suffixes[1])
     if index.numel() and (int(index.min()) < 0 or int(index.max()) >= size):
         raise CheckpointError(
-            f"{base + suffixes[0]!r} points outside the {size} stored rows/columns of {base + W_SUFFIX!r}"
+            f"{source}: {base + suffixes[0]!r} points outside the {size} stored rows/columns of "
+            f"{base + W_SUFFIX!r} (entries {int(index.min())} to {int(index.max())})"
         )
     return index, coef
 
@@ -183,7 +217,7 @@ def load_state_dict(path: str | Path) -> dict[str, Tensor]:
         >>> model.load_state_dict(wcond.load_state_dict("small.safetensors"))
     """
     ck = open_checkpoint(path)
-    infos, get, _ = dense_view({k: ck.info(k) for k in ck.keys()}, ck.get)
+    infos, get, _ = dense_view({k: ck.info(k) for k in ck.keys()}, ck.get, str(ck.path))
     return {k: get(k) for k in infos}
 
 

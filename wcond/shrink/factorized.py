@@ -27,9 +27,18 @@ from wcond.load_factorized import (
     _dtype_name,
     rebuild_dense,
 )
-from wcond.shrink.output import _nbytes, _open_source, _write
+from wcond.save import output_format
+from wcond.shrink.output import (
+    _MANIFESTS,
+    _formats,
+    _nbytes,
+    _open_source,
+    _write,
+    _written_bytes,
+)
 from wcond.shrink.pairs import Grouping, _compress, fuse_vectors
 from wcond.shrink.report import LayerShrink, ProgressFn, ShrinkReport
+from wcond.shrink.sizing import entry_bytes, file_bytes, manifest_bytes, safetensors_bytes
 
 __all__ = ["AXES", "Factorization", "factorize", "shrink"]
 
@@ -151,9 +160,12 @@ def shrink(
             classes) are never fused, "first" and "last" in stored order, as in the paper.
         force: overwrite an existing ``output``.
 
-    A layer is stored factorized only when that takes fewer bytes than the dense layer (the
-    index and coefficient per row/column cost 8 bytes each); untouched tensors are written
-    bit-identical.
+    A layer is stored factorized only when that makes the file smaller: W', the index and the
+    coefficient per row/column and their index entries in the file, counted from above, against
+    the dense layer and its entry, counted from below; and only when the layers that pay save
+    more than the manifest costs. So OUT is never larger than IN in the same format (a torch
+    file stores its own name in each record: compare files of equal name length). Untouched
+    tensors are written bit-identical.
 
     Example:
         >>> report = wcond.shrink.shrink("model.pt", "small.safetensors", tau_cos=1e-4)
@@ -169,11 +181,14 @@ def shrink(
     analyzable = [k for k, i in infos.items() if is_layer(i)]
     first, last = (analyzable[0], analyzable[-1]) if protect_ends else (None, None)
 
+    fmt = _size_format(ck, output)
+    archive = Path(output if output is not None else ck.path).stem
+    size_before = file_bytes(ck.files)
+    offsets = 2 * max(size_before, ck.num_bytes)  # bounds every data offset OUT can hold
     total = sum(s.info.numel for s in specs)
     done = 0
     reports: list[LayerShrink] = []
-    replaced: dict[str, dict[str, Tensor]] = {}
-    manifest_layers: dict[str, dict[str, Any]] = {}
+    candidates: list[_Candidate] = []
     for spec in specs:
         if progress:
             progress(done, total, spec.key)
@@ -194,28 +209,30 @@ def shrink(
         f = factorize(w, rep.axes, tau_cos=tau_cos, tau_euc=tau_euc, device=dev)
         if not (f.fused_rows or f.fused_cols):
             continue
-        dense_bytes = spec.info.numel * w.element_size()
-        if f.stored_bytes >= dense_bytes:
-            rep.notes.append(
-                f"{f.fused_rows} row and {f.fused_cols} column pairs would fuse, but W' plus an index and a "
-                f"coefficient per row/column ({f.stored_bytes:,} bytes) is not smaller than the dense layer "
-                f"({dense_bytes:,} bytes): left dense"
-            )
-            continue
-        rep.fused_rows, rep.fused_cols = f.fused_rows, f.fused_cols
-        rep.shape_after = list(f.w.shape)
-        rep.params_after = f.w.numel()
-        rep.reconstruction_error, rep.max_angle_deg = f.error, f.max_angle
-        rep.changed = True
-        replaced[spec.key] = f.tensors(spec.key)
-        manifest_layers[spec.key] = {
+        parts = f.tensors(spec.key)
+        entry = {
             "shape": shape,
-            "stored_shape": rep.shape_after,
+            "stored_shape": list(f.w.shape),
             "dtype": _dtype_name(w.dtype),
             "fused_rows": f.fused_rows,
             "fused_cols": f.fused_cols,
             "reconstruction_error": f.error,
         }
+        dense = entry_bytes(
+            fmt, spec.key, shape, w.dtype, file_size=offsets, archive=archive, upper=False
+        )
+        factored = sum(
+            entry_bytes(fmt, k, t.shape, t.dtype, file_size=offsets, archive=archive, upper=True)
+            for k, t in parts.items()
+        ) + len(json.dumps(json.dumps({spec.key: entry}), ensure_ascii=False).encode())
+        if factored >= dense:
+            rep.notes.append(
+                f"{f.fused_rows} row and {f.fused_cols} column pairs would fuse, but W' with an index "
+                f"and a coefficient per row/column takes up to {factored:,} bytes of the file, "
+                f"dense at least {dense:,}: left dense"
+            )
+            continue
+        candidates.append(_Candidate(rep, f, parts, entry, dense - factored))
     if progress:
         progress(total, total, "")
 
@@ -229,6 +246,36 @@ def shrink(
         "protect_ends": protect_ends,
         "device": str(dev),
     }
+    manifest: dict[str, Any] = {
+        "format": 1,
+        "wcond_version": __version__,
+        "settings": settings,
+        "layers": {},
+        "rebuild": "W[o, c] = row_coef[o] * col_coef[c] * W'[row_index[o], col_index[c]]",
+        "suffixes": {
+            "w": W_SUFFIX,
+            "row_index": ROW_INDEX,
+            "row_coef": ROW_COEF,
+            "col_index": COL_INDEX,
+            "col_coef": COL_COEF,
+        },
+    }
+    if fmt == "safetensors":
+        kept, estimate = _pay_exactly(ck, infos, candidates, manifest)
+    else:
+        kept, estimate = _pay_within_bounds(candidates, manifest, size_before)
+    candidates = [c for c in candidates if c in kept]
+    replaced: dict[str, dict[str, Tensor]] = {}
+    for c in candidates:
+        rep, f = c.rep, c.f
+        rep.fused_rows, rep.fused_cols = f.fused_rows, f.fused_cols
+        rep.shape_after = list(f.w.shape)
+        rep.params_after = f.w.numel()
+        rep.reconstruction_error, rep.max_angle_deg = f.error, f.max_angle
+        rep.changed = True
+        replaced[rep.name] = c.parts
+        manifest["layers"][rep.name] = c.entry
+
     new_bytes = {
         k: sum(t.numel() * t.element_size() for t in parts.values())
         for k, parts in replaced.items()
@@ -244,27 +291,94 @@ def shrink(
         - sum(r.params_before - r.params_after for r in reports),
         bytes_before=ck.num_bytes,
         bytes_after=ck.num_bytes + sum(new_bytes[k] - _nbytes(infos[k]) for k in replaced),
+        file_bytes_before=size_before,
     )
-    if output is not None:
-        tensors: dict[str, Tensor] = {}
-        for key in infos:
-            tensors.update(replaced[key] if key in replaced else {key: ck.get(key)})
-        manifest = {
-            "format": 1,
-            "wcond_version": __version__,
-            "settings": settings,
-            "layers": manifest_layers,
-            "rebuild": "W[o, c] = row_coef[o] * col_coef[c] * W'[row_index[o], col_index[c]]",
-            "suffixes": {
-                "w": W_SUFFIX,
-                "row_index": ROW_INDEX,
-                "row_coef": ROW_COEF,
-                "col_index": COL_INDEX,
-                "col_coef": COL_COEF,
-            },
-        }
-        report.warnings += _write(ck, output, tensors, {MANIFEST_KEY: json.dumps(manifest)})
+    if output is None:
+        # a dry run: what the size rule counted, for the source's own format
+        report.file_bytes_after = estimate
+        report.file_bytes_estimated = True
+        return report
+    tensors: dict[str, Tensor] = {}
+    for key in infos:
+        tensors.update(replaced[key] if key in replaced else {key: ck.get(key)})
+    entries = {MANIFEST_KEY: json.dumps(manifest)} if replaced else {}
+    report.warnings += _write(ck, output, tensors, entries)
+    report.file_bytes_after = _written_bytes(output)
+    report.formats = _formats(ck, output)
     return report
+
+
+@dataclass
+class _Candidate:
+    """A layer that pays on its own: its factors, its manifest entry and the bytes it saves at least."""
+
+    rep: LayerShrink
+    f: Factorization
+    parts: dict[str, Tensor]
+    entry: dict[str, Any]
+    gain: int
+
+
+def _pay_within_bounds(
+    candidates: list[_Candidate], manifest: dict[str, Any], size_before: int
+) -> tuple[list[_Candidate], int]:
+    """Torch files: keep the layers that pay only if together they also pay for the manifest.
+
+    Returns the layers kept and a bound from above on the file's size (the source's when none).
+    """
+    fixed = manifest_bytes("torch", MANIFEST_KEY, json.dumps(manifest))
+    gain = sum(c.gain for c in candidates)
+    if candidates and gain <= fixed:
+        for c in candidates:
+            c.rep.notes.append(
+                f"{c.f.fused_rows} row and {c.f.fused_cols} column pairs would fuse, but all the "
+                f"factorized layers together save at most {gain:,} bytes and the manifest a "
+                f"factorized file carries takes up to {fixed:,}: left dense"
+            )
+        return [], size_before
+    return candidates, size_before - gain + fixed if candidates else size_before
+
+
+def _pay_exactly(
+    ck: Checkpoint,
+    infos: Mapping[str, TensorInfo],
+    candidates: list[_Candidate],
+    manifest: dict[str, Any],
+) -> tuple[list[_Candidate], int]:
+    """Safetensors: drop the layers that gain least until the exact file size is below the dense one.
+
+    Returns the layers kept and the exact size of the file they make.
+    """
+    base = {k: v for k, v in ck.metadata.items() if k not in _MANIFESTS}
+    dense = safetensors_bytes(((k, i.shape, i.dtype) for k, i in infos.items()), base or None)
+    kept = sorted(candidates, key=lambda c: -c.gain)
+    while kept:
+        parts = {c.rep.name: c.parts for c in kept}
+        manifest["layers"] = {c.rep.name: c.entry for c in kept}
+        entries: list[tuple[str, Sequence[int], torch.dtype]] = []
+        for key, info in infos.items():
+            if key in parts:
+                entries += [(k, t.shape, t.dtype) for k, t in parts[key].items()]
+            else:
+                entries.append((key, info.shape, info.dtype))
+        size = safetensors_bytes(entries, {**base, MANIFEST_KEY: json.dumps(manifest)})
+        if size < dense:
+            return kept, size
+        c = kept.pop()
+        c.rep.notes.append(
+            f"{c.f.fused_rows} row and {c.f.fused_cols} column pairs would fuse, but with the "
+            f"manifest a factorized file carries the file would take {size:,} bytes, dense "
+            f"{dense:,}: left dense"
+        )
+    manifest["layers"] = {}
+    return [], dense
+
+
+def _size_format(ck: Checkpoint, output: str | Path | None) -> str:
+    """The format whose bytes the size rule counts: OUT's, or for a dry run the source's."""
+    if output is not None:
+        return output_format(output)
+    return "safetensors" if all(p.suffix == ".safetensors" for p in ck.files) else "torch"
 
 
 def _axes(

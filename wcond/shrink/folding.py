@@ -17,9 +17,10 @@ from wcond.layers import is_layer
 from wcond.load import Checkpoint, TensorInfo
 from wcond.load_factorized import FOLD_MANIFEST_KEY, _spread
 from wcond.save import output_format
-from wcond.shrink.output import _nbytes, _open_source, _write
+from wcond.shrink.output import _formats, _nbytes, _open_source, _write, _written_bytes
 from wcond.shrink.pairs import _compress, fuse_vectors
 from wcond.shrink.report import LayerShrink, ProgressFn, ShrinkReport
+from wcond.shrink.sizing import file_bytes
 
 __all__ = ["fold"]
 
@@ -134,6 +135,7 @@ def fold(
         bytes_after=ck.num_bytes
         - sum(_nbytes(infos[k]) - t.numel() * t.element_size() for k, t in out_tensors.items()),
         widths=widths,
+        file_bytes_before=file_bytes(ck.files),
     )
     if output is not None:
         changed = {k: t for k, t in out_tensors.items() if t.shape != infos[k].shape}
@@ -155,6 +157,8 @@ def fold(
                 "write .safetensors to keep them in the file's metadata"
             )
         report.warnings += _write(ck, output, tensors, entries)
+        report.file_bytes_after = _written_bytes(output)
+        report.formats = _formats(ck, output)
     return report
 
 

@@ -33,6 +33,19 @@ def _open_source(
     return ck, infos
 
 
+def _written_bytes(output: str | Path) -> int | None:
+    """The size of the file written at ``output``; None for a device or pipe (-o /dev/null)."""
+    p = Path(output)
+    return p.stat().st_size if p.is_file() else None
+
+
+def _formats(ck: Checkpoint, output: str | Path) -> list[str]:
+    """[IN's format, OUT's] when they differ (their sizes then compare formats too), else []."""
+    source = "safetensors" if all(p.suffix == ".safetensors" for p in ck.files) else "torch"
+    out = output_format(output)
+    return [source, out] if out != source else []
+
+
 def _nbytes(info: TensorInfo) -> int:
     return info.numel * info.dtype.itemsize
 
@@ -55,7 +68,7 @@ def expand(source: str | Path, output: str | Path, *, force: bool = False) -> Ex
     """
     check_output(source, output, force)
     ck = open_checkpoint(source)
-    infos, get, factored = dense_view({k: ck.info(k) for k in ck.keys()}, ck.get)
+    infos, get, factored = dense_view({k: ck.info(k) for k in ck.keys()}, ck.get, str(ck.path))
     tensors = {k: get(k) for k in infos}
     result = ExpandResult(str(ck.path), str(output), list(factored))
     result.warnings += _write(ck, output, tensors, {})

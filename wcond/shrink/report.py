@@ -40,8 +40,12 @@ class ShrinkReport:
     layers: list[LayerShrink]
     params_before: int  # every tensor of the checkpoint
     params_after: int
-    bytes_before: int  # tensor data, as stored
+    bytes_before: int  # tensor data, as stored (file_bytes_* count the whole files)
     bytes_after: int
+    file_bytes_before: int = 0  # the files of the source, as on disk
+    file_bytes_after: int | None = None  # OUT as written; None when OUT is no regular file
+    file_bytes_estimated: bool = False  # a dry run: file_bytes_after is the size rule's bound
+    formats: list[str] = field(default_factory=list)  # [IN's, OUT's] when they differ
     widths: dict[str, list[int]] = field(default_factory=dict)  # fold: key -> [units before, after]
     warnings: list[str] = field(default_factory=list)
 
