@@ -166,7 +166,7 @@ def test_inspect_shows_the_factorization(model_file: Path, tmp_path: Path) -> No
         (("-o", "{existing}"), "already exists; pass --force to overwrite it"),
         (("-o", "{tmp}/out.txt"), "unknown output format '.txt'"),
         (("--dry-run", "--chain", "fc1.weight,fc2.weight"), "--chain goes with --fold"),
-        (("--dry-run", "--fold"), "--fold needs --chain KEY1,KEY2,..."),
+        (("--dry-run", "--fold"), "--fold needs --chain NAME1,NAME2,..."),
         (
             (
                 "--dry-run",
@@ -184,7 +184,7 @@ def test_inspect_shows_the_factorization(model_file: Path, tmp_path: Path) -> No
             ("--dry-run", "--fold", "--chain", "fc1,fc2.weight"),
             "has no tensor named 'fc1'; did you mean 'fc1.weight'?",
         ),
-        (("--dry-run", "--layers", "conv*"), "no layer matches the --layers/--exclude patterns"),
+        (("--dry-run", "--layers", "conv*"), "no layer matches the patterns --layers ['conv*'], --exclude []"),
         (("--dry-run", "--device", "cuda"), "CUDA is not available"),
     ],
 )

@@ -331,7 +331,7 @@ def test_axis_choice(mlp_file: Path) -> None:
         by["fc2.weight"].fused_rows,
         by["fc2.weight"].fused_cols,
     ) == (12, 0)
-    with pytest.raises(UsageError, match="--axis 'diagonal'"):
+    with pytest.raises(UsageError, match="axis='diagonal'"):
         shrink(mlp_file, axis="diagonal")
 
 

@@ -21,6 +21,7 @@ import torch
 
 from wcond import metrics
 from wcond.analyze import NUMERIC_FIELDS, Report
+from wcond.defaults import MAX_VECTORS, TAU_COS, TAU_EUC
 from wcond.errors import UsageError
 from wcond.layers import is_layer
 from wcond.load import Checkpoint, open_checkpoint
@@ -42,7 +43,6 @@ __all__ = [
 ]
 
 INSTALL_HINT = "pip install 'wcond[plot]'  (or: pip install 'matplotlib>=3.7')"
-MAX_VECTORS = 256  # beyond this a heatmap cell is under a pixel at default sizes: subsample
 SUFFIXES = (".png", ".svg")
 _DEFAULT_DPI = 100
 _COUNTS = {
@@ -110,8 +110,8 @@ def cos_matrix(
     *,
     axis: str = "rows",
     max_vectors: int = MAX_VECTORS,
-    tau_cos: float = 1e-4,
-    tau_euc: float = 0.1,
+    tau_cos: float = TAU_COS,
+    tau_euc: float = TAU_EUC,
     include: Sequence[int] = (),
 ) -> CosMatrix:
     """The cosine matrix of a layer's rows or columns (METRICS.md), at most ``max_vectors`` of them.
@@ -119,7 +119,7 @@ def cos_matrix(
     ``include`` names vectors to keep when subsampling (e.g. the layer's closest pairs).
     """
     if axis not in ("rows", "cols"):
-        raise UsageError(f"--axis {axis!r}: expected rows or cols")
+        raise UsageError(f"axis={axis!r}: expected 'rows' or 'cols'", params=("axis",))
     vectors = metrics.as_rows(w) if axis == "rows" else metrics.as_cols(w)
     vectors = vectors.detach().to("cpu", torch.float32)
     idx = _pick(vectors.shape[0], max_vectors, include)
@@ -228,8 +228,8 @@ def plot_layer(
     vs: str | Path | Checkpoint | None = None,
     axis: str = "rows",
     max_vectors: int = MAX_VECTORS,
-    tau_cos: float = 1e-4,
-    tau_euc: float = 0.1,
+    tau_cos: float = TAU_COS,
+    tau_euc: float = TAU_EUC,
     size_px: tuple[int, int] | None = None,
     dpi: int = _DEFAULT_DPI,
 ) -> Path:

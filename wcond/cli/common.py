@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional, TypeVar
 
@@ -16,8 +16,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
+from wcond.defaults import Device, ProgressFn
 from wcond.errors import WcondError
-from wcond.save import write_text
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -29,23 +29,29 @@ stdout = Console(highlight=False, soft_wrap=False)
 stderr = Console(stderr=True, highlight=False)
 
 
-class ReportFormat(str, Enum):
-    """Output of the commands that rewrite a checkpoint (init-cs, shrink): a table, or JSON for scripts."""
-
-    table = "table"
-    json = "json"
-
-
-class DeviceChoice(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-    mps = "mps"
+# Which format a file extension asks for, when -o is given without --format.
+SUFFIX_FORMATS = {
+    ".json": "json",
+    ".md": "markdown",
+    ".csv": "csv",
+    ".txt": "table",
+    ".html": "html",
+    ".htm": "html",
+    ".xml": "junit",
+}
 
 
-# Options used by several commands, defined once.
+def pick_format(
+    names: Sequence[str], given: str | None, output: Path | None, fallback: str | None = None
+) -> str:
+    """--format, then -o's extension (when the command renders it), then ``fallback``, then the table."""
+    from_suffix = SUFFIX_FORMATS.get(output.suffix.lower()) if output is not None else None
+    return given or (from_suffix if from_suffix in names else None) or fallback or names[0]
+
+
+# Options used by several commands, defined once; their defaults come from wcond.defaults.
 DeviceOpt = Annotated[
-    DeviceChoice,
+    Device,
     typer.Option(
         "--device", help="Where the heavy work runs: auto picks CUDA, then MPS, then CPU."
     ),
@@ -89,6 +95,21 @@ CheckpointArg = Annotated[
 ]
 
 
+# Library parameters whose flag is not simply --name-with-dashes.
+_FLAG_SPELLING = {"force=True": "--force", "protect_ends=False": "--no-protect-ends"}
+
+
+def in_flags(error: WcondError) -> str:
+    """The error's message with each parameter it names (``layers=``) spelled as its flag."""
+    text = str(error)
+    for param in error.params:
+        for lib, flag in _FLAG_SPELLING.items():
+            if lib.startswith(param + "="):
+                text = text.replace(lib, flag)
+        text = re.sub(rf"\b{param}= ?", f"--{param.replace('_', '-')} ", text)
+    return text
+
+
 def handle_errors(func: F) -> F:
     """The one place library errors become a line on stderr and exit code 2 (WCOND_DEBUG=1 shows tracebacks)."""
 
@@ -99,7 +120,9 @@ def handle_errors(func: F) -> F:
         except WcondError as e:
             if os.environ.get("WCOND_DEBUG"):
                 raise
-            stderr.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+            stderr.print(
+                f"[bold red]error:[/] {escape(in_flags(e))}", highlight=False, soft_wrap=True
+            )
             raise typer.Exit(EXIT_USAGE) from e
         except KeyboardInterrupt:
             stderr.print("interrupted; nothing was written")
@@ -109,7 +132,7 @@ def handle_errors(func: F) -> F:
 
 
 @contextmanager
-def progress_bar(description: str) -> Iterator[Callable[[int, int, str], None]]:
+def progress_bar(description: str) -> Iterator[ProgressFn]:
     """A transient progress bar on stderr (hidden when stderr is not a terminal); yields a callback."""
     with Progress(
         TextColumn("[progress.description]{task.description}"),
@@ -135,5 +158,7 @@ def emit(text: str, output: Path | None) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
     else:
+        from wcond.save import write_text  # torch: only when writing
+
         write_text(output, text)
         stderr.print(f"wrote {output}")

@@ -32,14 +32,13 @@ from wcond.load_factorized import (
     load_state_dict,
     rebuild_dense,
 )
-from wcond.shrink.factorized import AXES, Factorization, factorize, shrink
+from wcond.shrink.factorized import Factorization, factorize, shrink
 from wcond.shrink.folding import fold
 from wcond.shrink.output import ExpandResult, expand
 from wcond.shrink.pairs import Grouping, fuse_vectors
-from wcond.shrink.report import LayerShrink, ProgressFn, ShrinkReport
+from wcond.shrink.report import LayerShrink, ShrinkReport
 
 __all__ = [
-    "AXES",
     "COL_COEF",
     "COL_INDEX",
     "FOLD_MANIFEST_KEY",
@@ -52,7 +51,6 @@ __all__ = [
     "Factored",
     "Grouping",
     "LayerShrink",
-    "ProgressFn",
     "ShrinkReport",
     "dense_view",
     "expand",

@@ -12,7 +12,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from wcond import __version__, metrics
+from wcond import metrics
+from wcond._version import __version__
+from wcond.defaults import AXES, AXIS, DEVICE, TAU_COS, TAU_EUC, ProgressFn
 from wcond.device import resolve_device
 from wcond.errors import CheckpointError, UsageError
 from wcond.layers import find_layers, is_layer
@@ -37,12 +39,11 @@ from wcond.shrink.output import (
     _written_bytes,
 )
 from wcond.shrink.pairs import Grouping, _compress, fuse_vectors
-from wcond.shrink.report import LayerShrink, ProgressFn, ShrinkReport
+from wcond.shrink.report import LayerShrink, ShrinkReport
 from wcond.shrink.sizing import entry_bytes, file_bytes, manifest_bytes, safetensors_bytes
 
-__all__ = ["AXES", "Factorization", "factorize", "shrink"]
+__all__ = ["Factorization", "factorize", "shrink"]
 
-AXES = ("auto", "rows", "cols", "both")
 _INDEX_BYTES = 4  # int32
 
 
@@ -88,7 +89,7 @@ class Factorization:
 
     @property
     def stored_bytes(self) -> int:
-        per = _INDEX_BYTES + torch.empty((), dtype=_coef_dtype(self.w.dtype)).element_size()
+        per = _INDEX_BYTES + _coef_dtype(self.w.dtype).itemsize
         n = sum(g.index.numel() for g in (self.rows, self.cols) if g is not None)
         return self.w.numel() * self.w.element_size() + n * per
 
@@ -101,9 +102,9 @@ def factorize(
     w: Tensor,
     axes: Sequence[str] = ("rows",),
     *,
-    tau_cos: float = 1e-4,
-    tau_euc: float = 0.1,
-    device: torch.device | str = "cpu",
+    tau_cos: float = TAU_COS,
+    tau_euc: float = TAU_EUC,
+    device: torch.device | str = DEVICE,
 ) -> Factorization:
     """Fuse the near-parallel rows and/or columns of one weight (out, in, *kernel).
 
@@ -138,15 +139,15 @@ def shrink(
     source: str | Path,
     output: str | Path | None = None,
     *,
-    tau_cos: float = 1e-4,
-    tau_euc: float = 0.1,
-    axis: str = "auto",
+    tau_cos: float = TAU_COS,
+    tau_euc: float = TAU_EUC,
+    axis: str = AXIS,
     layers: Sequence[str] = (),
     exclude: Sequence[str] = (),
     protect: Sequence[str] = (),
     protect_ends: bool = True,
     force: bool = False,
-    device: str = "cpu",
+    device: str = DEVICE,
     progress: ProgressFn | None = None,
 ) -> ShrinkReport:
     """Fuse near-parallel rows/columns of every selected layer and write the factorized checkpoint.
@@ -172,12 +173,12 @@ def shrink(
         >>> model.load_state_dict(wcond.load_state_dict("small.safetensors"))
     """
     if axis not in AXES:
-        raise UsageError(f"--axis {axis!r}: use one of {', '.join(AXES)}")
+        raise UsageError(f"axis={axis!r}: use one of {', '.join(AXES)}", params=("axis",))
     ck, infos = _open_source(source, output, force)
     dev = resolve_device(device)
     specs = find_layers(infos, layers, exclude)
     if not specs:
-        _no_layers(ck, infos)
+        _no_layers(ck, infos, layers, exclude)
     analyzable = [k for k, i in infos.items() if is_layer(i)]
     first, last = (analyzable[0], analyzable[-1]) if protect_ends else (None, None)
 
@@ -417,9 +418,18 @@ def _axes(
     return want
 
 
-def _no_layers(ck: Checkpoint, infos: Mapping[str, TensorInfo]) -> None:
+def _no_layers(
+    ck: Checkpoint,
+    infos: Mapping[str, TensorInfo],
+    layers: Sequence[str],
+    exclude: Sequence[str],
+) -> None:
     if any(is_layer(i) for i in infos.values()):
-        raise CheckpointError(f"{ck.path}: no layer matches the --layers/--exclude patterns")
+        raise CheckpointError(
+            f"{ck.path}: no layer matches the patterns layers={list(layers)!r}, "
+            f"exclude={list(exclude)!r}",
+            params=("layers", "exclude"),
+        )
     raise CheckpointError(
         f"{ck.path}: no weight matrices or conv kernels to shrink (need floating-point tensors with 2 to 5 dims)"
     )

@@ -10,7 +10,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from wcond import __version__, metrics
+from wcond import metrics
+from wcond._version import __version__
+from wcond.defaults import DEVICE, TAU_COS, TAU_EUC, ProgressFn
 from wcond.device import resolve_device
 from wcond.errors import CheckpointError, UsageError
 from wcond.layers import is_layer
@@ -19,7 +21,7 @@ from wcond.load_factorized import FOLD_MANIFEST_KEY, _spread
 from wcond.save import output_format
 from wcond.shrink.output import _formats, _nbytes, _open_source, _write, _written_bytes
 from wcond.shrink.pairs import _compress, fuse_vectors
-from wcond.shrink.report import LayerShrink, ProgressFn, ShrinkReport
+from wcond.shrink.report import LayerShrink, ShrinkReport
 from wcond.shrink.sizing import file_bytes
 
 __all__ = ["fold"]
@@ -30,10 +32,10 @@ def fold(
     output: str | Path | None = None,
     *,
     chain: Sequence[str],
-    tau_cos: float = 1e-4,
-    tau_euc: float = 0.1,
+    tau_cos: float = TAU_COS,
+    tau_euc: float = TAU_EUC,
     force: bool = False,
-    device: str = "cpu",
+    device: str = DEVICE,
     progress: ProgressFn | None = None,
 ) -> ShrinkReport:
     """Remove positively parallel units along a chain of layers; write a plain, narrower state dict.
@@ -56,10 +58,11 @@ def fold(
     chain = list(chain)
     if len(chain) < 2:
         raise UsageError(
-            "--chain needs at least two layer keys in the order data flows, e.g. --chain fc1.weight,fc2.weight"
+            f"chain={chain!r}: needs at least two layer keys, in the order data flows",
+            params=("chain",),
         )
     if len(set(chain)) != len(chain):
-        raise UsageError(f"--chain names a layer twice: {','.join(chain)}")
+        raise UsageError(f"chain={chain!r}: names a layer twice", params=("chain",))
     ck, infos = _open_source(source, output, force)
     _check_chain(ck, infos, chain)
     dev = resolve_device(device)
@@ -180,16 +183,16 @@ def _check_chain(ck: Checkpoint, infos: Mapping[str, TensorInfo], chain: Sequenc
     for key in chain:
         if key not in infos:
             hint = f"; did you mean {key + '.weight'!r}?" if key + ".weight" in infos else ""
-            raise UsageError(f"--chain: {ck.path} has no tensor named {key!r}{hint}")
+            raise UsageError(f"chain: {ck.path} has no tensor named {key!r}{hint}")
         if not is_layer(infos[key]):
             raise UsageError(
-                f"--chain: {key!r} (shape {list(infos[key].shape)}) is not a weight matrix or conv kernel"
+                f"chain: {key!r} (shape {list(infos[key].shape)}) is not a weight matrix or conv kernel"
             )
     for a, b in zip(chain, chain[1:]):
         out_a, in_b = infos[a].shape[0], infos[b].shape[1]
         if out_a != in_b:
             raise UsageError(
-                f"--chain: {b!r} reads {in_b} inputs but {a!r} produces {out_a} units; each layer must feed the next "
+                f"chain: {b!r} reads {in_b} inputs but {a!r} produces {out_a} units; each layer must feed the next "
                 "directly (no flatten, grouped conv or concatenation between)"
             )
         for k, info in infos.items():
@@ -199,7 +202,7 @@ def _check_chain(ck: Checkpoint, infos: Mapping[str, TensorInfo], chain: Sequenc
                 and _parent(k) == _parent(a)
             ):
                 raise UsageError(
-                    f"--chain: {k!r} looks like a BatchNorm on the {out_a} units of {a!r}; --fold needs "
-                    "each layer to feed the next through ReLU/LeakyReLU with nothing between. Fold the "
-                    "BatchNorm into the layer first, or shrink without --fold"
+                    f"chain: {k!r} looks like a BatchNorm on the {out_a} units of {a!r}; folding needs "
+                    "each layer to feed the next through ReLU/LeakyReLU with nothing between. "
+                    "Fold the BatchNorm into the layer first, or shrink without folding"
                 )

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["LayerShrink", "ProgressFn", "ShrinkReport"]
-
-ProgressFn = Callable[[int, int, str], None]
+__all__ = ["LayerShrink", "ShrinkReport"]
 
 
 @dataclass
@@ -47,6 +44,7 @@ class ShrinkReport:
     file_bytes_estimated: bool = False  # a dry run: file_bytes_after is the size rule's bound
     formats: list[str] = field(default_factory=list)  # [IN's, OUT's] when they differ
     widths: dict[str, list[int]] = field(default_factory=dict)  # fold: key -> [units before, after]
+    resolved: dict[str, list[str]] = field(default_factory=dict)  # fold: chain name -> its tensors
     warnings: list[str] = field(default_factory=list)
 
     @property
