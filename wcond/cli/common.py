@@ -16,7 +16,7 @@ from rich.console import Console, ConsoleDimensions
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
-from wcond.defaults import Device, ProgressFn
+from wcond.defaults import Device, ProgressFn, RewriteFormat
 from wcond.errors import WcondError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -104,6 +104,13 @@ GroupsOpt = Annotated[
         help="Conv groups of a layer, KEY=G (KEY may be a glob; repeatable).",
         metavar="KEY=G",
     ),
+]
+OutputOpt = Annotated[
+    Optional[Path],
+    typer.Option("--output", "-o", help="Write to this file instead of stdout (atomically)."),
+]
+RewriteFormatOpt = Annotated[
+    RewriteFormat, typer.Option("--format", "-f", help="Report format on stdout.")
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite OUT if it exists.")]
 CheckpointArg = Annotated[

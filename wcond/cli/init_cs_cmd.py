@@ -18,13 +18,14 @@ from wcond.cli.common import (
     ForceOpt,
     GroupsOpt,
     LayersOpt,
+    RewriteFormatOpt,
     emit,
     handle_errors,
     progress_bar,
     stderr,
     stdout,
 )
-from wcond.defaults import DEVICE, ITERATIONS, LR, OPTIMIZER, Optimizer, RewriteFormat
+from wcond.defaults import DEVICE, ITERATIONS, LR, OPTIMIZER, Optimizer
 from wcond.errors import UsageError
 
 
@@ -80,14 +81,7 @@ def init_cs_command(
             metavar="FILE",
         ),
     ] = None,
-    format: Annotated[
-        RewriteFormat,
-        typer.Option(
-            "--format",
-            "-f",
-            help="Summary format on stdout.",
-        ),
-    ] = "table",
+    format: RewriteFormatOpt = "table",
 ) -> None:
     """Minimize Convolutional Similarity over the conv layers (CS paper, Algorithm 1) and write a new checkpoint.
 

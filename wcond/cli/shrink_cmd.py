@@ -17,6 +17,7 @@ from wcond.cli.common import (
     ExcludeOpt,
     ForceOpt,
     LayersOpt,
+    RewriteFormatOpt,
     TauCosOpt,
     TauEucOpt,
     emit,
@@ -25,7 +26,7 @@ from wcond.cli.common import (
     stderr,
     stdout,
 )
-from wcond.defaults import AXIS, DEVICE, TAU_COS, TAU_EUC, Axis, RewriteFormat
+from wcond.defaults import AXIS, DEVICE, TAU_COS, TAU_EUC, Axis
 from wcond.errors import UsageError
 
 
@@ -68,14 +69,7 @@ def shrink_command(
     ] = False,
     device: DeviceOpt = DEVICE,
     force: ForceOpt = False,
-    format: Annotated[
-        RewriteFormat,
-        typer.Option(
-            "--format",
-            "-f",
-            help="Report format on stdout.",
-        ),
-    ] = "table",
+    format: RewriteFormatOpt = "table",
     fold_units: Annotated[
         bool,
         typer.Option(
