@@ -113,6 +113,23 @@ RewriteFormatOpt = Annotated[
     RewriteFormat, typer.Option("--format", "-f", help="Report format on stdout.")
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite OUT if it exists.")]
+RayOpt = Annotated[
+    bool,
+    typer.Option(
+        "--ray",
+        help="Run the per-layer work as Ray tasks: on the cluster RAY_ADDRESS or --ray-address names, "
+        "else on a local Ray instance. Needs pip install 'wcond\\[ray]'.",
+    ),
+]
+RayAddressOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--ray-address",
+        help="Ray cluster to join (implies --ray): ray://HOST:10001, HOST:6379 or auto.",
+        metavar="ADDRESS",
+        show_default=False,
+    ),
+]
 CheckpointArg = Annotated[
     Path,
     typer.Argument(
@@ -177,6 +194,21 @@ def progress_bar(description: str) -> Iterator[ProgressFn]:
             progress.update(task, completed=done, total=total, key=key[-40:])
 
         yield update
+
+
+@contextmanager
+def engine_for(ray: bool, address: str | None) -> Iterator[Any]:
+    """The engine --ray/--ray-address ask for (None: this process); a Ray instance it started is stopped after."""
+    if not ray and address is None:
+        yield None
+        return
+    from wcond.engine import RayEngine
+
+    engine = RayEngine(address)
+    try:
+        yield engine
+    finally:
+        engine.close()
 
 
 def emit(text: str, output: Path | None) -> None:

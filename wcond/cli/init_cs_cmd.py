@@ -18,8 +18,11 @@ from wcond.cli.common import (
     ForceOpt,
     GroupsOpt,
     LayersOpt,
+    RayAddressOpt,
+    RayOpt,
     RewriteFormatOpt,
     emit,
+    engine_for,
     handle_errors,
     progress_bar,
     stderr,
@@ -82,6 +85,8 @@ def init_cs_command(
         ),
     ] = None,
     format: RewriteFormatOpt = "table",
+    ray: RayOpt = False,
+    ray_address: RayAddressOpt = None,
 ) -> None:
     """Minimize Convolutional Similarity over the conv layers (CS paper, Algorithm 1) and write a new checkpoint.
 
@@ -103,7 +108,10 @@ def init_cs_command(
             f"--history {history}: would overwrite the input or output checkpoint; choose another file"
         )
     ck = open_checkpoint(checkpoint)
-    with progress_bar("init-cs") as progress:
+    with (
+        engine_for(ray, ray_address) as engine,
+        progress_bar("init-cs on Ray" if engine else "init-cs") as progress,
+    ):
         tensors, result = init_cs(
             ck,
             iterations=iterations,
@@ -117,6 +125,7 @@ def init_cs_command(
             seed=seed,
             progress=progress,
             history=history is not None,
+            engine=engine,
         )
     warnings = save_checkpoint(output, tensors, like=ck)
     if history is not None:

@@ -17,10 +17,13 @@ from wcond.cli.common import (
     ExcludeOpt,
     ForceOpt,
     LayersOpt,
+    RayAddressOpt,
+    RayOpt,
     RewriteFormatOpt,
     TauCosOpt,
     TauEucOpt,
     emit,
+    engine_for,
     handle_errors,
     progress_bar,
     stderr,
@@ -81,10 +84,14 @@ def shrink_command(
         Optional[str],
         typer.Option(
             "--chain",
-            help="With --fold: weight keys in the order data flows, comma-separated.",
-            metavar="KEY1,KEY2,...",
+            help="With --fold: the layers in the order data flows, comma-separated, by module "
+            "(net.0) or weight key (net.0.weight); a BatchNorm on a layer's output right after "
+            "it (conv1,bn1,conv2,bn2,fc).",
+            metavar="NAME1,NAME2,...",
         ),
     ] = None,
+    ray: RayOpt = False,
+    ray_address: RayAddressOpt = None,
 ) -> None:
     """Fuse near-parallel rows/columns (RaRe merging) into a smaller checkpoint.
 
@@ -100,11 +107,20 @@ def shrink_command(
     if output is None and not dry_run:
         raise UsageError("-o OUT is required (or pass --dry-run to report without writing)")
     target = None if dry_run else output
-    with progress_bar("shrinking") as progress:
+    on_ray = ray or ray_address is not None
+    if fold_units and on_ray:
+        raise UsageError(
+            "--fold couples the layers of its chain, so it runs in one process: drop --ray "
+            "(shrink without --fold runs on Ray)"
+        )
+    with (
+        engine_for(on_ray, ray_address) as engine,
+        progress_bar("shrinking on Ray" if engine else "shrinking") as progress,
+    ):
         if fold_units:
             if chain is None:
                 raise UsageError(
-                    "--fold needs --chain KEY1,KEY2,... (the layers, in the order data flows)"
+                    "--fold needs --chain NAME1,NAME2,... (the layers, in the order data flows)"
                 )
             stray = [
                 name
@@ -150,6 +166,7 @@ def shrink_command(
                 force=force,
                 device=device,
                 progress=progress,
+                engine=engine,
             )
     if format == "json":
         emit(json.dumps({"wcond_version": __version__, **report.to_dict()}, indent=2) + "\n", None)
