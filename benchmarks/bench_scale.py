@@ -65,7 +65,9 @@ def bench_read() -> None:
     for key in ck.keys():
         nbytes += ck.get(key).nbytes
     s = time.perf_counter() - t
-    print(f"\n### Reading every tensor of {root.name} ({nbytes / 2**30:.2f} GiB) (load {load_average()})\n")
+    print(
+        f"\n### Reading every tensor of {root.name} ({nbytes / 2**30:.2f} GiB) (load {load_average()})\n"
+    )
     print(f"{s:.1f} s, {nbytes / s / 2**30:.2f} GiB/s")
 
 
