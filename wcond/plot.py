@@ -25,6 +25,7 @@ from wcond.errors import UsageError
 from wcond.layers import is_layer
 from wcond.load import Checkpoint, open_checkpoint
 from wcond.shrink import dense_view
+from wcond.text import visible
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -89,7 +90,7 @@ class CosMatrix:
         if self.subsampled:
             what += f", {len(self.indices)} of {self.total} shown (evenly spaced)"
         k = len(self.near_parallel)
-        return f"{self.name}\n{what}; {k} near-parallel pair{'' if k == 1 else 's'} circled"
+        return f"{_label(self.name)}\n{what}; {k} near-parallel pair{'' if k == 1 else 's'} circled"
 
 
 def _pick(n: int, limit: int, include: Sequence[int] = ()) -> list[int]:
@@ -254,7 +255,7 @@ def plot_layer(
         layout="constrained",
     )
     for ax, (src, w) in zip(axes[0], sides):
-        label = f"{_source_name(src)}: {key}" if vs is not None else key
+        label = f"{_file_name(src)}: {key}" if vs is not None else key  # escaped by the title
         cm = cos_matrix(
             label, w, axis=axis, max_vectors=max_vectors, tau_cos=tau_cos, tau_euc=tau_euc
         )
@@ -351,7 +352,7 @@ def plot_metrics(
     for ax in axes[-1]:
         ax.set_xticks(
             x,
-            [n.removesuffix(".weight") for n in names] if labelled else [str(i) for i in x],
+            [_label(n.removesuffix(".weight")) for n in names] if labelled else [str(i) for i in x],
             rotation=90,
             fontsize=7,
         )
@@ -371,7 +372,14 @@ def _nan(v: float | None) -> float:
     return math.nan if v is None else v
 
 
+def _file_name(src: Any) -> str:
+    return Path(src.path if isinstance(src, Checkpoint) else str(src)).name
+
+
 def _source_name(src: Any) -> str:
-    if isinstance(src, Checkpoint):
-        return Path(src.path).name
-    return Path(str(src)).name
+    return _label(_file_name(src))
+
+
+def _label(name: str) -> str:
+    """A name from a checkpoint as matplotlib text: control characters escaped, ``$`` not mathtext."""
+    return visible(name).replace("$", r"\$")

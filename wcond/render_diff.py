@@ -13,6 +13,7 @@ from rich.text import Text
 
 from wcond.diff import DiffReport, LayerDiff, MetricDiff
 from wcond.render import fmt_number
+from wcond.text import markup, md_cell, md_code, one_line
 
 __all__ = ["DIFF_FORMATS", "diff_to_json", "diff_to_markdown", "render_diff_table"]
 
@@ -61,7 +62,11 @@ def _shown(d: LayerDiff) -> list[tuple[str, MetricDiff]]:
 
 def render_diff_table(d: DiffReport, console: Console) -> None:
     """Summary totals, then per layer every metric: A, B, change, relative change; then one-sided layers."""
-    console.print(f"[bold]wcond diff[/]: A = {d.a}  B = {d.b}", highlight=False, markup=True)
+    console.print(
+        f"[bold]wcond diff[/]: A = {markup(d.a)}  B = {markup(d.b)}",
+        highlight=False,
+        soft_wrap=True,
+    )
     table = Table(box=box.SIMPLE_HEAD, header_style="bold", padding=(0, 0, 0, 1), pad_edge=False)
     # One first column, layer name then its metrics indented: a long key folds instead of being dropped.
     table.add_column("layer / metric", overflow="fold", min_width=12)
@@ -74,7 +79,7 @@ def render_diff_table(d: DiffReport, console: Console) -> None:
         table.add_section()
         changed = layer.shape_changed
         table.add_row(
-            Text(layer.name, style="bold"),
+            Text(one_line(layer.name), style="bold"),
             _shape(layer.shape_a),
             _shape(layer.shape_b),
             "new shape" if changed else "",
@@ -90,12 +95,21 @@ def render_diff_table(d: DiffReport, console: Console) -> None:
     )
     for side, names in (("only in A", d.only_a), ("only in B", d.only_b)):
         if names:
-            console.print(f"{side}: " + ", ".join(names), highlight=False, markup=False)
+            console.print(
+                f"{side}: " + ", ".join(map(one_line, names)),
+                highlight=False,
+                markup=False,
+                soft_wrap=True,
+            )
     for layer in d.layers:
         for side, notes in (("A", layer.notes_a), ("B", layer.notes_b)):
             for note in notes:
                 console.print(
-                    f"note {side} {layer.name}: {note}", style="dim", highlight=False, markup=False
+                    f"note {side} {one_line(layer.name)}: {one_line(note)}",
+                    style="dim",
+                    highlight=False,
+                    markup=False,
+                    soft_wrap=True,
                 )
 
 
@@ -108,22 +122,26 @@ def diff_to_json(d: DiffReport) -> str:
 
 def diff_to_markdown(d: DiffReport) -> str:
     """GitHub-flavoured Markdown: totals, shape changes, one-sided layers, then one table of every layer's metrics."""
-    out = [f"## wcond diff: `{d.a}` → `{d.b}`", ""]
+    out = [f"## wcond diff: {md_code(d.a)} → {md_code(d.b)}", ""]
     out += ["| total | A | B | change | rel |", "|---|---:|---:|---:|---:|"]
     out += [f"| {k} | " + " | ".join(_cells(m)) + " |" for k, m in d.summary.items()]
     out.append("")
     if d.shape_changes:
         out += ["**Shape changes**", ""]
-        out += [f"- `{x.name}`: {_shape(x.shape_a)} → {_shape(x.shape_b)}" for x in d.shape_changes]
+        out += [
+            f"- {md_code(x.name)}: {_shape(x.shape_a)} → {_shape(x.shape_b)}"
+            for x in d.shape_changes
+        ]
         out.append("")
     for side, names in (("Only in A", d.only_a), ("Only in B", d.only_b)):
         if names:
-            out += [f"**{side}**: " + ", ".join(f"`{n}`" for n in names), ""]
+            out += [f"**{side}**: " + ", ".join(md_code(n) for n in names), ""]
     out += ["| layer | metric | A | B | change | rel |", "|---|---|---:|---:|---:|---:|"]
     for layer in d.layers:
         changed = "new shape" if layer.shape_changed else ""
+        name = md_cell(md_code(layer.name))
         out.append(
-            f"| `{layer.name}` | shape | {_shape(layer.shape_a)} | {_shape(layer.shape_b)} | {changed} | |"
+            f"| {name} | shape | {_shape(layer.shape_a)} | {_shape(layer.shape_b)} | {changed} | |"
         )
         out += [f"| | {k} | " + " | ".join(_cells(m)) + " |" for k, m in _shown(layer)]
     out += ["", "change = B - A; rel = change / |A|."]

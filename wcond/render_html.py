@@ -8,7 +8,6 @@ of the worst layers need matplotlib and the checkpoint's weights; without them t
 from __future__ import annotations
 
 import base64
-import html
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Callable
@@ -19,6 +18,7 @@ from wcond.analyze import LayerReport, Report
 from wcond.errors import WcondError
 from wcond.load import Checkpoint, open_checkpoint
 from wcond.render import _ratio, fmt_number
+from wcond.text import html_text
 
 __all__ = ["HEATMAPS", "to_html"]
 
@@ -101,7 +101,8 @@ document.querySelectorAll("table.sortable").forEach(function (table) {
 
 
 def _e(s: object) -> str:
-    return html.escape(str(s), quote=True)
+    """Any text on the page: escaped for HTML, control characters shown as escapes."""
+    return html_text(s)
 
 
 def to_html(

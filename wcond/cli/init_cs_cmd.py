@@ -10,7 +10,6 @@ from typing import Annotated, Optional
 import typer
 from rich import box
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from wcond import __version__
@@ -36,6 +35,7 @@ from wcond.layers import parse_groups
 from wcond.load import open_checkpoint
 from wcond.render import fmt_number
 from wcond.save import check_output, save_checkpoint, write_text
+from wcond.text import markup
 
 
 class Optimizer(str, Enum):
@@ -148,10 +148,10 @@ def init_cs_command(
     else:
         render_init_cs(result, stdout)
         stdout.print(
-            f"wrote {escape(str(output))}" + (f" and {escape(str(history))}" if history else "")
+            f"wrote {markup(str(output))}" + (f" and {markup(str(history))}" if history else "")
         )
     for warning in warnings:
-        stderr.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
+        stderr.print(f"[yellow]warning:[/] {markup(warning)}", soft_wrap=True)
 
 
 def _pct(v: float | None) -> str:
@@ -165,7 +165,7 @@ def render_init_cs(result: InitCSResult, console: Console) -> None:
     """The terminal view: CS before/after per layer, the drop split into norms and directions, then totals and notes."""
     keep_norm = result.settings["keep_norm"]
     table = Table(
-        title=escape(f"wcond init-cs: {result.checkpoint}"),
+        title=markup(f"wcond init-cs: {result.checkpoint}"),
         title_justify="left",
         header_style="bold",
         box=box.SIMPLE_HEAD,
@@ -202,7 +202,7 @@ def render_init_cs(result: InitCSResult, console: Console) -> None:
             *([] if keep_norm else [_pct(r.norm_change)]),
             fmt_number(r.max_abs_change, 3),
         ]
-        table.add_row(escape(r.name), *cells, style="" if r.optimized else "dim")
+        table.add_row(markup(r.name), *cells, style="" if r.optimized else "dim")
     console.print(table)
     legend = (
         "CS before and after; change = norms + dirs, the parts due to the filters' norms and to their directions "
@@ -231,7 +231,7 @@ def render_init_cs(result: InitCSResult, console: Console) -> None:
         )
     for r in result.layers:
         for note in r.notes:
-            console.print(f"[dim]note[/] {escape(r.name)}: {escape(note)}", soft_wrap=True)
+            console.print(f"[dim]note[/] {markup(r.name)}: {markup(note)}", soft_wrap=True)
 
 
 def _neg(v: float | None) -> float | None:

@@ -25,6 +25,7 @@ from wcond.cli.common import (
 from wcond.cli.project_config import ConfigOpt, read_config, with_config
 from wcond.errors import UsageError
 from wcond.plot import MAX_VECTORS, check_plot_output, plot_layer, plot_metrics, require_matplotlib
+from wcond.text import one_line
 
 
 class Axis(str, Enum):
@@ -135,4 +136,4 @@ def plot_command(
             report = inspect_checkpoint(checkpoint, progress=progress, **o)
             other = inspect_checkpoint(vs, progress=progress, **o) if vs is not None else None
         plot_metrics(report, output, vs=other, size_px=size, dpi=dpi)
-    stderr.print(f"wrote {output}", markup=False, highlight=False)
+    stderr.print(f"wrote {one_line(output)}", markup=False, highlight=False, soft_wrap=True)

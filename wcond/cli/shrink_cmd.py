@@ -10,7 +10,6 @@ from typing import Annotated, Optional
 import typer
 from rich import box
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from wcond import __version__
@@ -34,6 +33,7 @@ from wcond.cli.common import (
 from wcond.errors import UsageError
 from wcond.render import fmt_number
 from wcond.shrink import ShrinkReport, expand, fold, shrink
+from wcond.text import markup
 
 
 class Axis(str, Enum):
@@ -167,14 +167,14 @@ def shrink_command(
     else:
         render_shrink(report, stdout)
     for warning in report.warnings:
-        stderr.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
+        stderr.print(f"[yellow]warning:[/] {markup(warning)}", soft_wrap=True)
 
 
 def render_shrink(report: ShrinkReport, console: Console) -> None:
     """The terminal view of a ShrinkReport: one row per layer, then the totals."""
     title = f"wcond shrink{' --fold' if report.mode == 'fold' else ''}: {report.checkpoint}"
     table = Table(
-        title=escape(title),
+        title=markup(title),
         title_justify="left",
         header_style="bold",
         box=box.SIMPLE_HEAD,
@@ -192,7 +192,7 @@ def render_shrink(report: ShrinkReport, console: Console) -> None:
             "" if r.params_after == r.params_before else f" → {r.params_after:,}"
         )
         table.add_row(
-            escape(r.name),
+            markup(r.name),
             shape,
             f"{r.fused_rows}/{r.fused_cols}",
             params,
@@ -211,18 +211,18 @@ def render_shrink(report: ShrinkReport, console: Console) -> None:
         soft_wrap=True,
     )
     if report.widths:
-        changed = ", ".join(f"{escape(k)} {a} → {b}" for k, (a, b) in report.widths.items())
+        changed = ", ".join(f"{markup(k)} {a} → {b}" for k, (a, b) in report.widths.items())
         console.print(
             f"new widths (output units): {changed}; build the model with these to load the output",
             soft_wrap=True,
         )
     for r in report.layers:
         for note in r.notes:
-            console.print(f"[dim]note[/] {escape(r.name)}: {escape(note)}", soft_wrap=True)
+            console.print(f"[dim]note[/] {markup(r.name)}: {markup(note)}", soft_wrap=True)
     if report.output is None:
         console.print("dry run: nothing written")
     else:
-        console.print(f"wrote {escape(report.output)}", soft_wrap=True)
+        console.print(f"wrote {markup(report.output)}", soft_wrap=True)
 
 
 def _shape(shape: list[int]) -> str:
@@ -252,14 +252,14 @@ def expand_command(
     if result.expanded:
         n = len(result.expanded)
         stdout.print(
-            f"expanded {n} factorized layer{'s' if n > 1 else ''}: {escape(', '.join(result.expanded))}",
+            f"expanded {n} factorized layer{'s' if n > 1 else ''}: {markup(', '.join(result.expanded))}",
             soft_wrap=True,
         )
     else:
         stdout.print(
-            f"{escape(result.checkpoint)} holds no factorized layers; its tensors were copied unchanged",
+            f"{markup(result.checkpoint)} holds no factorized layers; its tensors were copied unchanged",
             soft_wrap=True,
         )
     for warning in result.warnings:
-        stderr.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
-    stdout.print(f"wrote {escape(result.output)}", soft_wrap=True)
+        stderr.print(f"[yellow]warning:[/] {markup(warning)}", soft_wrap=True)
+    stdout.print(f"wrote {markup(result.output)}", soft_wrap=True)
