@@ -21,3 +21,7 @@ class UnsafeCheckpointError(CheckpointError):
 
 class UsageError(WcondError):
     """A bad option value (a malformed gate, an unknown device, an output that would overwrite)."""
+
+
+class OutputError(WcondError):
+    """An output that cannot be written: a full disk, a read-only or vanished directory, a closed stdout."""
