@@ -24,6 +24,7 @@ from wcond.analyze import NUMERIC_FIELDS, Report
 from wcond.errors import UsageError
 from wcond.layers import is_layer
 from wcond.load import Checkpoint, open_checkpoint
+from wcond.save import atomic_path
 from wcond.shrink import dense_view
 from wcond.text import visible
 
@@ -33,7 +34,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "INSTALL_HINT",
+    "MAX_DPI",
+    "MAX_PIXELS",
+    "MAX_SIDE",
+    "MAX_VECTORS_LIMIT",
     "CosMatrix",
+    "check_canvas",
     "cos_matrix",
     "heatmap_png",
     "layer_weight",
@@ -44,8 +50,13 @@ __all__ = [
 
 INSTALL_HINT = "pip install 'wcond[plot]'  (or: pip install 'matplotlib>=3.7')"
 MAX_VECTORS = 256  # beyond this a heatmap cell is under a pixel at default sizes: subsample
+MAX_VECTORS_LIMIT = 4_096  # the cosine matrix is max_vectors² float64s (128 MiB here)
 SUFFIXES = (".png", ".svg")
 _DEFAULT_DPI = 100
+# The largest image drawn: a bigger canvas takes minutes and gigabytes (Agg allocates it whole).
+MAX_SIDE = 16_384  # pixels, width or height
+MAX_PIXELS = 40_000_000  # width x height, e.g. 8000 x 5000
+MAX_DPI = 1_200
 _COUNTS = {
     "near_parallel_rows",
     "near_parallel_cols",
@@ -121,6 +132,8 @@ def cos_matrix(
     """
     if axis not in ("rows", "cols"):
         raise UsageError(f"--axis {axis!r}: expected rows or cols")
+    if not 2 <= max_vectors <= MAX_VECTORS_LIMIT:
+        raise UsageError(f"max_vectors={max_vectors}: expected 2 to {MAX_VECTORS_LIMIT}")
     vectors = metrics.as_rows(w) if axis == "rows" else metrics.as_cols(w)
     vectors = vectors.detach().to("cpu", torch.float32)
     idx = _pick(vectors.shape[0], max_vectors, include)
@@ -188,26 +201,45 @@ def _figure(
     plt: Any, size_px: tuple[int, int] | None, default_in: tuple[float, float], dpi: int, **kw: Any
 ) -> tuple[Figure, Any]:
     inches = (size_px[0] / dpi, size_px[1] / dpi) if size_px else default_in
+    check_canvas((round(inches[0] * dpi), round(inches[1] * dpi)), dpi)
     return plt.subplots(figsize=inches, dpi=dpi, **kw)
 
 
+def check_canvas(size_px: tuple[int, int] | None, dpi: int = _DEFAULT_DPI) -> None:
+    """A UsageError, before any drawing, for an image too large to draw or a dpi out of range.
+
+    Bounds: :data:`MAX_SIDE` pixels a side, :data:`MAX_PIXELS` in all, dpi from 10 to :data:`MAX_DPI`.
+    """
+    if not 10 <= dpi <= MAX_DPI:
+        raise UsageError(f"dpi={dpi}: expected 10 to {MAX_DPI}")
+    if size_px is None:
+        return
+    w, h = size_px
+    if min(w, h) < 1 or max(w, h) > MAX_SIDE or w * h > MAX_PIXELS:
+        raise UsageError(
+            f"a {w}x{h}-pixel image (dpi {dpi}) is too large to draw: at most {MAX_SIDE:,} pixels "
+            f"a side and {MAX_PIXELS:,} in all; lower the size or the dpi"
+        )
+
+
 def _save(plt: Any, fig: Figure, out: Path, dpi: int) -> None:
-    """PNG or SVG by the extension; an SVG gets the same pixel size as the PNG would (width/height in px)."""
+    """PNG or SVG by the extension, written atomically; an SVG gets the PNG's pixel size (width/height in px)."""
     try:
-        if out.suffix.lower() == ".png":
-            fig.savefig(out, format="png", dpi=dpi, metadata={"Software": None})
-        else:
-            buf = io.StringIO()
-            fig.savefig(buf, format="svg", dpi=dpi)
-            w, h = (round(x * dpi) for x in fig.get_size_inches())
-            # matplotlib sizes an SVG in points (72 per inch); state pixels so browsers draw it as large as the PNG.
-            svg = re.sub(
-                r'width="[\d.]+pt" height="[\d.]+pt"',
-                f'width="{w}px" height="{h}px"',
-                buf.getvalue(),
-                count=1,
-            )
-            out.write_text(svg, encoding="utf-8")
+        with atomic_path(out) as tmp:
+            if out.suffix.lower() == ".png":
+                fig.savefig(tmp, format="png", dpi=dpi, metadata={"Software": None})
+            else:
+                buf = io.StringIO()
+                fig.savefig(buf, format="svg", dpi=dpi)
+                w, h = (round(x * dpi) for x in fig.get_size_inches())
+                # matplotlib sizes an SVG in points (72 per inch); state pixels so browsers draw it as large as the PNG.
+                svg = re.sub(
+                    r'width="[\d.]+pt" height="[\d.]+pt"',
+                    f'width="{w}px" height="{h}px"',
+                    buf.getvalue(),
+                    count=1,
+                )
+                tmp.write_text(svg, encoding="utf-8")
     finally:
         plt.close(fig)
 
@@ -241,14 +273,16 @@ def plot_layer(
         >>> wcond.plot.plot_layer("model.pt", "conv1.weight", "conv1.png", vs="model_cs.pt")
     """
     out = check_plot_output(out)
-    plt = require_matplotlib()
+    default_in = (7.0 * (1 if vs is None else 2), 6.0)
+    check_canvas(size_px or (round(default_in[0] * dpi), round(default_in[1] * dpi)), dpi)
+    plt = require_matplotlib()  # both before reading any weights
     sides = [(source, layer_weight(source, key))]
     if vs is not None:
         sides.append((vs, layer_weight(vs, key)))
     fig, axes = _figure(
         plt,
         size_px,
-        (7.0 * len(sides), 6.0),
+        default_in,
         dpi,
         ncols=len(sides),
         squeeze=False,
@@ -289,6 +323,7 @@ def plot_metrics(
 ) -> Path:
     """A bar chart per metric (every NUMERIC_FIELDS entry), one bar per layer; grouped A/B bars with ``vs``."""
     out = check_plot_output(out)
+    check_canvas(size_px, dpi)
     plt = require_matplotlib()
     from matplotlib.ticker import MaxNLocator
 

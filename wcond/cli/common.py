@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import math
 import os
 import signal
 import sys
@@ -82,6 +83,13 @@ class DeviceChoice(str, Enum):
     mps = "mps"
 
 
+def finite(value: float | None) -> float | None:
+    """Option callback: a number option must be finite (the ranges let inf through)."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value}: expected a finite number")
+    return value
+
+
 # Options used by several commands, defined once.
 DeviceOpt = Annotated[
     DeviceChoice,
@@ -102,12 +110,18 @@ ExcludeOpt = Annotated[
     ),
 ]
 TauCosOpt = Annotated[
-    float, typer.Option("--tau-cos", help="Near-parallel when 1 - |cos| is below this.", min=0.0)
+    float,
+    typer.Option(
+        "--tau-cos", help="Near-parallel when 1 - |cos| is below this.", min=0.0, callback=finite
+    ),
 ]
 TauEucOpt = Annotated[
     float,
     typer.Option(
-        "--tau-euc", help="...and the rescaled Euclidean distance is below this.", min=0.0
+        "--tau-euc",
+        help="...and the rescaled Euclidean distance is below this.",
+        min=0.0,
+        callback=finite,
     ),
 ]
 GroupsOpt = Annotated[

@@ -24,6 +24,7 @@ from wcond.cli.common import (
     LayersOpt,
     ReportFormat,
     emit,
+    finite,
     handle_errors,
     progress_bar,
     stderr,
@@ -36,6 +37,8 @@ from wcond.load import open_checkpoint
 from wcond.render import fmt_number
 from wcond.save import check_output, save_checkpoint, write_text
 from wcond.text import markup
+
+MAX_ITERATIONS = 10_000_000  # beyond this a run is a typo, not a plan
 
 
 class Optimizer(str, Enum):
@@ -57,10 +60,16 @@ def init_cs_command(
         ),
     ],
     iterations: Annotated[
-        int, typer.Option("--iterations", "-n", help="Optimizer steps (the paper's I).", min=1)
+        int,
+        typer.Option(
+            "--iterations", "-n", help="Optimizer steps (the paper's I).", min=1, max=MAX_ITERATIONS
+        ),
     ] = 500,
     lr: Annotated[
-        float, typer.Option("--lr", help="Learning rate (the paper: Adam at 1e-3).", min=0.0)
+        float,
+        typer.Option(
+            "--lr", help="Learning rate (the paper: Adam at 1e-3).", min=0.0, callback=finite
+        ),
     ] = 1e-3,
     optimizer: Annotated[
         Optimizer, typer.Option("--optimizer", help="Optimizer minimizing the summed CS.")
@@ -79,7 +88,10 @@ def init_cs_command(
     seed: Annotated[
         Optional[int],
         typer.Option(
-            "--seed", help="Seed torch for a reproducible run (CPU results are then deterministic)."
+            "--seed",
+            help="Seed torch for a reproducible run (CPU results are then deterministic).",
+            min=0,
+            max=2**64 - 1,  # torch seeds are 64-bit
         ),
     ] = None,
     force: ForceOpt = False,

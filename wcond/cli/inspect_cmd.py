@@ -26,6 +26,7 @@ from wcond.cli.common import (
     stdout,
 )
 from wcond.cli.project_config import ConfigOpt, read_config, with_config
+from wcond.config import MAX_TOP
 from wcond.render import render, render_table
 
 
@@ -70,7 +71,10 @@ def inspect_command(
     tau_cos: TauCosOpt = 1e-4,
     tau_euc: TauEucOpt = 0.1,
     top: Annotated[
-        int, typer.Option("--top", help="Closest pairs listed per layer and axis (JSON).", min=0)
+        int,
+        typer.Option(
+            "--top", help="Closest pairs listed per layer and axis (JSON).", min=0, max=MAX_TOP
+        ),
     ] = 3,
     fail_if: Annotated[
         Optional[list[str]],

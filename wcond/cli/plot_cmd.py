@@ -24,7 +24,17 @@ from wcond.cli.common import (
 )
 from wcond.cli.project_config import ConfigOpt, read_config, with_config
 from wcond.errors import UsageError
-from wcond.plot import MAX_VECTORS, check_plot_output, plot_layer, plot_metrics, require_matplotlib
+from wcond.plot import (
+    MAX_DPI,
+    MAX_PIXELS,
+    MAX_SIDE,
+    MAX_VECTORS,
+    MAX_VECTORS_LIMIT,
+    check_plot_output,
+    plot_layer,
+    plot_metrics,
+    require_matplotlib,
+)
 from wcond.text import one_line
 
 
@@ -67,15 +77,20 @@ def plot_command(
             "--max-vectors",
             help="Heatmap shows at most this many rows/cols, evenly spaced (the title says so).",
             min=2,
+            max=MAX_VECTORS_LIMIT,
         ),
     ] = MAX_VECTORS,
     width: Annotated[
         Optional[int],
-        typer.Option("--width", help="Image width in pixels (with --height).", min=50),
+        typer.Option(
+            "--width", help="Image width in pixels (with --height).", min=50, max=MAX_SIDE
+        ),
     ] = None,
     height: Annotated[
         Optional[int],
-        typer.Option("--height", help="Image height in pixels (with --width).", min=50),
+        typer.Option(
+            "--height", help="Image height in pixels (with --width).", min=50, max=MAX_SIDE
+        ),
     ] = None,
     dpi: Annotated[
         int,
@@ -83,6 +98,7 @@ def plot_command(
             "--dpi",
             help="Pixels per inch: scales a default-size image, or text and lines within --width x --height.",
             min=10,
+            max=MAX_DPI,
         ),
     ] = 100,
     layers: LayersOpt = None,
@@ -107,7 +123,12 @@ def plot_command(
         raise UsageError(
             "--width and --height go together: give both, or neither for the default size"
         )
-    size = (width, height) if width and height else None
+    size = (width, height) if width is not None and height is not None else None
+    if size is not None and size[0] * size[1] > MAX_PIXELS:
+        raise UsageError(
+            f"--width {size[0]} --height {size[1]}: {size[0] * size[1]:,} pixels is too large "
+            f"to draw; at most {MAX_PIXELS:,} (e.g. 8000 x 5000)"
+        )
     o = with_config(
         ctx,
         read_config(config),
