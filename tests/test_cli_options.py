@@ -125,4 +125,4 @@ def test_pyproject_whose_tool_is_not_a_table_is_not_a_config(tmp_path: Path) -> 
 def test_config_that_is_not_a_regular_file(ckpt: Path, tmp_path: Path) -> None:
     result = runner.invoke(app, ["inspect", str(ckpt), "--config", str(tmp_path)])
     assert result.exit_code == 2
-    assert result.stderr == f"error: --config {tmp_path}: not a regular file\n"
+    assert result.stderr == f"error: config file {tmp_path}: not a regular file\n"

@@ -54,7 +54,7 @@ def golden_state_dict(seed: int = 5) -> dict[str, torch.Tensor]:
 
 
 def golden_report() -> Report:
-    return inspect(golden_state_dict(), tau_cos=0.01, tau_euc=1.0, fail_if=GATES)
+    return inspect(golden_state_dict(), tau_cos=0.01, tau_euc=1.0, fail_if=GATES, device="cpu")
 
 
 def _table(render: Callable[[object, Console], None], obj: object) -> str:
@@ -128,7 +128,7 @@ def _golden_diff():
     after["conv2.weight"] = after["conv2.weight"] * 1.5
     del after["fc.weight"]
     after["head.weight"] = torch.eye(3)
-    return diff(golden_state_dict(), after, tau_cos=0.01, tau_euc=1.0)
+    return diff(golden_state_dict(), after, tau_cos=0.01, tau_euc=1.0, device="cpu")
 
 
 def test_diff_table(update_golden: bool) -> None:

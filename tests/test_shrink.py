@@ -327,7 +327,7 @@ def test_axis_choice(mlp_file: Path) -> None:
         by["fc2.weight"].fused_rows,
         by["fc2.weight"].fused_cols,
     ) == (3, 0)
-    with pytest.raises(UsageError, match="--axis 'diagonal'"):
+    with pytest.raises(UsageError, match="axis='diagonal'"):
         shrink(mlp_file, axis="diagonal")
 
 

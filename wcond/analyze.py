@@ -8,120 +8,22 @@ into plain dataclasses.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from wcond import metrics
+from wcond.defaults import DEVICE, TAU_COS, TAU_EUC, TOP, ProgressFn
 from wcond.device import resolve_device
 from wcond.errors import CheckpointError
-from wcond.gates import Gate, GateResult, evaluate_gates
+from wcond.gates import Gate, evaluate_gates
 from wcond.layers import find_layers, is_layer, layer_kind
 from wcond.load import Checkpoint, TensorInfo, open_checkpoint
+from wcond.report import NUMERIC_FIELDS, LayerReport, Report, Summary
 from wcond.shrink import dense_view
 
-__all__ = ["LayerReport", "Report", "Summary", "analyze_tensor", "inspect"]
-
-ProgressFn = Callable[[int, int, str], None]
-
-# Keys of LayerReport that hold one number each: the ones gates and diffs can name.
-NUMERIC_FIELDS = (
-    "acv_sum",
-    "acv_mean",
-    "acv_floor",
-    "conv_similarity",
-    "conv_similarity_norm",
-    "conv_similarity_floor",
-    "norm_loss",
-    "norm_dev_max",
-    "rare_rows",
-    "rare_cols",
-    "near_parallel_rows",
-    "near_parallel_cols",
-    "dead_rows",
-    "dead_cols",
-    "nonfinite",
-    "params",
-)
-
-
-@dataclass
-class LayerReport:
-    """The diagnostics of one layer. ``None`` marks a value that does not apply (CS of a matrix)."""
-
-    name: str
-    kind: str
-    shape: list[int]
-    dtype: str
-    params: int
-    groups: int = 1
-    acv_sum: float | None = None
-    acv_mean: float | None = None
-    acv_floor: float | None = None
-    conv_similarity: float | None = None
-    conv_similarity_norm: float | None = None
-    conv_similarity_floor: float | None = None
-    norm_loss: float | None = None
-    norm_dev_max: float | None = None
-    rare_rows: float | None = None
-    rare_cols: float | None = None
-    near_parallel_rows: int | None = None
-    near_parallel_cols: int | None = None
-    dead_rows: int = 0
-    dead_cols: int = 0
-    nonfinite: int = 0
-    closest_rows: list[metrics.Pair] = field(default_factory=list)
-    closest_cols: list[metrics.Pair] = field(default_factory=list)
-    factorized: dict[str, int] | None = (
-        None  # stored by `wcond shrink`: {"params_stored", "params_dense"}
-    )
-    notes: list[str] = field(default_factory=list)
-
-    def value(self, metric: str) -> float | None:
-        v = getattr(self, metric)
-        return None if v is None else float(v)
-
-
-@dataclass
-class Summary:
-    """Totals over the analyzed layers and the most redundant ones."""
-
-    layers: int
-    params: int
-    tensors: int
-    skipped_tensors: int
-    acv_sum: float
-    conv_similarity: float | None  # None when no conv layer was analyzed
-    norm_loss: float
-    near_parallel_rows: int
-    near_parallel_cols: int
-    dead_rows: int
-    nonfinite_layers: int
-    worst: dict[str, list[str]]
-
-
-@dataclass
-class Report:
-    """What `wcond inspect` reports: settings, one LayerReport per layer, a Summary, gate verdicts."""
-
-    checkpoint: str
-    format: str
-    wrapper: str | None
-    settings: dict[str, Any]
-    layers: list[LayerReport]
-    summary: Summary
-    gates: list[GateResult] = field(default_factory=list)
-
-    @property
-    def failed(self) -> bool:
-        return any(not g.passed for g in self.gates)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict; non-finite floats become None."""
-        return _finite(asdict(self))
+__all__ = ["NUMERIC_FIELDS", "LayerReport", "Report", "Summary", "analyze_tensor", "inspect"]
 
 
 def analyze_tensor(
@@ -129,10 +31,10 @@ def analyze_tensor(
     w: torch.Tensor,
     *,
     groups: int = 1,
-    tau_cos: float = 1e-4,
-    tau_euc: float = 0.1,
-    top: int = 3,
-    device: torch.device | str = "cpu",
+    tau_cos: float = TAU_COS,
+    tau_euc: float = TAU_EUC,
+    top: int = TOP,
+    device: torch.device | str = DEVICE,
 ) -> LayerReport:
     """All diagnostics of one weight tensor of shape (out, in, *kernel)."""
     shape = list(w.shape)
@@ -144,7 +46,7 @@ def analyze_tensor(
         params=w.numel(),
         groups=groups,
     )
-    w = w.to(device=device)
+    w = w.to(device=resolve_device(device))
     with torch.no_grad():
         bad = int((~torch.isfinite(w)).sum())
         if bad:
@@ -165,14 +67,28 @@ def analyze_tensor(
         rep.rare_cols = _opt(cols.rare)
         rep.near_parallel_rows, rep.near_parallel_cols = rows.near_parallel, cols.near_parallel
         rep.closest_rows, rep.closest_cols = rows.closest, cols.closest
-        rep.norm_loss = float(metrics.norm_loss(w))
-        rep.norm_dev_max = float(metrics.norm_dev_max(w))
+        peak = float(torch.linalg.vector_norm(w.reshape(-1), float("inf"))) if w.numel() else 0.0
+        rep.norm_loss = _norm_metric(metrics.norm_loss, w, "norm_loss", rep.notes)
+        rep.norm_dev_max = _norm_metric(metrics.norm_dev_max, w, "norm_dev_max", rep.notes)
         if w.ndim >= 3:
-            cs = metrics.conv_similarity(w, groups=groups)
-            rep.conv_similarity = float(cs)
-            pair_norms = float(metrics.pair_norm_products(w, groups))
-            rep.conv_similarity_norm = float(cs) / pair_norms if pair_norms else None
-            rep.conv_similarity_floor = metrics.conv_similarity_floor(w, groups=groups)
+            # CS and its floor are homogeneous of degree 4: taken on w / 2**e with max|w / 2**e| near
+            # 1 and scaled back in float64, so 1e37-sized or subnormal weights neither overflow nor
+            # underflow float32. Scaling by a power of two is exact, so for ordinary weights (used
+            # unscaled) nothing changes.
+            e = math.frexp(peak)[1] if peak and not 2.0**-16 <= peak <= 2.0**16 else 0
+            ws = (
+                w if e == 0 else w * 2.0 ** (-e // 2) * 2.0 ** (-e - (-e // 2))
+            )  # each factor fits float32
+            cs = float(metrics.conv_similarity(ws, groups=groups))
+            pair_norms = float(metrics.pair_norm_products(ws, groups))
+            rep.conv_similarity = _rescaled(cs, 4 * e, "conv_similarity", rep.notes)
+            rep.conv_similarity_norm = cs / pair_norms if pair_norms else None
+            rep.conv_similarity_floor = _rescaled(
+                metrics.conv_similarity_floor(ws, groups=groups),
+                4 * e,
+                "conv_similarity_floor",
+                rep.notes,
+            )
         if rows.dead:
             n = len(rows.dead)
             rep.notes.append(f"{n} all-zero row{'s' if n > 1 else ''} (left out of cosine metrics)")
@@ -185,11 +101,12 @@ def inspect(
     layers: Sequence[str] = (),
     exclude: Sequence[str] = (),
     groups: Mapping[str, int] | None = None,
-    tau_cos: float = 1e-4,
-    tau_euc: float = 0.1,
-    top: int = 3,
-    device: str = "cpu",
+    tau_cos: float = TAU_COS,
+    tau_euc: float = TAU_EUC,
+    top: int = TOP,
+    device: str = DEVICE,
     fail_if: Sequence[str | Gate] = (),
+    config: str | Path | None = None,
     progress: ProgressFn | None = None,
 ) -> Report:
     """Analyze every selected layer of a checkpoint (path, opened Checkpoint, or state dict).
@@ -201,13 +118,14 @@ def inspect(
         top: how many closest pairs to list per layer and axis.
         device: "auto", "cpu", "cuda", "mps" or any torch device string.
         fail_if: gate expressions such as "acv_mean>0.5".
+        config: the settings file these options were read from, recorded in ``settings``.
         progress: called as progress(bytes_done, bytes_total, key) while layers are read.
 
     Example:
         >>> report = wcond.inspect("model.safetensors", fail_if=["near_parallel_rows>0"])
         >>> [layer.name for layer in report.layers if layer.acv_mean > 0.2]
     """
-    gates = [g if isinstance(g, Gate) else Gate.parse(g) for g in fail_if]
+    gates = [g if isinstance(g, Gate) else Gate.parse(g, NUMERIC_FIELDS) for g in fail_if]
     dev = resolve_device(device)
     if isinstance(source, Mapping):
         infos = {
@@ -228,7 +146,10 @@ def inspect(
     specs = find_layers(infos, layers, exclude, dict(groups or {}))
     if not specs:
         if any(is_layer(i) for i in infos.values()):
-            raise CheckpointError(f"{name}: no layer matches the --layers/--exclude patterns")
+            raise CheckpointError(
+                f"{name}: no layer matches the patterns layers={list(layers)!r}, exclude={list(exclude)!r}",
+                params=("layers", "exclude"),
+            )
         raise CheckpointError(
             f"{name}: no analyzable tensors (need floating-point tensors with 2 to 5 dims and at least 2 rows)"
         )
@@ -267,11 +188,12 @@ def inspect(
             "layers": list(layers),
             "exclude": list(exclude),
             "groups": dict(groups or {}),
+            "config": None if config is None else str(config),
         },
         layers=reports,
         summary=_summarize(reports, len(infos)),
     )
-    report.gates = evaluate_gates(gates, reports)
+    report.gates = evaluate_gates(gates, {r.name: r.numbers() for r in reports})
     return report
 
 
@@ -314,15 +236,27 @@ def _summarize(layers: list[LayerReport], tensors: int) -> Summary:
     )
 
 
+def _norm_metric(
+    fn: Callable[[torch.Tensor], torch.Tensor], w: torch.Tensor, metric: str, notes: list[str]
+) -> float | None:
+    """A norm metric of w; where float32 overflows (rows of 1e37), again in float64; a note if that overflows too."""
+    value = float(fn(w))
+    if not math.isfinite(value) and w.dtype != torch.float64:
+        value = float(fn(w.double()))
+    if math.isfinite(value):
+        return value
+    notes.append(f"{metric} overflows float64 (weights too large): not reported")
+    return None
+
+
+def _rescaled(value: float, exponent: int, metric: str, notes: list[str]) -> float | None:
+    """value * 2**exponent in float64, or None and a note where that overflows."""
+    try:
+        return math.ldexp(value, exponent)
+    except OverflowError:
+        notes.append(f"{metric} overflows float64 (weights too large): not reported")
+        return None
+
+
 def _opt(t: torch.Tensor | None) -> float | None:
     return None if t is None else float(t)
-
-
-def _finite(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj

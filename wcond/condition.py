@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from wcond import metrics
+from wcond.defaults import DEVICE, ITERATIONS, LR, OPTIMIZER, OPTIMIZERS, ProgressFn
 from wcond.device import resolve_device
 from wcond.errors import CheckpointError, UsageError
 from wcond.layers import LayerSpec, find_layers, is_layer
@@ -32,8 +33,6 @@ from wcond.load import Checkpoint, TensorInfo, open_checkpoint
 
 __all__ = ["InitCSResult", "LayerResult", "init_cs"]
 
-ProgressFn = Callable[[int, int, str], None]
-OPTIMIZERS = ("adam", "sgd")
 
 _KEEP_NORM_1X1 = "1x1 kernel: its CS depends on the filter norms alone, which --keep-norm holds fixed; left unchanged"
 
@@ -98,10 +97,10 @@ class InitCSResult:
 def init_cs(
     source: str | Path | Checkpoint | Mapping[str, torch.Tensor],
     *,
-    iterations: int = 500,
-    lr: float = 1e-3,
-    optimizer: str = "adam",
-    device: str | torch.device = "auto",
+    iterations: int = ITERATIONS,
+    lr: float = LR,
+    optimizer: str = OPTIMIZER,
+    device: str | torch.device = DEVICE,
     layers: Sequence[str] = (),
     exclude: Sequence[str] = (),
     groups: Mapping[str, int] | None = None,
@@ -133,11 +132,16 @@ def init_cs(
         >>> model.load_state_dict(tensors)
     """
     if iterations < 1:
-        raise UsageError(f"--iterations {iterations}: needs at least 1 iteration")
+        raise UsageError(
+            f"iterations={iterations}: needs at least 1 iteration", params=("iterations",)
+        )
     if not (lr > 0 and math.isfinite(lr)):
-        raise UsageError(f"--lr {lr}: the learning rate must be a positive number")
+        raise UsageError(f"lr={lr}: the learning rate must be a positive number", params=("lr",))
     if optimizer not in OPTIMIZERS:
-        raise UsageError(f"--optimizer {optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+        raise UsageError(
+            f"optimizer={optimizer!r}: choose one of {', '.join(OPTIMIZERS)}",
+            params=("optimizer",),
+        )
     dev = resolve_device(device)
     if isinstance(source, Mapping):
         tensors = {k: t for k, t in source.items() if isinstance(t, torch.Tensor)}
@@ -282,7 +286,9 @@ def _conv_specs(
     if convs:
         listed = ", ".join(convs[:4]) + (", ..." if len(convs) > 4 else "")
         raise UsageError(
-            f"{name}: no conv layer matches the --layers/--exclude patterns (conv weights here: {listed})"
+            f"{name}: no conv layer matches the patterns layers={list(layers)!r}, "
+            f"exclude={list(exclude)!r} (conv weights here: {listed})",
+            params=("layers", "exclude"),
         )
     raise CheckpointError(
         f"{name}: no conv weights to condition; init-cs works on Conv1d/2d/3d kernels of shape (out, in, *kernel), "
@@ -324,8 +330,10 @@ def _minimize(
                 progress(it, iterations, f"CS {total:.4g}")
             if not math.isfinite(total):
                 raise UsageError(
-                    f"CS diverged to {total} at iteration {it} with --optimizer {optimizer} --lr {lr}; "
-                    "lower --lr (CS is quartic in the weights, so plain SGD needs a small rate)"
+                    f"CS diverged to {total} at iteration {it} with optimizer={optimizer!r} "
+                    f"lr={lr}; lower lr= (CS is quartic in the weights, so plain SGD needs a "
+                    "small rate)",
+                    params=("optimizer", "lr"),
                 )
             if it == iterations:
                 break

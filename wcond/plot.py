@@ -21,6 +21,15 @@ import torch
 
 from wcond import metrics
 from wcond.analyze import NUMERIC_FIELDS, Report
+from wcond.defaults import (
+    MAX_DPI,
+    MAX_PIXELS,
+    MAX_SIDE,
+    MAX_VECTORS,
+    MAX_VECTORS_LIMIT,
+    TAU_COS,
+    TAU_EUC,
+)
 from wcond.errors import UsageError
 from wcond.layers import is_layer
 from wcond.load import Checkpoint, open_checkpoint
@@ -34,10 +43,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "INSTALL_HINT",
-    "MAX_DPI",
-    "MAX_PIXELS",
-    "MAX_SIDE",
-    "MAX_VECTORS_LIMIT",
     "CosMatrix",
     "check_canvas",
     "cos_matrix",
@@ -49,14 +54,8 @@ __all__ = [
 ]
 
 INSTALL_HINT = "pip install 'wcond[plot]'  (or: pip install 'matplotlib>=3.7')"
-MAX_VECTORS = 256  # beyond this a heatmap cell is under a pixel at default sizes: subsample
-MAX_VECTORS_LIMIT = 4_096  # the cosine matrix is max_vectors² float64s (128 MiB here)
 SUFFIXES = (".png", ".svg")
 _DEFAULT_DPI = 100
-# The largest image drawn: a bigger canvas takes minutes and gigabytes (Agg allocates it whole).
-MAX_SIDE = 16_384  # pixels, width or height
-MAX_PIXELS = 40_000_000  # width x height, e.g. 8000 x 5000
-MAX_DPI = 1_200
 _COUNTS = {
     "near_parallel_rows",
     "near_parallel_cols",
@@ -122,8 +121,8 @@ def cos_matrix(
     *,
     axis: str = "rows",
     max_vectors: int = MAX_VECTORS,
-    tau_cos: float = 1e-4,
-    tau_euc: float = 0.1,
+    tau_cos: float = TAU_COS,
+    tau_euc: float = TAU_EUC,
     include: Sequence[int] = (),
 ) -> CosMatrix:
     """The cosine matrix of a layer's rows or columns (METRICS.md), at most ``max_vectors`` of them.
@@ -131,9 +130,11 @@ def cos_matrix(
     ``include`` names vectors to keep when subsampling (e.g. the layer's closest pairs).
     """
     if axis not in ("rows", "cols"):
-        raise UsageError(f"--axis {axis!r}: expected rows or cols")
+        raise UsageError(f"axis={axis!r}: expected 'rows' or 'cols'", params=("axis",))
     if not 2 <= max_vectors <= MAX_VECTORS_LIMIT:
-        raise UsageError(f"max_vectors={max_vectors}: expected 2 to {MAX_VECTORS_LIMIT}")
+        raise UsageError(
+            f"max_vectors={max_vectors}: expected 2 to {MAX_VECTORS_LIMIT}", params=("max_vectors",)
+        )
     vectors = metrics.as_rows(w) if axis == "rows" else metrics.as_cols(w)
     vectors = vectors.detach().to("cpu", torch.float32)
     idx = _pick(vectors.shape[0], max_vectors, include)
@@ -211,7 +212,7 @@ def check_canvas(size_px: tuple[int, int] | None, dpi: int = _DEFAULT_DPI) -> No
     Bounds: :data:`MAX_SIDE` pixels a side, :data:`MAX_PIXELS` in all, dpi from 10 to :data:`MAX_DPI`.
     """
     if not 10 <= dpi <= MAX_DPI:
-        raise UsageError(f"dpi={dpi}: expected 10 to {MAX_DPI}")
+        raise UsageError(f"dpi={dpi}: expected 10 to {MAX_DPI}", params=("dpi",))
     if size_px is None:
         return
     w, h = size_px
@@ -262,8 +263,8 @@ def plot_layer(
     vs: str | Path | Checkpoint | None = None,
     axis: str = "rows",
     max_vectors: int = MAX_VECTORS,
-    tau_cos: float = 1e-4,
-    tau_euc: float = 0.1,
+    tau_cos: float = TAU_COS,
+    tau_euc: float = TAU_EUC,
     size_px: tuple[int, int] | None = None,
     dpi: int = _DEFAULT_DPI,
 ) -> Path:

@@ -14,10 +14,11 @@ from typing import Callable
 
 import torch
 
-from wcond.analyze import LayerReport, Report
+from wcond._version import __version__
 from wcond.errors import WcondError
 from wcond.load import Checkpoint, open_checkpoint
-from wcond.render import _ratio, fmt_number
+from wcond.render_text import fmt_number, fmt_shape, ratio
+from wcond.report import LayerReport, Report
 from wcond.text import html_text
 
 __all__ = ["HEATMAPS", "to_html"]
@@ -28,13 +29,13 @@ HEATMAPS = 4  # worst layers drawn
 _COLUMNS: list[tuple[str, str, Callable[[LayerReport], "float | int | str | None"]]] = [
     ("layer", "tensor key", lambda r: r.name),
     ("kind", "matrix or conv1d/2d/3d", lambda r: r.kind),
-    ("shape", "stored shape", lambda r: "x".join(map(str, r.shape))),
+    ("shape", "stored shape", lambda r: fmt_shape(r.shape)),
     ("params", "parameters", lambda r: r.params),
     ("acv_mean", "mean |cos| between rows", lambda r: r.acv_mean),
     (
         "acv/floor",
         "acv_sum over its floor (rows that cannot all be orthogonal)",
-        lambda r: _ratio(r.acv_sum, r.acv_floor),
+        lambda r: ratio(r.acv_sum, r.acv_floor),
     ),
     (
         "cs_norm",
@@ -44,7 +45,7 @@ _COLUMNS: list[tuple[str, str, Callable[[LayerReport], "float | int | str | None
     (
         "cs/floor",
         "conv_similarity over its floor at these norms",
-        lambda r: _ratio(r.conv_similarity, r.conv_similarity_floor),
+        lambda r: ratio(r.conv_similarity, r.conv_similarity_floor),
     ),
     ("norm_dev_max", "max |1 - |row||", lambda r: r.norm_dev_max),
     ("norm_loss", "sum (1 - |row|)^2", lambda r: r.norm_loss),
@@ -117,7 +118,6 @@ def to_html(
         weights: where the heatmaps' layers are read from; default: the report's checkpoint file.
         heatmaps: how many of the worst layers get a cosine heatmap (0: none).
     """
-    from wcond import __version__
 
     verdict = _verdict(report)
     parts = [

@@ -44,7 +44,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from wcond import __version__, metrics
+from wcond import metrics
+from wcond._version import __version__
+from wcond.defaults import AXES, AXIS, DEVICE, TAU_COS, TAU_EUC, ProgressFn
 from wcond.device import resolve_device
 from wcond.errors import CheckpointError, UsageError
 from wcond.layers import find_layers, is_layer
@@ -74,10 +76,7 @@ COL_INDEX, COL_COEF = ".__wcond_col_index", ".__wcond_col_coef"
 _PARTS = (ROW_INDEX, ROW_COEF, COL_INDEX, COL_COEF)
 MANIFEST_KEY = "wcond.shrink"
 FOLD_MANIFEST_KEY = "wcond.fold"
-AXES = ("auto", "rows", "cols", "both")
 _INDEX_BYTES = 4  # int32
-
-ProgressFn = Callable[[int, int, str], None]
 
 
 # --------------------------------------------------------------------------- fusing vectors
@@ -282,7 +281,7 @@ class Factorization:
 
     @property
     def stored_bytes(self) -> int:
-        per = _INDEX_BYTES + torch.empty((), dtype=_coef_dtype(self.w.dtype)).element_size()
+        per = _INDEX_BYTES + _coef_dtype(self.w.dtype).itemsize
         n = sum(g.index.numel() for g in (self.rows, self.cols) if g is not None)
         return self.w.numel() * self.w.element_size() + n * per
 
@@ -295,9 +294,9 @@ def factorize(
     w: Tensor,
     axes: Sequence[str] = ("rows",),
     *,
-    tau_cos: float = 1e-4,
-    tau_euc: float = 0.1,
-    device: torch.device | str = "cpu",
+    tau_cos: float = TAU_COS,
+    tau_euc: float = TAU_EUC,
+    device: torch.device | str = DEVICE,
 ) -> Factorization:
     """Fuse the near-parallel rows and/or columns of one weight (out, in, *kernel).
 
@@ -387,15 +386,15 @@ def shrink(
     source: str | Path,
     output: str | Path | None = None,
     *,
-    tau_cos: float = 1e-4,
-    tau_euc: float = 0.1,
-    axis: str = "auto",
+    tau_cos: float = TAU_COS,
+    tau_euc: float = TAU_EUC,
+    axis: str = AXIS,
     layers: Sequence[str] = (),
     exclude: Sequence[str] = (),
     protect: Sequence[str] = (),
     protect_ends: bool = True,
     force: bool = False,
-    device: str = "cpu",
+    device: str = DEVICE,
     progress: ProgressFn | None = None,
 ) -> ShrinkReport:
     """Fuse near-parallel rows/columns of every selected layer and write the factorized checkpoint.
@@ -418,12 +417,12 @@ def shrink(
         >>> model.load_state_dict(wcond.load_state_dict("small.safetensors"))
     """
     if axis not in AXES:
-        raise UsageError(f"--axis {axis!r}: use one of {', '.join(AXES)}")
+        raise UsageError(f"axis={axis!r}: use one of {', '.join(AXES)}", params=("axis",))
     ck, infos = _open_source(source, output, force)
     dev = resolve_device(device)
     specs = find_layers(infos, layers, exclude)
     if not specs:
-        _no_layers(ck, infos)
+        _no_layers(ck, infos, layers, exclude)
     analyzable = [k for k, i in infos.items() if is_layer(i)]
     first, last = (analyzable[0], analyzable[-1]) if protect_ends else (None, None)
 
@@ -501,7 +500,8 @@ def shrink(
         params_after=sum(i.numel for i in infos.values())
         - sum(r.params_before - r.params_after for r in reports),
         bytes_before=ck.num_bytes,
-        bytes_after=ck.num_bytes + sum(new_bytes[k] - _nbytes(infos[k]) for k in replaced),
+        bytes_after=ck.num_bytes
+        + sum(new_bytes[k] - infos[k].numel * infos[k].dtype.itemsize for k in replaced),
     )
     if output is not None:
         tensors: dict[str, Tensor] = {}
@@ -561,9 +561,17 @@ def _axes(
     return want
 
 
-def _no_layers(ck: Checkpoint, infos: Mapping[str, TensorInfo]) -> None:
+def _no_layers(
+    ck: Checkpoint,
+    infos: Mapping[str, TensorInfo],
+    layers: Sequence[str],
+    exclude: Sequence[str],
+) -> None:
     if any(is_layer(i) for i in infos.values()):
-        raise CheckpointError(f"{ck.path}: no layer matches the --layers/--exclude patterns")
+        raise CheckpointError(
+            f"{ck.path}: no layer matches the patterns layers={list(layers)!r}, exclude={list(exclude)!r}",
+            params=("layers", "exclude"),
+        )
     raise CheckpointError(
         f"{ck.path}: no weight matrices or conv kernels to shrink (need floating-point tensors with 2 to 5 dims)"
     )
@@ -584,10 +592,6 @@ def _open_source(
     return ck, infos
 
 
-def _nbytes(info: TensorInfo) -> int:
-    return info.numel * torch.empty((), dtype=info.dtype).element_size()
-
-
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -600,10 +604,10 @@ def fold(
     output: str | Path | None = None,
     *,
     chain: Sequence[str],
-    tau_cos: float = 1e-4,
-    tau_euc: float = 0.1,
+    tau_cos: float = TAU_COS,
+    tau_euc: float = TAU_EUC,
     force: bool = False,
-    device: str = "cpu",
+    device: str = DEVICE,
     progress: ProgressFn | None = None,
 ) -> ShrinkReport:
     """Remove positively parallel units along a chain of layers; write a plain, narrower state dict.
@@ -626,10 +630,11 @@ def fold(
     chain = list(chain)
     if len(chain) < 2:
         raise UsageError(
-            "--chain needs at least two layer keys in the order data flows, e.g. --chain fc1.weight,fc2.weight"
+            f"chain={chain!r}: needs at least two layer keys, in the order data flows",
+            params=("chain",),
         )
     if len(set(chain)) != len(chain):
-        raise UsageError(f"--chain names a layer twice: {','.join(chain)}")
+        raise UsageError(f"chain={chain!r}: names a layer twice", params=("chain",))
     ck, infos = _open_source(source, output, force)
     _check_chain(ck, infos, chain)
     dev = resolve_device(device)
@@ -703,7 +708,10 @@ def fold(
         params_after=params_before - removed,
         bytes_before=ck.num_bytes,
         bytes_after=ck.num_bytes
-        - sum(_nbytes(infos[k]) - t.numel() * t.element_size() for k, t in out_tensors.items()),
+        - sum(
+            infos[k].numel * infos[k].dtype.itemsize - t.numel() * t.element_size()
+            for k, t in out_tensors.items()
+        ),
         widths=widths,
     )
     if output is not None:
@@ -747,16 +755,17 @@ def _check_chain(ck: Checkpoint, infos: Mapping[str, TensorInfo], chain: Sequenc
     for key in chain:
         if key not in infos:
             hint = f"; did you mean {key + '.weight'!r}?" if key + ".weight" in infos else ""
-            raise UsageError(f"--chain: {ck.path} has no tensor named {key!r}{hint}")
+            raise UsageError(f"chain: {ck.path} has no tensor named {key!r}{hint}")
         if not is_layer(infos[key]):
             raise UsageError(
-                f"--chain: {key!r} (shape {list(infos[key].shape)}) is not a weight matrix or conv kernel"
+                f"chain: {key!r} (shape {list(infos[key].shape)}) is not a weight matrix or conv kernel"
             )
     for a, b in zip(chain, chain[1:]):
         out_a, in_b = infos[a].shape[0], infos[b].shape[1]
         if out_a != in_b:
             raise UsageError(
-                f"--chain: {b!r} reads {in_b} inputs but {a!r} produces {out_a} units; each layer must feed the next "
+                f"chain: {b!r} reads {in_b} inputs but {a!r} produces {out_a} units; "
+                "each layer must feed the next "
                 "directly (no flatten, grouped conv or concatenation between)"
             )
         for k, info in infos.items():
@@ -766,8 +775,9 @@ def _check_chain(ck: Checkpoint, infos: Mapping[str, TensorInfo], chain: Sequenc
                 and _parent(k) == _parent(a)
             ):
                 raise UsageError(
-                    f"--chain: {k!r} looks like a BatchNorm on the {out_a} units of {a!r}; --fold needs each layer to feed the "
-                    "next through ReLU/LeakyReLU with nothing between. Fold the BatchNorm into the layer first, or shrink without --fold"
+                    f"chain: {k!r} looks like a BatchNorm on the {out_a} units of {a!r}; folding needs "
+                    "each layer to feed the next through ReLU/LeakyReLU with nothing between. "
+                    "Fold the BatchNorm into the layer first, or shrink without folding"
                 )
 
 

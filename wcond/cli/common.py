@@ -6,12 +6,12 @@ import errno
 import functools
 import math
 import os
+import re
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional, TypeVar
 
@@ -19,8 +19,8 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
+from wcond.defaults import Device, ProgressFn
 from wcond.errors import OutputError, WcondError
-from wcond.save import write_text
 from wcond.text import markup, one_line
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -69,18 +69,24 @@ stdout = Console(file=STDOUT, highlight=False, soft_wrap=False)  # type: ignore[
 stderr = Console(stderr=True, highlight=False)
 
 
-class ReportFormat(str, Enum):
-    """Output of the commands that rewrite a checkpoint (init-cs, shrink): a table, or JSON for scripts."""
+# Which format a file extension asks for, when -o is given without --format.
+SUFFIX_FORMATS = {
+    ".json": "json",
+    ".md": "markdown",
+    ".csv": "csv",
+    ".txt": "table",
+    ".html": "html",
+    ".htm": "html",
+    ".xml": "junit",
+}
 
-    table = "table"
-    json = "json"
 
-
-class DeviceChoice(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-    mps = "mps"
+def pick_format(
+    names: Sequence[str], given: str | None, output: Path | None, fallback: str | None = None
+) -> str:
+    """--format, then -o's extension (when the command renders it), then ``fallback``, then the table."""
+    from_suffix = SUFFIX_FORMATS.get(output.suffix.lower()) if output is not None else None
+    return given or (from_suffix if from_suffix in names else None) or fallback or names[0]
 
 
 def finite(value: float | None) -> float | None:
@@ -90,9 +96,9 @@ def finite(value: float | None) -> float | None:
     return value
 
 
-# Options used by several commands, defined once.
+# Options used by several commands, defined once; their defaults come from wcond.defaults.
 DeviceOpt = Annotated[
-    DeviceChoice,
+    Device,
     typer.Option(
         "--device", help="Where the heavy work runs: auto picks CUDA, then MPS, then CPU."
     ),
@@ -140,6 +146,21 @@ CheckpointArg = Annotated[
         show_default=False,
     ),
 ]
+
+
+# Library parameters whose flag is not simply --name-with-dashes.
+_FLAG_SPELLING = {"force=True": "--force", "protect_ends=False": "--no-protect-ends"}
+
+
+def in_flags(error: WcondError) -> str:
+    """The error's message with each parameter it names (``layers=``) spelled as its flag."""
+    text = str(error)
+    for param in error.params:
+        for lib, flag in _FLAG_SPELLING.items():
+            if lib.startswith(param + "="):
+                text = text.replace(lib, flag)
+        text = re.sub(rf"\b{param}= ?", f"--{param.replace('_', '-')} ", text)
+    return text
 
 
 class Terminated(BaseException):
@@ -191,12 +212,12 @@ def handle_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _describe(e: BaseException) -> str:
-    """A library error's message; for a bare OSError, the file and the system's reason."""
-    if isinstance(e, OSError) and not isinstance(e, WcondError):
-        where = f"{os.fsdecode(e.filename)}: " if e.filename is not None else ""
-        return where + (e.strerror or str(e))
-    return str(e)
+def _describe(e: WcondError | OSError) -> str:
+    """A library error's message in flags; for a bare OSError, the file and the system's reason."""
+    if isinstance(e, WcondError):
+        return in_flags(e)
+    where = f"{os.fsdecode(e.filename)}: " if e.filename is not None else ""
+    return where + (e.strerror or str(e))
 
 
 def _error(message: str, prefix: str = "[bold red]error:[/] ") -> None:
@@ -205,7 +226,7 @@ def _error(message: str, prefix: str = "[bold red]error:[/] ") -> None:
 
 
 @contextmanager
-def progress_bar(description: str) -> Iterator[Callable[[int, int, str], None]]:
+def progress_bar(description: str) -> Iterator[ProgressFn]:
     """A transient progress bar on stderr (hidden when stderr is not a terminal); yields a callback."""
     with Progress(
         TextColumn("[progress.description]{task.description}"),
@@ -232,5 +253,7 @@ def emit(text: str, output: Path | None) -> None:
         STDOUT.write(text)
         STDOUT.flush()
     else:
+        from wcond.save import write_text  # torch: only when writing
+
         write_text(output, text)
         stderr.print(f"wrote {markup(output)}", highlight=False, soft_wrap=True)

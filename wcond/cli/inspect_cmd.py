@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from wcond.analyze import inspect as inspect_checkpoint
 from wcond.cli import app
 from wcond.cli.common import (
     EXIT_GATE,
     CheckpointArg,
-    DeviceChoice,
     DeviceOpt,
     ExcludeOpt,
     GroupsOpt,
@@ -22,32 +19,20 @@ from wcond.cli.common import (
     TauEucOpt,
     emit,
     handle_errors,
+    pick_format,
     progress_bar,
     stdout,
 )
 from wcond.cli.project_config import ConfigOpt, read_config, with_config
-from wcond.config import MAX_TOP
-from wcond.render import render, render_table
-
-
-class Format(str, Enum):
-    table = "table"
-    json = "json"
-    markdown = "markdown"
-    csv = "csv"
-    html = "html"
-    junit = "junit"
-
-
-_SUFFIX_FORMATS = {
-    ".json": Format.json,
-    ".md": Format.markdown,
-    ".csv": Format.csv,
-    ".txt": Format.table,
-    ".html": Format.html,
-    ".htm": Format.html,
-    ".xml": Format.junit,
-}
+from wcond.defaults import (
+    DEVICE,
+    INSPECT_FORMATS,
+    MAX_TOP,
+    TAU_COS,
+    TAU_EUC,
+    TOP,
+    InspectFormat,
+)
 
 
 @app.command("inspect")
@@ -56,7 +41,7 @@ def inspect_command(
     ctx: typer.Context,
     checkpoint: CheckpointArg,
     format: Annotated[
-        Optional[Format],
+        Optional[InspectFormat],
         typer.Option(
             "--format", "-f", help="Output format (default: table, or from -o's extension)."
         ),
@@ -68,14 +53,14 @@ def inspect_command(
     layers: LayersOpt = None,
     exclude: ExcludeOpt = None,
     groups: GroupsOpt = None,
-    tau_cos: TauCosOpt = 1e-4,
-    tau_euc: TauEucOpt = 0.1,
+    tau_cos: TauCosOpt = TAU_COS,
+    tau_euc: TauEucOpt = TAU_EUC,
     top: Annotated[
         int,
         typer.Option(
             "--top", help="Closest pairs listed per layer and axis (JSON).", min=0, max=MAX_TOP
         ),
-    ] = 3,
+    ] = TOP,
     fail_if: Annotated[
         Optional[list[str]],
         typer.Option(
@@ -84,7 +69,7 @@ def inspect_command(
             metavar="EXPR",
         ),
     ] = None,
-    device: DeviceOpt = DeviceChoice.auto,
+    device: DeviceOpt = DEVICE,
     config: ConfigOpt = None,
 ) -> None:
     """Report per layer: ACV, Convolutional Similarity, norm deviation, near-parallel pairs, RaRe.
@@ -94,6 +79,9 @@ def inspect_command(
 
     Example: wcond inspect model.safetensors --fail-if "near_parallel_rows>0" -f markdown
     """
+    from wcond.analyze import inspect as inspect_checkpoint
+    from wcond.render import render, render_table
+
     cfg = read_config(config)
     o = with_config(
         ctx,
@@ -105,20 +93,15 @@ def inspect_command(
         tau_euc=tau_euc,
         top=top,
         fail_if=fail_if,
-        device=device.value,
+        device=device,
     )
     # --format, then -o's extension, then the config's format, then the table.
-    fmt = (
-        format
-        or (_SUFFIX_FORMATS.get(output.suffix.lower()) if output else None)
-        or Format(cfg.values.get("format", "table"))
-    )
+    fmt = pick_format(INSPECT_FORMATS, format, output, cfg.values.get("format"))
     with progress_bar("inspecting") as progress:
-        report = inspect_checkpoint(checkpoint, **o, progress=progress)
-    report.settings["config"] = str(cfg.path) if cfg.path else None
-    if fmt == Format.table and output is None:
+        report = inspect_checkpoint(checkpoint, **o, config=cfg.path, progress=progress)
+    if fmt == "table" and output is None:
         render_table(report, stdout)
     else:
-        emit(render(report, fmt.value), output)
+        emit(render(report, fmt), output)
     if report.failed:
         raise typer.Exit(EXIT_GATE)

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 
-from wcond.analyze import inspect as inspect_checkpoint
 from wcond.cli import app
 from wcond.cli.common import (
     CheckpointArg,
-    DeviceChoice,
     DeviceOpt,
     ExcludeOpt,
     LayersOpt,
@@ -23,24 +20,18 @@ from wcond.cli.common import (
     stderr,
 )
 from wcond.cli.project_config import ConfigOpt, read_config, with_config
-from wcond.errors import UsageError
-from wcond.plot import (
+from wcond.defaults import (
+    DEVICE,
     MAX_DPI,
     MAX_PIXELS,
     MAX_SIDE,
     MAX_VECTORS,
     MAX_VECTORS_LIMIT,
-    check_plot_output,
-    plot_layer,
-    plot_metrics,
-    require_matplotlib,
+    TAU_COS,
+    TAU_EUC,
 )
+from wcond.errors import UsageError
 from wcond.text import one_line
-
-
-class Axis(str, Enum):
-    rows = "rows"
-    cols = "cols"
 
 
 @app.command("plot")
@@ -68,9 +59,12 @@ def plot_command(
         ),
     ] = None,
     axis: Annotated[
-        Axis,
-        typer.Option("--axis", help="Cosines between rows (output units) or cols (input units)."),
-    ] = Axis.rows,
+        Literal["rows", "cols"],
+        typer.Option(
+            "--axis",
+            help="Cosines between rows (output units) or cols (input units).",
+        ),
+    ] = "rows",
     max_vectors: Annotated[
         int,
         typer.Option(
@@ -103,9 +97,9 @@ def plot_command(
     ] = 100,
     layers: LayersOpt = None,
     exclude: ExcludeOpt = None,
-    tau_cos: TauCosOpt = 1e-4,
-    tau_euc: TauEucOpt = 0.1,
-    device: DeviceOpt = DeviceChoice.auto,
+    tau_cos: TauCosOpt = TAU_COS,
+    tau_euc: TauEucOpt = TAU_EUC,
+    device: DeviceOpt = DEVICE,
     config: ConfigOpt = None,
 ) -> None:
     """Draw a layer's cosine heatmap, or each metric per layer.
@@ -117,6 +111,9 @@ def plot_command(
 
     Example: wcond plot model.pt --layer conv1.weight --vs model_cs.pt -o conv1.png
     """
+    from wcond.analyze import inspect as inspect_checkpoint
+    from wcond.plot import check_plot_output, plot_layer, plot_metrics, require_matplotlib
+
     check_plot_output(output)
     require_matplotlib()  # before minutes of analysis, not after
     if (width is None) != (height is None):
@@ -137,7 +134,7 @@ def plot_command(
         groups=None,
         tau_cos=tau_cos,
         tau_euc=tau_euc,
-        device=device.value,
+        device=device,
     )
     if layer is not None:
         plot_layer(
@@ -145,7 +142,7 @@ def plot_command(
             layer,
             output,
             vs=vs,
-            axis=axis.value,
+            axis=axis,
             max_vectors=max_vectors,
             tau_cos=o["tau_cos"],
             tau_euc=o["tau_euc"],
