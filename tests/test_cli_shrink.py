@@ -179,7 +179,10 @@ def test_inspect_shows_the_factorization(model_file: Path, tmp_path: Path) -> No
             ("--dry-run", "--fold", "--chain", "fc1,fc2.weight"),
             "has no tensor named 'fc1'; did you mean 'fc1.weight'?",
         ),
-        (("--dry-run", "--layers", "conv*"), "no layer matches the patterns --layers ['conv*'], --exclude []"),
+        (
+            ("--dry-run", "--layers", "conv*"),
+            "no layer matches the patterns --layers ['conv*'], --exclude []",
+        ),
         (("--dry-run", "--device", "cuda"), "CUDA is not available"),
     ],
 )

@@ -312,3 +312,50 @@ def test_progress_display_shows_keys_escaped(monkeypatch: pytest.MonkeyPatch) ->
     assert "[bold]x[/].weight" in drawn and "[link=http://x]y[/link].weight" in drawn
     assert all(one_line(name)[-40:] in drawn for name in HOSTILE)  # the key's last 40 characters
     assert "\x1b[31m" not in drawn and "\x07" not in drawn
+
+
+@pytest.mark.parametrize("fmt", ["table", "markdown", "csv", "json"])
+def test_trend_of_several_hostile_checkpoints(hostile_file: Path, tmp_path: Path, fmt: str) -> None:
+    second = tmp_path / "=step\x1b[2J::error::2.safetensors"
+    second.write_bytes(hostile_file.read_bytes())
+    result = runner.invoke(
+        app,
+        ["inspect", str(hostile_file), str(second), "-f", fmt, "--fail-if", "acv_mean>0"],
+        env={"COLUMNS": "250"},
+    )
+    assert result.exit_code == 1, result.stdout + result.stderr
+    assert_inert(result.stdout)
+    assert_inert(result.stderr)
+    if fmt == "csv":
+        rows = list(csv.DictReader(io.StringIO(result.stdout)))
+        assert {r["layer"] for r in rows} == {csv_cell(n) for n in HOSTILE}
+        assert all(not r["checkpoint"].startswith(("=", "+", "-", "@")) for r in rows)
+    if fmt == "json":
+        doc = json.loads(result.stdout)
+        assert set(doc["trend"]) == set(HOSTILE)
+    if fmt == "markdown":
+        rows = [line for line in result.stdout.split("\n") if line.startswith("| `")]
+        widths = {len(re.split(r"(?<!\\)\|", row)) for row in rows}
+        assert len(widths) == 2  # the checkpoint table and the layer table, each row whole
+
+
+def test_readme_safety_example_is_real(tmp_path: Path) -> None:
+    """The README's Safety section shows what wcond prints for this file."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"```console\n(\$ wcond inspect evil\.safetensors.*?)```", readme, re.S)
+    assert block is not None
+    lines = block.group(1).strip("\n").split("\n")
+    path = tmp_path / "evil.safetensors"
+    names = ["conv1.weight\x1b[2J", "x\n::error::forged", '=HYPERLINK("http://x")']
+    shapes = [(8, 3, 3, 3), (8, 8, 3, 3), (4, 8)]
+    save_file({n: torch.randn(*s) for n, s in zip(names, shapes)}, str(path))
+    csv_out = runner.invoke(app, ["inspect", str(path), "-f", "csv"]).stdout
+    json_out = runner.invoke(app, ["inspect", str(path), "-f", "json"]).stdout
+    shown_csv = [",".join(line.split(",")[:3]) for line in csv_out.strip("\n").split("\n")]
+    shown_json = json.dumps([layer["name"] for layer in json.loads(json_out)["layers"]])
+    assert lines == [
+        "$ wcond inspect evil.safetensors -f csv | cut -d, -f1-3",
+        *shown_csv,
+        "$ wcond inspect evil.safetensors -f json | jq -c '[.layers[].name]'",
+        shown_json.replace(", ", ","),
+    ]
