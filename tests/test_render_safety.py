@@ -359,3 +359,16 @@ def test_readme_safety_example_is_real(tmp_path: Path) -> None:
         "$ wcond inspect evil.safetensors -f json | jq -c '[.layers[].name]'",
         shown_json.replace(", ", ","),
     ]
+
+
+def test_plot_labels_are_literal_text(tmp_path: Path) -> None:
+    """A name holding matplotlib mathtext ($...$) or control characters is drawn as plain text."""
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "m.safetensors"
+    name = "w$\\frac{$\x1b[2J.weight"  # unbalanced mathtext: a ValueError if parsed
+    save_file({name: torch.randn(8, 4), "b$x$.weight": torch.randn(6, 4)}, str(path))
+    for extra in (["--layer", name], []):
+        out = tmp_path / f"plot{len(extra)}.png"
+        result = runner.invoke(app, ["plot", str(path), "-o", str(out), *extra])
+        assert result.exit_code == 0, result.stderr
+        assert out.read_bytes().startswith(b"\x89PNG")

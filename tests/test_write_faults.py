@@ -96,10 +96,10 @@ def test_output_directory_vanishes_while_writing(ckpt: Path, tmp_path: Path, mon
 def test_unwritable_directory(ckpt: Path, tmp_path: Path, monkeypatch) -> None:
     # Real permissions do not stop root; the refusal the OS would give is simulated here and
     # exercised for real in test_read_only_directory_for_real and test_proc.
-    def refused(*args: object, **kwargs: object) -> tuple[int, str]:
+    def refused(*args: object, **kwargs: object) -> str:
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(tmp_path))
 
-    monkeypatch.setattr(wcond.save.tempfile, "mkstemp", refused)
+    monkeypatch.setattr(wcond.save.tempfile, "mkdtemp", refused)
     result = run("inspect", ckpt, "-o", tmp_path / "report.csv")
     assert result.exit_code == 2
     line = one_error_line(result.stderr)

@@ -23,8 +23,8 @@ from wcond.errors import CheckpointError, UsageError
 from wcond.gates import Gate, evaluate_gates
 from wcond.layers import LayerSpec, find_layers, is_layer, layer_kind
 from wcond.load import Checkpoint, TensorInfo, open_checkpoint
+from wcond.load_factorized import dense_view
 from wcond.report import NUMERIC_FIELDS, LayerReport, Report, Summary
-from wcond.shrink import dense_view
 
 __all__ = [
     "NUMERIC_FIELDS",
@@ -143,7 +143,7 @@ def _plan(
         name, fmt, wrapper = str(ck.path), ck.format, ".".join(ck.wrapper) or None
         path = str(Path(ck.path).resolve())
     # A shrunk checkpoint: analyze the dense weights it stands for.
-    dense, get, factored = dense_view(infos, get)
+    dense, get, factored = dense_view(infos, get, name)
     specs = find_layers(dense, layers, exclude, dict(groups or {}))
     if not specs:
         if any(is_layer(i) for i in dense.values()):

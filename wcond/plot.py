@@ -33,8 +33,8 @@ from wcond.defaults import (
 from wcond.errors import UsageError
 from wcond.layers import is_layer
 from wcond.load import Checkpoint, open_checkpoint
+from wcond.load_factorized import dense_view
 from wcond.save import atomic_path
-from wcond.shrink import dense_view
 from wcond.text import visible
 
 if TYPE_CHECKING:
@@ -156,9 +156,8 @@ def cos_matrix(
 def layer_weight(source: str | Path | Checkpoint, key: str) -> torch.Tensor:
     """The weight stored under ``key``; a UsageError listing the layer keys when there is none."""
     ck = source if isinstance(source, Checkpoint) else open_checkpoint(source)
-    infos, get, _ = dense_view(
-        {k: ck.info(k) for k in ck.keys()}, ck.get
-    )  # a shrunk layer: its dense weight
+    # a shrunk layer: its dense weight
+    infos, get, _ = dense_view({k: ck.info(k) for k in ck.keys()}, ck.get, str(ck.path))
     if key not in infos:
         layers = [k for k, info in infos.items() if is_layer(info)]
         close = [k for k in layers if key in k or k in key][:5]

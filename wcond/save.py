@@ -7,6 +7,7 @@ complete; an error or Ctrl-C removes the temporary file.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
@@ -42,22 +43,26 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         return
     with _as_output_error(target):
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(
-            prefix=f".{target.name}.", suffix=".wcond-tmp", dir=target.parent
+        # The temporary file has the target's own name, in a private directory beside it:
+        # torch.save stores the file's name in every record of its zip, so a random name would
+        # change the bytes.
+        tmp_dir = Path(
+            tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".wcond-tmp", dir=target.parent)
         )
-        os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = tmp_dir / target.name
     try:
         with _as_output_error(target):
+            tmp.touch()
             yield tmp
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
-            # mkstemp makes 0600; give the file the mode a plain open() would
             os.chmod(tmp, _new_file_mode(target))
             os.replace(tmp, target)
     except BaseException:  # Ctrl-C and SIGTERM included: never leave the partial file
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 @contextmanager
@@ -69,7 +74,7 @@ def _as_output_error(target: Path, partial: bool = False) -> Iterator[None]:
         what = os.fsdecode(e.filename) if e.filename is not None else None
         where = (
             f"{target}: cannot write it"
-            if what is None or what == str(target) or what.endswith(".wcond-tmp")
+            if what is None or what == str(target) or ".wcond-tmp" in what
             else f"{what}: failed while writing {target}"
         )
         outcome = "it may hold part of the output" if partial else "nothing was written"
