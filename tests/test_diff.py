@@ -172,3 +172,22 @@ def test_scaled_layer_keeps_scale_free_metrics_exactly(state_dict: dict[str, tor
     for m in ("acv_sum", "acv_mean", "rare_rows", "rare_cols", "conv_similarity_norm"):
         assert layer.metrics[m].delta == 0, m
     assert layer.metrics["norm_loss"].delta != 0
+
+
+def test_same_file_is_analyzed_once_and_a_copy_diffs_to_exact_zero(
+    pt_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import wcond.diff as diff_module
+
+    calls: list[object] = []
+    real = diff_module.inspect
+    monkeypatch.setattr(
+        diff_module, "inspect", lambda src, **kw: calls.append(src) or real(src, **kw)
+    )
+    d = diff(pt_file, str(pt_file), device="cpu")
+    assert len(calls) == 1 and d.report_a is not d.report_b
+    copy = tmp_path / "copy.pt"
+    copy.write_bytes(pt_file.read_bytes())
+    d = diff(pt_file, copy, device="cpu")  # analyzed twice: the same bytes give the same numbers
+    assert len(calls) == 3
+    assert all(m.delta in (0, None) for layer in d.layers for m in layer.metrics.values())
