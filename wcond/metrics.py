@@ -272,10 +272,11 @@ def pair_statistics(
     j_t = torch.tensor([p[1] for p in pairs], device=v.device)
     cos, sin2, d_euc = _refine_pairs(live_v[i_t], live_v[j_t])
     stats.rare_value = sin2.min().to(v.dtype)
-    order = sorted(range(len(pairs)), key=lambda k: -abs(float(cos[k].detach())))[:top_k]
+    cos_l, d_l = cos.detach().tolist(), d_euc.tolist()  # one read from the device for all pairs
+    order = sorted(range(len(pairs)), key=lambda k: -abs(cos_l[k]))[:top_k]
     for k in order:
         i, j = pairs[k]
-        c_k, d_k = float(cos[k].detach()), float(d_euc[k].detach())
+        c_k, d_k = cos_l[k], d_l[k]
         np_pair = count_pairs and (1 - abs(c_k) < tau_cos) and (d_k < tau_euc)  # type: ignore[operator]
         stats.closest.append(Pair(idx[i], idx[j], c_k, d_k, bool(np_pair)))
     return stats
