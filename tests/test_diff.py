@@ -179,15 +179,19 @@ def test_same_file_is_analyzed_once_and_a_copy_diffs_to_exact_zero(
 ) -> None:
     import wcond.diff as diff_module
 
-    calls: list[object] = []
-    real = diff_module.inspect
-    monkeypatch.setattr(
-        diff_module, "inspect", lambda src, **kw: calls.append(src) or real(src, **kw)
-    )
+    analyzed: list[object] = []
+    real = diff_module.inspect_many
+
+    def counting(sources: list[object], **kw: object) -> object:
+        analyzed.extend(sources)
+        return real(sources, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(diff_module, "inspect_many", counting)
     d = diff(pt_file, str(pt_file), device="cpu")
-    assert len(calls) == 1 and d.report_a is not d.report_b
+    assert len(analyzed) == 1 and d.report_a is not d.report_b
+    assert all(m.delta in (0, None) for layer in d.layers for m in layer.metrics.values())
     copy = tmp_path / "copy.pt"
     copy.write_bytes(pt_file.read_bytes())
     d = diff(pt_file, copy, device="cpu")  # analyzed twice: the same bytes give the same numbers
-    assert len(calls) == 3
+    assert len(analyzed) == 3
     assert all(m.delta in (0, None) for layer in d.layers for m in layer.metrics.values())

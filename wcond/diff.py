@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 
-from wcond.analyze import NUMERIC_FIELDS, Report, _finite, inspect
+from wcond.analyze import inspect_many
 from wcond.load import Checkpoint
+from wcond.report import NUMERIC_FIELDS, Report, finite
 
 __all__ = [
     "ROUNDING_ULPS",
@@ -139,7 +140,7 @@ class DiffReport:
             entry.update({m: asdict(v) for m, v in d.metrics.items()})
             entry["notes_a"], entry["notes_b"] = d.notes_a, d.notes_b
             layers.append(entry)
-        return _finite(
+        return finite(
             {
                 "a": self.a,
                 "b": self.b,
@@ -189,16 +190,19 @@ def diff(a: Source, b: Source, **inspect_kwargs: Any) -> DiffReport:
 
     Args:
         a, b: checkpoint paths, opened Checkpoints or state dicts (anything :func:`wcond.inspect` reads).
-        inspect_kwargs: passed to :func:`wcond.inspect` for both (layers, exclude, groups, tau_cos, ...).
+        inspect_kwargs: passed to :func:`wcond.inspect` for both (layers, exclude, groups, tau_cos,
+            ..., engine: on a Ray engine both sides' layers are submitted together).
 
     Example:
         >>> d = wcond.diff.diff("before.pt", "after.safetensors")
         >>> {l.name: l.metrics["acv_mean"].delta for l in d.layers}
     """
-    ra = inspect(a, **inspect_kwargs)
-    # The same file (or object) on both sides is analyzed once: its diff is exactly zero on every
-    # device, whatever the device's summation order.
-    rb = copy.deepcopy(ra) if _same_source(a, b) else inspect(b, **inspect_kwargs)
+    if _same_source(a, b):
+        # The same file (or object) on both sides is analyzed once: its diff is exactly zero on
+        # every device, whatever the device's summation order.
+        (ra,) = inspect_many([a], **inspect_kwargs)
+        return diff_reports(ra, copy.deepcopy(ra))
+    ra, rb = inspect_many([a, b], **inspect_kwargs)
     return diff_reports(ra, rb)
 
 
