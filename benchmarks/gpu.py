@@ -164,7 +164,7 @@ def bench_inspect(dev: torch.device, quick: bool, repeat: int) -> dict[str, obje
     t_inspect = best(inspect)
     ratio = t_inspect / t_read
     print(
-        f"\n### inspect in process, LLM-shaped fp16 ({params / 1e9:.2f}B params, "
+        f"\n### inspect in process, LLM-shaped fp16 ({params / 1e6:.1f}M params, "
         f"{path.stat().st_size / 2**30:.2f} GiB), best of {repeat}, warm\n"
     )
     print(

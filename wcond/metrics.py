@@ -245,6 +245,7 @@ def pair_statistics(
     max_parts: list[Tensor] = []
     cand: list[tuple[Tensor, Tensor, Tensor]] = []  # (|cos|, i, j) in live indexing
     near = torch.zeros((), dtype=torch.long, device=u.device)
+    kth = -math.inf  # on the host: the want-th largest |cos| among the candidates so far
     for start, c in _cosine_blocks(u):
         a = c.abs() if track else c.abs_()  # without gradients, no second block-sized buffer
         row_max = a.detach().amax(dim=1)
@@ -255,10 +256,16 @@ def pair_statistics(
             assert tau_cos is not None and tau_euc is not None and reach is not None
             if not on_host:  # count on the device, so the loop never waits for it
                 near = near + _near_count(start, a_d, reach, tau_cos)
-            elif float(max_parts[-1]) > 1 - 2 * tau_cos:  # free on the host; usually rules all out
+            elif float(row_max.max()) > 1 - 2 * tau_cos:  # free on the host; usually rules all out
                 # The few candidates get D_euc in float64, exact even for rows of 1e37.
                 near = near + sum(1 for _ in _near_in_block(start, v_live, a_d, tau_cos, tau_euc))
-        cand.append(_block_candidates(start, a_d, row_max, want))
+        if not on_host:
+            cand.append(_block_candidates(start, a_d, row_max, want))
+        elif float(row_max.max()) >= kth:  # else no pair of this block can be among the best
+            cand.append(_block_candidates(start, a_d, row_max, want))
+            best = torch.cat([x[0] for x in cand])
+            if best.numel() >= want:
+                kth = float(best.topk(want).values[-1])
     stats.acv_sum = torch.stack(acv_parts).sum()
     stats.max_abs_cos = torch.stack(max_parts).max()
     stats.near_parallel = int(near)
