@@ -193,10 +193,21 @@ def test_a_worker_that_dies_is_retried(tmp_path: Path, ray_instance: Any) -> Non
 
 
 def test_shrink_on_ray_writes_the_local_runs_tensors(
-    tmp_path: Path, pt_file: Path, ray_instance: Any, one_task_per_layer: None
+    tmp_path: Path, ray_instance: Any, one_task_per_layer: None
 ) -> None:
     from safetensors import safe_open
 
+    # Enough planted parallel rows in a wide enough layer that fusing pays for its index and
+    # manifest, so shrink really stores a factorized layer (OUT is never larger than IN).
+    g = torch.Generator().manual_seed(3)
+    sd = {
+        "fc1.weight": torch.randn(64, 32, generator=g),
+        "fc2.weight": torch.randn(96, 64, generator=g),
+        "fc3.weight": torch.randn(10, 96, generator=g),
+    }
+    sd["fc2.weight"][48:] = sd["fc2.weight"][:48] * 0.5
+    pt_file = tmp_path / "planted.pt"
+    torch.save(sd, pt_file)
     outs = {name: tmp_path / f"{name}.safetensors" for name in ("local", "ray")}
     docs = {}
     for name, extra in (("local", ()), ("ray", ("--ray",))):

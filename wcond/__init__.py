@@ -44,7 +44,7 @@ _LAZY = {
     "Checkpoint": "wcond.load",
     "load_checkpoint": "wcond.load",
     "open_checkpoint": "wcond.load",
-    "load_state_dict": "wcond.shrink",
+    "load_state_dict": "wcond.load_factorized",
 }
 
 if TYPE_CHECKING:
@@ -52,8 +52,8 @@ if TYPE_CHECKING:
     from wcond.analyze import analyze_tensor, inspect, inspect_many
     from wcond.condition import init_cs
     from wcond.load import Checkpoint, load_checkpoint, open_checkpoint
+    from wcond.load_factorized import load_state_dict
     from wcond.report import LayerReport, Report, Summary
-    from wcond.shrink import load_state_dict
 
 
 def __getattr__(name: str) -> Any:

@@ -23,8 +23,8 @@ from wcond.errors import CheckpointError, UsageError
 from wcond.gates import Gate, evaluate_gates
 from wcond.layers import LayerSpec, find_layers, is_layer, layer_kind
 from wcond.load import Checkpoint, TensorInfo, open_checkpoint
+from wcond.load_factorized import dense_view
 from wcond.report import NUMERIC_FIELDS, LayerReport, Report, Summary
-from wcond.shrink import dense_view
 
 __all__ = [
     "NUMERIC_FIELDS",
@@ -78,14 +78,28 @@ def analyze_tensor(
         rep.rare_cols = _opt(cols.rare)
         rep.near_parallel_rows, rep.near_parallel_cols = rows.near_parallel, cols.near_parallel
         rep.closest_rows, rep.closest_cols = rows.closest, cols.closest
-        rep.norm_loss = float(metrics.norm_loss(w))
-        rep.norm_dev_max = float(metrics.norm_dev_max(w))
+        peak = float(torch.linalg.vector_norm(w.reshape(-1), float("inf"))) if w.numel() else 0.0
+        rep.norm_loss = _norm_metric(metrics.norm_loss, w, "norm_loss", rep.notes)
+        rep.norm_dev_max = _norm_metric(metrics.norm_dev_max, w, "norm_dev_max", rep.notes)
         if w.ndim >= 3:
-            cs = metrics.conv_similarity(w, groups=groups)
-            rep.conv_similarity = float(cs)
-            pair_norms = float(metrics.pair_norm_products(w, groups))
-            rep.conv_similarity_norm = float(cs) / pair_norms if pair_norms else None
-            rep.conv_similarity_floor = metrics.conv_similarity_floor(w, groups=groups)
+            # CS and its floor are homogeneous of degree 4: taken on w / 2**e with max|w / 2**e| near
+            # 1 and scaled back in float64, so 1e37-sized or subnormal weights neither overflow nor
+            # underflow float32. Scaling by a power of two is exact, so for ordinary weights (used
+            # unscaled) nothing changes.
+            e = math.frexp(peak)[1] if peak and not 2.0**-16 <= peak <= 2.0**16 else 0
+            ws = (
+                w if e == 0 else w * 2.0 ** (-e // 2) * 2.0 ** (-e - (-e // 2))
+            )  # each factor fits float32
+            cs = float(metrics.conv_similarity(ws, groups=groups))
+            pair_norms = float(metrics.pair_norm_products(ws, groups))
+            rep.conv_similarity = _rescaled(cs, 4 * e, "conv_similarity", rep.notes)
+            rep.conv_similarity_norm = cs / pair_norms if pair_norms else None
+            rep.conv_similarity_floor = _rescaled(
+                metrics.conv_similarity_floor(ws, groups=groups),
+                4 * e,
+                "conv_similarity_floor",
+                rep.notes,
+            )
         if rows.dead:
             n = len(rows.dead)
             rep.notes.append(f"{n} all-zero row{'s' if n > 1 else ''} (left out of cosine metrics)")
@@ -129,7 +143,7 @@ def _plan(
         name, fmt, wrapper = str(ck.path), ck.format, ".".join(ck.wrapper) or None
         path = str(Path(ck.path).resolve())
     # A shrunk checkpoint: analyze the dense weights it stands for.
-    dense, get, factored = dense_view(infos, get)
+    dense, get, factored = dense_view(infos, get, name)
     specs = find_layers(dense, layers, exclude, dict(groups or {}))
     if not specs:
         if any(is_layer(i) for i in dense.values()):
@@ -372,6 +386,28 @@ def _summarize(layers: list[LayerReport], tensors: int) -> Summary:
             "norm_dev_max": worst("norm_dev_max"),
         },
     )
+
+
+def _norm_metric(
+    fn: Callable[[torch.Tensor], torch.Tensor], w: torch.Tensor, metric: str, notes: list[str]
+) -> float | None:
+    """A norm metric of w; where float32 overflows (rows of 1e37), again in float64; a note if that overflows too."""
+    value = float(fn(w))
+    if not math.isfinite(value) and w.dtype != torch.float64:
+        value = float(fn(w.double()))
+    if math.isfinite(value):
+        return value
+    notes.append(f"{metric} overflows float64 (weights too large): not reported")
+    return None
+
+
+def _rescaled(value: float, exponent: int, metric: str, notes: list[str]) -> float | None:
+    """value * 2**exponent in float64, or None and a note where that overflows."""
+    try:
+        return math.ldexp(value, exponent)
+    except OverflowError:
+        notes.append(f"{metric} overflows float64 (weights too large): not reported")
+        return None
 
 
 def _opt(t: torch.Tensor | None) -> float | None:

@@ -446,7 +446,10 @@ def _minimize(
 
 
 def _fill(row: LayerResult, old: torch.Tensor, new: torch.Tensor, keep_norm: bool) -> None:
-    """Before/after numbers of one layer, each from the wcond.metrics function that defines it, on the stored tensors."""
+    """Before/after numbers of one layer, each from the wcond.metrics function that defines it.
+
+    Computed on the stored tensors.
+    """
     if not bool(torch.isfinite(old).all()):
         return
     g = row.groups

@@ -25,7 +25,7 @@ from wcond.defaults import MAX_VECTORS, TAU_COS, TAU_EUC
 from wcond.errors import UsageError
 from wcond.layers import is_layer
 from wcond.load import Checkpoint, open_checkpoint
-from wcond.shrink import dense_view
+from wcond.load_factorized import dense_view
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -141,9 +141,8 @@ def cos_matrix(
 def layer_weight(source: str | Path | Checkpoint, key: str) -> torch.Tensor:
     """The weight stored under ``key``; a UsageError listing the layer keys when there is none."""
     ck = source if isinstance(source, Checkpoint) else open_checkpoint(source)
-    infos, get, _ = dense_view(
-        {k: ck.info(k) for k in ck.keys()}, ck.get
-    )  # a shrunk layer: its dense weight
+    # a shrunk layer: its dense weight
+    infos, get, _ = dense_view({k: ck.info(k) for k in ck.keys()}, ck.get, str(ck.path))
     if key not in infos:
         layers = [k for k, info in infos.items() if is_layer(info)]
         close = [k for k in layers if key in k or k in key][:5]
@@ -156,7 +155,8 @@ def layer_weight(source: str | Path | Checkpoint, key: str) -> torch.Tensor:
     info = infos[key]
     if not is_layer(info):
         raise UsageError(
-            f"{ck.path}: {key!r} ({tuple(info.shape)}, {info.dtype}) is not a layer weight (2 to 5 dims, floating point)"
+            f"{ck.path}: {key!r} ({tuple(info.shape)}, {info.dtype}) is not a layer weight (2 to 5 "
+            "dims, floating point)"
         )
     return get(key)
 

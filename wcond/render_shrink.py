@@ -64,6 +64,11 @@ def render_shrink(report: ShrinkReport, console: Console) -> None:
         f"tensor bytes: {report.bytes_before:,} → {report.bytes_after:,}",
         soft_wrap=True,
     )
+    if report.resolved:
+        names = "; ".join(
+            f"{escape(k)} = {escape(' + '.join(v))}" for k, v in report.resolved.items()
+        )
+        console.print(f"chain: {names}", soft_wrap=True)
     if report.widths:
         changed = ", ".join(f"{escape(k)} {a} → {b}" for k, (a, b) in report.widths.items())
         console.print(
@@ -77,3 +82,17 @@ def render_shrink(report: ShrinkReport, console: Console) -> None:
         console.print("dry run: nothing written")
     else:
         console.print(f"wrote {escape(report.output)}", soft_wrap=True)
+    console.print(_file_bytes_line(report), soft_wrap=True)
+
+
+def _file_bytes_line(report: ShrinkReport) -> str:
+    """The last line: the files' bytes before and after, the number a user compares."""
+    before, after = report.file_bytes_before, report.file_bytes_after
+    if after is None:
+        return f"file bytes: {before:,} → (OUT is not a regular file)"
+    change = 100.0 * (after - before) / before if before else 0.0
+    approx = "at most " if report.file_bytes_estimated else ""
+    line = f"file bytes: {before:,} → {approx}{after:,} ({change:+.1f}%)"
+    if report.formats:
+        line += f"; IN is {report.formats[0]}, OUT {report.formats[1]}: the formats differ too"
+    return line

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Optional, TypeVar
 
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
@@ -25,7 +25,27 @@ F = TypeVar("F", bound=Callable[..., Any])
 EXIT_GATE = 1
 EXIT_USAGE = 2
 
-stdout = Console(highlight=False, soft_wrap=False)
+# Width of a table written to a pipe or file (a CI log) when the environment sets no COLUMNS: rich
+# would take 80, too narrow for layer names beside the numbers, and a CI log is read wider.
+PIPE_WIDTH = 160
+
+
+class _Stdout(Console):
+    """stdout: the terminal's width, else COLUMNS, else PIPE_WIDTH (decided at each print)."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = super().size
+        if self.is_terminal or os.environ.get("COLUMNS", "").isdigit():
+            return size
+        return ConsoleDimensions(PIPE_WIDTH, size.height)
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        Console.size.fset(self, new_size)  # type: ignore[attr-defined]
+
+
+stdout = _Stdout(highlight=False, soft_wrap=False)
 stderr = Console(stderr=True, highlight=False)
 
 

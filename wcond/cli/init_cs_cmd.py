@@ -96,7 +96,9 @@ def init_cs_command(
 ) -> None:
     """Minimize Convolutional Similarity over the conv layers (CS paper, Algorithm 1) and write a new checkpoint.
 
-    Everything else (biases, BatchNorm, Linear layers, a Lightning checkpoint's other entries, safetensors metadata) is copied unchanged; OUT is written to a temporary file and renamed only when complete.
+    Everything else (biases, BatchNorm, Linear layers, a Lightning checkpoint's other entries,
+    safetensors metadata) is copied unchanged; OUT is written to a temporary file and renamed
+    only when complete.
 
     Example: wcond init-cs model.pt -o model_cs.pt --iterations 500 --keep-norm
     """

@@ -45,7 +45,8 @@ def plot_command(
         Optional[str],
         typer.Option(
             "--layer",
-            help="Heatmap of this layer's pairwise cosines (its tensor key). Without it: bar charts of every metric per layer.",
+            help="Heatmap of this layer's pairwise cosines (its tensor key). "
+            "Without it: bar charts of every metric per layer.",
             metavar="KEY",
         ),
     ] = None,

@@ -90,8 +90,10 @@ def shrink_command(
         Optional[str],
         typer.Option(
             "--chain",
-            help="With --fold: weight keys in the order data flows, comma-separated.",
-            metavar="KEY1,KEY2,...",
+            help="With --fold: the layers in the order data flows, comma-separated, by module "
+            "(net.0) or weight key (net.0.weight); a BatchNorm on a layer's output right after "
+            "it (conv1,bn1,conv2,bn2,fc).",
+            metavar="NAME1,NAME2,...",
         ),
     ] = None,
     ray: RayOpt = False,
@@ -124,7 +126,7 @@ def shrink_command(
         if fold_units:
             if chain is None:
                 raise UsageError(
-                    "--fold needs --chain KEY1,KEY2,... (the layers, in the order data flows)"
+                    "--fold needs --chain NAME1,NAME2,... (the layers, in the order data flows)"
                 )
             stray = [
                 name
