@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from rich.console import Console
-from rich.markup import escape
 
 from wcond.condition import InitCSResult, LayerResult
 from wcond.render_text import fmt_number, print_layer_table
+from wcond.text import markup
 
 __all__ = ["render_init_cs"]
 
@@ -83,7 +83,7 @@ def render_init_cs(result: InitCSResult, console: Console) -> None:
         )
     for r in result.layers:
         for note in r.notes:
-            console.print(f"[dim]note[/] {escape(r.name)}: {escape(note)}", soft_wrap=True)
+            console.print(f"[dim]note[/] {markup(r.name)}: {markup(note)}", soft_wrap=True)
 
 
 def _neg(v: float | None) -> float | None:

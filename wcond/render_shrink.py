@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from rich.console import Console
-from rich.markup import escape
 
 from wcond.render_text import fmt_number, fmt_shape, print_layer_table
 from wcond.shrink import ShrinkReport
+from wcond.text import markup
 
 __all__ = ["render_shrink"]
 
@@ -53,22 +53,22 @@ def render_shrink(report: ShrinkReport, console: Console) -> None:
     )
     if report.resolved:
         names = "; ".join(
-            f"{escape(k)} = {escape(' + '.join(v))}" for k, v in report.resolved.items()
+            f"{markup(k)} = {markup(' + '.join(v))}" for k, v in report.resolved.items()
         )
         console.print(f"chain: {names}", soft_wrap=True)
     if report.widths:
-        changed = ", ".join(f"{escape(k)} {a} → {b}" for k, (a, b) in report.widths.items())
+        changed = ", ".join(f"{markup(k)} {a} → {b}" for k, (a, b) in report.widths.items())
         console.print(
             f"new widths (output units): {changed}; build the model with these to load the output",
             soft_wrap=True,
         )
     for r in report.layers:
         for note in r.notes:
-            console.print(f"[dim]note[/] {escape(r.name)}: {escape(note)}", soft_wrap=True)
+            console.print(f"[dim]note[/] {markup(r.name)}: {markup(note)}", soft_wrap=True)
     if report.output is None:
         console.print("dry run: nothing written")
     else:
-        console.print(f"wrote {escape(report.output)}", soft_wrap=True)
+        console.print(f"wrote {markup(report.output)}", soft_wrap=True)
     console.print(_file_bytes_line(report), soft_wrap=True)
 
 

@@ -17,6 +17,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from wcond.text import one_line
+
 T = TypeVar("T")
 
 __all__ = [
@@ -139,9 +141,10 @@ def print_layer_table(
 
     ``columns`` maps each header to its cells (right-aligned unless named in ``left``).
     """
-    shown_names, shown = fit_table(console.width, names, columns, drop_order)
+    # Names and titles come from the checkpoint: shown on one line, never as markup or controls.
+    shown_names, shown = fit_table(console.width, [one_line(n) for n in names], columns, drop_order)
     table = Table(
-        title=Text(title),
+        title=Text(one_line(title)),
         title_justify="left",
         header_style="bold",
         box=box.SIMPLE_HEAD,
