@@ -24,6 +24,7 @@ __all__ = ["TREND_FORMATS", "render_trend", "render_trend_table", "sparkline"]
 
 _BARS = "▁▂▃▄▅▆▇█"
 _SPARK_MAX = 24
+_FLAT = 1e-4  # relative spread under which a row of values counts as constant
 _SHORT = {
     "acv_mean": "acv",
     "conv_similarity_norm": "cs_n",
@@ -43,11 +44,13 @@ def sparkline(values: Sequence[float | None], width: int = _SPARK_MAX) -> str:
     if not have:
         return " " * len(values)
     lo, hi = min(have), max(have)
+    # A spread at float32 noise level is drawn flat, not stretched into full-height bars.
+    flat = hi - lo <= _FLAT * max(abs(lo), abs(hi))
     out = []
     for v in values:
         if v is None or not math.isfinite(v):
             out.append(" ")
-        elif hi == lo:
+        elif flat:
             out.append(_BARS[0])
         else:
             out.append(_BARS[round((v - lo) / (hi - lo) * (len(_BARS) - 1))])
