@@ -17,6 +17,7 @@ from wcond.render_html import to_html
 from wcond.render_junit import to_junit
 from wcond.render_text import fit_table, fmt_number, fmt_shape, ratio
 from wcond.report import NUMERIC_FIELDS, LayerReport, Report
+from wcond.text import csv_cell, markup, md_cell, md_code, md_text, one_line
 
 __all__ = ["FORMATS", "fmt_number", "render", "render_table", "to_csv", "to_json", "to_markdown"]
 
@@ -91,10 +92,12 @@ def render_table(report: Report, console: Console) -> None:
             if header == "∥r/c" and (r.near_parallel_rows or r.near_parallel_cols) and not style:
                 style = "yellow"
             cells[header].append(Text(_cell(r, value), style=style))
-    names, shown = fit_table(console.width, [r.name for r in report.layers], cells, _DROP_ORDER)
+    names, shown = fit_table(
+        console.width, [one_line(r.name) for r in report.layers], cells, _DROP_ORDER
+    )
     hidden = [h for h in cells if h not in shown]
     table = Table(
-        title=f"wcond inspect: {report.checkpoint}",
+        title=Text(f"wcond inspect: {one_line(report.checkpoint)}"),
         title_justify="left",
         header_style="bold",
         box=box.SIMPLE_HEAD,
@@ -138,19 +141,27 @@ def _print_summary(report: Report, console: Console) -> None:
     for key, label in labels.items():
         if s.worst.get(key):
             console.print(
-                f"{label}: " + ", ".join(s.worst[key][:3]), highlight=False, soft_wrap=True
+                f"{label}: " + ", ".join(markup(n) for n in s.worst[key][:3]),
+                highlight=False,
+                soft_wrap=True,
             )
     for r in report.layers:
         for note in r.notes:
-            console.print(f"[dim]note[/] {r.name}: {note}", highlight=False, soft_wrap=True)
+            console.print(
+                f"[dim]note[/] {markup(r.name)}: {markup(note)}", highlight=False, soft_wrap=True
+            )
     for g in report.gates:
         if g.passed:
-            console.print(f"[green]PASS[/] {g.expr}", highlight=False, soft_wrap=True)
+            console.print(f"[green]PASS[/] {markup(g.expr)}", highlight=False, soft_wrap=True)
         else:
-            names = ", ".join(f"{v.layer} ({fmt_number(v.value)})" for v in g.violations[:10])
+            names = ", ".join(
+                f"{markup(v.layer)} ({fmt_number(v.value)})" for v in g.violations[:10]
+            )
             more = f" and {len(g.violations) - 10} more" if len(g.violations) > 10 else ""
             console.print(
-                f"[bold red]FAIL[/] {g.expr}: {names}{more}", highlight=False, soft_wrap=True
+                f"[bold red]FAIL[/] {markup(g.expr)}: {names}{more}",
+                highlight=False,
+                soft_wrap=True,
             )
 
 
@@ -163,7 +174,7 @@ def to_json(report: Report) -> str:
 def to_markdown(report: Report) -> str:
     """A GitHub-flavoured Markdown report that pastes into a CI job summary."""
     s = report.summary
-    out = [f"## wcond inspect: `{report.checkpoint}`", ""]
+    out = [f"## wcond inspect: {md_code(report.checkpoint)}", ""]
     verdict = (
         "❌ gates failed" if report.failed else ("✅ all gates passed" if report.gates else "")
     )
@@ -176,19 +187,21 @@ def to_markdown(report: Report) -> str:
     out.append("| " + " | ".join(headers) + " |")
     out.append("|" + "|".join(["---", "---"] + ["---:"] * len(_COLUMNS)) + "|")
     for r in report.layers:
-        cells = [f"`{r.name}`", fmt_shape(r.shape)] + [
+        cells = [md_code(r.name), fmt_shape(r.shape)] + [
             _cell(r, value, 4) for _, value, *_ in _COLUMNS
         ]
-        out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        out.append("| " + " | ".join(md_cell(c) for c in cells) + " |")
     if report.gates:
         out += ["", "**Gates**", ""]
         for g in report.gates:
             if g.passed:
-                out.append(f"- ✅ `{g.expr}`")
+                out.append(f"- ✅ {md_code(g.expr)}")
             else:
-                names = ", ".join(f"`{v.layer}` ({fmt_number(v.value)})" for v in g.violations)
-                out.append(f"- ❌ `{g.expr}`: {names}")
-    notes = [f"- `{r.name}`: {n}" for r in report.layers for n in r.notes]
+                names = ", ".join(
+                    f"{md_code(v.layer)} ({fmt_number(v.value)})" for v in g.violations
+                )
+                out.append(f"- ❌ {md_code(g.expr)}: {names}")
+    notes = [f"- {md_code(r.name)}: {md_text(n)}" for r in report.layers for n in r.notes]
     if notes:
         out += ["", "**Notes**", ""] + notes
     return "\n".join(out) + "\n"
@@ -206,7 +219,7 @@ def to_csv(report: Report) -> str:
         row = {f: getattr(r, f) for f in CSV_FIELDS if f not in ("shape", "notes")}
         row["shape"] = fmt_shape(r.shape)
         row["notes"] = "; ".join(r.notes)
-        writer.writerow({k: "" if v is None else v for k, v in row.items()})
+        writer.writerow({k: "" if v is None else csv_cell(v) for k, v in row.items()})
     return buf.getvalue()
 
 

@@ -8,7 +8,6 @@ of the worst layers need matplotlib and the checkpoint's weights; without them t
 from __future__ import annotations
 
 import base64
-import html
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Callable
@@ -20,6 +19,7 @@ from wcond.errors import WcondError
 from wcond.load import Checkpoint, open_checkpoint
 from wcond.render_text import fmt_number, fmt_shape, ratio
 from wcond.report import LayerReport, Report
+from wcond.text import html_text
 
 __all__ = ["HEATMAPS", "to_html"]
 
@@ -103,7 +103,8 @@ document.querySelectorAll("table.sortable").forEach(function (table) {
 
 
 def _e(s: object) -> str:
-    return html.escape(str(s), quote=True)
+    """Any text on the page: escaped for HTML, control characters shown as escapes."""
+    return html_text(s)
 
 
 def to_html(

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from rich import box
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
 from wcond.condition import InitCSResult, LayerResult
 from wcond.render_text import fit_table, fmt_number
+from wcond.text import markup, one_line
 
 __all__ = ["render_init_cs"]
 
@@ -28,7 +28,7 @@ def render_init_cs(result: InitCSResult, console: Console) -> None:
     """The terminal view: CS before/after per layer, the drop split into norms and directions, then totals and notes."""
     keep_norm = result.settings["keep_norm"]
     table = Table(
-        title=escape(f"wcond init-cs: {result.checkpoint}"),
+        title=markup(f"wcond init-cs: {result.checkpoint}"),
         title_justify="left",
         header_style="bold",
         box=box.SIMPLE_HEAD,
@@ -59,7 +59,9 @@ def render_init_cs(result: InitCSResult, console: Console) -> None:
             ]
         )
     columns = {h: [row[i] for row in rows] for i, h in enumerate(headers)}
-    names, shown = fit_table(console.width, [r.name for r in result.layers], columns, _DROP_ORDER)
+    names, shown = fit_table(
+        console.width, [one_line(r.name) for r in result.layers], columns, _DROP_ORDER
+    )
     table.add_column("layer", no_wrap=True)
     for header in shown:
         table.add_column(header, justify="right", no_wrap=True)
@@ -95,7 +97,7 @@ def render_init_cs(result: InitCSResult, console: Console) -> None:
         )
     for r in result.layers:
         for note in r.notes:
-            console.print(f"[dim]note[/] {escape(r.name)}: {escape(note)}", soft_wrap=True)
+            console.print(f"[dim]note[/] {markup(r.name)}: {markup(note)}", soft_wrap=True)
 
 
 def _neg(v: float | None) -> float | None:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from rich import box
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
 from wcond.render_text import fit_table, fmt_number, fmt_shape
 from wcond.shrink import ShrinkReport
+from wcond.text import markup, one_line
 
 __all__ = ["render_shrink"]
 
@@ -21,7 +21,7 @@ def render_shrink(report: ShrinkReport, console: Console) -> None:
     """The terminal view of a ShrinkReport: one row per layer, then the totals."""
     title = f"wcond shrink{' --fold' if report.mode == 'fold' else ''}: {report.checkpoint}"
     table = Table(
-        title=escape(title),
+        title=markup(title),
         title_justify="left",
         header_style="bold",
         box=box.SIMPLE_HEAD,
@@ -41,7 +41,9 @@ def render_shrink(report: ShrinkReport, console: Console) -> None:
         )
         columns["error"].append(fmt_number(r.reconstruction_error, 3))
         columns["max°"].append(fmt_number(r.max_angle_deg, 3))
-    names, shown = fit_table(console.width, [r.name for r in report.layers], columns, _DROP_ORDER)
+    names, shown = fit_table(
+        console.width, [one_line(r.name) for r in report.layers], columns, _DROP_ORDER
+    )
     table.add_column("layer", no_wrap=True)
     for header in shown:
         table.add_column(header, justify="right", no_wrap=True)
@@ -66,22 +68,22 @@ def render_shrink(report: ShrinkReport, console: Console) -> None:
     )
     if report.resolved:
         names = "; ".join(
-            f"{escape(k)} = {escape(' + '.join(v))}" for k, v in report.resolved.items()
+            f"{markup(k)} = {markup(' + '.join(v))}" for k, v in report.resolved.items()
         )
         console.print(f"chain: {names}", soft_wrap=True)
     if report.widths:
-        changed = ", ".join(f"{escape(k)} {a} → {b}" for k, (a, b) in report.widths.items())
+        changed = ", ".join(f"{markup(k)} {a} → {b}" for k, (a, b) in report.widths.items())
         console.print(
             f"new widths (output units): {changed}; build the model with these to load the output",
             soft_wrap=True,
         )
     for r in report.layers:
         for note in r.notes:
-            console.print(f"[dim]note[/] {escape(r.name)}: {escape(note)}", soft_wrap=True)
+            console.print(f"[dim]note[/] {markup(r.name)}: {markup(note)}", soft_wrap=True)
     if report.output is None:
         console.print("dry run: nothing written")
     else:
-        console.print(f"wrote {escape(report.output)}", soft_wrap=True)
+        console.print(f"wrote {markup(report.output)}", soft_wrap=True)
     console.print(_file_bytes_line(report), soft_wrap=True)
 
 

@@ -26,7 +26,15 @@ from wcond.cli.common import (
     stdout,
 )
 from wcond.cli.project_config import ConfigOpt, read_config, with_config
-from wcond.defaults import DEVICE, INSPECT_FORMATS, TAU_COS, TAU_EUC, TOP, InspectFormat
+from wcond.defaults import (
+    DEVICE,
+    INSPECT_FORMATS,
+    MAX_TOP,
+    TAU_COS,
+    TAU_EUC,
+    TOP,
+    InspectFormat,
+)
 from wcond.errors import UsageError
 
 
@@ -60,7 +68,10 @@ def inspect_command(
     tau_cos: TauCosOpt = TAU_COS,
     tau_euc: TauEucOpt = TAU_EUC,
     top: Annotated[
-        int, typer.Option("--top", help="Closest pairs listed per layer and axis (JSON).", min=0)
+        int,
+        typer.Option(
+            "--top", help="Closest pairs listed per layer and axis (JSON).", min=0, max=MAX_TOP
+        ),
     ] = TOP,
     fail_if: Annotated[
         Optional[list[str]],
