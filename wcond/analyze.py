@@ -355,10 +355,11 @@ def _analyze_on(
         gpu=str(options["device"]).startswith("cuda"),
         progress=progress,
     )
-    out: list[list[LayerReport]] = [[] for _ in plans]
+    # Tasks group small layers apart from large ones: put every report back in stored order.
+    by_key: list[dict[str, LayerReport]] = [{} for _ in plans]
     for i, reports in zip(owner, results):
-        out[i] += reports
-    return out
+        by_key[i].update((r.name, r) for r in reports)
+    return [[by_key[i][s.key] for s in plan.specs] for i, plan in enumerate(plans)]
 
 
 class _Prefetcher:

@@ -191,7 +191,7 @@ def init_cs(
             gpu=str(device).startswith("cuda"),
             progress=progress,
         )
-        new, rows, curve = _merge_parts(parts)
+        new, rows, curve = _merge_parts(parts, [s.key for s in specs])
         device_used = f"{device} ({engine.name})"
     seconds = time.perf_counter() - start
 
@@ -280,8 +280,8 @@ def _init_cs_task(task: Task, selection: dict[str, Any], options: dict[str, Any]
     return _condition([by_key[k] for k in task.keys], ck.get, dev, **options)
 
 
-def _merge_parts(parts: Sequence[_Parts]) -> _Parts:
-    """The tasks' tensors, rows and CS curves as one run's (total: the sum over layers at each step)."""
+def _merge_parts(parts: Sequence[_Parts], order: Sequence[str]) -> _Parts:
+    """The tasks' tensors, rows and CS curves as one run's, layers in ``order`` (stored order)."""
     new: dict[str, torch.Tensor] = {}
     rows: dict[str, LayerResult] = {}
     layers: dict[str, list[float]] = {}
@@ -292,6 +292,8 @@ def _merge_parts(parts: Sequence[_Parts]) -> _Parts:
         if curve is not None:
             layers.update(curve["layers"])
             iteration = curve["iteration"]
+    rows = {k: rows[k] for k in order}
+    layers = {k: layers[k] for k in order if k in layers}
     if not layers:
         return new, rows, None
     total = [math.fsum(v[t] for v in layers.values()) for t in range(len(iteration))]
