@@ -32,6 +32,10 @@ class UsageError(WcondError):
     """A bad option value (a malformed gate, an unknown device, an output that would overwrite)."""
 
 
+class OutputError(WcondError):
+    """An output that cannot be written: a full disk, a read-only or vanished directory, a closed stdout."""
+
+
 class EngineError(WcondError):
     """A task that kept failing on the cluster (the message names its layer); nothing is reported or written."""
 
