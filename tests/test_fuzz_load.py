@@ -390,6 +390,7 @@ def test_non_utf8_file_names_read_like_any_other(tmp_path: Path) -> None:
     assert "\\xfd\\x1b[31m.pt: no such file" in str(e.value)  # escaped, never raw
 
 
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
 def test_odd_tensor_types(tmp_path: Path) -> None:
     """FP8 is analyzed; sparse, meta, zero-size and broadcast tensors are skipped with a note."""
     files = odd_tensor_files(tmp_path)
