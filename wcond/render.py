@@ -139,6 +139,12 @@ def _print_summary(report: Report, console: Console) -> None:
             console.print(
                 f"[dim]note[/] {markup(r.name)}: {markup(note)}", highlight=False, soft_wrap=True
             )
+    for key, why in s.skipped.items():
+        console.print(
+            f"[dim]skipped[/] {markup(key)}: {markup(why)}",
+            highlight=False,
+            soft_wrap=True,
+        )
     for g in report.gates:
         if g.passed:
             console.print(f"[green]PASS[/] {markup(g.expr)}", highlight=False, soft_wrap=True)
@@ -191,6 +197,7 @@ def to_markdown(report: Report) -> str:
                 )
                 out.append(f"- ❌ {md_code(g.expr)}: {names}")
     notes = [f"- {md_code(r.name)}: {md_text(n)}" for r in report.layers for n in r.notes]
+    notes += [f"- {md_code(k)}: skipped: {md_text(why)}" for k, why in s.skipped.items()]
     if notes:
         out += ["", "**Notes**", ""] + notes
     return "\n".join(out) + "\n"

@@ -52,10 +52,10 @@ def render_shrink(report: ShrinkReport, console: Console) -> None:
         soft_wrap=True,
     )
     if report.resolved:
-        names = "; ".join(
+        chain = "; ".join(
             f"{markup(k)} = {markup(' + '.join(v))}" for k, v in report.resolved.items()
         )
-        console.print(f"chain: {names}", soft_wrap=True)
+        console.print(f"chain: {chain}", soft_wrap=True)
     if report.widths:
         changed = ", ".join(f"{markup(k)} {a} → {b}" for k, (a, b) in report.widths.items())
         console.print(
