@@ -30,7 +30,7 @@ from wcond.device import resolve_device
 from wcond.engine import Engine, Task, open_on_worker, plan_tasks
 from wcond.errors import CheckpointError, UsageError
 from wcond.layers import LayerSpec, find_layers, is_layer
-from wcond.load import Checkpoint, TensorInfo, open_checkpoint
+from wcond.load import Checkpoint, TensorInfo, open_checkpoint, tensor_info
 
 __all__ = ["InitCSResult", "LayerResult", "init_cs"]
 
@@ -163,9 +163,7 @@ def init_cs(
         "exclude": list(exclude),
         "groups": dict(groups or {}),
     }
-    specs = _conv_specs(
-        name, {k: TensorInfo(tuple(t.shape), t.dtype) for k, t in tensors.items()}, **selection
-    )
+    specs = _conv_specs(name, {k: tensor_info(t) for k, t in tensors.items()}, **selection)
     options: dict[str, Any] = {
         "iterations": iterations,
         "lr": lr,
@@ -191,7 +189,7 @@ def init_cs(
             gpu=str(device).startswith("cuda"),
             progress=progress,
         )
-        new, rows, curve = _merge_parts(parts)
+        new, rows, curve = _merge_parts(parts, [s.key for s in specs])
         device_used = f"{device} ({engine.name})"
     seconds = time.perf_counter() - start
 
@@ -280,8 +278,8 @@ def _init_cs_task(task: Task, selection: dict[str, Any], options: dict[str, Any]
     return _condition([by_key[k] for k in task.keys], ck.get, dev, **options)
 
 
-def _merge_parts(parts: Sequence[_Parts]) -> _Parts:
-    """The tasks' tensors, rows and CS curves as one run's (total: the sum over layers at each step)."""
+def _merge_parts(parts: Sequence[_Parts], order: Sequence[str]) -> _Parts:
+    """The tasks' tensors, rows and CS curves as one run's, layers in ``order`` (stored order)."""
     new: dict[str, torch.Tensor] = {}
     rows: dict[str, LayerResult] = {}
     layers: dict[str, list[float]] = {}
@@ -292,6 +290,8 @@ def _merge_parts(parts: Sequence[_Parts]) -> _Parts:
         if curve is not None:
             layers.update(curve["layers"])
             iteration = curve["iteration"]
+    rows = {k: rows[k] for k in order}
+    layers = {k: layers[k] for k in order if k in layers}
     if not layers:
         return new, rows, None
     total = [math.fsum(v[t] for v in layers.values()) for t in range(len(iteration))]
