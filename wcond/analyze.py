@@ -20,10 +20,10 @@ from wcond import metrics
 from wcond.defaults import DEVICE, TAU_COS, TAU_EUC, TOP, ProgressFn
 from wcond.device import resolve_device
 from wcond.engine import Engine, Task, open_on_worker, plan_tasks
-from wcond.errors import CheckpointError, UsageError
+from wcond.errors import CheckpointError, UsageError, show_key
 from wcond.gates import Gate, evaluate_gates
-from wcond.layers import LayerSpec, find_layers, is_layer, layer_kind
-from wcond.load import Checkpoint, TensorInfo, open_checkpoint
+from wcond.layers import LayerSpec, find_layers, is_layer, layer_kind, selected, skip_note
+from wcond.load import Checkpoint, open_checkpoint, tensor_info
 from wcond.load_factorized import dense_view
 from wcond.report import NUMERIC_FIELDS, LayerReport, Report, Summary
 
@@ -59,6 +59,8 @@ def analyze_tensor(
         groups=groups,
     )
     w = w.to(device=resolve_device(device))
+    if w.dtype.is_floating_point and w.dtype.itemsize == 1:
+        w = w.float()  # FP8 (e4m3fn, e5m2): few torch kernels take it; each value is exact in fp32
     with torch.no_grad():
         w = metrics.as_float(w)  # fp16/bf16/fp8 upcast once, for rows, cols and CS alike
         lo, hi = torch.aminmax(w.reshape(-1))  # one pass: NaN and Inf show in lo or hi
@@ -127,6 +129,7 @@ class _Plan:
     specs: list[LayerSpec]
     get: Callable[[str], torch.Tensor]
     factored: dict[str, Any]
+    skipped: dict[str, str]  # selected tensors that are not analyzed: why
 
 
 def _plan(
@@ -138,11 +141,7 @@ def _plan(
     """Open a source (headers only for safetensors) and select its layers, or say why there are none."""
     path: str | None = None
     if isinstance(source, Mapping):
-        infos = {
-            k: TensorInfo(tuple(t.shape), t.dtype)
-            for k, t in source.items()
-            if isinstance(t, torch.Tensor)
-        }
+        infos = {k: tensor_info(t) for k, t in source.items() if isinstance(t, torch.Tensor)}
         get = source.__getitem__
         name, fmt, wrapper = "<state_dict>", "state_dict", None
     else:
@@ -154,16 +153,26 @@ def _plan(
     # A shrunk checkpoint: analyze the dense weights it stands for.
     dense, get, factored = dense_view(infos, get, name)
     specs = find_layers(dense, layers, exclude, dict(groups or {}))
+    skipped = {
+        k: note
+        for k, i in dense.items()
+        if (note := skip_note(i)) is not None and selected(k, layers, exclude)
+    }
     if not specs:
         if any(is_layer(i) for i in dense.values()):
             raise CheckpointError(
                 f"{name}: no layer matches the patterns layers={list(layers)!r}, exclude={list(exclude)!r}",
                 params=("layers", "exclude"),
             )
+        why = ""
+        if skipped:
+            key, note = next(iter(skipped.items()))
+            why = f"; {len(skipped)} skipped, e.g. {show_key(key)}: {note}"
         raise CheckpointError(
-            f"{name}: no analyzable tensors (need floating-point tensors with 2 to 5 dims and at least 2 rows)"
+            f"{name}: no analyzable tensors (need dense floating-point tensors with 2 to 5 dims "
+            f"and at least 2 rows){why}"
         )
-    return _Plan(name, fmt, wrapper, path, len(dense), specs, get, factored)
+    return _Plan(name, fmt, wrapper, path, len(dense), specs, get, factored, skipped)
 
 
 def _analyze_spec(
@@ -300,6 +309,7 @@ def inspect_many(
             layers=layer_reports,
             summary=_summarize(layer_reports, plan.tensors),
         )
+        report.summary.skipped = plan.skipped
         report.gates = evaluate_gates(gates, {r.name: r.numbers() for r in layer_reports})
         reports.append(report)
     return reports

@@ -30,7 +30,7 @@ from wcond.device import resolve_device
 from wcond.engine import Engine, Task, open_on_worker, plan_tasks
 from wcond.errors import CheckpointError, UsageError
 from wcond.layers import LayerSpec, find_layers, is_layer
-from wcond.load import Checkpoint, TensorInfo, open_checkpoint
+from wcond.load import Checkpoint, TensorInfo, open_checkpoint, tensor_info
 
 __all__ = ["InitCSResult", "LayerResult", "init_cs"]
 
@@ -163,9 +163,7 @@ def init_cs(
         "exclude": list(exclude),
         "groups": dict(groups or {}),
     }
-    specs = _conv_specs(
-        name, {k: TensorInfo(tuple(t.shape), t.dtype) for k, t in tensors.items()}, **selection
-    )
+    specs = _conv_specs(name, {k: tensor_info(t) for k, t in tensors.items()}, **selection)
     options: dict[str, Any] = {
         "iterations": iterations,
         "lr": lr,

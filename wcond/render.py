@@ -7,17 +7,15 @@ import io
 import json
 from collections.abc import Callable
 
-from rich import box
 from rich.console import Console
-from rich.table import Table
 from rich.text import Text
 
 from wcond._version import __version__
 from wcond.render_html import to_html
 from wcond.render_junit import to_junit
-from wcond.render_text import fit_table, fmt_number, fmt_shape, ratio
+from wcond.render_text import fmt_number, fmt_shape, print_layer_table, ratio, table_text
 from wcond.report import NUMERIC_FIELDS, LayerReport, Report
-from wcond.text import csv_cell, markup, md_cell, md_code, md_text, one_line
+from wcond.text import csv_cell, markup, md_cell, md_code, md_text
 
 __all__ = ["FORMATS", "fmt_number", "render", "render_table", "to_csv", "to_json", "to_markdown"]
 
@@ -92,25 +90,16 @@ def render_table(report: Report, console: Console) -> None:
             if header == "∥r/c" and (r.near_parallel_rows or r.near_parallel_cols) and not style:
                 style = "yellow"
             cells[header].append(Text(_cell(r, value), style=style))
-    names, shown = fit_table(
-        console.width, [one_line(r.name) for r in report.layers], cells, _DROP_ORDER
+    hidden = print_layer_table(
+        console,
+        f"wcond inspect: {report.checkpoint}",
+        [r.name for r in report.layers],
+        cells,
+        _DROP_ORDER,
+        name_styles=["bold red" if r.name in tripped or r.nonfinite else "" for r in report.layers],
+        left=("shape",),
     )
-    hidden = [h for h in cells if h not in shown]
-    table = Table(
-        title=Text(f"wcond inspect: {one_line(report.checkpoint)}"),
-        title_justify="left",
-        header_style="bold",
-        box=box.SIMPLE_HEAD,
-        padding=(0, 0, 0, 1),
-        pad_edge=False,
-    )
-    table.add_column("layer", no_wrap=True)
-    for h in shown:
-        table.add_column(h, justify="left" if h == "shape" else "right", no_wrap=True)
-    for i, (r, name) in enumerate(zip(report.layers, names)):
-        style = "bold red" if r.name in tripped or r.nonfinite else ""
-        table.add_row(Text(name, style=style), *(cells[h][i] for h in shown))
-    console.print(table)
+    shown = [h for h in cells if h not in hidden]
     legend = "  ".join(f"{h}: {_LEGEND[h]}" for h in shown if h in _LEGEND)
     console.print(f"[dim]{legend}[/]")
     if hidden:
@@ -150,6 +139,12 @@ def _print_summary(report: Report, console: Console) -> None:
             console.print(
                 f"[dim]note[/] {markup(r.name)}: {markup(note)}", highlight=False, soft_wrap=True
             )
+    for key, why in s.skipped.items():
+        console.print(
+            f"[dim]skipped[/] {markup(key)}: {markup(why)}",
+            highlight=False,
+            soft_wrap=True,
+        )
     for g in report.gates:
         if g.passed:
             console.print(f"[green]PASS[/] {markup(g.expr)}", highlight=False, soft_wrap=True)
@@ -202,6 +197,7 @@ def to_markdown(report: Report) -> str:
                 )
                 out.append(f"- ❌ {md_code(g.expr)}: {names}")
     notes = [f"- {md_code(r.name)}: {md_text(n)}" for r in report.layers for n in r.notes]
+    notes += [f"- {md_code(k)}: skipped: {md_text(why)}" for k, why in s.skipped.items()]
     if notes:
         out += ["", "**Notes**", ""] + notes
     return "\n".join(out) + "\n"
@@ -224,9 +220,7 @@ def to_csv(report: Report) -> str:
 
 
 def _table_text(report: Report) -> str:
-    console = Console(record=True, width=120, file=io.StringIO(), color_system=None)
-    render_table(report, console)
-    return console.export_text()
+    return table_text(render_table, report)
 
 
 FORMATS: dict[str, Callable[[Report], str]] = {

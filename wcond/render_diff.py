@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Callable
 
@@ -13,7 +12,7 @@ from rich.text import Text
 
 from wcond._version import __version__
 from wcond.diff import DiffReport, LayerDiff, MetricDiff
-from wcond.render_text import fit_table, fmt_number, fmt_shape
+from wcond.render_text import fit_table, fmt_number, fmt_shape, table_text
 from wcond.text import markup, md_cell, md_code, one_line
 
 __all__ = ["DIFF_RENDERERS", "diff_to_json", "diff_to_markdown", "render_diff", "render_diff_table"]
@@ -147,7 +146,8 @@ def diff_to_markdown(d: DiffReport) -> str:
     for layer in d.layers:
         changed = "new shape" if layer.shape_changed else ""
         out.append(
-            f"| {md_cell(md_code(layer.name))} | shape | {fmt_shape(layer.shape_a)} | {fmt_shape(layer.shape_b)} | {changed} | |"
+            f"| {md_cell(md_code(layer.name))} | shape | {fmt_shape(layer.shape_a)} "
+            f"| {fmt_shape(layer.shape_b)} | {changed} | |"
         )
         out += [f"| | {k} | " + " | ".join(_cells(m)) + " |" for k, m in _shown(layer)]
     out += ["", "change = B - A; rel = change / |A|."]
@@ -155,9 +155,7 @@ def diff_to_markdown(d: DiffReport) -> str:
 
 
 def _table_text(d: DiffReport) -> str:
-    console = Console(record=True, width=120, file=io.StringIO(), color_system=None)
-    render_diff_table(d, console)
-    return console.export_text()
+    return table_text(render_diff_table, d)
 
 
 DIFF_RENDERERS: dict[str, Callable[[DiffReport], str]] = {

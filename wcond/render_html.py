@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from wcond._version import __version__
+from wcond.defaults import TAU_COS, TAU_EUC
 from wcond.errors import WcondError
 from wcond.load import Checkpoint, open_checkpoint
 from wcond.render_text import fmt_number, fmt_shape, ratio
@@ -271,7 +272,10 @@ def _heatmaps(
             )
         weights = open_checkpoint(report.checkpoint)
     figures = []
-    tau_cos, tau_euc = report.settings.get("tau_cos", 1e-4), report.settings.get("tau_euc", 0.1)
+    tau_cos, tau_euc = (
+        report.settings.get("tau_cos", TAU_COS),
+        report.settings.get("tau_euc", TAU_EUC),
+    )
     for layer, why in chosen:
         try:
             w = (

@@ -67,7 +67,8 @@ def visible(s: object) -> str:
 
 def one_line(s: object) -> str:
     """:func:`visible`, with ``::`` shown as ``:\\x3a``: safe anywhere in a line of a log."""
-    return _WORKFLOW.sub(r":\\x3a", visible(s))
+    text = visible(s)
+    return _WORKFLOW.sub(r":\\x3a", text) if "::" in text else text
 
 
 def markup(s: object) -> str:
@@ -78,7 +79,9 @@ def markup(s: object) -> str:
 def md_code(s: object) -> str:
     """A Markdown code span showing ``s`` literally, fenced by more backticks than it holds."""
     text = one_line(s)
-    longest = max((len(run) for run in re.findall("`+", text)), default=0)
+    if "`" not in text:
+        return f"`{text}`"
+    longest = max(len(run) for run in re.findall("`+", text))
     fence = "`" * (longest + 1)
     pad = " " if text.startswith("`") or text.endswith("`") else ""
     return f"{fence}{pad}{text}{pad}{fence}"

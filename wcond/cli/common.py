@@ -19,7 +19,7 @@ import typer
 from rich.console import Console, ConsoleDimensions
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
-from wcond.defaults import Device, ProgressFn
+from wcond.defaults import Device, ProgressFn, RewriteFormat
 from wcond.errors import OutputError, WcondError
 from wcond.text import markup, one_line
 
@@ -158,6 +158,13 @@ GroupsOpt = Annotated[
         help="Conv groups of a layer, KEY=G (KEY may be a glob; repeatable).",
         metavar="KEY=G",
     ),
+]
+OutputOpt = Annotated[
+    Optional[Path],
+    typer.Option("--output", "-o", help="Write to this file instead of stdout (atomically)."),
+]
+RewriteFormatOpt = Annotated[
+    RewriteFormat, typer.Option("--format", "-f", help="Report format on stdout.")
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite OUT if it exists.")]
 RayOpt = Annotated[

@@ -19,6 +19,7 @@ from wcond.cli.common import (
     LayersOpt,
     RayAddressOpt,
     RayOpt,
+    RewriteFormatOpt,
     emit,
     engine_for,
     finite,
@@ -35,7 +36,6 @@ from wcond.defaults import (
     MAX_SEED,
     OPTIMIZER,
     Optimizer,
-    RewriteFormat,
 )
 from wcond.errors import UsageError
 from wcond.text import markup
@@ -102,14 +102,7 @@ def init_cs_command(
             metavar="FILE",
         ),
     ] = None,
-    format: Annotated[
-        RewriteFormat,
-        typer.Option(
-            "--format",
-            "-f",
-            help="Summary format on stdout.",
-        ),
-    ] = "table",
+    format: RewriteFormatOpt = "table",
     ray: RayOpt = False,
     ray_address: RayAddressOpt = None,
 ) -> None:

@@ -14,6 +14,7 @@ from wcond.cli.common import (
     ExcludeOpt,
     GroupsOpt,
     LayersOpt,
+    OutputOpt,
     RayAddressOpt,
     RayOpt,
     TauCosOpt,
@@ -58,10 +59,7 @@ def inspect_command(
             "--format", "-f", help="Output format (default: table, or from -o's extension)."
         ),
     ] = None,
-    output: Annotated[
-        Optional[Path],
-        typer.Option("--output", "-o", help="Write the report to this file instead of stdout."),
-    ] = None,
+    output: OutputOpt = None,
     layers: LayersOpt = None,
     exclude: ExcludeOpt = None,
     groups: GroupsOpt = None,

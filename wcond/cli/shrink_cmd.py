@@ -18,6 +18,7 @@ from wcond.cli.common import (
     LayersOpt,
     RayAddressOpt,
     RayOpt,
+    RewriteFormatOpt,
     TauCosOpt,
     TauEucOpt,
     emit,
@@ -27,7 +28,7 @@ from wcond.cli.common import (
     stderr,
     stdout,
 )
-from wcond.defaults import AXIS, DEVICE, TAU_COS, TAU_EUC, Axis, RewriteFormat
+from wcond.defaults import AXIS, DEVICE, TAU_COS, TAU_EUC, Axis
 from wcond.errors import UsageError
 from wcond.text import markup
 
@@ -71,14 +72,7 @@ def shrink_command(
     ] = False,
     device: DeviceOpt = DEVICE,
     force: ForceOpt = False,
-    format: Annotated[
-        RewriteFormat,
-        typer.Option(
-            "--format",
-            "-f",
-            help="Report format on stdout.",
-        ),
-    ] = "table",
+    format: RewriteFormatOpt = "table",
     fold_units: Annotated[
         bool,
         typer.Option(
