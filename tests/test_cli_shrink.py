@@ -181,8 +181,8 @@ def test_inspect_shows_the_factorization(model_file: Path, tmp_path: Path) -> No
             "--fold takes its layers from --chain; --axis, --protect do not apply to it",
         ),
         (
-            ("--dry-run", "--fold", "--chain", "fc1,fc2.weight"),
-            "has no tensor named 'fc1'; did you mean 'fc1.weight'?",
+            ("--dry-run", "--fold", "--chain", "fc,fc2.weight"),
+            "has no layer or BatchNorm named 'fc'; it holds",
         ),
         (("--dry-run", "--layers", "conv*"), "no layer matches the patterns --layers ['conv*'], --exclude []"),
         (("--dry-run", "--device", "cuda"), "CUDA is not available"),

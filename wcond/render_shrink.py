@@ -9,9 +9,9 @@ from rich.table import Table
 from rich.text import Text
 
 from wcond.render_text import fit_table, fmt_number, fmt_shape
-from wcond.shrink import ShrinkReport
+from wcond.shrink import FoldReport, ShrinkReport
 
-__all__ = ["render_shrink"]
+__all__ = ["render_fold", "render_shrink"]
 
 # The columns that give way on a narrow console, least important first.
 _DROP_ORDER = ("max°", "shape", "error")
@@ -96,3 +96,68 @@ def _file_bytes_line(report: ShrinkReport) -> str:
     if report.formats:
         line += f"; IN is {report.formats[0]}, OUT {report.formats[1]}: the formats differ too"
     return line
+
+
+def render_fold(report: FoldReport, console: Console) -> None:
+    """The terminal view of a FoldReport: the links folded, the new widths, what was left alone."""
+    title = f"wcond shrink --fold --model: {report.model}"
+    if report.checkpoint:
+        title += f" with {report.checkpoint}"
+    table = Table(
+        title=escape(title),
+        title_justify="left",
+        header_style="bold",
+        box=box.SIMPLE_HEAD,
+        padding=(0, 0, 0, 1),
+        pad_edge=False,
+    )
+    table.add_column("layer", no_wrap=True)
+    for header in ("shape", "∥units", "params", "error"):
+        table.add_column(header, justify="right", no_wrap=True)
+    for r in report.layers:
+        shape = fmt_shape(r.shape_before) + (
+            "" if r.shape_after == r.shape_before else f" → {fmt_shape(r.shape_after)}"
+        )
+        params = f"{r.params_before:,}" + (
+            "" if r.params_after == r.params_before else f" → {r.params_after:,}"
+        )
+        table.add_row(
+            Text(r.name),
+            shape,
+            str(r.fused_rows),
+            params,
+            fmt_number(r.reconstruction_error, 3),
+            style="bold" if r.changed else "dim",
+        )
+    console.print(table)
+    console.print(
+        f"parameters: {report.params_before:,} → {report.params_after:,} "
+        f"([bold]{report.params_removed:,}[/] removed, {report.percent_removed:.2f}%)",
+        soft_wrap=True,
+    )
+    if report.constructor:
+        widths = "; ".join(
+            f"{escape(m)} " + ", ".join(f"{a} {b} → {c}" for a, (b, c) in attrs.items())
+            for m, attrs in report.constructor.items()
+        )
+        console.print(f"constructor widths: {widths}", soft_wrap=True)
+    else:
+        console.print("constructor widths: unchanged (no positively parallel units found)")
+    if report.left_alone:
+        alone = "; ".join(f"{escape(m)} ({escape(why)})" for m, why in report.left_alone.items())
+        console.print(f"left alone: {alone}", soft_wrap=True)
+    if report.max_abs_diff is not None:
+        console.print(
+            f"max |Δ output| on a random input of shape {report.input_shape}: "
+            f"{fmt_number(report.max_abs_diff, 3)}",
+            soft_wrap=True,
+        )
+    if report.output is None:
+        console.print("dry run: nothing written")
+    else:
+        console.print(f"wrote {escape(report.output)}", soft_wrap=True)
+        if report.file_bytes_after is not None:
+            console.print(
+                f"file bytes: {report.file_bytes_before:,} → {report.file_bytes_after:,}",
+                soft_wrap=True,
+            )

@@ -33,7 +33,6 @@ from wcond.save import output_format
 from wcond.shrink.output import (
     _MANIFESTS,
     _formats,
-    _nbytes,
     _open_source,
     _write,
     _written_bytes,
@@ -291,7 +290,8 @@ def shrink(
         params_after=sum(i.numel for i in infos.values())
         - sum(r.params_before - r.params_after for r in reports),
         bytes_before=ck.num_bytes,
-        bytes_after=ck.num_bytes + sum(new_bytes[k] - _nbytes(infos[k]) for k in replaced),
+        bytes_after=ck.num_bytes
+        + sum(new_bytes[k] - infos[k].numel * infos[k].dtype.itemsize for k in replaced),
         file_bytes_before=size_before,
     )
     if output is None:
