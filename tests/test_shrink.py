@@ -331,6 +331,10 @@ def test_axis_choice(mlp_file: Path) -> None:
         by["fc2.weight"].fused_rows,
         by["fc2.weight"].fused_cols,
     ) == (12, 0)
+    by = {r.name: r for r in shrink(mlp_file, axis="rows", layers=["fc2"]).layers}  # a module
+    assert list(by) == ["fc2.weight"] and by["fc2.weight"].fused_rows == 12
+    by = {r.name: r for r in shrink(mlp_file, protect=["fc2"]).layers}
+    assert by["fc2.weight"].notes == ["protected (--protect): not fused"]
     with pytest.raises(UsageError, match="axis='diagonal'"):
         shrink(mlp_file, axis="diagonal")
 

@@ -155,7 +155,9 @@ def shrink(
         output: where to write (.safetensors or a torch extension); None reports without writing.
         axis: "auto" fuses along the longer axis only (more rows than columns: rows), both axes
             for a square layer; or "rows", "cols", "both".
-        protect: globs of layers never fused. With ``protect_ends`` (default), the first
+        layers, exclude: globs of layer keys to shrink or skip; a module name (``net.0``,
+            ``features.*``) stands for its ``.weight``.
+        protect: globs of layers never fused (keys or module names). With ``protect_ends`` (default), the first
             analyzable weight's columns (the network's inputs) and the last one's rows (its
             classes) are never fused, "first" and "last" in stored order, as in the paper.
         force: overwrite an existing ``output``.
@@ -175,7 +177,7 @@ def shrink(
         raise UsageError(f"axis={axis!r}: use one of {', '.join(AXES)}", params=("axis",))
     ck, infos = _open_source(source, output, force)
     dev = resolve_device(device)
-    specs = find_layers(infos, layers, exclude)
+    specs = find_layers(infos, _with_modules(layers), _with_modules(exclude))
     if not specs:
         _no_layers(ck, infos, layers, exclude)
     analyzable = [k for k, i in infos.items() if is_layer(i)]
@@ -198,7 +200,7 @@ def shrink(
             spec.key, shape, shape, params_before=spec.info.numel, params_after=spec.info.numel
         )
         reports.append(rep)
-        rep.axes = _axes(spec.key, shape, axis, first, last, protect, rep.notes)
+        rep.axes = _axes(spec.key, shape, axis, first, last, _with_modules(protect), rep.notes)
         if not rep.axes:
             continue
         w = ck.get(spec.key)
@@ -380,6 +382,11 @@ def _size_format(ck: Checkpoint, output: str | Path | None) -> str:
     if output is not None:
         return output_format(output)
     return "safetensors" if all(p.suffix == ".safetensors" for p in ck.files) else "torch"
+
+
+def _with_modules(globs: Sequence[str]) -> list[str]:
+    """Globs that match a weight key directly, or through its module's name (net.0: net.0.weight)."""
+    return [*globs, *(g + ".weight" for g in globs if not g.endswith(".weight"))]
 
 
 def _axes(
