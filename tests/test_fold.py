@@ -291,3 +291,5 @@ def test_cli_model_factory_end_to_end(tmp_path: Path, monkeypatch: pytest.Monkey
     ):
         r = runner.invoke(app, ["shrink", str(src), "--fold", "--model", bad, "--dry-run"])
         assert r.exit_code == 2 and message in r.stderr, r.output
+    r = runner.invoke(app, [*args, "--input-shape", "2,7", "--dry-run"])
+    assert r.exit_code == 2 and "--input-shape [2, 7]: the model fails on such an input" in r.stderr

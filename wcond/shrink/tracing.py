@@ -123,9 +123,8 @@ def fold_model(
     try:
         graph = torch.fx.symbolic_trace(new).graph
     except Exception as e:  # fx raises many types for untraceable Python (TraceError, TypeError...)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(
-            f"cannot trace {type(model).__name__} with torch.fx ({first[:200]}); fold a chain of "
+            f"cannot trace {type(model).__name__} with torch.fx ({_first_line(e)}); fold a chain of "
             "named layers from its checkpoint instead (wcond.shrink.fold)"
         ) from e
     modules = dict(new.named_modules())
@@ -310,6 +309,11 @@ def _describe(u: torch.fx.Node, modules: dict[str, nn.Module]) -> str:
     return u.op
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:200]
+
+
 def _module_of(key: str) -> str:
     return key.removesuffix(".weight")
 
@@ -354,7 +358,11 @@ def _max_abs_diff(a: nn.Module, b: nn.Module, x: Tensor | tuple[Tensor, ...]) ->
     a.eval()
     try:
         args = x if isinstance(x, tuple) else (x,)
-        ya, yb = a(*args), b(*args)
+        try:
+            ya = a(*args)
+        except Exception as e:  # the user's forward: any exception means a wrong input
+            raise UsageError(f"example_input: the model fails on it ({_first_line(e)})") from e
+        yb = b(*args)
     finally:
         a.train(was)
     ya_t = ya if isinstance(ya, Tensor) else torch.cat([t.flatten() for t in ya])
@@ -442,6 +450,15 @@ def fold_checkpoint(
                 params=("input_shape",),
             )
         example = torch.randn(*map(int, input_shape), generator=torch.Generator().manual_seed(0))
+        try:
+            with torch.no_grad():
+                net.eval()(example)
+        except Exception as e:  # the user's forward: any exception means a wrong shape or input
+            raise UsageError(
+                f"input_shape={list(input_shape)!r}: the model fails on such an input "
+                f"({_first_line(e)})",
+                params=("input_shape",),
+            ) from e
     new, report = fold_model(net.eval(), example, tau_cos=tau_cos, tau_euc=tau_euc)
     report.checkpoint = str(source)
     report.input_shape = list(input_shape) if input_shape is not None else None
