@@ -291,7 +291,8 @@ def _plan(
             continue
         bn = steps[n + 1][1] if steps[n + 1][0] == "bn" else None
         nxt = next(nm for k, nm in steps[n + 1 :] if k == "layer")
-        links.append(_link(ck, infos, name, bn, nxt, bn_eps))
+        named_bns = {nm for k, nm in steps if k == "bn"}
+        links.append(_link(ck, infos, name, bn, nxt, bn_eps, named_bns))
     return links, layers, resolved
 
 
@@ -319,6 +320,7 @@ def _link(
     bn: str | None,
     b: str,
     bn_eps: float,
+    named_bns: set[str],
 ) -> Link:
     """Check that layer ``a`` (with BatchNorm ``bn``) can feed layer ``b``; the link between them."""
     out_a, shape_b = infos[a].shape[0], infos[b].shape
@@ -342,7 +344,7 @@ def _link(
                 k.endswith(".running_mean")
                 and info.shape == (out_a,)
                 and _parent(k) == _parent(a)
-                and k != b
+                and k.removesuffix(".running_mean") not in named_bns
             ):
                 name = k.removesuffix(".running_mean")
                 raise UsageError(
