@@ -184,7 +184,10 @@ def test_inspect_shows_the_factorization(model_file: Path, tmp_path: Path) -> No
             ("--dry-run", "--fold", "--chain", "fc,fc2.weight"),
             "has no layer or BatchNorm named 'fc'; it holds",
         ),
-        (("--dry-run", "--layers", "conv*"), "no layer matches the patterns --layers ['conv*'], --exclude []"),
+        (
+            ("--dry-run", "--layers", "conv*"),
+            "no layer matches the patterns --layers ['conv*'], --exclude []",
+        ),
         (("--dry-run", "--device", "cuda"), "CUDA is not available"),
     ],
 )

@@ -22,7 +22,13 @@ if "torch" not in _sys.modules:
     _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from wcond._version import __version__
-from wcond.errors import CheckpointError, UnsafeCheckpointError, UsageError, WcondError
+from wcond.errors import (
+    CheckpointError,
+    EngineError,
+    UnsafeCheckpointError,
+    UsageError,
+    WcondError,
+)
 
 # The rest of the API imports torch: it is loaded on first use, so that `import wcond` (and with it
 # `wcond --help`) stays light. Each name maps to the module that defines it.
@@ -33,6 +39,7 @@ _LAZY = {
     "Summary": "wcond.report",
     "analyze_tensor": "wcond.analyze",
     "inspect": "wcond.analyze",
+    "inspect_many": "wcond.analyze",
     "init_cs": "wcond.condition",
     "Checkpoint": "wcond.load",
     "load_checkpoint": "wcond.load",
@@ -43,7 +50,7 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from wcond import metrics
-    from wcond.analyze import analyze_tensor, inspect
+    from wcond.analyze import analyze_tensor, inspect, inspect_many
     from wcond.condition import init_cs
     from wcond.load import Checkpoint, load_checkpoint, open_checkpoint
     from wcond.load_factorized import load_state_dict
@@ -71,6 +78,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "Checkpoint",
     "CheckpointError",
+    "EngineError",
     "LayerReport",
     "Report",
     "Summary",
@@ -82,6 +90,7 @@ __all__ = [
     "fold",
     "init_cs",
     "inspect",
+    "inspect_many",
     "load_checkpoint",
     "load_state_dict",
     "metrics",

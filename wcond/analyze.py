@@ -8,22 +8,33 @@ into plain dataclasses.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from wcond import metrics
 from wcond.defaults import DEVICE, TAU_COS, TAU_EUC, TOP, ProgressFn
 from wcond.device import resolve_device
-from wcond.errors import CheckpointError
+from wcond.engine import Engine, Task, open_on_worker, plan_tasks
+from wcond.errors import CheckpointError, UsageError
 from wcond.gates import Gate, evaluate_gates
-from wcond.layers import find_layers, is_layer, layer_kind
+from wcond.layers import LayerSpec, find_layers, is_layer, layer_kind
 from wcond.load import Checkpoint, TensorInfo, open_checkpoint
 from wcond.load_factorized import dense_view
 from wcond.report import NUMERIC_FIELDS, LayerReport, Report, Summary
 
-__all__ = ["NUMERIC_FIELDS", "LayerReport", "Report", "Summary", "analyze_tensor", "inspect"]
+__all__ = [
+    "NUMERIC_FIELDS",
+    "LayerReport",
+    "Report",
+    "Summary",
+    "analyze_tensor",
+    "inspect",
+    "inspect_many",
+]
 
 
 def analyze_tensor(
@@ -95,38 +106,28 @@ def analyze_tensor(
     return rep
 
 
-def inspect(
+@dataclass
+class _Plan:
+    """What the driver knows about one checkpoint before any tensor is read."""
+
+    name: str
+    format: str
+    wrapper: str | None
+    path: str | None  # None for an in-memory state dict
+    tensors: int
+    specs: list[LayerSpec]
+    get: Callable[[str], torch.Tensor]
+    factored: dict[str, Any]
+
+
+def _plan(
     source: str | Path | Checkpoint | Mapping[str, torch.Tensor],
-    *,
-    layers: Sequence[str] = (),
-    exclude: Sequence[str] = (),
-    groups: Mapping[str, int] | None = None,
-    tau_cos: float = TAU_COS,
-    tau_euc: float = TAU_EUC,
-    top: int = TOP,
-    device: str = DEVICE,
-    fail_if: Sequence[str | Gate] = (),
-    config: str | Path | None = None,
-    progress: ProgressFn | None = None,
-) -> Report:
-    """Analyze every selected layer of a checkpoint (path, opened Checkpoint, or state dict).
-
-    Args:
-        layers, exclude: glob patterns on tensor keys.
-        groups: conv groups by key or glob (a state dict does not record them).
-        tau_cos, tau_euc: near-parallel thresholds (METRICS.md).
-        top: how many closest pairs to list per layer and axis.
-        device: "auto", "cpu", "cuda", "mps" or any torch device string.
-        fail_if: gate expressions such as "acv_mean>0.5".
-        config: the settings file these options were read from, recorded in ``settings``.
-        progress: called as progress(bytes_done, bytes_total, key) while layers are read.
-
-    Example:
-        >>> report = wcond.inspect("model.safetensors", fail_if=["near_parallel_rows>0"])
-        >>> [layer.name for layer in report.layers if layer.acv_mean > 0.2]
-    """
-    gates = [g if isinstance(g, Gate) else Gate.parse(g, NUMERIC_FIELDS) for g in fail_if]
-    dev = resolve_device(device)
+    layers: Sequence[str],
+    exclude: Sequence[str],
+    groups: Mapping[str, int] | None,
+) -> _Plan:
+    """Open a source (headers only for safetensors) and select its layers, or say why there are none."""
+    path: str | None = None
     if isinstance(source, Mapping):
         infos = {
             k: TensorInfo(tuple(t.shape), t.dtype)
@@ -140,11 +141,12 @@ def inspect(
         infos = {k: ck.info(k) for k in ck.keys()}
         get = ck.get
         name, fmt, wrapper = str(ck.path), ck.format, ".".join(ck.wrapper) or None
-    # a shrunk checkpoint: analyze the dense weights it stands for
-    infos, get, factored = dense_view(infos, get, name)
-    specs = find_layers(infos, layers, exclude, dict(groups or {}))
+        path = str(Path(ck.path).resolve())
+    # A shrunk checkpoint: analyze the dense weights it stands for.
+    dense, get, factored = dense_view(infos, get, name)
+    specs = find_layers(dense, layers, exclude, dict(groups or {}))
     if not specs:
-        if any(is_layer(i) for i in infos.values()):
+        if any(is_layer(i) for i in dense.values()):
             raise CheckpointError(
                 f"{name}: no layer matches the patterns layers={list(layers)!r}, exclude={list(exclude)!r}",
                 params=("layers", "exclude"),
@@ -152,48 +154,199 @@ def inspect(
         raise CheckpointError(
             f"{name}: no analyzable tensors (need floating-point tensors with 2 to 5 dims and at least 2 rows)"
         )
-    total = sum(s.info.numel for s in specs)
-    done = 0
-    reports: list[LayerReport] = []
-    for spec in specs:
-        if progress:
-            progress(done, total, spec.key)
-        rep = analyze_tensor(
-            spec.key,
-            get(spec.key),
-            groups=spec.groups,
-            tau_cos=tau_cos,
-            tau_euc=tau_euc,
-            top=top,
-            device=dev,
-        )
-        if spec.group_note:
-            rep.notes.append(spec.group_note)
-        if spec.key in factored:
-            factored[spec.key].annotate(rep)
-        reports.append(rep)
-        done += spec.info.numel
-    if progress:
-        progress(total, total, "")
-    report = Report(
-        checkpoint=name,
-        format=fmt,
-        wrapper=wrapper,
-        settings={
+    return _Plan(name, fmt, wrapper, path, len(dense), specs, get, factored)
+
+
+def _analyze_spec(
+    spec: LayerSpec,
+    get: Callable[[str], torch.Tensor],
+    factored: Mapping[str, Any],
+    options: Mapping[str, Any],
+) -> LayerReport:
+    """The report of one selected layer: the one per-layer step of the local and the engine paths."""
+    rep = analyze_tensor(spec.key, get(spec.key), groups=spec.groups, **options)
+    if spec.group_note:
+        rep.notes.append(spec.group_note)
+    if spec.key in factored:
+        factored[spec.key].annotate(rep)
+    return rep
+
+
+def _inspect_task(
+    task: Task, selection: dict[str, Any], options: dict[str, Any]
+) -> list[LayerReport]:
+    """An engine task: reopen the checkpoint where the worker runs, and analyze the task's layers."""
+    options = {**options, "device": resolve_device(options["device"])}
+    plan = _plan(open_on_worker(task.path), **selection)
+    by_key = {s.key: s for s in plan.specs}
+    return [_analyze_spec(by_key[k], plan.get, plan.factored, options) for k in task.keys]
+
+
+def inspect(
+    source: str | Path | Checkpoint | Mapping[str, torch.Tensor],
+    *,
+    layers: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    groups: Mapping[str, int] | None = None,
+    tau_cos: float = TAU_COS,
+    tau_euc: float = TAU_EUC,
+    top: int = TOP,
+    device: str = DEVICE,
+    fail_if: Sequence[str | Gate] = (),
+    config: str | Path | None = None,
+    progress: ProgressFn | None = None,
+    engine: Engine | None = None,
+) -> Report:
+    """Analyze every selected layer of a checkpoint (path, opened Checkpoint, or state dict).
+
+    Args:
+        layers, exclude: glob patterns on tensor keys.
+        groups: conv groups by key or glob (a state dict does not record them).
+        tau_cos, tau_euc: near-parallel thresholds (METRICS.md).
+        top: how many closest pairs to list per layer and axis.
+        device: "auto", "cpu", "cuda", "mps" or any torch device string.
+        fail_if: gate expressions such as "acv_mean>0.5".
+        config: the settings file these options were read from, recorded in ``settings``.
+        progress: called as progress(done, total, key) while layers are read: parameters
+            analyzed in this process, tasks finished on an engine.
+        engine: where the layers are analyzed: None for this process, or a
+            :class:`wcond.engine.RayEngine` (the source must then be a path its workers see).
+
+    Example:
+        >>> report = wcond.inspect("model.safetensors", fail_if=["near_parallel_rows>0"])
+        >>> [layer.name for layer in report.layers if layer.acv_mean > 0.2]
+    """
+    return inspect_many(
+        [source],
+        layers=layers,
+        exclude=exclude,
+        groups=groups,
+        tau_cos=tau_cos,
+        tau_euc=tau_euc,
+        top=top,
+        device=device,
+        fail_if=fail_if,
+        config=config,
+        progress=progress,
+        engine=engine,
+    )[0]
+
+
+def inspect_many(
+    sources: Sequence[str | Path | Checkpoint | Mapping[str, torch.Tensor]],
+    *,
+    layers: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    groups: Mapping[str, int] | None = None,
+    tau_cos: float = TAU_COS,
+    tau_euc: float = TAU_EUC,
+    top: int = TOP,
+    device: str = DEVICE,
+    fail_if: Sequence[str | Gate] = (),
+    config: str | Path | None = None,
+    progress: ProgressFn | None = None,
+    engine: Engine | None = None,
+) -> list[Report]:
+    """:func:`inspect` of several checkpoints with the same settings: one Report each, in order.
+
+    On an engine every checkpoint's tasks are submitted together, so a cluster works on all of
+    them at once. Arguments as for :func:`inspect`.
+
+    Example:
+        >>> first, last = wcond.inspect_many(["run/step_1000.pt", "run/step_9000.pt"])
+    """
+    gates = [g if isinstance(g, Gate) else Gate.parse(g, NUMERIC_FIELDS) for g in fail_if]
+    selection: dict[str, Any] = {"layers": layers, "exclude": exclude, "groups": groups}
+    plans = [_plan(source, **selection) for source in sources]
+    if engine is None or engine.name == "local":
+        dev = resolve_device(device)
+        options: dict[str, Any] = {
             "tau_cos": tau_cos,
             "tau_euc": tau_euc,
             "top": top,
-            "device": str(dev),
-            "layers": list(layers),
-            "exclude": list(exclude),
-            "groups": dict(groups or {}),
-            "config": None if config is None else str(config),
-        },
-        layers=reports,
-        summary=_summarize(reports, len(infos)),
+            "device": dev,
+        }
+        per_plan = _analyze_here(plans, options, progress)
+        device_used = str(dev)
+    else:
+        options = {"tau_cos": tau_cos, "tau_euc": tau_euc, "top": top, "device": device}
+        per_plan = _analyze_on(engine, plans, selection, options, progress)
+        device_used = f"{device} ({engine.name})"
+    reports = []
+    for plan, layer_reports in zip(plans, per_plan):
+        report = Report(
+            checkpoint=plan.name,
+            format=plan.format,
+            wrapper=plan.wrapper,
+            settings={
+                "tau_cos": tau_cos,
+                "tau_euc": tau_euc,
+                "top": top,
+                "device": device_used,
+                "layers": list(layers),
+                "exclude": list(exclude),
+                "groups": dict(groups or {}),
+                "config": None if config is None else str(config),
+            },
+            layers=layer_reports,
+            summary=_summarize(layer_reports, plan.tensors),
+        )
+        report.gates = evaluate_gates(gates, {r.name: r.numbers() for r in layer_reports})
+        reports.append(report)
+    return reports
+
+
+def _analyze_here(
+    plans: list[_Plan], options: dict[str, Any], progress: ProgressFn | None
+) -> list[list[LayerReport]]:
+    """Every layer in this process, one at a time; progress counts parameters."""
+    total = sum(s.info.numel for plan in plans for s in plan.specs)
+    done = 0
+    out = []
+    for plan in plans:
+        reports = []
+        for spec in plan.specs:
+            if progress:
+                progress(done, total, spec.key)
+            reports.append(_analyze_spec(spec, plan.get, plan.factored, options))
+            done += spec.info.numel
+        out.append(reports)
+    if progress:
+        progress(total, total, "")
+    return out
+
+
+def _analyze_on(
+    engine: Engine,
+    plans: list[_Plan],
+    selection: dict[str, Any],
+    options: dict[str, Any],
+    progress: ProgressFn | None,
+) -> list[list[LayerReport]]:
+    """Every checkpoint's layers as engine tasks, submitted together; progress counts tasks."""
+    tasks: list[Task] = []
+    owner: list[int] = []
+    for i, plan in enumerate(plans):
+        if plan.path is None:
+            raise UsageError(
+                "an engine reads the checkpoint where its workers run: pass a path, not a state dict"
+            )
+        planned = plan_tasks(plan.path, [(s.key, s.info.numel) for s in plan.specs])
+        tasks += planned
+        owner += [i] * len(planned)
+    selection = {**selection, "groups": dict(selection["groups"] or {})}
+    results = engine.map(
+        _inspect_task,
+        tasks,
+        selection,
+        options,
+        gpu=str(options["device"]).startswith("cuda"),
+        progress=progress,
     )
-    report.gates = evaluate_gates(gates, {r.name: r.numbers() for r in reports})
-    return report
+    out: list[list[LayerReport]] = [[] for _ in plans]
+    for i, reports in zip(owner, results):
+        out[i] += reports
+    return out
 
 
 def _summarize(layers: list[LayerReport], tensors: int) -> Summary:

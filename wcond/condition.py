@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ import torch
 from wcond import metrics
 from wcond.defaults import DEVICE, ITERATIONS, LR, OPTIMIZER, OPTIMIZERS, ProgressFn
 from wcond.device import resolve_device
+from wcond.engine import Engine, Task, open_on_worker, plan_tasks
 from wcond.errors import CheckpointError, UsageError
 from wcond.layers import LayerSpec, find_layers, is_layer
 from wcond.load import Checkpoint, TensorInfo, open_checkpoint
@@ -108,6 +109,7 @@ def init_cs(
     seed: int | None = None,
     progress: ProgressFn | None = None,
     history: bool = False,
+    engine: Engine | None = None,
 ) -> tuple[dict[str, torch.Tensor], InitCSResult]:
     """Minimize Convolutional Similarity over a checkpoint's conv layers (CS paper, Algorithm 1).
 
@@ -122,6 +124,9 @@ def init_cs(
         seed: seeds torch (inside a forked RNG state) for a reproducible run.
         progress: called as progress(steps_done, iterations, "CS <current total>") at every iteration.
         history: record the CS of every layer at every iteration in ``result.history``.
+        engine: where the layers are optimized: None for this process, or a
+            :class:`wcond.engine.RayEngine` whose tasks (a layer, or a group of small ones) read
+            their tensors from the source's path; progress then counts finished tasks.
 
     Returns:
         Every tensor of the source by key in stored order (optimized conv weights replaced, in
@@ -142,26 +147,107 @@ def init_cs(
             f"optimizer={optimizer!r}: choose one of {', '.join(OPTIMIZERS)}",
             params=("optimizer",),
         )
-    dev = resolve_device(device)
+    local = engine is None or engine.name == "local"
+    # Here, an unusable device fails before anything is read; on an engine the workers resolve it.
+    dev = resolve_device(device) if local else None
     if isinstance(source, Mapping):
         tensors = {k: t for k, t in source.items() if isinstance(t, torch.Tensor)}
-        name, fmt, wrapper = "<state_dict>", "state_dict", None
+        name, fmt, wrapper, path = "<state_dict>", "state_dict", None, None
     else:
         ck = source if isinstance(source, Checkpoint) else open_checkpoint(source)
         tensors = dict(ck.items())
         name, fmt, wrapper = str(ck.path), ck.format, ".".join(ck.wrapper) or None
+        path = str(Path(ck.path).resolve())
+    selection: dict[str, Any] = {
+        "layers": list(layers),
+        "exclude": list(exclude),
+        "groups": dict(groups or {}),
+    }
     specs = _conv_specs(
-        name,
-        {k: TensorInfo(tuple(t.shape), t.dtype) for k, t in tensors.items()},
-        layers,
-        exclude,
-        groups,
+        name, {k: TensorInfo(tuple(t.shape), t.dtype) for k, t in tensors.items()}, **selection
     )
+    options: dict[str, Any] = {
+        "iterations": iterations,
+        "lr": lr,
+        "optimizer": optimizer,
+        "keep_norm": keep_norm,
+        "seed": seed,
+    }
+    start = time.perf_counter()
+    if dev is not None:
+        new, rows, curve = _condition(specs, tensors.__getitem__, dev, progress=progress, **options)
+        device_used = str(dev)
+    else:
+        if path is None:
+            raise UsageError(
+                "an engine reads the checkpoint where its workers run: pass a path, not a state dict"
+            )
+        tasks = plan_tasks(path, [(s.key, s.info.numel) for s in specs])
+        parts = engine.map(
+            _init_cs_task,
+            tasks,
+            selection,
+            {**options, "device": str(device)},
+            gpu=str(device).startswith("cuda"),
+            progress=progress,
+        )
+        new, rows, curve = _merge_parts(parts)
+        device_used = f"{device} ({engine.name})"
+    seconds = time.perf_counter() - start
 
+    out = dict(tensors)
+    out.update(new)
+    result = InitCSResult(
+        checkpoint=name,
+        format=fmt,
+        wrapper=wrapper,
+        settings={
+            "iterations": iterations,
+            "lr": lr,
+            "optimizer": optimizer,
+            "device": device_used,
+            "keep_norm": keep_norm,
+            "seed": seed,
+            "layers": list(layers),
+            "exclude": list(exclude),
+            "groups": dict(groups or {}),
+        },
+        layers=[rows[s.key] for s in specs],
+        cs_before=math.fsum(r.cs_before or 0.0 for r in rows.values()),
+        cs_after=math.fsum(r.cs_after or 0.0 for r in rows.values()),
+        seconds=seconds,
+        history=curve if history else None,
+    )
+    return out, result
+
+
+_Parts = tuple[dict[str, torch.Tensor], dict[str, "LayerResult"], "dict[str, Any] | None"]
+
+
+def _condition(
+    specs: Sequence[LayerSpec],
+    get: Callable[[str], torch.Tensor],
+    dev: torch.device,
+    *,
+    iterations: int,
+    lr: float,
+    optimizer: str,
+    keep_norm: bool,
+    seed: int | None,
+    progress: ProgressFn | None = None,
+) -> _Parts:
+    """Minimize CS over these layers together: the one per-layer step of the local and engine paths.
+
+    Returns the optimized tensors (stored dtype and device) by key, a LayerResult for every
+    spec, and the CS curve (None when no layer could be optimized). Layers do not interact and
+    Adam/SGD update each entry from its own gradient, so any split of the layers into groups
+    gives the same tensors.
+    """
     rows: dict[str, LayerResult] = {}
     work: list[_Work] = []
+    olds: dict[str, torch.Tensor] = {}
     for spec in specs:
-        w = tensors[spec.key]
+        w = olds[spec.key] = get(spec.key)
         row = LayerResult(spec.key, list(w.shape), str(w.dtype).removeprefix("torch."), spec.groups)
         if spec.group_note:
             row.notes.append(spec.group_note)
@@ -174,38 +260,39 @@ def init_cs(
             row.notes.append(_KEEP_NORM_1X1)
         else:
             work.append(_Work.of(spec, w, dev))
-
-    start = time.perf_counter()
     curve = _minimize(work, iterations, lr, optimizer, keep_norm, seed, progress) if work else None
-    seconds = time.perf_counter() - start
-
-    out = dict(tensors)
-    for item in work:
-        out[item.key] = item.result(like=tensors[item.key])
+    new = {item.key: item.result(like=olds[item.key]) for item in work}
     for key, row in rows.items():
-        _fill(row, tensors[key], out[key], keep_norm)
-    result = InitCSResult(
-        checkpoint=name,
-        format=fmt,
-        wrapper=wrapper,
-        settings={
-            "iterations": iterations,
-            "lr": lr,
-            "optimizer": optimizer,
-            "device": str(dev),
-            "keep_norm": keep_norm,
-            "seed": seed,
-            "layers": list(layers),
-            "exclude": list(exclude),
-            "groups": dict(groups or {}),
-        },
-        layers=list(rows.values()),
-        cs_before=math.fsum(r.cs_before or 0.0 for r in rows.values()),
-        cs_after=math.fsum(r.cs_after or 0.0 for r in rows.values()),
-        seconds=seconds,
-        history=curve if history else None,
-    )
-    return out, result
+        _fill(row, olds[key], new.get(key, olds[key]), keep_norm)
+    return new, rows, curve
+
+
+def _init_cs_task(task: Task, selection: dict[str, Any], options: dict[str, Any]) -> _Parts:
+    """An engine task: reopen the checkpoint where the worker runs and condition the task's layers."""
+    ck = open_checkpoint(open_on_worker(task.path))
+    infos = {k: ck.info(k) for k in ck.keys()}
+    by_key = {s.key: s for s in _conv_specs(str(ck.path), infos, **selection)}
+    options = dict(options)
+    dev = resolve_device(options.pop("device"))
+    return _condition([by_key[k] for k in task.keys], ck.get, dev, **options)
+
+
+def _merge_parts(parts: Sequence[_Parts]) -> _Parts:
+    """The tasks' tensors, rows and CS curves as one run's (total: the sum over layers at each step)."""
+    new: dict[str, torch.Tensor] = {}
+    rows: dict[str, LayerResult] = {}
+    layers: dict[str, list[float]] = {}
+    iteration: list[int] = []
+    for tensors, part_rows, curve in parts:
+        new.update(tensors)
+        rows.update(part_rows)
+        if curve is not None:
+            layers.update(curve["layers"])
+            iteration = curve["iteration"]
+    if not layers:
+        return new, rows, None
+    total = [math.fsum(v[t] for v in layers.values()) for t in range(len(iteration))]
+    return new, rows, {"iteration": iteration, "total": total, "layers": layers}
 
 
 @dataclass
@@ -359,7 +446,10 @@ def _minimize(
 
 
 def _fill(row: LayerResult, old: torch.Tensor, new: torch.Tensor, keep_norm: bool) -> None:
-    """Before/after numbers of one layer, each from the wcond.metrics function that defines it, on the stored tensors."""
+    """Before/after numbers of one layer, each from the wcond.metrics function that defines it.
+
+    Computed on the stored tensors.
+    """
     if not bool(torch.isfinite(old).all()):
         return
     g = row.groups

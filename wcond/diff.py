@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from wcond.analyze import inspect
+from wcond.analyze import inspect_many
 from wcond.load import Checkpoint
 from wcond.report import NUMERIC_FIELDS, Report, finite
 
@@ -188,10 +188,12 @@ def diff(a: Source, b: Source, **inspect_kwargs: Any) -> DiffReport:
 
     Args:
         a, b: checkpoint paths, opened Checkpoints or state dicts (anything :func:`wcond.inspect` reads).
-        inspect_kwargs: passed to :func:`wcond.inspect` for both (layers, exclude, groups, tau_cos, ...).
+        inspect_kwargs: passed to :func:`wcond.inspect` for both (layers, exclude, groups, tau_cos,
+            ..., engine: on a Ray engine both sides' layers are submitted together).
 
     Example:
         >>> d = wcond.diff.diff("before.pt", "after.safetensors")
         >>> {l.name: l.metrics["acv_mean"].delta for l in d.layers}
     """
-    return diff_reports(inspect(a, **inspect_kwargs), inspect(b, **inspect_kwargs))
+    ra, rb = inspect_many([a, b], **inspect_kwargs)
+    return diff_reports(ra, rb)

@@ -29,3 +29,7 @@ class UnsafeCheckpointError(CheckpointError):
 
 class UsageError(WcondError):
     """A bad option value (a malformed gate, an unknown device, an output that would overwrite)."""
+
+
+class EngineError(WcondError):
+    """A task that kept failing on the cluster (the message names its layer); nothing is reported or written."""

@@ -63,7 +63,8 @@ h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px;border-bott
 code,.mono{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:13px}
 .sub{color:#586069}.verdict{display:inline-block;padding:6px 12px;border-radius:6px;font-weight:600;margin:10px 0}
 .pass{background:#dcffe4;color:#116329}.fail{background:#ffebe9;color:#a40e26}.none{background:#eef1f4;color:#444d56}
-table{border-collapse:collapse;margin:6px 0}th,td{padding:3px 8px;border-bottom:1px solid #e6e9ed;text-align:right;white-space:nowrap}
+table{border-collapse:collapse;margin:6px 0}
+th,td{padding:3px 8px;border-bottom:1px solid #e6e9ed;text-align:right;white-space:nowrap}
 th{background:#f3f5f7;position:sticky;top:0}td.t,th.t{text-align:left}td.notes{white-space:normal;color:#586069;text-align:left;min-width:14em}
 table.sortable th{cursor:pointer;user-select:none}table.sortable th:hover{background:#e4e8ec}
 th[aria-sort=ascending]::after{content:" \\25B2"}th[aria-sort=descending]::after{content:" \\25BC"}
@@ -221,7 +222,10 @@ def _layer_table(report: Report) -> str:
 
 
 def _worst_layers(report: Report, n: int) -> list[tuple[LayerReport, str]]:
-    """Up to n layers worth a look, each with why: gate trips, near-parallel pairs, highest acv_mean, lowest rare_rows."""
+    """Up to n layers worth a look, each with why.
+
+    Gate trips first, then near-parallel pairs, highest acv_mean, lowest rare_rows.
+    """
     by_name = {r.name: r for r in report.layers}
     reasons: dict[str, str] = {}
     for g in report.gates:
@@ -261,8 +265,8 @@ def _heatmaps(
     if weights is None:
         if not Path(report.checkpoint).exists():
             return (
-                head
-                + '<p class="note" id="heatmaps-note">Heatmaps need the checkpoint\'s weights (pass weights= to to_html).</p>'
+                head + '<p class="note" id="heatmaps-note">Heatmaps need the checkpoint\'s weights '
+                "(pass weights= to to_html).</p>"
             )
         weights = open_checkpoint(report.checkpoint)
     figures = []
@@ -284,7 +288,8 @@ def _heatmaps(
         png = base64.b64encode(plot.heatmap_png(cm)).decode("ascii")
         pairs = ", ".join(f"{p.i}&ndash;{p.j} (cos {p.cos:+.4f})" for p in layer.closest_rows)
         figures.append(
-            f'<figure><img alt="cosine heatmap of {_e(layer.name)}" width="520" height="460" src="data:image/png;base64,{png}">'
+            f'<figure><img alt="cosine heatmap of {_e(layer.name)}" width="520" height="460" '
+            f'src="data:image/png;base64,{png}">'
             f"<figcaption><code>{_e(layer.name)}</code>: {_e(why)}."
             + (f" Closest row pairs: {pairs}." if pairs else "")
             + "</figcaption></figure>"

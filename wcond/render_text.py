@@ -91,15 +91,17 @@ def fit_table(
 ) -> tuple[list[str], list[str]]:
     """Lay out a table of one name column and ``columns`` (header -> cells) in ``total`` characters.
 
-    Widths are measured as rich draws them (one space of padding left of every column but the
-    first). Returns the names to print (elided only if they cannot fit whole) and the columns
-    shown, in display order.
+    Widths are measured as rich draws a ``box.SIMPLE_HEAD`` table with ``padding=(0, 0, 0, 1)``
+    and ``pad_edge=False``, as every wcond table is. Returns the names to print (elided only
+    if they cannot fit whole) and the columns shown, in display order.
     """
 
     def width(cell: str | Text) -> int:
         return cell.cell_len if isinstance(cell, Text) else cell_len(cell)
 
+    # rich's SIMPLE_HEAD box draws a blank edge on either side and a blank divider between
+    # columns; with padding (0, 0, 0, 1) every column but the first also has one space before it.
     name = max([cell_len(name_header), *(cell_len(n) for n in names)])
-    widths = {h: max([cell_len(h), *(width(c) for c in col)]) + 1 for h, col in columns.items()}
-    shown, name_width = fit_columns(total, name, widths, drop_order)
+    widths = {h: max([cell_len(h), *(width(c) for c in col)]) + 2 for h, col in columns.items()}
+    shown, name_width = fit_columns(total - 2, name, widths, drop_order)
     return [elide(n, name_width) for n in names], shown

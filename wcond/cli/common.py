@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Optional, TypeVar
 
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
@@ -25,7 +25,27 @@ F = TypeVar("F", bound=Callable[..., Any])
 EXIT_GATE = 1
 EXIT_USAGE = 2
 
-stdout = Console(highlight=False, soft_wrap=False)
+# Width of a table written to a pipe or file (a CI log) when the environment sets no COLUMNS: rich
+# would take 80, too narrow for layer names beside the numbers, and a CI log is read wider.
+PIPE_WIDTH = 160
+
+
+class _Stdout(Console):
+    """stdout: the terminal's width, else COLUMNS, else PIPE_WIDTH (decided at each print)."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = super().size
+        if self.is_terminal or os.environ.get("COLUMNS", "").isdigit():
+            return size
+        return ConsoleDimensions(PIPE_WIDTH, size.height)
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        Console.size.fset(self, new_size)  # type: ignore[attr-defined]
+
+
+stdout = _Stdout(highlight=False, soft_wrap=False)
 stderr = Console(stderr=True, highlight=False)
 
 
@@ -86,6 +106,23 @@ GroupsOpt = Annotated[
     ),
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite OUT if it exists.")]
+RayOpt = Annotated[
+    bool,
+    typer.Option(
+        "--ray",
+        help="Run the per-layer work as Ray tasks: on the cluster RAY_ADDRESS or --ray-address names, "
+        "else on a local Ray instance. Needs pip install 'wcond\\[ray]'.",
+    ),
+]
+RayAddressOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--ray-address",
+        help="Ray cluster to join (implies --ray): ray://HOST:10001, HOST:6379 or auto.",
+        metavar="ADDRESS",
+        show_default=False,
+    ),
+]
 CheckpointArg = Annotated[
     Path,
     typer.Argument(
@@ -150,6 +187,21 @@ def progress_bar(description: str) -> Iterator[ProgressFn]:
             progress.update(task, completed=done, total=total, key=key[-40:])
 
         yield update
+
+
+@contextmanager
+def engine_for(ray: bool, address: str | None) -> Iterator[Any]:
+    """The engine --ray/--ray-address ask for (None: this process); a Ray instance it started is stopped after."""
+    if not ray and address is None:
+        yield None
+        return
+    from wcond.engine import RayEngine
+
+    engine = RayEngine(address)
+    try:
+        yield engine
+    finally:
+        engine.close()
 
 
 def emit(text: str, output: Path | None) -> None:

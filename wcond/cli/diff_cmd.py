@@ -14,9 +14,12 @@ from wcond.cli.common import (
     ExcludeOpt,
     GroupsOpt,
     LayersOpt,
+    RayAddressOpt,
+    RayOpt,
     TauCosOpt,
     TauEucOpt,
     emit,
+    engine_for,
     handle_errors,
     pick_format,
     progress_bar,
@@ -48,6 +51,8 @@ def diff_command(
     tau_cos: TauCosOpt = TAU_COS,
     tau_euc: TauEucOpt = TAU_EUC,
     device: DeviceOpt = DEVICE,
+    ray: RayOpt = False,
+    ray_address: RayAddressOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Compare two checkpoints, e.g. before and after init-cs or shrink.
@@ -74,8 +79,11 @@ def diff_command(
         device=device,
     )
     fmt = pick_format(DIFF_FORMATS, format, output)
-    with progress_bar("inspecting A and B") as progress:
-        report = diff(a, b, **o, config=cfg.path, progress=progress)
+    with (
+        engine_for(ray, ray_address) as engine,
+        progress_bar("inspecting A and B" + (" on Ray" if engine else "")) as progress,
+    ):
+        report = diff(a, b, **o, config=cfg.path, progress=progress, engine=engine)
     if fmt == "table" and output is None:
         render_diff_table(report, stdout)
     else:

@@ -18,7 +18,10 @@ from wcond.cli.common import (
     ForceOpt,
     GroupsOpt,
     LayersOpt,
+    RayAddressOpt,
+    RayOpt,
     emit,
+    engine_for,
     handle_errors,
     progress_bar,
     stderr,
@@ -88,10 +91,14 @@ def init_cs_command(
             help="Summary format on stdout.",
         ),
     ] = "table",
+    ray: RayOpt = False,
+    ray_address: RayAddressOpt = None,
 ) -> None:
     """Minimize Convolutional Similarity over the conv layers (CS paper, Algorithm 1) and write a new checkpoint.
 
-    Everything else (biases, BatchNorm, Linear layers, a Lightning checkpoint's other entries, safetensors metadata) is copied unchanged; OUT is written to a temporary file and renamed only when complete.
+    Everything else (biases, BatchNorm, Linear layers, a Lightning checkpoint's other entries,
+    safetensors metadata) is copied unchanged; OUT is written to a temporary file and renamed
+    only when complete.
 
     Example: wcond init-cs model.pt -o model_cs.pt --iterations 500 --keep-norm
     """
@@ -107,7 +114,10 @@ def init_cs_command(
             f"--history {history}: would overwrite the input or output checkpoint; choose another file"
         )
     ck = open_checkpoint(checkpoint)
-    with progress_bar("init-cs") as progress:
+    with (
+        engine_for(ray, ray_address) as engine,
+        progress_bar("init-cs on Ray" if engine else "init-cs") as progress,
+    ):
         tensors, result = init_cs(
             ck,
             iterations=iterations,
@@ -121,6 +131,7 @@ def init_cs_command(
             seed=seed,
             progress=progress,
             history=history is not None,
+            engine=engine,
         )
     warnings = save_checkpoint(output, tensors, like=ck)
     if history is not None:

@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
 from wcond.cli import app
 from wcond.cli.common import (
     EXIT_GATE,
-    CheckpointArg,
     DeviceOpt,
     ExcludeOpt,
     GroupsOpt,
     LayersOpt,
+    RayAddressOpt,
+    RayOpt,
     TauCosOpt,
     TauEucOpt,
     emit,
+    engine_for,
     handle_errors,
     pick_format,
     progress_bar,
@@ -25,13 +27,23 @@ from wcond.cli.common import (
 )
 from wcond.cli.project_config import ConfigOpt, read_config, with_config
 from wcond.defaults import DEVICE, INSPECT_FORMATS, TAU_COS, TAU_EUC, TOP, InspectFormat
+from wcond.errors import UsageError
 
 
 @app.command("inspect")
 @handle_errors
 def inspect_command(
     ctx: typer.Context,
-    checkpoint: CheckpointArg,
+    checkpoints: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Checkpoint file (.pt .pth .bin .ckpt .safetensors), shard index, or directory. "
+            "Several (or a quoted glob such as 'run/step_*.pt'): one report each, ordered "
+            "naturally, and each metric's trend per layer.",
+            show_default=False,
+            metavar="CHECKPOINT...",
+        ),
+    ],
     format: Annotated[
         Optional[InspectFormat],
         typer.Option(
@@ -59,6 +71,8 @@ def inspect_command(
         ),
     ] = None,
     device: DeviceOpt = DEVICE,
+    ray: RayOpt = False,
+    ray_address: RayAddressOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Report per layer: ACV, Convolutional Similarity, norm deviation, near-parallel pairs, RaRe.
@@ -66,10 +80,13 @@ def inspect_command(
     Exit codes: 0 fine, 1 a --fail-if gate tripped, 2 unusable input or arguments.
     Defaults come from \\[tool.wcond] in pyproject.toml (or --config FILE); flags override them.
 
+    With several checkpoints the gates apply to each, and the exit code is the worst.
+
     Example: wcond inspect model.safetensors --fail-if "near_parallel_rows>0" -f markdown
     """
     from wcond.analyze import inspect as inspect_checkpoint
     from wcond.render import render, render_table
+    from wcond.trend import expand_paths
 
     cfg = read_config(config)
     o = with_config(
@@ -86,11 +103,46 @@ def inspect_command(
     )
     # --format, then -o's extension, then the config's format, then the table.
     fmt = pick_format(INSPECT_FORMATS, format, output, cfg.values.get("format"))
-    with progress_bar("inspecting") as progress:
-        report = inspect_checkpoint(checkpoint, **o, config=cfg.path, progress=progress)
+    paths = expand_paths(checkpoints)
+    label = "inspecting on Ray" if ray or ray_address else "inspecting"
+    if len(paths) > 1:
+        _inspect_many(paths, fmt, output, {**o, "config": cfg.path}, ray, ray_address, label)
+        return
+    with engine_for(ray, ray_address) as engine, progress_bar(label) as progress:
+        report = inspect_checkpoint(
+            paths[0], **o, config=cfg.path, progress=progress, engine=engine
+        )
     if fmt == "table" and output is None:
         render_table(report, stdout)
     else:
         emit(render(report, fmt), output)
     if report.failed:
+        raise typer.Exit(EXIT_GATE)
+
+
+def _inspect_many(
+    paths: list[Path],
+    fmt: str,
+    output: Optional[Path],
+    options: dict[str, Any],
+    ray: bool,
+    ray_address: Optional[str],
+    label: str,
+) -> None:
+    """Several checkpoints: their trend as a table, JSON, CSV or Markdown; exit 1 if any gate tripped."""
+    from wcond.render_trend import TREND_FORMATS, render_trend, render_trend_table
+    from wcond.trend import trend
+
+    if fmt not in TREND_FORMATS:
+        raise UsageError(
+            f"--format {fmt} shows one checkpoint; with {len(paths)} checkpoints use "
+            + ", ".join(TREND_FORMATS)
+        )
+    with engine_for(ray, ray_address) as engine, progress_bar(label) as progress:
+        result = trend(paths, **options, progress=progress, engine=engine)
+    if fmt == "table" and output is None:
+        render_trend_table(result, stdout)
+    else:
+        emit(render_trend(result, fmt), output)
+    if result.failed:
         raise typer.Exit(EXIT_GATE)

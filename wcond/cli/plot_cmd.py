@@ -9,12 +9,14 @@ import typer
 
 from wcond.cli import app
 from wcond.cli.common import (
-    CheckpointArg,
     DeviceOpt,
     ExcludeOpt,
     LayersOpt,
+    RayAddressOpt,
+    RayOpt,
     TauCosOpt,
     TauEucOpt,
+    engine_for,
     handle_errors,
     progress_bar,
     stderr,
@@ -28,7 +30,14 @@ from wcond.errors import UsageError
 @handle_errors
 def plot_command(
     ctx: typer.Context,
-    checkpoint: CheckpointArg,
+    checkpoints: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Checkpoint file, shard index, or directory; with --trend several (or a quoted glob).",
+            show_default=False,
+            metavar="CHECKPOINT...",
+        ),
+    ],
     output: Annotated[
         Path, typer.Option("--output", "-o", help="Image file: .png or .svg.", show_default=False)
     ],
@@ -36,7 +45,8 @@ def plot_command(
         Optional[str],
         typer.Option(
             "--layer",
-            help="Heatmap of this layer's pairwise cosines (its tensor key). Without it: bar charts of every metric per layer.",
+            help="Heatmap of this layer's pairwise cosines (its tensor key). "
+            "Without it: bar charts of every metric per layer.",
             metavar="KEY",
         ),
     ] = None,
@@ -79,11 +89,21 @@ def plot_command(
             min=10,
         ),
     ] = 100,
+    trend: Annotated[
+        bool,
+        typer.Option(
+            "--trend",
+            help="Each metric against the checkpoints' order (or their step): over the whole model, "
+            "or one line per layer when --layers is given.",
+        ),
+    ] = False,
     layers: LayersOpt = None,
     exclude: ExcludeOpt = None,
     tau_cos: TauCosOpt = TAU_COS,
     tau_euc: TauEucOpt = TAU_EUC,
     device: DeviceOpt = DEVICE,
+    ray: RayOpt = False,
+    ray_address: RayAddressOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Draw a layer's cosine heatmap, or each metric per layer.
@@ -92,6 +112,8 @@ def plot_command(
     by side with OTHER's when --vs is given. Without --layer: a bar chart of each inspect metric per layer.
 
     Needs matplotlib: pip install 'wcond\\[plot]'.
+
+    With --trend and several checkpoints (a run's step_*.pt): each metric against the step.
 
     Example: wcond plot model.pt --layer conv1.weight --vs model_cs.pt -o conv1.png
     """
@@ -115,6 +137,31 @@ def plot_command(
         tau_euc=tau_euc,
         device=device,
     )
+    from wcond.trend import expand_paths
+
+    paths = expand_paths(checkpoints)
+    if trend:
+        if layer is not None or vs is not None:
+            raise UsageError("--trend draws metrics over checkpoints; it takes no --layer or --vs")
+        if len(paths) < 2:
+            raise UsageError("--trend needs at least two checkpoints (or a glob matching several)")
+        from wcond.plot import plot_trend
+        from wcond.trend import trend as trend_of
+
+        with (
+            engine_for(ray, ray_address) as engine,
+            progress_bar("inspecting on Ray" if engine else "inspecting") as progress,
+        ):
+            result = trend_of(paths, progress=progress, engine=engine, **o)
+        plot_trend(result, output, per_layer=bool(o["layers"]), size_px=size, dpi=dpi)
+        stderr.print(f"wrote {output}", markup=False, highlight=False)
+        return
+    if len(paths) > 1:
+        raise UsageError(
+            f"{len(paths)} checkpoints given: plot draws one (with --vs OTHER beside it), "
+            "or several with --trend"
+        )
+    checkpoint = paths[0]
     if layer is not None:
         plot_layer(
             checkpoint,

@@ -14,7 +14,8 @@ ConfigOpt = Annotated[
     Optional[Path],
     typer.Option(
         "--config",
-        help="Settings file: a pyproject.toml with \\[tool.wcond], or a wcond.toml. Default: the first found from the current directory upward.",
+        help="Settings file: a pyproject.toml with \\[tool.wcond], or a wcond.toml. "
+        "Default: the first found from the current directory upward.",
         metavar="FILE",
     ),
 ]

@@ -17,9 +17,12 @@ from wcond.cli.common import (
     ExcludeOpt,
     ForceOpt,
     LayersOpt,
+    RayAddressOpt,
+    RayOpt,
     TauCosOpt,
     TauEucOpt,
     emit,
+    engine_for,
     handle_errors,
     progress_bar,
     stderr,
@@ -112,6 +115,8 @@ def shrink_command(
             metavar="N,C,...",
         ),
     ] = None,
+    ray: RayOpt = False,
+    ray_address: RayAddressOpt = None,
 ) -> None:
     """Fuse near-parallel rows/columns (RaRe merging) into a smaller checkpoint.
 
@@ -129,6 +134,12 @@ def shrink_command(
     if output is None and not dry_run:
         raise UsageError("-o OUT is required (or pass --dry-run to report without writing)")
     target = None if dry_run else output
+    on_ray = ray or ray_address is not None
+    if fold_units and on_ray:
+        raise UsageError(
+            "--fold couples the layers of its chain, so it runs in one process: drop --ray "
+            "(shrink without --fold runs on Ray)"
+        )
     if (model is not None or input_shape is not None) and not fold_units:
         raise UsageError("--model and --input-shape go with --fold")
     if fold_units and model is not None:
@@ -161,7 +172,10 @@ def shrink_command(
         for warning in folded.warnings:
             stderr.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
         return
-    with progress_bar("shrinking") as progress:
+    with (
+        engine_for(on_ray, ray_address) as engine,
+        progress_bar("shrinking on Ray" if engine else "shrinking") as progress,
+    ):
         if fold_units:
             if chain is None:
                 raise UsageError(
@@ -212,6 +226,7 @@ def shrink_command(
                 force=force,
                 device=device,
                 progress=progress,
+                engine=engine,
             )
     if format == "json":
         emit(json.dumps({"wcond_version": __version__, **report.to_dict()}, indent=2) + "\n", None)

@@ -16,9 +16,10 @@ from wcond import metrics
 from wcond._version import __version__
 from wcond.defaults import AXES, AXIS, DEVICE, TAU_COS, TAU_EUC, ProgressFn
 from wcond.device import resolve_device
+from wcond.engine import Engine, Task, open_on_worker, plan_tasks
 from wcond.errors import CheckpointError, UsageError
 from wcond.layers import find_layers, is_layer
-from wcond.load import Checkpoint, TensorInfo
+from wcond.load import Checkpoint, TensorInfo, open_checkpoint
 from wcond.load_factorized import (
     COL_COEF,
     COL_INDEX,
@@ -148,6 +149,7 @@ def shrink(
     force: bool = False,
     device: str = DEVICE,
     progress: ProgressFn | None = None,
+    engine: Engine | None = None,
 ) -> ShrinkReport:
     """Fuse near-parallel rows/columns of every selected layer and write the factorized checkpoint.
 
@@ -161,6 +163,9 @@ def shrink(
             analyzable weight's columns (the network's inputs) and the last one's rows (its
             classes) are never fused, "first" and "last" in stored order, as in the paper.
         force: overwrite an existing ``output``.
+        engine: where the layers are factorized: None for this process, or a
+            :class:`wcond.engine.RayEngine` whose tasks read their layers from ``source`` (a path
+            its workers see); the checkpoint is still written here. Progress then counts tasks.
 
     A layer is stored factorized only when that makes the file smaller: W', the index and the
     coefficient per row/column and their index entries in the file, counted from above, against
@@ -176,12 +181,34 @@ def shrink(
     if axis not in AXES:
         raise UsageError(f"axis={axis!r}: use one of {', '.join(AXES)}", params=("axis",))
     ck, infos = _open_source(source, output, force)
-    dev = resolve_device(device)
+    local = engine is None or engine.name == "local"
+    # Here, an unusable device fails before anything is read; on an engine the workers resolve it.
+    dev = resolve_device(device) if local else None
     specs = find_layers(infos, _with_modules(layers), _with_modules(exclude))
     if not specs:
         _no_layers(ck, infos, layers, exclude)
     analyzable = [k for k, i in infos.items() if is_layer(i)]
     first, last = (analyzable[0], analyzable[-1]) if protect_ends else (None, None)
+    options: dict[str, Any] = {"tau_cos": tau_cos, "tau_euc": tau_euc}
+    remote: dict[str, Factorization | None] = {}
+    if engine is not None and not local:
+        axes_of = {
+            s.key: _axes(s.key, list(s.info.shape), axis, first, last, _with_modules(protect), [])
+            for s in specs
+        }
+        work = [s for s in specs if axes_of[s.key]]
+        tasks = plan_tasks(str(Path(ck.path).resolve()), [(s.key, s.info.numel) for s in work])
+        results = engine.map(
+            _factorize_task,
+            tasks,
+            {k: axes_of[k] for k in (s.key for s in work)},
+            {**options, "device": device},
+            gpu=str(device).startswith("cuda"),
+            progress=progress,
+        )
+        for task, result in zip(tasks, results):
+            remote.update(zip(task.keys, result))
+        progress = None  # the engine reported progress by tasks
 
     fmt = _size_format(ck, output)
     archive = Path(output if output is not None else ck.path).stem
@@ -203,25 +230,27 @@ def shrink(
         rep.axes = _axes(spec.key, shape, axis, first, last, _with_modules(protect), rep.notes)
         if not rep.axes:
             continue
-        w = ck.get(spec.key)
-        if not bool(torch.isfinite(w).all()):
+        if spec.key in remote:
+            f = remote[spec.key]
+        else:
+            f = _factorize_layer(ck.get(spec.key), rep.axes, device=dev, **options)
+        if f is None:
             rep.notes.append("NaN/Inf values: not fused")
             rep.reconstruction_error = None
             continue
-        f = factorize(w, rep.axes, tau_cos=tau_cos, tau_euc=tau_euc, device=dev)
         if not (f.fused_rows or f.fused_cols):
             continue
         parts = f.tensors(spec.key)
         entry = {
             "shape": shape,
             "stored_shape": list(f.w.shape),
-            "dtype": _dtype_name(w.dtype),
+            "dtype": _dtype_name(spec.info.dtype),
             "fused_rows": f.fused_rows,
             "fused_cols": f.fused_cols,
             "reconstruction_error": f.error,
         }
         dense = entry_bytes(
-            fmt, spec.key, shape, w.dtype, file_size=offsets, archive=archive, upper=False
+            fmt, spec.key, shape, spec.info.dtype, file_size=offsets, archive=archive, upper=False
         )
         factored = sum(
             entry_bytes(fmt, k, t.shape, t.dtype, file_size=offsets, archive=archive, upper=True)
@@ -246,7 +275,7 @@ def shrink(
         "exclude": list(exclude),
         "protect": list(protect),
         "protect_ends": protect_ends,
-        "device": str(dev),
+        "device": str(dev) if dev is not None else f"{device} ({engine.name if engine else ''})",
     }
     manifest: dict[str, Any] = {
         "format": 1,
@@ -387,6 +416,33 @@ def _size_format(ck: Checkpoint, output: str | Path | None) -> str:
 def _with_modules(globs: Sequence[str]) -> list[str]:
     """Globs that match a weight key directly, or through its module's name (net.0: net.0.weight)."""
     return [*globs, *(g + ".weight" for g in globs if not g.endswith(".weight"))]
+
+
+def _factorize_layer(
+    w: Tensor, axes: Sequence[str], *, tau_cos: float, tau_euc: float, device: torch.device | str
+) -> Factorization | None:
+    """One layer's factorization, None when it holds NaN/Inf: the per-layer step of both paths."""
+    if not bool(torch.isfinite(w).all()):
+        return None
+    return factorize(w, axes, tau_cos=tau_cos, tau_euc=tau_euc, device=device)
+
+
+def _factorize_task(
+    task: Task, axes_of: dict[str, list[str]], options: dict[str, Any]
+) -> list[Factorization | None]:
+    """An engine task: reopen the checkpoint where the worker runs and factorize the task's layers."""
+    ck = open_checkpoint(open_on_worker(task.path))
+    options = dict(options)
+    dev = resolve_device(options.pop("device"))
+    out = []
+    for key in task.keys:
+        f = _factorize_layer(ck.get(key), axes_of[key], device=dev, **options)
+        if f is not None:  # the driver may have no GPU: ship the groupings on the CPU
+            for g in (f.rows, f.cols):
+                if g is not None:
+                    g.index, g.coef = g.index.cpu(), g.coef.cpu()
+        out.append(f)
+    return out
 
 
 def _axes(
