@@ -178,7 +178,7 @@ def test_inspect_shows_the_factorization(model_file: Path, tmp_path: Path) -> No
                 "--protect",
                 "x",
             ),
-            "--fold takes its layers from --chain; --axis, --protect do not apply to it",
+            "--fold takes its layers from --chain or --model; --axis, --protect do not apply to it",
         ),
         (
             ("--dry-run", "--fold", "--chain", "fc,fc2.weight"),

@@ -291,5 +291,7 @@ def test_cli_model_factory_end_to_end(tmp_path: Path, monkeypatch: pytest.Monkey
     ):
         r = runner.invoke(app, ["shrink", str(src), "--fold", "--model", bad, "--dry-run"])
         assert r.exit_code == 2 and message in r.stderr, r.output
+    r = runner.invoke(app, [*args, "--axis", "rows", "--dry-run"])
+    assert r.exit_code == 2 and "--axis do not apply to it" in r.stderr
     r = runner.invoke(app, [*args, "--input-shape", "2,7", "--dry-run"])
     assert r.exit_code == 2 and "--input-shape [2, 7]: the model fails on such an input" in r.stderr

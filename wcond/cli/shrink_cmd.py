@@ -142,6 +142,21 @@ def shrink_command(
         )
     if (model is not None or input_shape is not None) and not fold_units:
         raise UsageError("--model and --input-shape go with --fold")
+    stray = [
+        name
+        for name, given in (
+            ("--axis", axis != AXIS),
+            ("--layers", layers),
+            ("--exclude", exclude),
+            ("--protect", protect),
+            ("--no-protect-ends", no_protect_ends),
+        )
+        if given
+    ]
+    if fold_units and stray:
+        raise UsageError(
+            f"--fold takes its layers from --chain or --model; {', '.join(stray)} do not apply to it"
+        )
     if fold_units and model is not None:
         if chain is not None:
             raise UsageError("--fold takes --model (traced) or --chain (named), not both")
@@ -181,21 +196,6 @@ def shrink_command(
                 raise UsageError(
                     "--fold needs --chain NAME1,NAME2,... (the layers, in the order data flows) "
                     "or --model PKG.MODULE:FACTORY"
-                )
-            stray = [
-                name
-                for name, given in (
-                    ("--axis", axis != AXIS),
-                    ("--layers", layers),
-                    ("--exclude", exclude),
-                    ("--protect", protect),
-                    ("--no-protect-ends", no_protect_ends),
-                )
-                if given
-            ]
-            if stray:
-                raise UsageError(
-                    f"--fold takes its layers from --chain; {', '.join(stray)} do not apply to it"
                 )
             keys = [k.strip() for k in chain.split(",") if k.strip()]
             report = fold(
