@@ -127,7 +127,7 @@ def fold_model(
             f"cannot trace {type(model).__name__} with torch.fx ({_first_line(e)}); fold a chain of "
             "named layers from its checkpoint instead (wcond.shrink.fold)"
         ) from e
-    modules = dict(new.named_modules())
+    modules: dict[str, Any] = dict(new.named_modules())
     calls: dict[str, int] = {}
     for node in graph.nodes:
         if node.op == "call_module":
@@ -206,10 +206,10 @@ def fold_model(
 
 
 def _follow(
-    node: torch.fx.Node, modules: dict[str, nn.Module], calls: dict[str, int]
+    node: torch.fx.Node, modules: dict[str, Any], calls: dict[str, int]
 ) -> tuple[Link | None, str]:
     """The link from a layer's node to the next layer, or None and why there is none."""
-    name = node.target
+    name = str(node.target)
     layer = modules[name]
     if calls[name] > 1:
         return None, f"called {calls[name]} times: its units serve several places"
@@ -228,11 +228,11 @@ def _follow(
             what = ", ".join(sorted({_describe(u, modules) for u in users}))
             return None, f"its output goes to {len(users)} places ({what}): a branch or residual"
         u = users[0]
-        mod = modules.get(u.target) if u.op == "call_module" else None
+        mod = modules.get(str(u.target)) if u.op == "call_module" else None
         if isinstance(mod, _BATCHNORMS) and bn is None and not activated and not flattened:
             if not (mod.affine and mod.track_running_stats and mod.running_var is not None):
                 return None, f"BatchNorm {u.target} has no affine weights or running statistics"
-            bn, bn_eps = u.target, float(mod.eps)
+            bn, bn_eps = str(u.target), float(mod.eps)
         elif isinstance(mod, _ACTIVATIONS) or (
             u.op == "call_function" and u.target in _ACTIVATION_FNS
         ):
@@ -244,7 +244,7 @@ def _follow(
         elif _is_flatten(u, mod) and isinstance(layer, nn.Conv1d | nn.Conv2d | nn.Conv3d):
             flattened = True
         elif isinstance(mod, _LAYERS) and u.args and u.args[0] is cur:
-            return _link_to(name, layer, bn, bn_eps, u.target, mod, flattened, calls)
+            return _link_to(name, layer, bn, bn_eps, str(u.target), mod, flattened, calls)
         else:
             return None, f"its output goes into {_describe(u, modules)}"
         cur = u
@@ -252,11 +252,11 @@ def _follow(
 
 def _link_to(
     name: str,
-    layer: nn.Module,
+    layer: Any,
     bn: str | None,
     bn_eps: float,
     nxt: str,
-    nxt_mod: nn.Module,
+    nxt_mod: Any,
     flattened: bool,
     calls: dict[str, int],
 ) -> tuple[Link | None, str]:
@@ -264,7 +264,7 @@ def _link_to(
         return None, f"feeds {nxt}, which is called {calls[nxt]} times"
     if isinstance(nxt_mod, nn.Conv1d | nn.Conv2d | nn.Conv3d) and nxt_mod.groups != 1:
         return None, f"feeds a grouped conv ({nxt}, groups={nxt_mod.groups})"
-    out, inputs = layer.weight.shape[0], nxt_mod.weight.shape[1]
+    out, inputs = int(layer.weight.shape[0]), int(nxt_mod.weight.shape[1])
     block = 1
     if flattened:
         if not isinstance(nxt_mod, nn.Linear) or inputs % out:
@@ -285,14 +285,14 @@ def _is_flatten(u: torch.fx.Node, mod: nn.Module | None) -> bool:
     ):
         start = u.args[1] if len(u.args) > 1 else u.kwargs.get("start_dim", 0)
         end = u.args[2] if len(u.args) > 2 else u.kwargs.get("end_dim", -1)
-        return start == 1 and end == -1
+        return bool(start == 1 and end == -1)
     return False
 
 
-def _describe(u: torch.fx.Node, modules: dict[str, nn.Module]) -> str:
+def _describe(u: torch.fx.Node, modules: dict[str, Any]) -> str:
     """What an fx node does, in words, for the report."""
     if u.op == "call_module":
-        mod = modules[u.target]
+        mod = modules[str(u.target)]
         kind = type(mod).__name__
         if isinstance(mod, nn.LayerNorm | nn.GroupNorm | nn.InstanceNorm2d):
             return f"{kind} {u.target} (a normalisation over units)"
@@ -322,7 +322,7 @@ def _parameter(t: Tensor, like: Tensor) -> nn.Parameter:
     return nn.Parameter(t.to(like.dtype).contiguous(), requires_grad=like.requires_grad)
 
 
-def _narrow_outputs(layer: nn.Module, tensors: dict[str, Tensor], link: Link) -> None:
+def _narrow_outputs(layer: Any, tensors: dict[str, Tensor], link: Link) -> None:
     """Give a layer its fused weight (and bias), and the width that goes with it."""
     w = tensors[link.weight]
     layer.weight = _parameter(w, layer.weight)
@@ -334,7 +334,7 @@ def _narrow_outputs(layer: nn.Module, tensors: dict[str, Tensor], link: Link) ->
         layer.out_channels = w.shape[0]
 
 
-def _narrow_inputs(layer: nn.Module, w: Tensor) -> None:
+def _narrow_inputs(layer: Any, w: Tensor) -> None:
     layer.weight = _parameter(w, layer.weight)
     if isinstance(layer, nn.Linear):
         layer.in_features = w.shape[1]
@@ -342,7 +342,7 @@ def _narrow_inputs(layer: nn.Module, w: Tensor) -> None:
         layer.in_channels = w.shape[1]
 
 
-def _narrow_batchnorm(bn: nn.Module, tensors: dict[str, Tensor], prefix: str) -> None:
+def _narrow_batchnorm(bn: Any, tensors: dict[str, Tensor], prefix: str) -> None:
     bn.weight = _parameter(tensors[prefix + ".weight"], bn.weight)
     bn.bias = _parameter(tensors[prefix + ".bias"], bn.bias)
     for buf in ("running_mean", "running_var"):
