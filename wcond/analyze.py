@@ -21,6 +21,7 @@ from wcond.errors import CheckpointError
 from wcond.gates import Gate, GateResult, evaluate_gates
 from wcond.layers import find_layers, is_layer, layer_kind
 from wcond.load import Checkpoint, TensorInfo, open_checkpoint
+from wcond.module import module_view
 from wcond.shrink import dense_view
 
 __all__ = ["LayerReport", "Report", "Summary", "analyze_tensor", "inspect"]
@@ -123,6 +124,18 @@ class Report:
         """JSON-ready dict; non-finite floats become None."""
         return _finite(asdict(self))
 
+    def to_pandas(self) -> Any:
+        """A pandas DataFrame: one row per layer (index: tensor key), one column per metric, None as NaN.
+
+        Needs pandas (``pip install 'wcond[pandas]'``), imported only here.
+
+        Example:
+            >>> wcond.inspect("model.pt").to_pandas().sort_values("acv_mean").tail(3)
+        """
+        from wcond.frames import report_frame
+
+        return report_frame(self)
+
 
 def analyze_tensor(
     name: str,
@@ -180,7 +193,7 @@ def analyze_tensor(
 
 
 def inspect(
-    source: str | Path | Checkpoint | Mapping[str, torch.Tensor],
+    source: str | Path | Checkpoint | Mapping[str, torch.Tensor] | torch.nn.Module,
     *,
     layers: Sequence[str] = (),
     exclude: Sequence[str] = (),
@@ -192,11 +205,13 @@ def inspect(
     fail_if: Sequence[str | Gate] = (),
     progress: ProgressFn | None = None,
 ) -> Report:
-    """Analyze every selected layer of a checkpoint (path, opened Checkpoint, or state dict).
+    """Analyze every selected layer of a checkpoint (path, opened Checkpoint, state dict, or module).
 
     Args:
+        source: a checkpoint path, an opened Checkpoint, a state dict, or an ``nn.Module`` (whose
+            convs give their own groups and whose Conv/Linear/Embedding layers name their kind).
         layers, exclude: glob patterns on tensor keys.
-        groups: conv groups by key or glob (a state dict does not record them).
+        groups: conv groups by key or glob (a state dict does not record them; a module does).
         tau_cos, tau_euc: near-parallel thresholds (METRICS.md).
         top: how many closest pairs to list per layer and axis.
         device: "auto", "cpu", "cuda", "mps" or any torch device string.
@@ -209,6 +224,12 @@ def inspect(
     """
     gates = [g if isinstance(g, Gate) else Gate.parse(g) for g in fail_if]
     dev = resolve_device(device)
+    known_groups: dict[str, int] = {}
+    kinds: dict[str, str] = {}
+    source_name = None
+    if isinstance(source, torch.nn.Module):
+        view = module_view(source)
+        source, known_groups, kinds, source_name = view.tensors, view.groups, view.kinds, view.name
     if isinstance(source, Mapping):
         infos = {
             k: TensorInfo(tuple(t.shape), t.dtype)
@@ -216,7 +237,8 @@ def inspect(
             if isinstance(t, torch.Tensor)
         }
         get = source.__getitem__
-        name, fmt, wrapper = "<state_dict>", "state_dict", None
+        name, fmt = (source_name, "module") if source_name else ("<state_dict>", "state_dict")
+        wrapper = None
     else:
         ck = source if isinstance(source, Checkpoint) else open_checkpoint(source)
         infos = {k: ck.info(k) for k in ck.keys()}
@@ -225,7 +247,8 @@ def inspect(
     infos, get, factored = dense_view(
         infos, get
     )  # a shrunk checkpoint: analyze the dense weights it stands for
-    specs = find_layers(infos, layers, exclude, dict(groups or {}))
+    # The module's own conv groups come first: find_layers takes the first pattern that matches.
+    specs = find_layers(infos, layers, exclude, {**known_groups, **(groups or {})})
     if not specs:
         if any(is_layer(i) for i in infos.values()):
             raise CheckpointError(f"{name}: no layer matches the --layers/--exclude patterns")
@@ -247,6 +270,7 @@ def inspect(
             top=top,
             device=dev,
         )
+        rep.kind = kinds.get(spec.key, rep.kind)
         if spec.group_note:
             rep.notes.append(spec.group_note)
         if spec.key in factored:

@@ -29,6 +29,7 @@ from wcond.device import resolve_device
 from wcond.errors import CheckpointError, UsageError
 from wcond.layers import LayerSpec, find_layers, is_layer
 from wcond.load import Checkpoint, TensorInfo, open_checkpoint
+from wcond.module import module_view
 
 __all__ = ["InitCSResult", "LayerResult", "init_cs"]
 
@@ -96,7 +97,7 @@ class InitCSResult:
 
 
 def init_cs(
-    source: str | Path | Checkpoint | Mapping[str, torch.Tensor],
+    source: str | Path | Checkpoint | Mapping[str, torch.Tensor] | torch.nn.Module,
     *,
     iterations: int = 500,
     lr: float = 1e-3,
@@ -113,11 +114,12 @@ def init_cs(
     """Minimize Convolutional Similarity over a checkpoint's conv layers (CS paper, Algorithm 1).
 
     Args:
-        source: a checkpoint path, an opened Checkpoint, or a state dict.
+        source: a checkpoint path, an opened Checkpoint, a state dict, or an ``nn.Module`` (read,
+            never changed: load the returned tensors into it; its convs give their own groups).
         iterations, lr, optimizer: I optimizer steps of "adam" (the paper's) or "sgd" at this rate.
         device: "auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "mps".
         layers, exclude: glob patterns on tensor keys; only conv kernels (ndim 3-5) are optimized.
-        groups: conv groups by key or glob (a state dict does not record them).
+        groups: conv groups by key or glob (a state dict does not record them; a module does).
         keep_norm: keep every filter's norm: the gradient is projected onto each filter's sphere and the
             filter rescaled to its original norm after each step; 1x1 kernels are then left unchanged.
         seed: seeds torch (inside a forked RNG state) for a reproducible run.
@@ -139,7 +141,12 @@ def init_cs(
     if optimizer not in OPTIMIZERS:
         raise UsageError(f"--optimizer {optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
     dev = resolve_device(device)
-    if isinstance(source, Mapping):
+    known_groups: dict[str, int] = {}
+    if isinstance(source, torch.nn.Module):
+        view = module_view(source)
+        tensors, known_groups = view.tensors, view.groups
+        name, fmt, wrapper = view.name, "module", None
+    elif isinstance(source, Mapping):
         tensors = {k: t for k, t in source.items() if isinstance(t, torch.Tensor)}
         name, fmt, wrapper = "<state_dict>", "state_dict", None
     else:
@@ -151,7 +158,7 @@ def init_cs(
         {k: TensorInfo(tuple(t.shape), t.dtype) for k, t in tensors.items()},
         layers,
         exclude,
-        groups,
+        {**known_groups, **(groups or {})},
     )
 
     rows: dict[str, LayerResult] = {}

@@ -19,7 +19,7 @@ from wcond.load import Checkpoint
 
 __all__ = ["SUMMARY_FIELDS", "DiffReport", "LayerDiff", "MetricDiff", "diff", "diff_reports"]
 
-Source = str | Path | Checkpoint | Mapping[str, torch.Tensor]
+Source = str | Path | Checkpoint | Mapping[str, torch.Tensor] | torch.nn.Module
 
 # Totals of wcond.analyze.Summary compared in the diff's summary.
 SUMMARY_FIELDS = (
@@ -154,7 +154,8 @@ def diff(a: Source, b: Source, **inspect_kwargs: Any) -> DiffReport:
     """Inspect both checkpoints with the same settings and compare them layer by layer.
 
     Args:
-        a, b: checkpoint paths, opened Checkpoints or state dicts (anything :func:`wcond.inspect` reads).
+        a, b: checkpoint paths, opened Checkpoints, state dicts or modules (anything
+            :func:`wcond.inspect` reads).
         inspect_kwargs: passed to :func:`wcond.inspect` for both (layers, exclude, groups, tau_cos, ...).
 
     Example:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
 from wcond.analyze import inspect as inspect_checkpoint
 from wcond.cli import app
@@ -23,9 +24,12 @@ from wcond.cli.common import (
     emit,
     handle_errors,
     progress_bar,
+    stderr,
     stdout,
 )
 from wcond.cli.project_config import ConfigOpt, read_config, with_config
+from wcond.errors import UsageError
+from wcond.frames import require_pandas, write_parquet
 from wcond.render import render, render_table
 
 
@@ -36,6 +40,7 @@ class Format(str, Enum):
     csv = "csv"
     html = "html"
     junit = "junit"
+    parquet = "parquet"
 
 
 _SUFFIX_FORMATS = {
@@ -46,6 +51,7 @@ _SUFFIX_FORMATS = {
     ".html": Format.html,
     ".htm": Format.html,
     ".xml": Format.junit,
+    ".parquet": Format.parquet,
 }
 
 
@@ -109,10 +115,18 @@ def inspect_command(
         or (_SUFFIX_FORMATS.get(output.suffix.lower()) if output else None)
         or Format(cfg.values.get("format", "table"))
     )
+    if fmt == Format.parquet:
+        if output is None:
+            raise UsageError("--format parquet writes a binary file: give -o FILE.parquet")
+        require_pandas()  # before the analysis, not after
     with progress_bar("inspecting") as progress:
         report = inspect_checkpoint(checkpoint, **o, progress=progress)
     report.settings["config"] = str(cfg.path) if cfg.path else None
-    if fmt == Format.table and output is None:
+    if fmt == Format.parquet:
+        assert output is not None
+        write_parquet(report, output)
+        stderr.print(f"wrote {escape(str(output))}", soft_wrap=True)
+    elif fmt == Format.table and output is None:
         render_table(report, stdout)
     else:
         emit(render(report, fmt.value), output)
