@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from wcond import hub
 from wcond.errors import CheckpointError, UnsafeCheckpointError
 
 __all__ = ["Checkpoint", "TensorInfo", "load_checkpoint", "open_checkpoint"]
@@ -157,6 +158,8 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         UnsafeCheckpointError: a pickle that would construct arbitrary objects.
     """
     p = Path(path)
+    if not p.exists() and (repo := hub.parse_repo_id(str(path))) is not None:
+        p = hub.resolve(repo)  # org/name[@rev]: from the Hugging Face cache (wcond/hub.py)
     if not p.exists():
         raise CheckpointError(f"{p}: no such file or directory")
     if p.is_dir():

@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
 from wcond.errors import WcondError
+from wcond.hub import allow_downloads
 from wcond.save import write_text
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -80,10 +81,19 @@ GroupsOpt = Annotated[
     ),
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite OUT if it exists.")]
+# Read by handle_errors, which allows Hub downloads around the command that declares it.
+DownloadOpt = Annotated[
+    bool,
+    typer.Option(
+        "--download",
+        help="A Hugging Face repo id not in the local cache: fetch its weight files (needs wcond\\[hub]).",
+    ),
+]
 CheckpointArg = Annotated[
     Path,
     typer.Argument(
-        help="Checkpoint file (.pt .pth .bin .ckpt .safetensors), shard index, or directory.",
+        help="Checkpoint file (.pt .pth .bin .ckpt .safetensors), shard index, directory "
+        "(sharded or DCP), or a Hugging Face repo id org/name\\[@rev] read from the local cache.",
         show_default=False,
     ),
 ]
@@ -95,7 +105,8 @@ def handle_errors(func: F) -> F:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return func(*args, **kwargs)
+            with allow_downloads(bool(kwargs.get("download", False))):
+                return func(*args, **kwargs)
         except WcondError as e:
             if os.environ.get("WCOND_DEBUG"):
                 raise

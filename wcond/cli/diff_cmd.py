@@ -13,6 +13,7 @@ from wcond.cli.common import (
     CheckpointArg,
     DeviceChoice,
     DeviceOpt,
+    DownloadOpt,
     ExcludeOpt,
     GroupsOpt,
     LayersOpt,
@@ -60,6 +61,7 @@ def diff_command(
     tau_euc: TauEucOpt = 0.1,
     device: DeviceOpt = DeviceChoice.auto,
     config: ConfigOpt = None,
+    download: DownloadOpt = False,
 ) -> None:
     """Compare two checkpoints, e.g. before and after init-cs or shrink.
 

@@ -19,6 +19,7 @@ from wcond.cli.common import (
     CheckpointArg,
     DeviceChoice,
     DeviceOpt,
+    DownloadOpt,
     ExcludeOpt,
     ForceOpt,
     GroupsOpt,
@@ -94,6 +95,7 @@ def init_cs_command(
     format: Annotated[
         ReportFormat, typer.Option("--format", "-f", help="Summary format on stdout.")
     ] = ReportFormat.table,
+    download: DownloadOpt = False,
 ) -> None:
     """Minimize Convolutional Similarity over the conv layers (CS paper, Algorithm 1) and write a new checkpoint.
 

@@ -16,6 +16,7 @@ from wcond.cli.common import (
     CheckpointArg,
     DeviceChoice,
     DeviceOpt,
+    DownloadOpt,
     ExcludeOpt,
     GroupsOpt,
     LayersOpt,
@@ -88,6 +89,7 @@ def inspect_command(
     ] = None,
     device: DeviceOpt = DeviceChoice.auto,
     config: ConfigOpt = None,
+    download: DownloadOpt = False,
 ) -> None:
     """Report per layer: ACV, Convolutional Similarity, norm deviation, near-parallel pairs, RaRe.
 

@@ -14,6 +14,7 @@ from wcond.cli.common import (
     CheckpointArg,
     DeviceChoice,
     DeviceOpt,
+    DownloadOpt,
     ExcludeOpt,
     LayersOpt,
     TauCosOpt,
@@ -90,6 +91,7 @@ def plot_command(
     tau_euc: TauEucOpt = 0.1,
     device: DeviceOpt = DeviceChoice.auto,
     config: ConfigOpt = None,
+    download: DownloadOpt = False,
 ) -> None:
     """Draw a layer's cosine heatmap, or each metric per layer.
 

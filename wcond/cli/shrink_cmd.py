@@ -19,6 +19,7 @@ from wcond.cli.common import (
     CheckpointArg,
     DeviceChoice,
     DeviceOpt,
+    DownloadOpt,
     ExcludeOpt,
     ForceOpt,
     LayersOpt,
@@ -99,6 +100,7 @@ def shrink_command(
             metavar="KEY1,KEY2,...",
         ),
     ] = None,
+    download: DownloadOpt = False,
 ) -> None:
     """Fuse near-parallel rows/columns (RaRe merging) into a smaller checkpoint.
 
@@ -243,6 +245,7 @@ def expand_command(
         ),
     ],
     force: ForceOpt = False,
+    download: DownloadOpt = False,
 ) -> None:
     """Rebuild a shrunk checkpoint's factorized layers into a plain checkpoint any model loads.
 
