@@ -162,6 +162,10 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         p = hub.resolve(repo)  # org/name[@rev]: from the Hugging Face cache (wcond/hub.py)
     if not p.exists():
         raise CheckpointError(f"{p}: no such file or directory")
+    if p.is_dir() and (p / ".metadata").is_file():
+        from wcond.load_dcp import open_dcp  # torch.distributed.checkpoint, only when needed
+
+        return open_dcp(p)
     if p.is_dir():
         return _open_directory(p)
     if p.name.endswith(".index.json"):

@@ -101,6 +101,9 @@ def init_cs_command(
 
     Everything else (biases, BatchNorm, Linear layers, a Lightning checkpoint's other entries, safetensors metadata) is copied unchanged; OUT is written to a temporary file and renamed only when complete.
 
+    A DCP directory (torch.distributed.checkpoint) is written as one normal file (.safetensors or .pt)
+    holding its model state dict; optimizer state and other entries are not carried over.
+
     Example: wcond init-cs model.pt -o model_cs.pt --iterations 500 --keep-norm
     """
     check_output(checkpoint, output, force)

@@ -108,6 +108,9 @@ def shrink_command(
     Load it with wcond.load_state_dict(OUT), or write it dense with `wcond expand`.
     With --fold --chain, parallel units of ReLU-joined layers are removed outright instead.
 
+    A DCP directory (torch.distributed.checkpoint) is written as one normal file holding its model
+    state dict.
+
     Example: wcond shrink model.pt --tau-cos 1e-4 -o small.safetensors
     """
     if output is None and not dry_run:
