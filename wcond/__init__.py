@@ -20,7 +20,7 @@ if "torch" not in _sys.modules:
 
 __version__ = "0.1.0"
 
-from wcond import metrics
+from wcond import hub, metrics, monitor
 from wcond.analyze import LayerReport, Report, Summary, analyze_tensor, inspect
 from wcond.condition import init_cs
 from wcond.errors import CheckpointError, UnsafeCheckpointError, UsageError, WcondError
@@ -41,7 +41,9 @@ __all__ = [
     "init_cs",
     "inspect",
     "load_checkpoint",
+    "hub",
     "load_state_dict",
     "metrics",
+    "monitor",
     "open_checkpoint",
 ]

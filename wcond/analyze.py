@@ -8,7 +8,7 @@ into plain dataclasses.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,6 +137,14 @@ class Report:
         return report_frame(self)
 
 
+# Which fields each part of analyze_tensor fills, so that a caller asking for a few (the training
+# monitor) pays only for those.
+ROW_FIELDS = ("acv_sum", "acv_mean", "acv_floor", "rare_rows", "near_parallel_rows", "dead_rows")
+COL_FIELDS = ("rare_cols", "near_parallel_cols", "dead_cols")
+NORM_FIELDS = ("norm_loss", "norm_dev_max")
+CONV_FIELDS = ("conv_similarity", "conv_similarity_norm", "conv_similarity_floor")
+
+
 def analyze_tensor(
     name: str,
     w: torch.Tensor,
@@ -146,8 +154,12 @@ def analyze_tensor(
     tau_euc: float = 0.1,
     top: int = 3,
     device: torch.device | str = "cpu",
+    fields: Collection[str] | None = None,
 ) -> LayerReport:
-    """All diagnostics of one weight tensor of shape (out, in, *kernel)."""
+    """All diagnostics of one weight tensor of shape (out, in, *kernel).
+
+    ``fields`` (names of NUMERIC_FIELDS) limits the work to what those need; the others stay None/0.
+    """
     shape = list(w.shape)
     rep = LayerReport(
         name=name,
@@ -157,6 +169,10 @@ def analyze_tensor(
         params=w.numel(),
         groups=groups,
     )
+
+    def wanted(part: tuple[str, ...]) -> bool:
+        return fields is None or any(f in fields for f in part)
+
     w = w.to(device=device)
     with torch.no_grad():
         bad = int((~torch.isfinite(w)).sum())
@@ -164,31 +180,40 @@ def analyze_tensor(
             rep.nonfinite = bad
             rep.notes.append(f"{bad} NaN/Inf values: metrics not computed")
             return rep
-        rows = metrics.pair_statistics(
-            metrics.as_rows(w), tau_cos=tau_cos, tau_euc=tau_euc, top_k=top
-        )
-        cols = metrics.pair_statistics(
-            metrics.as_cols(w), tau_cos=tau_cos, tau_euc=tau_euc, top_k=top
-        )
-        rep.dead_rows, rep.dead_cols = len(rows.dead), len(cols.dead)
-        rep.acv_sum = float(rows.acv_sum)
-        rep.acv_mean = rows.acv_mean
-        rep.acv_floor = metrics.acv_floor(rows.live, math.prod(shape[1:]))
-        rep.rare_rows = _opt(rows.rare)
-        rep.rare_cols = _opt(cols.rare)
-        rep.near_parallel_rows, rep.near_parallel_cols = rows.near_parallel, cols.near_parallel
-        rep.closest_rows, rep.closest_cols = rows.closest, cols.closest
-        rep.norm_loss = float(metrics.norm_loss(w))
-        rep.norm_dev_max = float(metrics.norm_dev_max(w))
-        if w.ndim >= 3:
+        if wanted(ROW_FIELDS):
+            rows = metrics.pair_statistics(
+                metrics.as_rows(w), tau_cos=tau_cos, tau_euc=tau_euc, top_k=top
+            )
+            rep.dead_rows = len(rows.dead)
+            rep.acv_sum = float(rows.acv_sum)
+            rep.acv_mean = rows.acv_mean
+            rep.acv_floor = metrics.acv_floor(rows.live, math.prod(shape[1:]))
+            rep.rare_rows = _opt(rows.rare)
+            rep.near_parallel_rows = rows.near_parallel
+            rep.closest_rows = rows.closest
+            if rows.dead:
+                n = len(rows.dead)
+                rep.notes.append(
+                    f"{n} all-zero row{'s' if n > 1 else ''} (left out of cosine metrics)"
+                )
+        if wanted(COL_FIELDS):
+            cols = metrics.pair_statistics(
+                metrics.as_cols(w), tau_cos=tau_cos, tau_euc=tau_euc, top_k=top
+            )
+            rep.dead_cols = len(cols.dead)
+            rep.rare_cols = _opt(cols.rare)
+            rep.near_parallel_cols = cols.near_parallel
+            rep.closest_cols = cols.closest
+        if wanted(NORM_FIELDS):
+            rep.norm_loss = float(metrics.norm_loss(w))
+            rep.norm_dev_max = float(metrics.norm_dev_max(w))
+        if w.ndim >= 3 and wanted(CONV_FIELDS):
             cs = metrics.conv_similarity(w, groups=groups)
             rep.conv_similarity = float(cs)
             pair_norms = float(metrics.pair_norm_products(w, groups))
             rep.conv_similarity_norm = float(cs) / pair_norms if pair_norms else None
-            rep.conv_similarity_floor = metrics.conv_similarity_floor(w, groups=groups)
-        if rows.dead:
-            n = len(rows.dead)
-            rep.notes.append(f"{n} all-zero row{'s' if n > 1 else ''} (left out of cosine metrics)")
+            if fields is None or "conv_similarity_floor" in fields:
+                rep.conv_similarity_floor = metrics.conv_similarity_floor(w, groups=groups)
     return rep
 
 
