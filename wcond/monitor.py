@@ -143,7 +143,7 @@ def _lightning_callback() -> type:
         import lightning.pytorch as pl
     except ImportError:
         try:
-            import pytorch_lightning as pl
+            import pytorch_lightning as pl  # type: ignore[no-redef]
         except ImportError as e:
             raise UsageError(
                 "wcond.monitor.WeightMetrics is a Lightning callback and needs Lightning: "
