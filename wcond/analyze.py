@@ -175,7 +175,11 @@ def analyze_tensor(
 
     w = w.to(device=device)
     with torch.no_grad():
-        bad = int((~torch.isfinite(w)).sum())
+        # NaN propagates through aminmax and an infinity shows at one end: one pass, 8x cheaper
+        # than isfinite on CPU, settles the usual all-finite case (benchmarks/README.md, monitor).
+        lo, hi = torch.aminmax(w) if w.numel() else (w.new_zeros(()), w.new_zeros(()))
+        finite = math.isfinite(float(lo)) and math.isfinite(float(hi))
+        bad = 0 if finite else int((~torch.isfinite(w)).sum())
         if bad:
             rep.nonfinite = bad
             rep.notes.append(f"{bad} NaN/Inf values: metrics not computed")
