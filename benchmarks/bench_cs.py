@@ -138,7 +138,8 @@ def main() -> None:
     )
     if done == total:
         print(
-            f"CS literal {float(lit_pairs.sum()):.6e} vs wcond {cs_fast:.6e}: relative difference {rel(float(lit_pairs.sum()), cs_fast):.1e}"
+            f"CS literal {float(lit_pairs.sum()):.6e} vs wcond {cs_fast:.6e}: relative difference "
+            f"{rel(float(lit_pairs.sum()), cs_fast):.1e}"
         )
 
     if not args.no_scaling:

@@ -240,7 +240,8 @@ def main() -> None:
         f"{mismatch:.1e} relative on 6-filter x 5-channel slices of every layer (float64).\n"
     )
     print(
-        "Literal extrapolation per layer shape (timed on filter pairs (0, j), j = 1..batch; every pair costs the same):\n"
+        "Literal extrapolation per layer shape (timed on filter pairs (0, j), j = 1..batch; every "
+        "pair costs the same):\n"
     )
     print("| shape | layers | pairs per layer | timed pairs | s / pair | s / iteration |")
     print("|---|---:|---:|---:|---:|---:|")

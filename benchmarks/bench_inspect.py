@@ -203,7 +203,8 @@ def bench_resnet50(repeat: int) -> None:
         )
     )
     print(
-        f"\ntarget wcond <= 2x bare load: {ratio:.2f}x (median of per-round ratios {paired:.2f}x) -> {'met' if ratio <= 2 else 'MISSED'}"
+        f"\ntarget wcond <= 2x bare load: {ratio:.2f}x (median of per-round ratios {paired:.2f}x) "
+        f"-> {'met' if ratio <= 2 else 'MISSED'}"
     )
 
 
@@ -335,7 +336,8 @@ def bench_embedding() -> None:
     }
     n = 32000
     print(
-        f"\n### 32000 x 4096 fp32 embedding ({path.stat().st_size / 2**20:.0f} MiB), one run each under /usr/bin/time -v\n"
+        f"\n### 32000 x 4096 fp32 embedding ({path.stat().st_size / 2**20:.0f} MiB), one run each "
+        "under /usr/bin/time -v\n"
     )
     rows = []
     for label, cmd in runs.items():
@@ -414,7 +416,8 @@ def bench_weightwatcher(repeat: int) -> None:
         [
             py,
             "-c",
-            "import torch, weightwatcher, numpy; print(torch.__version__, weightwatcher.__version__, numpy.__version__)",
+            "import torch, weightwatcher, numpy; print(torch.__version__, "
+            "weightwatcher.__version__, numpy.__version__)",
         ],
         capture_output=True,
         text=True,
@@ -459,7 +462,8 @@ def bench_weightwatcher(repeat: int) -> None:
     w_in = med["ww.WeightWatcher(model=model).analyze()"]
     c_in = med["wcond.inspect(model.state_dict())"]
     print(
-        f"\nratio WeightWatcher / wcond: whole process {w_whole / c_whole:.1f}x, in process (analyze() vs inspect(state_dict)) {w_in / c_in:.1f}x"
+        f"\nratio WeightWatcher / wcond: whole process {w_whole / c_whole:.1f}x, in process "
+        f"(analyze() vs inspect(state_dict)) {w_in / c_in:.1f}x"
     )
     print(f"layers analyzed: WeightWatcher {inner['ww_layers']}, wcond {inner['wcond_layers']}")
     print(f"WeightWatcher columns: {', '.join(inner['ww_columns'])}")

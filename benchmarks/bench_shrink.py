@@ -98,9 +98,13 @@ def main() -> None:
         print(json.dumps(child(args.case, args.device)))
         return
     print(
-        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, device {args.device}"
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, device {args.device}"
     )
-    head = "| case | pairs found | fused | search (s) | search + fuse (s) | data (MiB) | peak RSS: data / after search / after fuse (MiB) |"
+    head = (
+        "| case | pairs found | fused | search (s) | search + fuse (s) | data (MiB) "
+        "| peak RSS: data / after search / after fuse (MiB) |"
+    )
     print(head)
     print("|" + "---|" * head.count(" | ") + "---|")
     for name in CASES:

@@ -1,4 +1,8 @@
-"""Shared fixtures: small seeded checkpoints built in code, in every layout wcond reads."""
+"""Shared fixtures: one small seeded state dict built in code, as a dict and saved as a .pt file.
+
+The other layouts wcond reads (safetensors, shards, Lightning, shrunk files) are built by the
+test modules that need them, from this state dict or their own.
+"""
 
 from __future__ import annotations
 

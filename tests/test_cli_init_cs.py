@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 import wcond.save
 from wcond.analyze import inspect
 from wcond.cli import app
-from wcond.cli.init_cs_cmd import render_init_cs
 from wcond.condition import init_cs
+from wcond.render_init_cs import render_init_cs
 
 runner = CliRunner()
 CONVS = ["model.conv1.weight", "model.conv2.weight", "model.pw.weight"]
@@ -218,7 +218,10 @@ def test_history_file(ckpt: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--layers", "nothing*"], "no conv layer matches the --layers/--exclude patterns"),
+        (
+            ["--layers", "nothing*"],
+            "no conv layer matches the patterns --layers ['nothing*'], --exclude []",
+        ),
         (["--groups", "model.conv1.weight"], "expected KEY=G with G a positive integer"),
         (["--groups", "model.conv1.weight=3"], "3 does not divide the layer's 8 output filters"),
         (["--lr", "0"], "--lr 0.0: the learning rate must be a positive number"),

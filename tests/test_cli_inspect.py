@@ -215,12 +215,26 @@ def test_gates(pt_file: Path) -> None:
 )
 def test_bad_gate_expressions(pt_file: Path, expr: str, message: str) -> None:
     result = run("inspect", pt_file, "--fail-if", expr)
-    assert result.exit_code == 2 and message in result.stderr
+    # The library names the parameter (fail_if=); the CLI spells it as the flag.
+    assert result.exit_code == 2 and f"--fail-if {expr!r}: {message}" in result.stderr
 
 
 def test_null_metrics_never_trip_gates(pt_file: Path) -> None:
     result = run("inspect", pt_file, "--fail-if", "conv_similarity_norm>0", "--layers", "fc.*")
-    assert result.exit_code == 0
+    assert result.exit_code == 0 and "PASS conv_similarity_norm>0" in result.stdout
+    doc = json.loads(
+        run(
+            "inspect",
+            pt_file,
+            "-f",
+            "json",
+            "--fail-if",
+            "conv_similarity_norm>0",
+            "--layers",
+            "fc.*",
+        ).stdout
+    )
+    assert doc["gates"] == [{"expr": "conv_similarity_norm>0", "passed": True, "violations": []}]
 
 
 @pytest.mark.parametrize(

@@ -31,19 +31,24 @@ def run(*args: object):
 
 
 def _state(seed: int = 0) -> dict[str, torch.Tensor]:
-    """fc1 (24 -> 32) -> fc2 (32 -> 32) -> fc3 (32 -> 4) with positively parallel fc1 units and fc2 row pairs."""
+    """fc1 (48 -> 64) -> fc2 (64 -> 64) -> fc3 (64 -> 4): positively parallel fc1 units, fc2 row pairs.
+
+    Enough pairs that factorizing pays for its indices and the manifest in file bytes.
+    """
     g = torch.Generator().manual_seed(seed)
     sd = {
-        "fc1.weight": torch.randn(32, 24, generator=g),
-        "fc1.bias": torch.randn(32, generator=g),
-        "fc2.weight": torch.randn(32, 32, generator=g),
-        "fc2.bias": torch.randn(32, generator=g),
-        "fc3.weight": torch.randn(4, 32, generator=g),
+        "fc1.weight": torch.randn(64, 48, generator=g),
+        "fc1.bias": torch.randn(64, generator=g),
+        "fc2.weight": torch.randn(64, 64, generator=g),
+        "fc2.bias": torch.randn(64, generator=g),
+        "fc3.weight": torch.randn(4, 64, generator=g),
         "fc3.bias": torch.randn(4, generator=g),
     }
-    for a, b, k in ((0, 20, 2.0), (1, 21, 0.5), (2, 22, 3.0), (3, 23, 1.5)):
+    for i in range(16):
+        a, b, k = i, 32 + i, (2.0, 0.5, 3.0, 1.5)[i % 4]
         sd["fc1.weight"][b], sd["fc1.bias"][b] = k * sd["fc1.weight"][a], k * sd["fc1.bias"][a]
-    for a, b, k in ((4, 24, -1.0), (5, 25, 2.0), (6, 26, -0.5)):  # only (5, 25) folds: k > 0
+    for i in range(12):  # only the 8 with k > 0 fold
+        a, b, k = i, 40 + i, (2.0, 0.5, -1.0)[i % 3]
         sd["fc2.weight"][b], sd["fc2.bias"][b] = k * sd["fc2.weight"][a], k * sd["fc2.bias"][a]
     return sd
 
@@ -61,10 +66,10 @@ def test_table_report_and_output(model_file: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert (
         "fc2.weight" in result.stdout
-        and "32x32 → 29x32" in result.stdout
-        and "3/0" in result.stdout
+        and "64x64 → 52x64" in result.stdout
+        and "12/0" in result.stdout
     )
-    assert "parameters: 1,988 → 1,796 (192 removed, 9.66%)" in result.stdout
+    assert "parameters: 7,556 → 6,020 (1,536 removed, 20.33%)" in result.stdout
     assert f"wrote {out}" in result.stdout
     assert out.exists() and out.stat().st_size < model_file.stat().st_size
 
@@ -81,13 +86,13 @@ def test_json_report(model_file: Path) -> None:
         assert LAYER_KEYS <= set(layer)
     fc1, fc2 = doc["layers"][0], doc["layers"][1]
     assert (
-        fc1["fused_rows"] == 4
-        and fc1["params_after"] == 28 * 24
+        fc1["fused_rows"] == 16
+        and fc1["params_after"] == 48 * 48
         and fc1["reconstruction_error"] < 1e-6
     )
-    assert fc2["fused_rows"] == 3 and fc2["shape_after"] == [29, 32] and fc2["max_angle_deg"] < 0.1
-    assert doc["params_removed"] == 4 * 24 + 3 * 32 and doc["percent_removed"] == pytest.approx(
-        100 * 192 / 1988
+    assert fc2["fused_rows"] == 12 and fc2["shape_after"] == [52, 64] and fc2["max_angle_deg"] < 0.1
+    assert doc["params_removed"] == 16 * 48 + 12 * 64 and doc["percent_removed"] == pytest.approx(
+        100 * 1536 / 7556
     )
 
 
@@ -111,12 +116,12 @@ def test_fold_prints_the_new_widths(model_file: Path, tmp_path: Path) -> None:
         "shrink", model_file, "--fold", "--chain", "fc1.weight, fc2.weight,fc3.weight", "-o", out
     )
     assert result.exit_code == 0, result.output
-    assert "new widths (output units): fc1.weight 32 → 28, fc2.weight 32 → 31" in result.stdout
+    assert "new widths (output units): fc1.weight 64 → 48, fc2.weight 64 → 56" in result.stdout
     sd = wcond.load_state_dict(out)
     assert (
-        sd["fc1.weight"].shape == (28, 24)
-        and sd["fc2.weight"].shape == (31, 28)
-        and sd["fc3.weight"].shape == (4, 31)
+        sd["fc1.weight"].shape == (48, 48)
+        and sd["fc2.weight"].shape == (56, 48)
+        and sd["fc3.weight"].shape == (4, 56)
     )
 
 
@@ -142,13 +147,13 @@ def test_inspect_shows_the_factorization(model_file: Path, tmp_path: Path) -> No
     table = run("inspect", small)
     assert table.exit_code == 0, table.output
     assert (
-        "note fc2.weight: factorized (rows fused): stored as 29x32, 928 of 1,024 parameters (90.6%)"
+        "note fc2.weight: factorized (rows fused): stored as 52x64, 3,328 of 4,096 parameters (81.2%)"
         in table.stdout
     )
     doc = json.loads(run("inspect", small, "--format", "json").stdout)
     assert [layer["factorized"] for layer in doc["layers"]] == [
-        {"params_stored": 672, "params_dense": 768},
-        {"params_stored": 928, "params_dense": 1024},
+        {"params_stored": 48 * 48, "params_dense": 64 * 48},
+        {"params_stored": 52 * 64, "params_dense": 64 * 64},
         None,
     ]
 
@@ -161,7 +166,7 @@ def test_inspect_shows_the_factorization(model_file: Path, tmp_path: Path) -> No
         (("-o", "{existing}"), "already exists; pass --force to overwrite it"),
         (("-o", "{tmp}/out.txt"), "unknown output format '.txt'"),
         (("--dry-run", "--chain", "fc1.weight,fc2.weight"), "--chain goes with --fold"),
-        (("--dry-run", "--fold"), "--fold needs --chain KEY1,KEY2,..."),
+        (("--dry-run", "--fold"), "--fold needs --chain NAME1,NAME2,..."),
         (
             (
                 "--dry-run",
@@ -179,7 +184,10 @@ def test_inspect_shows_the_factorization(model_file: Path, tmp_path: Path) -> No
             ("--dry-run", "--fold", "--chain", "fc1,fc2.weight"),
             "has no tensor named 'fc1'; did you mean 'fc1.weight'?",
         ),
-        (("--dry-run", "--layers", "conv*"), "no layer matches the --layers/--exclude patterns"),
+        (
+            ("--dry-run", "--layers", "conv*"),
+            "no layer matches the patterns --layers ['conv*'], --exclude []",
+        ),
         (("--dry-run", "--device", "cuda"), "CUDA is not available"),
     ],
 )

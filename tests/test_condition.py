@@ -186,18 +186,18 @@ def test_errors() -> None:
         init_cs({"fc.weight": seeded(4, 3), "fc.bias": seeded(4)}, iterations=2)
     with pytest.raises(
         UsageError,
-        match=r"no conv layer matches the --layers/--exclude patterns \(conv weights here: c1d.weight",
+        match=r"no conv layer matches the patterns layers=\['fc\.\*'\], exclude=\[\] \(conv weights here: c1d.weight",
     ):
         init_cs(model_state_dict(), layers=["fc.*"], iterations=2)
-    with pytest.raises(UsageError, match="--iterations 0"):
+    with pytest.raises(UsageError, match="iterations=0"):
         init_cs(model_state_dict(), iterations=0)
-    with pytest.raises(UsageError, match="--lr"):
+    with pytest.raises(UsageError, match="lr="):
         init_cs(model_state_dict(), lr=0.0)
-    with pytest.raises(UsageError, match="--optimizer 'rmsprop'"):
+    with pytest.raises(UsageError, match="optimizer='rmsprop'"):
         init_cs(model_state_dict(), optimizer="rmsprop")
     with pytest.raises(UsageError, match="does not divide"):
         init_cs(model_state_dict(), groups={"c2d.weight": 3})
-    with pytest.raises(UsageError, match="CS diverged .* lower --lr"):
+    with pytest.raises(UsageError, match="CS diverged .* lower lr="):
         init_cs(
             {"c.weight": seeded(8, 8, 3, 3, scale=3.0)},
             optimizer="sgd",

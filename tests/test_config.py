@@ -103,7 +103,7 @@ device = "cpu"
         ("[tool.wcond]\nformat = 'pdf'\n", "format = 'pdf': expected one of table"),
         (
             "[tool.wcond]\nfail-if = ['acv_mean>>1']\n",
-            "fail-if: --fail-if 'acv_mean>>1': expected METRIC OP NUMBER",
+            "fail-if: 'acv_mean>>1': expected METRIC OP NUMBER",
         ),
         ("[tool.wcond]\nfail-if = ['accuracy>1']\n", "unknown metric 'accuracy'"),
         ("[tool.wcond\n", "not valid TOML"),

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from wcond.analyze import NUMERIC_FIELDS, inspect
 from wcond.cli import app
-from wcond.diff import SUMMARY_FIELDS, MetricDiff, diff
+from wcond.diff import SUMMARY_FIELDS, MetricDiff, diff, rounding_resolution
 
 runner = CliRunner()
 
@@ -154,3 +154,21 @@ def test_diff_of_a_shrunk_checkpoint(tmp_path: Path) -> None:
     assert fc1.metrics["near_parallel_rows"].a == 2
     # rebuilding repeats the kept row for each fused one: the pairs are now exactly parallel
     assert fc1.metrics["rare_rows"].b == pytest.approx(0, abs=1e-6)
+
+
+def test_rounding_level_changes_are_no_change() -> None:
+    res = rounding_resolution("float32", "float32")
+    assert MetricDiff.of(2.7435998916625977, 2.7435996532440186, res).delta == 0.0  # 1 ulp
+    assert MetricDiff.of(2.7436, 2.7437, res).delta == pytest.approx(1e-4)
+    assert MetricDiff.of(3, 4, res).delta == 1  # counts are exact
+    assert rounding_resolution("float64", "float64") < 1e-14 < res
+
+
+def test_scaled_layer_keeps_scale_free_metrics_exactly(state_dict: dict[str, torch.Tensor]) -> None:
+    after = dict(state_dict)
+    after["conv2.weight"] = state_dict["conv2.weight"] * 1.7
+    d = diff(state_dict, after, device="cpu")
+    layer = next(x for x in d.layers if x.name == "conv2.weight")
+    for m in ("acv_sum", "acv_mean", "rare_rows", "rare_cols", "conv_similarity_norm"):
+        assert layer.metrics[m].delta == 0, m
+    assert layer.metrics["norm_loss"].delta != 0

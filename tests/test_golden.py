@@ -32,10 +32,16 @@ GATES = ["near_parallel_rows>0", "acv_mean>0.2", "conv_similarity_norm>5"]
 _NUMBER = re.compile(r"[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?")
 
 
-def golden_state_dict(seed: int = 5) -> dict[str, torch.Tensor]:
+POINTWISE = "encoder.blocks.0.pointwise_projection.weight"
+
+
+def golden_state_dict(seed: int = 5, pointwise: bool = False) -> dict[str, torch.Tensor]:
     """Conv2d, Conv2d with a dead filter, Linear; conv1 rows 1 and 4 near-parallel (1 - cos ~ 1.6e-3).
 
-    The planted pair sits far from float32 noise so every printed digit is stable.
+    The planted pair sits far from float32 noise so every printed digit is stable. ``pointwise``
+    adds a 1x1 conv with more filters (16) than input dimensions (3) under a long key: the one
+    layer whose ACV and CS floors are positive (the acv/fl and cs/fl columns), and whose name
+    tests the table layout at 80 columns.
     """
     g = torch.Generator().manual_seed(seed)
     sd = {
@@ -50,16 +56,24 @@ def golden_state_dict(seed: int = 5) -> dict[str, torch.Tensor]:
     noise -= (noise @ base) / (base @ base) * base  # orthogonal to the row: sets the angle exactly
     sd["conv1.weight"][4] = (0.8 * base + 0.045 * base.norm() / noise.norm() * noise).view(3, 3, 3)
     sd["conv2.weight"][5] = 0.0
+    if pointwise:
+        sd[POINTWISE] = torch.randn(16, 3, 1, 1, generator=g)
     return sd
 
 
-def golden_report() -> Report:
-    return inspect(golden_state_dict(), tau_cos=0.01, tau_euc=1.0, fail_if=GATES)
+def golden_report(pointwise: bool = True) -> Report:
+    return inspect(
+        golden_state_dict(pointwise=pointwise),
+        tau_cos=0.01,
+        tau_euc=1.0,
+        fail_if=GATES,
+        device="cpu",
+    )
 
 
-def _table(render: Callable[[object, Console], None], obj: object) -> str:
+def _table(render: Callable[[object, Console], None], obj: object, width: int = 100) -> str:
     console = Console(
-        record=True, width=100, file=io.StringIO(), color_system=None, legacy_windows=False
+        record=True, width=width, file=io.StringIO(), color_system=None, legacy_windows=False
     )
     render(obj, console)
     return console.export_text()
@@ -102,6 +116,21 @@ def test_golden_report_has_what_the_goldens_should_show() -> None:
     assert by["conv1.weight"].near_parallel_rows == 1 and by["conv2.weight"].dead_rows == 1
     assert [g.passed for g in r.gates] == [False, False, True]
     assert by["conv1.weight"].rare_rows == pytest.approx(0.045**2 / (0.8**2 + 0.045**2), rel=1e-3)
+    pw = by[POINTWISE]  # the acv/fl and cs/fl columns have a number to show
+    assert pw.acv_floor and pw.acv_sum and pw.conv_similarity_floor and pw.conv_similarity
+    text = _table(render_table, r)
+    assert "acv/fl" in text and "cs/fl" in text
+
+
+@pytest.mark.parametrize("width", [80, 160])
+def test_table_layout(width: int, update_golden: bool) -> None:
+    """At 80 columns the least important columns give way and no layer name is split or cut."""
+    text = _table(render_table, golden_report(), width)
+    lines = text.splitlines()
+    table = "\n".join(lines[1 : next(i for i, x in enumerate(lines) if x.startswith("acv:"))])
+    assert all(len(line) <= width for line in table.splitlines())
+    assert all(name in table for name in (POINTWISE, "conv1.weight", "fc.weight"))
+    check(f"inspect_table_{width}.txt", text, update_golden)
 
 
 def test_table(update_golden: bool) -> None:
@@ -128,7 +157,7 @@ def _golden_diff():
     after["conv2.weight"] = after["conv2.weight"] * 1.5
     del after["fc.weight"]
     after["head.weight"] = torch.eye(3)
-    return diff(golden_state_dict(), after, tau_cos=0.01, tau_euc=1.0)
+    return diff(golden_state_dict(), after, tau_cos=0.01, tau_euc=1.0, device="cpu")
 
 
 def test_diff_table(update_golden: bool) -> None:

@@ -151,8 +151,13 @@ def test_cli_not_cached_exits_2_with_one_line(cache: Path, monkeypatch: pytest.M
     assert result.exit_code == 2
     assert result.output == (
         f"error: org/absent: no such file or directory, and not in the Hugging Face cache ({cache}); "
-        "fetch its weight files with download=True (wcond: --download)\n"
+        "fetch its weight files with --download\n"
     )
+    with pytest.raises(
+        wcond.CheckpointError,
+        match=r"not in the Hugging Face cache .*; fetch its weight files with download=True$",
+    ):
+        wcond.inspect("org/absent")
     result = CliRunner().invoke(app, ["inspect", "org/tiny@v2"])
     assert (
         result.exit_code == 2

@@ -181,7 +181,8 @@ def test_cs_floor_bounds_cs(rng: np.random.Generator, shape: tuple[int, ...]) ->
     w = rng.standard_normal(shape)
     cs, floor, raw = L.conv_similarity(w), L.cs_floor(w), L.cs_floor(w, clamp=False)
     assert cs is not None and floor is not None and raw is not None
-    assert cs >= floor - 1e-9 * cs >= 0.0 - 1e-9 * cs
+    assert cs >= floor - 1e-9 * cs
+    assert floor >= 0.0
     assert floor == max(0.0, raw)
 
 

@@ -251,3 +251,43 @@ def test_closest_pairs_are_the_exact_top_k(seed: int) -> None:
     assert [round(abs(p.cos), 5) for p in s.closest] == sorted(
         (round(abs(p.cos), 5) for p in s.closest), reverse=True
     )
+
+
+def test_rare_of_a_nearly_parallel_pair_has_no_cancellation() -> None:
+    """1 - cos^2 = 1e-8 is below float32 resolution of cos^2; RaRe must still get it to 1e-5."""
+    w = seeded(5, 64, seed=11)
+    base, noise = w[0].double(), w[1].double()
+    noise -= (noise @ base) / (base @ base) * base
+    w[2] = (base + 1e-4 * base.norm() / noise.norm() * noise).float()  # sin^2 ~ 1e-8
+    want = literal.rare(literal.rows(w))
+    assert want < 2e-8
+    got = metrics.pair_statistics(metrics.as_rows(w)).rare
+    assert float(got) == pytest.approx(want, rel=1e-5)
+    assert float(metrics.rare(w)) == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("scale", [1e37, 1e-25, 1e-41], ids=["1e37", "1e-25", "subnormal"])
+def test_cosine_metrics_at_extreme_magnitudes(scale: float) -> None:
+    """Huge rows do not overflow their squares, tiny and subnormal rows are live, not dead."""
+    w = seeded(6, 12, seed=12)
+    w[4] = -0.5 * w[1]  # one exactly anti-parallel pair
+    w = (w.double() * scale).float()
+    assert bool((w != 0).all())
+    vecs = literal.rows(w)
+    s = metrics.pair_statistics(metrics.as_rows(w), tau_cos=1e-4, tau_euc=0.1, top_k=2)
+    assert s.dead == [] and s.live == 6
+    assert close(s.acv_sum, literal.acv_sum(vecs), rel=1e-4)
+    assert float(s.rare) == pytest.approx(literal.rare(vecs), abs=1e-5)
+    assert (s.closest[0].i, s.closest[0].j) == (1, 4)
+    assert s.closest[0].cos == pytest.approx(-1, abs=1e-5)
+    # Exactly anti-parallel: D_euc is 0 at any scale, though float32 cannot resolve 1e37 * 3e-4.
+    assert s.near_parallel == len(literal.near_parallel_pairs(vecs, 1e-4, 0.1)) == 1
+
+
+def test_dead_means_exactly_zero() -> None:
+    w = torch.zeros(3, 4)
+    w[0] = 1e-45  # the smallest float32 subnormal: its square is 0, it is not
+    w[1, 2] = 3.0
+    s = metrics.pair_statistics(w)
+    assert s.dead == [2] and s.live == 2
+    assert literal.dead_indices(literal.rows(w)) == [2]

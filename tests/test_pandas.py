@@ -76,3 +76,44 @@ def test_cli_parquet_needs_an_output_file(pt_file: Path) -> None:
     result = CliRunner().invoke(app, ["inspect", str(pt_file), "-f", "parquet"])
     assert result.exit_code == 2
     assert "error: --format parquet writes a binary file: give -o FILE.parquet" in result.output
+
+
+def test_trend_to_pandas_long_form(tmp_path: Path, state_dict: dict[str, torch.Tensor]) -> None:
+    from wcond.trend import trend
+
+    later = {k: v.clone() for k, v in state_dict.items()}
+    later["fc.weight"][3] = later["fc.weight"][0] * 3  # a near-parallel pair appears in fc
+    paths = [tmp_path / "step_100.pt", tmp_path / "step_200.pt"]
+    torch.save(state_dict, paths[0])
+    torch.save(later, paths[1])
+    t = trend(paths)
+    df = t.to_pandas()
+    assert list(df.columns) == ["checkpoint", "step", "x", "path", "layer", "metric", "value"]
+    assert len(df) == 2 * 3 * len(NUMERIC_FIELDS)  # checkpoints x layers x metrics
+    near = df[(df.layer == "fc.weight") & (df.metric == "near_parallel_rows")]
+    assert list(near.step) == [100, 200] and list(near.value) == [0, 1]
+    cs_fc = df[(df.layer == "fc.weight") & (df.metric == "conv_similarity")]
+    assert cs_fc.value.isna().all()  # does not apply to a matrix
+    wide = df.pivot_table("value", "x", ["layer", "metric"])
+    assert wide.loc[200, ("conv2.weight", "acv_mean")] == pytest.approx(
+        t.reports[1].layers[1].acv_mean, rel=1e-12
+    )
+
+
+def test_cli_parquet_of_several_checkpoints_is_the_long_form(
+    tmp_path: Path, state_dict: dict[str, torch.Tensor]
+) -> None:
+    pytest.importorskip("pyarrow")
+    for step in (1, 2):
+        torch.save(state_dict, tmp_path / f"step_{step}.pt")
+    out = tmp_path / "trend.parquet"
+    result = CliRunner().invoke(
+        app, ["inspect", str(tmp_path / "step_*.pt"), "-o", str(out), "--device", "cpu"]
+    )
+    assert result.exit_code == 0, result.output
+    back = pd.read_parquet(out)
+    assert sorted(set(back.step)) == [1, 2] and set(back.layer) == {
+        "conv1.weight",
+        "conv2.weight",
+        "fc.weight",
+    }

@@ -1,8 +1,14 @@
-"""Every ```python block in README.md runs as written (from the repository root)."""
+"""README.md: every ```python block runs as written, and every block showing a command's output shows it."""
 
 from __future__ import annotations
 
+import difflib
+import os
 import re
+import shlex
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,3 +27,80 @@ def test_readme_python_block_runs(code: str, monkeypatch: pytest.MonkeyPatch) ->
 
 def test_readme_has_python_examples() -> None:
     assert BLOCKS
+
+
+# --------------------------------------------------------------------------- shown output
+
+_COMMAND_OUTPUT = re.compile(r"```\n\$ (wcond [^\n]*)\n(.*?)```", flags=re.S)
+_TRY_IT = re.compile(r"```sh\n[^\n]*&& (wcond [^\n]*)\n```\n.*?```\n(.*?)```", flags=re.S)
+_NUMBER = re.compile(r"[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?")
+_SECONDS = re.compile(r"\b\d+\.\d s\b")  # wall time, different on every run
+
+
+def shown_outputs() -> list[tuple[str, str]]:
+    """(command, output) for every README block that shows what a command prints, in order."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    pairs = [(m.start(), m.group(1), m.group(2)) for m in _TRY_IT.finditer(text)]
+    pairs += [(m.start(), m.group(1), m.group(2)) for m in _COMMAND_OUTPUT.finditer(text)]
+    return [(cmd, out) for _, cmd, out in sorted(pairs)]
+
+
+def _normal(text: str) -> list[str]:
+    return [_SECONDS.sub("N s", line.rstrip()) for line in text.strip("\n").splitlines()]
+
+
+def _same(got: list[str], want: list[str]) -> bool:
+    """Equal text outside numbers; numbers equal to the digits the README prints (1e-2 relative).
+
+    A line holding a value at float32 noise level (0 < |x| < 1e-5, e.g. rare_rows of a planted
+    copy) differs between CPUs in every digit: there only the text around the numbers must match.
+    """
+    if len(got) != len(want):
+        return False
+    for g, w in zip(got, want):
+        if _NUMBER.split(g) != _NUMBER.split(w):
+            return False
+        a, b = [float(x) for x in _NUMBER.findall(g)], [float(y) for y in _NUMBER.findall(w)]
+        if any(0 < abs(v) < 1e-5 for v in a + b):
+            continue
+        if not all(x == pytest.approx(y, rel=1e-2, abs=1e-9) for x, y in zip(a, b)):
+            return False
+    return True
+
+
+def test_readme_shows_real_output(tmp_path: Path) -> None:
+    """Each block showing `$ wcond ...` and its output matches what that command prints today.
+
+    Commands run in order in a scratch copy of sample_checkpoints/ (a later block reads what an
+    earlier one wrote), on the CPU, in a 100-column console.
+    """
+    shown = shown_outputs()
+    assert len(shown) >= 5, "the README's output blocks were not found"
+    shutil.copytree(ROOT / "sample_checkpoints", tmp_path / "sample_checkpoints")
+    env = {**os.environ, "COLUMNS": "100", "CUDA_VISIBLE_DEVICES": "", "NO_COLOR": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    # Each command starts at once unless it reads a file an earlier one is still writing (-o).
+    running: dict[str, subprocess.Popen[str]] = {}
+    started = []
+    for command, output in shown:
+        args = shlex.split(command)[1:]
+        for arg in args:
+            if arg in running:
+                running[arg].wait()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "wcond", *args],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        if "-o" in args:
+            running[args[args.index("-o") + 1]] = proc
+        started.append((command, output, proc))
+    for command, output, proc in started:
+        got = _normal(proc.communicate()[0])
+        want = _normal(output)
+        if not _same(got, want):
+            delta = "\n".join(difflib.unified_diff(want, got, "README", "now", lineterm=""))
+            pytest.fail(f"README output of `{command}` is not what it prints:\n{delta}")

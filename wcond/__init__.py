@@ -8,8 +8,11 @@ Example:
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os as _os
 import sys as _sys
+from typing import TYPE_CHECKING, Any
 
 # OpenMP's default busy-waiting lets torch's idle worker threads spin between wcond's many small
 # operations; with anything else running on the machine that made `wcond init-cs` 6x slower
@@ -18,18 +21,62 @@ import sys as _sys
 if "torch" not in _sys.modules:
     _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-__version__ = "0.1.0"
+from wcond._version import __version__
+from wcond.errors import (
+    CheckpointError,
+    EngineError,
+    UnsafeCheckpointError,
+    UsageError,
+    WcondError,
+)
 
-from wcond import hub, metrics, monitor
-from wcond.analyze import LayerReport, Report, Summary, analyze_tensor, inspect
-from wcond.condition import init_cs
-from wcond.errors import CheckpointError, UnsafeCheckpointError, UsageError, WcondError
-from wcond.load import Checkpoint, load_checkpoint, open_checkpoint
-from wcond.shrink import load_state_dict
+# The rest of the API imports torch: it is loaded on first use, so that `import wcond` (and with it
+# `wcond --help`) stays light. Each name maps to the module that defines it.
+_LAZY = {
+    "metrics": "wcond.metrics",
+    "LayerReport": "wcond.report",
+    "Report": "wcond.report",
+    "Summary": "wcond.report",
+    "analyze_tensor": "wcond.analyze",
+    "inspect": "wcond.analyze",
+    "inspect_many": "wcond.analyze",
+    "init_cs": "wcond.condition",
+    "Checkpoint": "wcond.load",
+    "load_checkpoint": "wcond.load",
+    "open_checkpoint": "wcond.load",
+    "load_state_dict": "wcond.load_factorized",
+}
+
+if TYPE_CHECKING:
+    from wcond import metrics
+    from wcond.analyze import analyze_tensor, inspect, inspect_many
+    from wcond.condition import init_cs
+    from wcond.load import Checkpoint, load_checkpoint, open_checkpoint
+    from wcond.load_factorized import load_state_dict
+    from wcond.report import LayerReport, Report, Summary
+
+
+def __getattr__(name: str) -> Any:
+    """Import a heavy API name on first use (PEP 562) and keep it as a module attribute."""
+    if name not in _LAZY:
+        # A submodule not imported yet (wcond.shrink, wcond.diff, ...), as `import wcond` once gave.
+        if not name.startswith("_") and importlib.util.find_spec(f"wcond.{name}") is not None:
+            return importlib.import_module(f"wcond.{name}")
+        raise AttributeError(f"module 'wcond' has no attribute {name!r}")
+    module = importlib.import_module(_LAZY[name])
+    value = module if name == "metrics" else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "Checkpoint",
     "CheckpointError",
+    "EngineError",
     "LayerReport",
     "Report",
     "Summary",
@@ -40,10 +87,9 @@ __all__ = [
     "analyze_tensor",
     "init_cs",
     "inspect",
+    "inspect_many",
     "load_checkpoint",
-    "hub",
     "load_state_dict",
     "metrics",
-    "monitor",
     "open_checkpoint",
 ]

@@ -9,132 +9,37 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from wcond import metrics
+from wcond.defaults import DEVICE, TAU_COS, TAU_EUC, TOP, ProgressFn
 from wcond.device import resolve_device
-from wcond.errors import CheckpointError
-from wcond.gates import Gate, GateResult, evaluate_gates
-from wcond.layers import find_layers, is_layer, layer_kind
+from wcond.engine import Engine, Task, open_on_worker, plan_tasks
+from wcond.errors import CheckpointError, UsageError
+from wcond.gates import Gate, evaluate_gates
+from wcond.layers import LayerSpec, find_layers, is_layer, layer_kind
 from wcond.load import Checkpoint, TensorInfo, open_checkpoint
+from wcond.load_factorized import dense_view
 from wcond.module import module_view
-from wcond.shrink import dense_view
+from wcond.report import NUMERIC_FIELDS, LayerReport, Report, Summary
 
-__all__ = ["LayerReport", "Report", "Summary", "analyze_tensor", "inspect"]
+# What inspect reads: a path (file, directory, DCP directory, Hub repo id), an opened
+# Checkpoint, a state dict, or an nn.Module.
+Source = str | Path | Checkpoint | Mapping[str, torch.Tensor] | torch.nn.Module
 
-ProgressFn = Callable[[int, int, str], None]
-
-# Keys of LayerReport that hold one number each: the ones gates and diffs can name.
-NUMERIC_FIELDS = (
-    "acv_sum",
-    "acv_mean",
-    "acv_floor",
-    "conv_similarity",
-    "conv_similarity_norm",
-    "conv_similarity_floor",
-    "norm_loss",
-    "norm_dev_max",
-    "rare_rows",
-    "rare_cols",
-    "near_parallel_rows",
-    "near_parallel_cols",
-    "dead_rows",
-    "dead_cols",
-    "nonfinite",
-    "params",
-)
-
-
-@dataclass
-class LayerReport:
-    """The diagnostics of one layer. ``None`` marks a value that does not apply (CS of a matrix)."""
-
-    name: str
-    kind: str
-    shape: list[int]
-    dtype: str
-    params: int
-    groups: int = 1
-    acv_sum: float | None = None
-    acv_mean: float | None = None
-    acv_floor: float | None = None
-    conv_similarity: float | None = None
-    conv_similarity_norm: float | None = None
-    conv_similarity_floor: float | None = None
-    norm_loss: float | None = None
-    norm_dev_max: float | None = None
-    rare_rows: float | None = None
-    rare_cols: float | None = None
-    near_parallel_rows: int | None = None
-    near_parallel_cols: int | None = None
-    dead_rows: int = 0
-    dead_cols: int = 0
-    nonfinite: int = 0
-    closest_rows: list[metrics.Pair] = field(default_factory=list)
-    closest_cols: list[metrics.Pair] = field(default_factory=list)
-    factorized: dict[str, int] | None = (
-        None  # stored by `wcond shrink`: {"params_stored", "params_dense"}
-    )
-    notes: list[str] = field(default_factory=list)
-
-    def value(self, metric: str) -> float | None:
-        v = getattr(self, metric)
-        return None if v is None else float(v)
-
-
-@dataclass
-class Summary:
-    """Totals over the analyzed layers and the most redundant ones."""
-
-    layers: int
-    params: int
-    tensors: int
-    skipped_tensors: int
-    acv_sum: float
-    conv_similarity: float | None  # None when no conv layer was analyzed
-    norm_loss: float
-    near_parallel_rows: int
-    near_parallel_cols: int
-    dead_rows: int
-    nonfinite_layers: int
-    worst: dict[str, list[str]]
-
-
-@dataclass
-class Report:
-    """What `wcond inspect` reports: settings, one LayerReport per layer, a Summary, gate verdicts."""
-
-    checkpoint: str
-    format: str
-    wrapper: str | None
-    settings: dict[str, Any]
-    layers: list[LayerReport]
-    summary: Summary
-    gates: list[GateResult] = field(default_factory=list)
-
-    @property
-    def failed(self) -> bool:
-        return any(not g.passed for g in self.gates)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict; non-finite floats become None."""
-        return _finite(asdict(self))
-
-    def to_pandas(self) -> Any:
-        """A pandas DataFrame: one row per layer (index: tensor key), one column per metric, None as NaN.
-
-        Needs pandas (``pip install 'wcond[pandas]'``), imported only here.
-
-        Example:
-            >>> wcond.inspect("model.pt").to_pandas().sort_values("acv_mean").tail(3)
-        """
-        from wcond.frames import report_frame
-
-        return report_frame(self)
+__all__ = [
+    "NUMERIC_FIELDS",
+    "LayerReport",
+    "Report",
+    "Summary",
+    "analyze_tensor",
+    "inspect",
+    "inspect_many",
+]
 
 
 # Which fields each part of analyze_tensor fills, so that a caller asking for a few (the training
@@ -150,10 +55,10 @@ def analyze_tensor(
     w: torch.Tensor,
     *,
     groups: int = 1,
-    tau_cos: float = 1e-4,
-    tau_euc: float = 0.1,
-    top: int = 3,
-    device: torch.device | str = "cpu",
+    tau_cos: float = TAU_COS,
+    tau_euc: float = TAU_EUC,
+    top: int = TOP,
+    device: torch.device | str = DEVICE,
     fields: Collection[str] | None = None,
 ) -> LayerReport:
     """All diagnostics of one weight tensor of shape (out, in, *kernel).
@@ -173,17 +78,18 @@ def analyze_tensor(
     def wanted(part: tuple[str, ...]) -> bool:
         return fields is None or any(f in fields for f in part)
 
-    w = w.to(device=device)
+    w = w.to(device=resolve_device(device))
     with torch.no_grad():
-        # NaN propagates through aminmax and an infinity shows at one end: one pass, 8x cheaper
-        # than isfinite on CPU, settles the usual all-finite case (benchmarks/README.md, monitor).
-        lo, hi = torch.aminmax(w) if w.numel() else (w.new_zeros(()), w.new_zeros(()))
-        finite = math.isfinite(float(lo)) and math.isfinite(float(hi))
-        bad = 0 if finite else int((~torch.isfinite(w)).sum())
+        # One aminmax pass gives the peak |w| and settles the usual all-finite case (NaN
+        # propagates through it, an infinity shows at one end); isfinite costs 8x more on CPU, so
+        # non-finite values are counted only when there are some (benchmarks/README.md, monitor).
+        lo, hi = (float(v) for v in torch.aminmax(w)) if w.numel() else (0.0, 0.0)
+        bad = 0 if math.isfinite(lo) and math.isfinite(hi) else int((~torch.isfinite(w)).sum())
         if bad:
             rep.nonfinite = bad
             rep.notes.append(f"{bad} NaN/Inf values: metrics not computed")
             return rep
+        peak = max(abs(lo), abs(hi))
         if wanted(ROW_FIELDS):
             rows = metrics.pair_statistics(
                 metrics.as_rows(w), tau_cos=tau_cos, tau_euc=tau_euc, top_k=top
@@ -209,56 +115,60 @@ def analyze_tensor(
             rep.near_parallel_cols = cols.near_parallel
             rep.closest_cols = cols.closest
         if wanted(NORM_FIELDS):
-            rep.norm_loss = float(metrics.norm_loss(w))
-            rep.norm_dev_max = float(metrics.norm_dev_max(w))
+            rep.norm_loss = _norm_metric(metrics.norm_loss, w, "norm_loss", rep.notes)
+            rep.norm_dev_max = _norm_metric(metrics.norm_dev_max, w, "norm_dev_max", rep.notes)
         if w.ndim >= 3 and wanted(CONV_FIELDS):
-            cs = metrics.conv_similarity(w, groups=groups)
-            rep.conv_similarity = float(cs)
-            pair_norms = float(metrics.pair_norm_products(w, groups))
-            rep.conv_similarity_norm = float(cs) / pair_norms if pair_norms else None
+            # CS and its floor are homogeneous of degree 4: taken on w / 2**e with max|w / 2**e| near
+            # 1 and scaled back in float64, so 1e37-sized or subnormal weights neither overflow nor
+            # underflow float32. Scaling by a power of two is exact, so for ordinary weights (used
+            # unscaled) nothing changes.
+            e = math.frexp(peak)[1] if peak and not 2.0**-16 <= peak <= 2.0**16 else 0
+            ws = (
+                w if e == 0 else w * 2.0 ** (-e // 2) * 2.0 ** (-e - (-e // 2))
+            )  # each factor fits float32
+            cs = float(metrics.conv_similarity(ws, groups=groups))
+            pair_norms = float(metrics.pair_norm_products(ws, groups))
+            rep.conv_similarity = _rescaled(cs, 4 * e, "conv_similarity", rep.notes)
+            rep.conv_similarity_norm = cs / pair_norms if pair_norms else None
             if fields is None or "conv_similarity_floor" in fields:
-                rep.conv_similarity_floor = metrics.conv_similarity_floor(w, groups=groups)
+                rep.conv_similarity_floor = _rescaled(
+                    metrics.conv_similarity_floor(ws, groups=groups),
+                    4 * e,
+                    "conv_similarity_floor",
+                    rep.notes,
+                )
     return rep
 
 
-def inspect(
-    source: str | Path | Checkpoint | Mapping[str, torch.Tensor] | torch.nn.Module,
-    *,
-    layers: Sequence[str] = (),
-    exclude: Sequence[str] = (),
-    groups: Mapping[str, int] | None = None,
-    tau_cos: float = 1e-4,
-    tau_euc: float = 0.1,
-    top: int = 3,
-    device: str = "cpu",
-    fail_if: Sequence[str | Gate] = (),
-    progress: ProgressFn | None = None,
-) -> Report:
-    """Analyze every selected layer of a checkpoint (path, opened Checkpoint, state dict, or module).
+@dataclass
+class _Plan:
+    """What the driver knows about one checkpoint before any tensor is read."""
 
-    Args:
-        source: a checkpoint path, an opened Checkpoint, a state dict, or an ``nn.Module`` (whose
-            convs give their own groups and whose Conv/Linear/Embedding layers name their kind).
-        layers, exclude: glob patterns on tensor keys.
-        groups: conv groups by key or glob (a state dict does not record them; a module does).
-        tau_cos, tau_euc: near-parallel thresholds (METRICS.md).
-        top: how many closest pairs to list per layer and axis.
-        device: "auto", "cpu", "cuda", "mps" or any torch device string.
-        fail_if: gate expressions such as "acv_mean>0.5".
-        progress: called as progress(bytes_done, bytes_total, key) while layers are read.
+    name: str
+    format: str
+    wrapper: str | None
+    path: str | None  # None for an in-memory state dict
+    tensors: int
+    specs: list[LayerSpec]
+    get: Callable[[str], torch.Tensor]
+    factored: dict[str, Any]
+    kinds: dict[str, str] = field(default_factory=dict)  # an nn.Module's layer kinds by key
 
-    Example:
-        >>> report = wcond.inspect("model.safetensors", fail_if=["near_parallel_rows>0"])
-        >>> [layer.name for layer in report.layers if layer.acv_mean > 0.2]
-    """
-    gates = [g if isinstance(g, Gate) else Gate.parse(g) for g in fail_if]
-    dev = resolve_device(device)
+
+def _plan(
+    source: Source,
+    layers: Sequence[str],
+    exclude: Sequence[str],
+    groups: Mapping[str, int] | None,
+) -> _Plan:
+    """Open a source (headers only for safetensors) and select its layers, or say why there are none."""
+    path: str | None = None
     known_groups: dict[str, int] = {}
     kinds: dict[str, str] = {}
-    source_name = None
+    module_name = None
     if isinstance(source, torch.nn.Module):
         view = module_view(source)
-        source, known_groups, kinds, source_name = view.tensors, view.groups, view.kinds, view.name
+        source, known_groups, kinds, module_name = view.tensors, view.groups, view.kinds, view.name
     if isinstance(source, Mapping):
         infos = {
             k: TensorInfo(tuple(t.shape), t.dtype)
@@ -266,66 +176,225 @@ def inspect(
             if isinstance(t, torch.Tensor)
         }
         get = source.__getitem__
-        name, fmt = (source_name, "module") if source_name else ("<state_dict>", "state_dict")
+        name, fmt = (module_name, "module") if module_name else ("<state_dict>", "state_dict")
         wrapper = None
     else:
         ck = source if isinstance(source, Checkpoint) else open_checkpoint(source)
         infos = {k: ck.info(k) for k in ck.keys()}
         get = ck.get
         name, fmt, wrapper = str(ck.path), ck.format, ".".join(ck.wrapper) or None
-    infos, get, factored = dense_view(
-        infos, get
-    )  # a shrunk checkpoint: analyze the dense weights it stands for
-    # The module's own conv groups come first: find_layers takes the first pattern that matches.
-    specs = find_layers(infos, layers, exclude, {**known_groups, **(groups or {})})
+        path = str(Path(ck.path).resolve())
+    # A shrunk checkpoint: analyze the dense weights it stands for.
+    dense, get, factored = dense_view(infos, get, name)
+    # A module's own conv groups come first: find_layers takes the first pattern that matches.
+    specs = find_layers(dense, layers, exclude, {**known_groups, **(groups or {})})
     if not specs:
-        if any(is_layer(i) for i in infos.values()):
-            raise CheckpointError(f"{name}: no layer matches the --layers/--exclude patterns")
+        if any(is_layer(i) for i in dense.values()):
+            raise CheckpointError(
+                f"{name}: no layer matches the patterns layers={list(layers)!r}, exclude={list(exclude)!r}",
+                params=("layers", "exclude"),
+            )
         raise CheckpointError(
             f"{name}: no analyzable tensors (need floating-point tensors with 2 to 5 dims and at least 2 rows)"
         )
-    total = sum(s.info.numel for s in specs)
-    done = 0
-    reports: list[LayerReport] = []
-    for spec in specs:
-        if progress:
-            progress(done, total, spec.key)
-        rep = analyze_tensor(
-            spec.key,
-            get(spec.key),
-            groups=spec.groups,
-            tau_cos=tau_cos,
-            tau_euc=tau_euc,
-            top=top,
-            device=dev,
-        )
-        rep.kind = kinds.get(spec.key, rep.kind)
-        if spec.group_note:
-            rep.notes.append(spec.group_note)
-        if spec.key in factored:
-            factored[spec.key].annotate(rep)
-        reports.append(rep)
-        done += spec.info.numel
-    if progress:
-        progress(total, total, "")
-    report = Report(
-        checkpoint=name,
-        format=fmt,
-        wrapper=wrapper,
-        settings={
+    return _Plan(name, fmt, wrapper, path, len(dense), specs, get, factored, kinds)
+
+
+def _analyze_spec(
+    spec: LayerSpec,
+    get: Callable[[str], torch.Tensor],
+    factored: Mapping[str, Any],
+    options: Mapping[str, Any],
+) -> LayerReport:
+    """The report of one selected layer: the one per-layer step of the local and the engine paths."""
+    rep = analyze_tensor(spec.key, get(spec.key), groups=spec.groups, **options)
+    if spec.group_note:
+        rep.notes.append(spec.group_note)
+    if spec.key in factored:
+        factored[spec.key].annotate(rep)
+    return rep
+
+
+def _inspect_task(
+    task: Task, selection: dict[str, Any], options: dict[str, Any]
+) -> list[LayerReport]:
+    """An engine task: reopen the checkpoint where the worker runs, and analyze the task's layers."""
+    options = {**options, "device": resolve_device(options["device"])}
+    plan = _plan(open_on_worker(task.path), **selection)
+    by_key = {s.key: s for s in plan.specs}
+    return [_analyze_spec(by_key[k], plan.get, plan.factored, options) for k in task.keys]
+
+
+def inspect(
+    source: Source,
+    *,
+    layers: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    groups: Mapping[str, int] | None = None,
+    tau_cos: float = TAU_COS,
+    tau_euc: float = TAU_EUC,
+    top: int = TOP,
+    device: str = DEVICE,
+    fail_if: Sequence[str | Gate] = (),
+    config: str | Path | None = None,
+    progress: ProgressFn | None = None,
+    engine: Engine | None = None,
+) -> Report:
+    """Analyze every selected layer of a checkpoint (path, opened Checkpoint, state dict, or module).
+
+    Args:
+        source: a checkpoint path (or Hugging Face repo id), an opened Checkpoint, a state dict, or
+            an ``nn.Module`` (whose convs give their own groups and whose Conv/Linear/Embedding
+            layers name their kind).
+        layers, exclude: glob patterns on tensor keys.
+        groups: conv groups by key or glob (a state dict does not record them; a module does).
+        tau_cos, tau_euc: near-parallel thresholds (METRICS.md).
+        top: how many closest pairs to list per layer and axis.
+        device: "auto", "cpu", "cuda", "mps" or any torch device string.
+        fail_if: gate expressions such as "acv_mean>0.5".
+        config: the settings file these options were read from, recorded in ``settings``.
+        progress: called as progress(done, total, key) while layers are read: parameters
+            analyzed in this process, tasks finished on an engine.
+        engine: where the layers are analyzed: None for this process, or a
+            :class:`wcond.engine.RayEngine` (the source must then be a path its workers see).
+
+    Example:
+        >>> report = wcond.inspect("model.safetensors", fail_if=["near_parallel_rows>0"])
+        >>> [layer.name for layer in report.layers if layer.acv_mean > 0.2]
+    """
+    return inspect_many(
+        [source],
+        layers=layers,
+        exclude=exclude,
+        groups=groups,
+        tau_cos=tau_cos,
+        tau_euc=tau_euc,
+        top=top,
+        device=device,
+        fail_if=fail_if,
+        config=config,
+        progress=progress,
+        engine=engine,
+    )[0]
+
+
+def inspect_many(
+    sources: Sequence[Source],
+    *,
+    layers: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    groups: Mapping[str, int] | None = None,
+    tau_cos: float = TAU_COS,
+    tau_euc: float = TAU_EUC,
+    top: int = TOP,
+    device: str = DEVICE,
+    fail_if: Sequence[str | Gate] = (),
+    config: str | Path | None = None,
+    progress: ProgressFn | None = None,
+    engine: Engine | None = None,
+) -> list[Report]:
+    """:func:`inspect` of several checkpoints with the same settings: one Report each, in order.
+
+    On an engine every checkpoint's tasks are submitted together, so a cluster works on all of
+    them at once. Arguments as for :func:`inspect`.
+
+    Example:
+        >>> first, last = wcond.inspect_many(["run/step_1000.pt", "run/step_9000.pt"])
+    """
+    gates = [g if isinstance(g, Gate) else Gate.parse(g, NUMERIC_FIELDS) for g in fail_if]
+    selection: dict[str, Any] = {"layers": layers, "exclude": exclude, "groups": groups}
+    plans = [_plan(source, **selection) for source in sources]
+    if engine is None or engine.name == "local":
+        dev = resolve_device(device)
+        options: dict[str, Any] = {
             "tau_cos": tau_cos,
             "tau_euc": tau_euc,
             "top": top,
-            "device": str(dev),
-            "layers": list(layers),
-            "exclude": list(exclude),
-            "groups": dict(groups or {}),
-        },
-        layers=reports,
-        summary=_summarize(reports, len(infos)),
+            "device": dev,
+        }
+        per_plan = _analyze_here(plans, options, progress)
+        device_used = str(dev)
+    else:
+        options = {"tau_cos": tau_cos, "tau_euc": tau_euc, "top": top, "device": device}
+        per_plan = _analyze_on(engine, plans, selection, options, progress)
+        device_used = f"{device} ({engine.name})"
+    reports = []
+    for plan, layer_reports in zip(plans, per_plan):
+        report = Report(
+            checkpoint=plan.name,
+            format=plan.format,
+            wrapper=plan.wrapper,
+            settings={
+                "tau_cos": tau_cos,
+                "tau_euc": tau_euc,
+                "top": top,
+                "device": device_used,
+                "layers": list(layers),
+                "exclude": list(exclude),
+                "groups": dict(groups or {}),
+                "config": None if config is None else str(config),
+            },
+            layers=layer_reports,
+            summary=_summarize(layer_reports, plan.tensors),
+        )
+        report.gates = evaluate_gates(gates, {r.name: r.numbers() for r in layer_reports})
+        reports.append(report)
+    return reports
+
+
+def _analyze_here(
+    plans: list[_Plan], options: dict[str, Any], progress: ProgressFn | None
+) -> list[list[LayerReport]]:
+    """Every layer in this process, one at a time; progress counts parameters."""
+    total = sum(s.info.numel for plan in plans for s in plan.specs)
+    done = 0
+    out = []
+    for plan in plans:
+        reports = []
+        for spec in plan.specs:
+            if progress:
+                progress(done, total, spec.key)
+            rep = _analyze_spec(spec, plan.get, plan.factored, options)
+            rep.kind = plan.kinds.get(spec.key, rep.kind)
+            reports.append(rep)
+            done += spec.info.numel
+        out.append(reports)
+    if progress:
+        progress(total, total, "")
+    return out
+
+
+def _analyze_on(
+    engine: Engine,
+    plans: list[_Plan],
+    selection: dict[str, Any],
+    options: dict[str, Any],
+    progress: ProgressFn | None,
+) -> list[list[LayerReport]]:
+    """Every checkpoint's layers as engine tasks, submitted together; progress counts tasks."""
+    tasks: list[Task] = []
+    owner: list[int] = []
+    for i, plan in enumerate(plans):
+        if plan.path is None:
+            raise UsageError(
+                "an engine reads the checkpoint where its workers run: pass a path, not a state dict"
+            )
+        planned = plan_tasks(plan.path, [(s.key, s.info.numel) for s in plan.specs])
+        tasks += planned
+        owner += [i] * len(planned)
+    selection = {**selection, "groups": dict(selection["groups"] or {})}
+    results = engine.map(
+        _inspect_task,
+        tasks,
+        selection,
+        options,
+        gpu=str(options["device"]).startswith("cuda"),
+        progress=progress,
     )
-    report.gates = evaluate_gates(gates, reports)
-    return report
+    out: list[list[LayerReport]] = [[] for _ in plans]
+    for i, reports in zip(owner, results):
+        out[i] += reports
+    return out
 
 
 def _summarize(layers: list[LayerReport], tensors: int) -> Summary:
@@ -367,15 +436,27 @@ def _summarize(layers: list[LayerReport], tensors: int) -> Summary:
     )
 
 
+def _norm_metric(
+    fn: Callable[[torch.Tensor], torch.Tensor], w: torch.Tensor, metric: str, notes: list[str]
+) -> float | None:
+    """A norm metric of w; where float32 overflows (rows of 1e37), again in float64; a note if that overflows too."""
+    value = float(fn(w))
+    if not math.isfinite(value) and w.dtype != torch.float64:
+        value = float(fn(w.double()))
+    if math.isfinite(value):
+        return value
+    notes.append(f"{metric} overflows float64 (weights too large): not reported")
+    return None
+
+
+def _rescaled(value: float, exponent: int, metric: str, notes: list[str]) -> float | None:
+    """value * 2**exponent in float64, or None and a note where that overflows."""
+    try:
+        return math.ldexp(value, exponent)
+    except OverflowError:
+        notes.append(f"{metric} overflows float64 (weights too large): not reported")
+        return None
+
+
 def _opt(t: torch.Tensor | None) -> float | None:
     return None if t is None else float(t)
-
-
-def _finite(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj

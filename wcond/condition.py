@@ -25,7 +25,9 @@ from typing import Any
 import torch
 
 from wcond import metrics
+from wcond.defaults import DEVICE, ITERATIONS, LR, OPTIMIZER, OPTIMIZERS, ProgressFn
 from wcond.device import resolve_device
+from wcond.engine import Engine, Task, open_on_worker, plan_tasks
 from wcond.errors import CheckpointError, UsageError
 from wcond.layers import LayerSpec, find_layers, is_layer
 from wcond.load import Checkpoint, TensorInfo, open_checkpoint
@@ -33,8 +35,6 @@ from wcond.module import module_view
 
 __all__ = ["InitCSResult", "LayerResult", "init_cs"]
 
-ProgressFn = Callable[[int, int, str], None]
-OPTIMIZERS = ("adam", "sgd")
 
 _KEEP_NORM_1X1 = "1x1 kernel: its CS depends on the filter norms alone, which --keep-norm holds fixed; left unchanged"
 
@@ -99,10 +99,10 @@ class InitCSResult:
 def init_cs(
     source: str | Path | Checkpoint | Mapping[str, torch.Tensor] | torch.nn.Module,
     *,
-    iterations: int = 500,
-    lr: float = 1e-3,
-    optimizer: str = "adam",
-    device: str | torch.device = "auto",
+    iterations: int = ITERATIONS,
+    lr: float = LR,
+    optimizer: str = OPTIMIZER,
+    device: str | torch.device = DEVICE,
     layers: Sequence[str] = (),
     exclude: Sequence[str] = (),
     groups: Mapping[str, int] | None = None,
@@ -110,6 +110,7 @@ def init_cs(
     seed: int | None = None,
     progress: ProgressFn | None = None,
     history: bool = False,
+    engine: Engine | None = None,
 ) -> tuple[dict[str, torch.Tensor], InitCSResult]:
     """Minimize Convolutional Similarity over a checkpoint's conv layers (CS paper, Algorithm 1).
 
@@ -125,6 +126,9 @@ def init_cs(
         seed: seeds torch (inside a forked RNG state) for a reproducible run.
         progress: called as progress(steps_done, iterations, "CS <current total>") at every iteration.
         history: record the CS of every layer at every iteration in ``result.history``.
+        engine: where the layers are optimized: None for this process, or a
+            :class:`wcond.engine.RayEngine` whose tasks (a layer, or a group of small ones) read
+            their tensors from the source's path; progress then counts finished tasks.
 
     Returns:
         Every tensor of the source by key in stored order (optimized conv weights replaced, in
@@ -135,36 +139,123 @@ def init_cs(
         >>> model.load_state_dict(tensors)
     """
     if iterations < 1:
-        raise UsageError(f"--iterations {iterations}: needs at least 1 iteration")
+        raise UsageError(
+            f"iterations={iterations}: needs at least 1 iteration", params=("iterations",)
+        )
     if not (lr > 0 and math.isfinite(lr)):
-        raise UsageError(f"--lr {lr}: the learning rate must be a positive number")
+        raise UsageError(f"lr={lr}: the learning rate must be a positive number", params=("lr",))
     if optimizer not in OPTIMIZERS:
-        raise UsageError(f"--optimizer {optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
-    dev = resolve_device(device)
+        raise UsageError(
+            f"optimizer={optimizer!r}: choose one of {', '.join(OPTIMIZERS)}",
+            params=("optimizer",),
+        )
+    local = engine is None or engine.name == "local"
+    # Here, an unusable device fails before anything is read; on an engine the workers resolve it.
+    dev = resolve_device(device) if local else None
     known_groups: dict[str, int] = {}
     if isinstance(source, torch.nn.Module):
         view = module_view(source)
         tensors, known_groups = view.tensors, view.groups
-        name, fmt, wrapper = view.name, "module", None
+        name, fmt, wrapper, path = view.name, "module", None, None
     elif isinstance(source, Mapping):
         tensors = {k: t for k, t in source.items() if isinstance(t, torch.Tensor)}
-        name, fmt, wrapper = "<state_dict>", "state_dict", None
+        name, fmt, wrapper, path = "<state_dict>", "state_dict", None, None
     else:
         ck = source if isinstance(source, Checkpoint) else open_checkpoint(source)
         tensors = dict(ck.items())
         name, fmt, wrapper = str(ck.path), ck.format, ".".join(ck.wrapper) or None
+        path = str(Path(ck.path).resolve())
+    selection: dict[str, Any] = {
+        "layers": list(layers),
+        "exclude": list(exclude),
+        # A module's own conv groups come first: find_layers takes the first pattern that matches.
+        "groups": {**known_groups, **(groups or {})},
+    }
     specs = _conv_specs(
-        name,
-        {k: TensorInfo(tuple(t.shape), t.dtype) for k, t in tensors.items()},
-        layers,
-        exclude,
-        {**known_groups, **(groups or {})},
+        name, {k: TensorInfo(tuple(t.shape), t.dtype) for k, t in tensors.items()}, **selection
     )
+    options: dict[str, Any] = {
+        "iterations": iterations,
+        "lr": lr,
+        "optimizer": optimizer,
+        "keep_norm": keep_norm,
+        "seed": seed,
+    }
+    start = time.perf_counter()
+    if dev is not None:
+        new, rows, curve = _condition(specs, tensors.__getitem__, dev, progress=progress, **options)
+        device_used = str(dev)
+    else:
+        if path is None:
+            raise UsageError(
+                "an engine reads the checkpoint where its workers run: pass a path, not a state dict"
+            )
+        tasks = plan_tasks(path, [(s.key, s.info.numel) for s in specs])
+        parts = engine.map(
+            _init_cs_task,
+            tasks,
+            selection,
+            {**options, "device": str(device)},
+            gpu=str(device).startswith("cuda"),
+            progress=progress,
+        )
+        new, rows, curve = _merge_parts(parts)
+        device_used = f"{device} ({engine.name})"
+    seconds = time.perf_counter() - start
 
+    out = dict(tensors)
+    out.update(new)
+    result = InitCSResult(
+        checkpoint=name,
+        format=fmt,
+        wrapper=wrapper,
+        settings={
+            "iterations": iterations,
+            "lr": lr,
+            "optimizer": optimizer,
+            "device": device_used,
+            "keep_norm": keep_norm,
+            "seed": seed,
+            "layers": list(layers),
+            "exclude": list(exclude),
+            "groups": dict(groups or {}),
+        },
+        layers=[rows[s.key] for s in specs],
+        cs_before=math.fsum(r.cs_before or 0.0 for r in rows.values()),
+        cs_after=math.fsum(r.cs_after or 0.0 for r in rows.values()),
+        seconds=seconds,
+        history=curve if history else None,
+    )
+    return out, result
+
+
+_Parts = tuple[dict[str, torch.Tensor], dict[str, "LayerResult"], "dict[str, Any] | None"]
+
+
+def _condition(
+    specs: Sequence[LayerSpec],
+    get: Callable[[str], torch.Tensor],
+    dev: torch.device,
+    *,
+    iterations: int,
+    lr: float,
+    optimizer: str,
+    keep_norm: bool,
+    seed: int | None,
+    progress: ProgressFn | None = None,
+) -> _Parts:
+    """Minimize CS over these layers together: the one per-layer step of the local and engine paths.
+
+    Returns the optimized tensors (stored dtype and device) by key, a LayerResult for every
+    spec, and the CS curve (None when no layer could be optimized). Layers do not interact and
+    Adam/SGD update each entry from its own gradient, so any split of the layers into groups
+    gives the same tensors.
+    """
     rows: dict[str, LayerResult] = {}
     work: list[_Work] = []
+    olds: dict[str, torch.Tensor] = {}
     for spec in specs:
-        w = tensors[spec.key]
+        w = olds[spec.key] = get(spec.key)
         row = LayerResult(spec.key, list(w.shape), str(w.dtype).removeprefix("torch."), spec.groups)
         if spec.group_note:
             row.notes.append(spec.group_note)
@@ -177,38 +268,39 @@ def init_cs(
             row.notes.append(_KEEP_NORM_1X1)
         else:
             work.append(_Work.of(spec, w, dev))
-
-    start = time.perf_counter()
     curve = _minimize(work, iterations, lr, optimizer, keep_norm, seed, progress) if work else None
-    seconds = time.perf_counter() - start
-
-    out = dict(tensors)
-    for item in work:
-        out[item.key] = item.result(like=tensors[item.key])
+    new = {item.key: item.result(like=olds[item.key]) for item in work}
     for key, row in rows.items():
-        _fill(row, tensors[key], out[key], keep_norm)
-    result = InitCSResult(
-        checkpoint=name,
-        format=fmt,
-        wrapper=wrapper,
-        settings={
-            "iterations": iterations,
-            "lr": lr,
-            "optimizer": optimizer,
-            "device": str(dev),
-            "keep_norm": keep_norm,
-            "seed": seed,
-            "layers": list(layers),
-            "exclude": list(exclude),
-            "groups": dict(groups or {}),
-        },
-        layers=list(rows.values()),
-        cs_before=math.fsum(r.cs_before or 0.0 for r in rows.values()),
-        cs_after=math.fsum(r.cs_after or 0.0 for r in rows.values()),
-        seconds=seconds,
-        history=curve if history else None,
-    )
-    return out, result
+        _fill(row, olds[key], new.get(key, olds[key]), keep_norm)
+    return new, rows, curve
+
+
+def _init_cs_task(task: Task, selection: dict[str, Any], options: dict[str, Any]) -> _Parts:
+    """An engine task: reopen the checkpoint where the worker runs and condition the task's layers."""
+    ck = open_checkpoint(open_on_worker(task.path))
+    infos = {k: ck.info(k) for k in ck.keys()}
+    by_key = {s.key: s for s in _conv_specs(str(ck.path), infos, **selection)}
+    options = dict(options)
+    dev = resolve_device(options.pop("device"))
+    return _condition([by_key[k] for k in task.keys], ck.get, dev, **options)
+
+
+def _merge_parts(parts: Sequence[_Parts]) -> _Parts:
+    """The tasks' tensors, rows and CS curves as one run's (total: the sum over layers at each step)."""
+    new: dict[str, torch.Tensor] = {}
+    rows: dict[str, LayerResult] = {}
+    layers: dict[str, list[float]] = {}
+    iteration: list[int] = []
+    for tensors, part_rows, curve in parts:
+        new.update(tensors)
+        rows.update(part_rows)
+        if curve is not None:
+            layers.update(curve["layers"])
+            iteration = curve["iteration"]
+    if not layers:
+        return new, rows, None
+    total = [math.fsum(v[t] for v in layers.values()) for t in range(len(iteration))]
+    return new, rows, {"iteration": iteration, "total": total, "layers": layers}
 
 
 @dataclass
@@ -289,7 +381,9 @@ def _conv_specs(
     if convs:
         listed = ", ".join(convs[:4]) + (", ..." if len(convs) > 4 else "")
         raise UsageError(
-            f"{name}: no conv layer matches the --layers/--exclude patterns (conv weights here: {listed})"
+            f"{name}: no conv layer matches the patterns layers={list(layers)!r}, "
+            f"exclude={list(exclude)!r} (conv weights here: {listed})",
+            params=("layers", "exclude"),
         )
     raise CheckpointError(
         f"{name}: no conv weights to condition; init-cs works on Conv1d/2d/3d kernels of shape (out, in, *kernel), "
@@ -331,8 +425,10 @@ def _minimize(
                 progress(it, iterations, f"CS {total:.4g}")
             if not math.isfinite(total):
                 raise UsageError(
-                    f"CS diverged to {total} at iteration {it} with --optimizer {optimizer} --lr {lr}; "
-                    "lower --lr (CS is quartic in the weights, so plain SGD needs a small rate)"
+                    f"CS diverged to {total} at iteration {it} with optimizer={optimizer!r} "
+                    f"lr={lr}; lower lr= (CS is quartic in the weights, so plain SGD needs a "
+                    "small rate)",
+                    params=("optimizer", "lr"),
                 )
             if it == iterations:
                 break
@@ -358,7 +454,10 @@ def _minimize(
 
 
 def _fill(row: LayerResult, old: torch.Tensor, new: torch.Tensor, keep_norm: bool) -> None:
-    """Before/after numbers of one layer, each from the wcond.metrics function that defines it, on the stored tensors."""
+    """Before/after numbers of one layer, each from the wcond.metrics function that defines it.
+
+    Computed on the stored tensors.
+    """
     if not bool(torch.isfinite(old).all()):
         return
     g = row.groups

@@ -23,8 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from wcond.defaults import DEVICES, INSPECT_FORMATS
 from wcond.errors import UsageError
 from wcond.gates import Gate
+from wcond.report import NUMERIC_FIELDS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -42,11 +44,9 @@ CONFIG_KEYS: dict[str, str] = {
     "exclude": "list of glob strings",
     "groups": 'table of glob = integer, e.g. { "layer*.conv2.weight" = 32 }',
     "fail-if": 'list of gate expressions, e.g. ["acv_mean>0.5"]',
-    "format": "one of table, json, markdown, csv, html, junit",
-    "device": "one of auto, cpu, cuda, mps",
+    "format": f"one of {', '.join(INSPECT_FORMATS)}",
+    "device": f"one of {', '.join(DEVICES)}",
 }
-_FORMATS = ("table", "json", "markdown", "csv", "html", "junit")
-_DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 @dataclass(frozen=True)
@@ -82,13 +82,13 @@ def load_config(path: str | Path | None = None, start: str | Path | None = None)
             return Config()
     path = Path(path)
     if not path.is_file():
-        raise UsageError(f"--config {path}: no such file")
+        raise UsageError(f"config file {path}: no such file")
     doc = _read(path)
     if path.name == "pyproject.toml":
         table = doc.get("tool", {}).get("wcond")
         if table is None:
             raise UsageError(
-                f"{path}: has no [tool.wcond] table; add one or point --config at a wcond.toml"
+                f"{path}: has no [tool.wcond] table; add one, or name a wcond.toml instead"
             )
     else:
         table = doc
@@ -123,9 +123,9 @@ def _check(table: Mapping[str, Any], path: Path) -> dict[str, Any]:
         if key == "fail-if":
             for expr in value:
                 try:
-                    Gate.parse(expr)
+                    Gate.parse(expr, NUMERIC_FIELDS)
                 except UsageError as e:
-                    raise UsageError(f"{where}: fail-if: {e}") from e
+                    raise UsageError(f"{where}: fail-if: {str(e).removeprefix('fail_if=')}") from e
         values[key.replace("-", "_")] = value
     return values
 
@@ -142,5 +142,5 @@ def _valid(key: str, v: Any) -> bool:
             isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in v.values()
         )
     if key == "format":
-        return v in _FORMATS
-    return v in _DEVICES  # device
+        return v in INSPECT_FORMATS
+    return v in DEVICES  # device

@@ -23,21 +23,28 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
         dev = torch.device(name)
     except RuntimeError as e:
         raise UsageError(
-            f"--device {name!r}: not a device (use auto, cpu, cuda, cuda:N or mps)"
+            f"device={name!r}: not a device (use auto, cpu, cuda, cuda:N or mps)",
+            params=("device",),
         ) from e
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(
-            f"--device {name}: CUDA is not available here (torch {torch.__version__}); use --device cpu or auto"
+            f"device={name!r}: CUDA is not available here (torch {torch.__version__}); "
+            "use cpu or auto",
+            params=("device",),
         )
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise UsageError(
-            f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present"
+            f"device={name!r}: only {torch.cuda.device_count()} CUDA device(s) present",
+            params=("device",),
         )
     if dev.type == "mps" and not _mps_available():
-        raise UsageError(f"--device {name}: MPS is not available here; use --device cpu or auto")
+        raise UsageError(
+            f"device={name!r}: MPS is not available here; use cpu or auto", params=("device",)
+        )
     if dev.type not in ("cpu", "cuda", "mps"):
         raise UsageError(
-            f"--device {name}: unsupported device type {dev.type!r} (use auto, cpu, cuda or mps)"
+            f"device={name!r}: unsupported device type {dev.type!r} (use auto, cpu, cuda or mps)",
+            params=("device",),
         )
     return dev
 

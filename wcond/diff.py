@@ -14,10 +14,20 @@ from typing import Any
 
 import torch
 
-from wcond.analyze import NUMERIC_FIELDS, Report, _finite, inspect
+from wcond.analyze import inspect_many
 from wcond.load import Checkpoint
+from wcond.report import NUMERIC_FIELDS, Report, finite
 
-__all__ = ["SUMMARY_FIELDS", "DiffReport", "LayerDiff", "MetricDiff", "diff", "diff_reports"]
+__all__ = [
+    "ROUNDING_ULPS",
+    "SUMMARY_FIELDS",
+    "DiffReport",
+    "LayerDiff",
+    "MetricDiff",
+    "diff",
+    "diff_reports",
+    "rounding_resolution",
+]
 
 Source = str | Path | Checkpoint | Mapping[str, torch.Tensor] | torch.nn.Module
 
@@ -34,9 +44,25 @@ SUMMARY_FIELDS = (
 )
 
 
+# A metric is computed in float32 (float64 for float64 weights), so two values within a few units
+# in the last place of each other differ by rounding alone: scaling a layer by 1.5 moves its
+# scale-free acv_mean by 1-3 float32 ulps. Such a difference is reported as no change.
+ROUNDING_ULPS = 8
+
+
+def rounding_resolution(*dtypes: str) -> float:
+    """Relative size of ROUNDING_ULPS units in the last place of the dtype the metrics were computed in."""
+    wide = bool(dtypes) and all(d == "float64" for d in dtypes)
+    return ROUNDING_ULPS * (2.0**-52 if wide else 2.0**-23)
+
+
 @dataclass
 class MetricDiff:
-    """One metric on both sides. ``delta`` is b - a; ``relative`` is delta / |a| (None where undefined)."""
+    """One metric on both sides. ``delta`` is b - a; ``relative`` is delta / |a| (None where undefined).
+
+    Counts are compared exactly; for real values, a change within ``resolution`` (relative to the
+    larger of |a| and |b|) is rounding and becomes a delta of exactly 0.
+    """
 
     a: float | int | None
     b: float | int | None
@@ -44,10 +70,14 @@ class MetricDiff:
     relative: float | None
 
     @classmethod
-    def of(cls, a: float | int | None, b: float | int | None) -> MetricDiff:
+    def of(
+        cls, a: float | int | None, b: float | int | None, resolution: float = 0.0
+    ) -> MetricDiff:
         if a is None or b is None or not (math.isfinite(a) and math.isfinite(b)):
             return cls(a, b, None, None)
         delta = b - a
+        if isinstance(delta, float) and abs(delta) <= resolution * max(abs(a), abs(b)):
+            delta = 0.0
         if a != 0:
             relative: float | None = delta / abs(a)
         else:
@@ -108,7 +138,7 @@ class DiffReport:
             entry.update({m: asdict(v) for m, v in d.metrics.items()})
             entry["notes_a"], entry["notes_b"] = d.notes_a, d.notes_b
             layers.append(entry)
-        return _finite(
+        return finite(
             {
                 "a": self.a,
                 "b": self.b,
@@ -130,12 +160,15 @@ def diff_reports(ra: Report, rb: Report) -> DiffReport:
         lb = by_name_b.get(la.name)
         if lb is None:
             continue
-        metrics = {m: MetricDiff.of(getattr(la, m), getattr(lb, m)) for m in NUMERIC_FIELDS}
+        res = rounding_resolution(la.dtype, lb.dtype)
+        metrics = {m: MetricDiff.of(getattr(la, m), getattr(lb, m), res) for m in NUMERIC_FIELDS}
         layers.append(
             LayerDiff(la.name, lb.kind, la.shape, lb.shape, metrics, list(la.notes), list(lb.notes))
         )
+    res = rounding_resolution(*(r.dtype for r in ra.layers + rb.layers))
     summary = {
-        f: MetricDiff.of(getattr(ra.summary, f), getattr(rb.summary, f)) for f in SUMMARY_FIELDS
+        f: MetricDiff.of(getattr(ra.summary, f), getattr(rb.summary, f), res)
+        for f in SUMMARY_FIELDS
     }
     return DiffReport(
         a=ra.checkpoint,
@@ -156,10 +189,12 @@ def diff(a: Source, b: Source, **inspect_kwargs: Any) -> DiffReport:
     Args:
         a, b: checkpoint paths, opened Checkpoints, state dicts or modules (anything
             :func:`wcond.inspect` reads).
-        inspect_kwargs: passed to :func:`wcond.inspect` for both (layers, exclude, groups, tau_cos, ...).
+        inspect_kwargs: passed to :func:`wcond.inspect` for both (layers, exclude, groups, tau_cos,
+            ..., engine: on a Ray engine both sides' layers are submitted together).
 
     Example:
         >>> d = wcond.diff.diff("before.pt", "after.safetensors")
         >>> {l.name: l.metrics["acv_mean"].delta for l in d.layers}
     """
-    return diff_reports(inspect(a, **inspect_kwargs), inspect(b, **inspect_kwargs))
+    ra, rb = inspect_many([a, b], **inspect_kwargs)
+    return diff_reports(ra, rb)

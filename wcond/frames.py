@@ -14,9 +14,10 @@ from wcond.save import atomic_path
 if TYPE_CHECKING:
     import pandas as pd
 
-    from wcond.analyze import Report
+    from wcond.report import Report
+    from wcond.trend import TrendReport
 
-__all__ = ["report_frame", "require_pandas", "write_parquet"]
+__all__ = ["report_frame", "require_pandas", "require_parquet", "trend_frame", "write_parquet"]
 
 # Columns describing a layer, before its metrics.
 LAYER_COLUMNS = ("kind", "shape", "dtype", "groups")
@@ -39,7 +40,7 @@ def report_frame(report: Report) -> pd.DataFrame:
     Metric columns are float64 (counts too, so that a layer where a count does not apply holds
     NaN rather than turning the column into objects); ``shape`` is a string such as "64x3x7x7".
     """
-    from wcond.analyze import NUMERIC_FIELDS
+    from wcond.report import NUMERIC_FIELDS
 
     pd = require_pandas()
     nan = float("nan")
@@ -62,14 +63,43 @@ def report_frame(report: Report) -> pd.DataFrame:
     return frame.astype({m: "float64" for m in NUMERIC_FIELDS} | {"groups": "int64"})
 
 
-def write_parquet(report: Report, path: str | Path) -> None:
-    """Write :func:`report_frame` to a Parquet file, atomically (needs pyarrow)."""
-    frame = report_frame(report)
+def trend_frame(trend: TrendReport) -> pd.DataFrame:
+    """A trend in long form: (checkpoint, step, x, path, layer, metric, value) rows, None as NaN."""
+    pd = require_pandas()
+    nan = float("nan")
+    rows = []
+    for i, (report, step, x) in enumerate(zip(trend.reports, trend.steps, trend.x)):
+        for layer, by_metric in trend.trend.items():
+            for metric, values in by_metric.items():
+                v = values[i]
+                rows.append(
+                    (
+                        i,
+                        nan if step is None else step,
+                        x,
+                        report.checkpoint,
+                        layer,
+                        metric,
+                        nan if v is None else float(v),
+                    )
+                )
+    columns = ["checkpoint", "step", "x", "path", "layer", "metric", "value"]
+    return pd.DataFrame(rows, columns=columns).astype({"value": "float64", "step": "float64"})
+
+
+def require_parquet(path: str | Path) -> None:
+    """pandas and pyarrow are installed, or a UsageError with the install line."""
+    require_pandas()
     try:
-        import pyarrow  # noqa: F401  (pandas' Parquet engine; checked here for a clear message)
+        import pyarrow  # noqa: F401  (pandas' Parquet engine)
     except ImportError as e:
         raise UsageError(
             f"{path}: writing Parquet needs pyarrow, which is not installed: pip install 'wcond[parquet]'"
         ) from e
+
+
+def write_parquet(frame: pd.DataFrame, path: str | Path) -> None:
+    """Write a frame of :func:`report_frame` or :func:`trend_frame` to a Parquet file, atomically."""
+    require_parquet(path)
     with atomic_path(path) as tmp:
         frame.to_parquet(tmp, engine="pyarrow")

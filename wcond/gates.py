@@ -1,18 +1,19 @@
-"""CI gates: `--fail-if "acv_mean>0.5"` expressions checked against every layer."""
+"""CI gates: expressions such as ``acv_mean>0.5`` checked against every layer's metrics.
+
+A gate knows nothing of reports: it evaluates any mapping of metric names to numbers, so the
+modules that make reports use it and it uses none of them.
+"""
 
 from __future__ import annotations
 
 import math
 import operator
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from wcond.errors import UsageError
-
-if TYPE_CHECKING:
-    from wcond.analyze import LayerReport
 
 __all__ = ["Gate", "GateResult", "Violation", "evaluate_gates"]
 
@@ -25,14 +26,9 @@ _OPS: dict[str, Callable[[float, float], bool]] = {
     "<": operator.lt,
 }
 _EXPR = re.compile(
-    r"^\s*([A-Za-z_]+)\s*(>=|<=|==|!=|>|<)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[-+]?inf)\s*$"
+    r"^\s*([A-Za-z_]+)\s*(>=|<=|==|!=|>|<)\s*"
+    r"([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[-+]?inf)\s*$"
 )
-
-
-def gate_metrics() -> tuple[str, ...]:
-    from wcond.analyze import NUMERIC_FIELDS
-
-    return NUMERIC_FIELDS
 
 
 @dataclass(frozen=True)
@@ -44,16 +40,20 @@ class Gate:
     threshold: float
 
     @classmethod
-    def parse(cls, expr: str) -> Gate:
+    def parse(cls, expr: str, metrics: Collection[str] | None = None) -> Gate:
+        """Parse ``expr``; with ``metrics``, the metric must be one of them."""
         m = _EXPR.match(expr)
         if not m:
             raise UsageError(
-                f"--fail-if {expr!r}: expected METRIC OP NUMBER, e.g. 'acv_mean>0.5' (OP one of > >= < <= == !=)"
+                f"fail_if={expr!r}: expected METRIC OP NUMBER, e.g. 'acv_mean>0.5' "
+                "(OP one of > >= < <= == !=)",
+                params=("fail_if",),
             )
         metric, op, number = m.groups()
-        if metric not in gate_metrics():
+        if metrics is not None and metric not in metrics:
             raise UsageError(
-                f"--fail-if {expr!r}: unknown metric {metric!r}; one of: {', '.join(gate_metrics())}"
+                f"fail_if={expr!r}: unknown metric {metric!r}; one of: {', '.join(metrics)}",
+                params=("fail_if",),
             )
         return cls(metric, op, float(number))
 
@@ -78,9 +78,21 @@ class GateResult:
     violations: list[Violation] = field(default_factory=list)
 
 
-def evaluate_gates(gates: Sequence[Gate], layers: Sequence[LayerReport]) -> list[GateResult]:
+def evaluate_gates(
+    gates: Sequence[Gate], layers: Mapping[str, Mapping[str, float | None]]
+) -> list[GateResult]:
+    """Each gate against every layer's metrics (layer name -> metric name -> value), in order.
+
+    Example:
+        >>> evaluate_gates([Gate.parse("acv_mean>0.5")], {"fc.weight": {"acv_mean": 0.7}})
+        [GateResult(expr='acv_mean>0.5', passed=False, violations=[Violation(layer='fc.weight', value=0.7)])]
+    """
     results = []
     for g in gates:
-        bad = [Violation(r.name, v) for r in layers if g.trips(v := r.value(g.metric))]  # type: ignore[arg-type]
+        bad = []
+        for name, values in layers.items():
+            v = values.get(g.metric)
+            if v is not None and g.trips(v):
+                bad.append(Violation(name, v))
         results.append(GateResult(str(g), not bad, bad))
     return results

@@ -117,7 +117,8 @@ def resolve(ref: RepoRef | str, *, download: bool | None = None) -> Path:
         where = f"{missing} missing from" if missing else "not in"
         raise CheckpointError(
             f"{ref}: no such file or directory, and {where} the Hugging Face cache ({cache}); "
-            "fetch its weight files with download=True (wcond: --download)"
+            "fetch its weight files with download=True",
+            params=("download",),
         )
     _fetch(ref, cache)
     found, missing = _cached_weights(cache, ref)

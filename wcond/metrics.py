@@ -79,16 +79,18 @@ class Pair:
 class PairStats:
     """Everything wcond derives from the pairwise cosines of one set of vectors.
 
-    ``acv_sum`` and ``max_abs_cos`` are tensors that carry gradients; the rest are plain numbers.
+    ``acv_sum``, ``max_abs_cos`` and ``rare`` are tensors that carry gradients; the rest are plain
+    numbers.
     """
 
     n: int  # vectors in all
-    live: int  # vectors with non-zero norm
+    live: int  # vectors with a non-zero entry
     dead: list[int]  # indices of zero vectors, left out of every cosine
     acv_sum: Tensor  # sum_{i<j} |cos|
     max_abs_cos: Tensor  # max_{i<j} |cos| (0 with fewer than two live vectors)
     near_parallel: int = 0
     closest: list[Pair] = field(default_factory=list)
+    rare_value: Tensor | None = None  # min_{i != j} (1 - cos^2), computed without cancellation
 
     @property
     def pairs(self) -> int:
@@ -101,7 +103,17 @@ class PairStats:
     @property
     def rare(self) -> Tensor | None:
         """RaRe: min_{i != j} (1 - cos^2); None with fewer than two live vectors."""
-        return (1 - self.max_abs_cos**2).clamp_min(0) if self.pairs else None
+        return self.rare_value if self.pairs else None
+
+
+# Pairs re-evaluated in float64 to pick the RaRe pair: float32 cosines that differ by rounding
+# alone may rank the true closest pair a few places down, never out of the top few.
+_REFINE = 8
+
+# Rows whose largest entry lies in [2**-40, 2**40] have squared norms far from float32 underflow
+# and overflow for any length up to 2**40, so their norms are taken directly; other rows are first
+# divided by a power of two (exact) near their largest entry.
+_SAFE_PEAK = (2.0**-40, 2.0**40)
 
 
 def pair_statistics(
@@ -114,18 +126,26 @@ def pair_statistics(
     """Pairwise cosine statistics of the rows of ``vectors`` (N, d), computed in blocks.
 
     Args:
-        vectors: one vector per row; zero rows are dead and left out.
+        vectors: one vector per row; rows that are exactly zero are dead and left out.
         tau_cos, tau_euc: when both are given, count near-parallel pairs
             (1 - |cos| < tau_cos and D_euc < tau_euc, with D_euc = |w_short| sqrt(2 - 2|cos|)).
         top_k: also return the ``top_k`` pairs with the largest |cos|.
 
-    Only blocks of at most 2**24 cosines exist at any time, so memory stays bounded for any N.
+    Returns:
+        A PairStats. Only blocks of at most 2**24 cosines exist at any time, so memory stays
+        bounded for any N; on an accelerator the loop over blocks never waits for the device.
+        RaRe and the closest pairs are re-evaluated in float64 from the vectors themselves, as
+        ``|u_i - s u_j| |u_i + s u_j| / 2`` (s the sign of the cosine), which has no cancellation
+        where ``1 - cos^2`` has.
+
+    Example:
+        >>> s = pair_statistics(as_rows(w), tau_cos=1e-4, tau_euc=0.1, top_k=3)
+        >>> s.acv_mean, float(s.rare), s.near_parallel
     """
     v = _compute_dtype(vectors)
     live_idx, norms, u = _live_units(v)
-    dead = sorted(set(range(v.shape[0])) - set(live_idx.tolist()))
-    live_norms = norms.detach()
     n = u.shape[0]
+    dead = _dead_indices(v.shape[0], live_idx)
     zero = v.new_zeros(())
     stats = PairStats(n=v.shape[0], live=n, dead=dead, acv_sum=zero, max_abs_cos=zero)
     if n < 2:
@@ -133,51 +153,110 @@ def pair_statistics(
 
     count_pairs = tau_cos is not None and tau_euc is not None
     track = torch.is_grad_enabled() and u.requires_grad
+    on_host = u.device.type == "cpu"
+    # D_euc < tau_euc  <=>  sqrt(2 - 2|cos|) < max(tau_euc / |w_i|, tau_euc / |w_j|); the per-vector
+    # bounds are taken in float64 so that huge or tiny norms give 0 or inf, not NaN.
+    reach = (tau_euc / norms.detach().double()).to(u.dtype) if count_pairs else None
+    want = max(top_k, _REFINE)
+    v_live = (v if live_idx is None else v[live_idx]).detach()
     acv_parts: list[Tensor] = []
     max_parts: list[Tensor] = []
-    best: list[tuple[float, int, int]] = []  # (|cos|, i, j) in live indexing
-    near = 0
-    u_d = u.detach()
+    cand: list[tuple[Tensor, Tensor, Tensor]] = []  # (|cos|, i, j) in live indexing
+    near = torch.zeros((), dtype=torch.long, device=u.device)
     for start, c in _cosine_blocks(u):
         a = c.abs() if track else c.abs_()  # without gradients, no second block-sized buffer
-        row_max = a.amax(dim=1)
+        row_max = a.detach().amax(dim=1)
         acv_parts.append(a.sum())
-        max_parts.append(row_max.max())
+        max_parts.append(a.amax() if track else row_max.max())
         a_d = a.detach()
         if count_pairs:
-            assert tau_cos is not None and tau_euc is not None
-            near += sum(1 for _ in _near_in_block(start, u_d, a_d, live_norms, tau_cos, tau_euc))
-        if top_k:
-            best = sorted(best + _top_in_block(start, a_d, row_max.detach(), top_k), reverse=True)[
-                :top_k
-            ]
+            assert tau_cos is not None and tau_euc is not None and reach is not None
+            if not on_host:  # count on the device, so the loop never waits for it
+                near = near + _near_count(start, a_d, reach, tau_cos)
+            elif float(max_parts[-1]) > 1 - 2 * tau_cos:  # free on the host; usually rules all out
+                # The few candidates get D_euc in float64, exact even for rows of 1e37.
+                near = near + sum(1 for _ in _near_in_block(start, v_live, a_d, tau_cos, tau_euc))
+        cand.append(_block_candidates(start, a_d, row_max, want))
     stats.acv_sum = torch.stack(acv_parts).sum()
     stats.max_abs_cos = torch.stack(max_parts).max()
-    stats.near_parallel = near
-    idx = live_idx.tolist()
-    ln = live_norms.tolist()
-    for val, i, j in best:
-        cos = max(-1.0, min(1.0, float(u_d[i] @ u_d[j])))
-        d = min(ln[i], ln[j]) * math.sqrt(max(0.0, 2 - 2 * val))
-        np_pair = count_pairs and (1 - val < tau_cos) and (d < tau_euc)  # type: ignore[operator]
-        stats.closest.append(Pair(idx[i], idx[j], cos, d, bool(np_pair)))
+    stats.near_parallel = int(near)
+    pairs = _best_pairs(cand, want)  # the one wait for the device, after all blocks
+    if not pairs:  # every cosine is exactly 0 and only masked entries were picked
+        stats.rare_value = 1 - stats.max_abs_cos**2
+        return stats
+    idx = live_idx.tolist() if live_idx is not None else list(range(n))
+    live_v = v if live_idx is None else v[live_idx]  # with gradients, unlike v_live
+    i_t = torch.tensor([p[0] for p in pairs], device=v.device)
+    j_t = torch.tensor([p[1] for p in pairs], device=v.device)
+    cos, sin2, d_euc = _refine_pairs(live_v[i_t], live_v[j_t])
+    stats.rare_value = sin2.min().to(v.dtype)
+    order = sorted(range(len(pairs)), key=lambda k: -abs(float(cos[k].detach())))[:top_k]
+    for k in order:
+        i, j = pairs[k]
+        c_k, d_k = float(cos[k].detach()), float(d_euc[k].detach())
+        np_pair = count_pairs and (1 - abs(c_k) < tau_cos) and (d_k < tau_euc)  # type: ignore[operator]
+        stats.closest.append(Pair(idx[i], idx[j], c_k, d_k, bool(np_pair)))
     return stats
 
 
-def _top_in_block(start: int, a: Tensor, row_max: Tensor, k: int) -> list[tuple[float, int, int]]:
-    """The k largest |cos| of a block as (|cos|, i, j).
+def _dead_indices(n: int, live_idx: Tensor | None) -> list[int]:
+    if live_idx is None:
+        return []
+    return sorted(set(range(n)) - set(live_idx.tolist()))
+
+
+def _block_candidates(
+    start: int, a: Tensor, row_max: Tensor, k: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The k largest |cos| of a block as tensors (|cos|, i, j), without waiting for the device.
 
     They lie in the k rows with the largest maxima (a row outside those has k larger values
     elsewhere), so only k rows are searched instead of the whole block.
     """
     rows = row_max.topk(min(k, row_max.numel())).indices
     vals, cols = a[rows].topk(min(k, a.shape[1]), dim=1)
-    found = []
-    for r, vs, cs in zip(rows.tolist(), vals.tolist(), cols.tolist()):
-        for val, col in zip(vs, cs):
-            if val > 0 and start + r < start + col:  # masked entries (j <= i) hold 0
-                found.append((min(val, 1.0), start + r, start + col))
-    return found
+    i = (rows + start)[:, None].expand_as(cols)
+    return vals.flatten(), i.flatten(), (cols + start).flatten()
+
+
+def _best_pairs(cand: list[tuple[Tensor, Tensor, Tensor]], k: int) -> list[tuple[int, int]]:
+    """The k pairs i < j with the largest |cos| among the blocks' candidates (masked j <= i dropped)."""
+    vals = torch.cat([c[0] for c in cand])
+    i = torch.cat([c[1] for c in cand])
+    j = torch.cat([c[2] for c in cand])
+    keep = j > i  # entries on or below the diagonal are masked zeros, not pairs
+    vals = torch.where(keep, vals, -1.0)
+    top = vals.topk(min(k, vals.numel())).indices
+    found = torch.stack([i[top], j[top], keep[top].long()]).tolist()
+    return [(a, b) for a, b, ok in zip(*found) if ok]
+
+
+def _refine_pairs(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """cos, 1 - cos^2 and D_euc of the row pairs (a[k], b[k]), in float64, differentiable.
+
+    Each row is divided by its largest magnitude first, so no square overflows or underflows.
+    With unit vectors and s the sign of the cosine, |u_a - s u_b|^2 = 2 (1 - |cos|) and
+    |u_a + s u_b|^2 = 2 (1 + |cos|): their product over 4 is 1 - cos^2, free of the cancellation of
+    1 - cos^2 near |cos| = 1, and D_euc = min(|a|, |b|) |u_a - s u_b| (METRICS.md identity).
+    """
+    a, b = a.double(), b.double()
+    pa = a.detach().abs().amax(dim=1, keepdim=True)
+    pb = b.detach().abs().amax(dim=1, keepdim=True)
+    na, nb = (a / pa).norm(dim=1, keepdim=True), (b / pb).norm(dim=1, keepdim=True)
+    ua, ub = a / pa / na, b / pb / nb
+    cos = (ua * ub).sum(dim=1).clamp(-1.0, 1.0)
+    s = torch.where(cos.detach() < 0, -1.0, 1.0).to(a.dtype)[:, None]
+    minus = (ua - s * ub).norm(dim=1)
+    plus = (ua + s * ub).norm(dim=1)
+    shorter = torch.minimum(pa * na, pb * nb).squeeze(1)
+    return cos, (minus * plus / 2) ** 2, shorter.detach() * minus.detach()
+
+
+def _near_count(start: int, a: Tensor, reach: Tensor, tau_cos: float) -> Tensor:
+    """How many pairs of one block of |cos| are near-parallel, as a device tensor (no wait)."""
+    lim = torch.maximum(reach[start : start + a.shape[0], None], reach[None, start:])
+    chord = (2 - 2 * a).clamp_min_(0).sqrt_()  # sqrt(2 - 2|cos|) = |u_i - s u_j|
+    return (((1 - a) < tau_cos) & (chord < lim)).sum()
 
 
 def near_parallel_pairs(vectors: Tensor, *, tau_cos: float, tau_euc: float) -> Iterator[Pair]:
@@ -186,39 +265,56 @@ def near_parallel_pairs(vectors: Tensor, *, tau_cos: float, tau_euc: float) -> I
     The same test as ``pair_statistics``' count (1 - |cos| < tau_cos and D_euc < tau_euc), so it
     yields exactly that many pairs, without ever holding the N x N cosine matrix.
     """
-    live_idx, norms, u = _live_units(_compute_dtype(vectors).detach())
-    idx = live_idx.tolist()
+    v = _compute_dtype(vectors).detach()
+    live_idx, _, u = _live_units(v)
+    idx = live_idx.tolist() if live_idx is not None else list(range(u.shape[0]))
+    v_live = v if live_idx is None else v[live_idx]
     for start, c in _cosine_blocks(u):
-        for i, j, cos, d in _near_in_block(start, u, c.abs_(), norms, tau_cos, tau_euc):
+        for i, j, cos, d in _near_in_block(start, v_live, c.abs_(), tau_cos, tau_euc):
             yield Pair(idx[i], idx[j], cos, d, True)
 
 
 def _near_in_block(
-    start: int, u: Tensor, a: Tensor, norms: Tensor, tau_cos: float, tau_euc: float
+    start: int, v: Tensor, a: Tensor, tau_cos: float, tau_euc: float
 ) -> Iterator[tuple[int, int, float, float]]:
-    """Near-parallel pairs of one block of |cos| (rows of unit vectors u), in live indexing: (i, j, cos, D_euc)."""
-    bi, bj = torch.nonzero(
-        (1 - a) < tau_cos, as_tuple=True
-    )  # few candidates: the rest is elementwise
+    """Near-parallel pairs of one block of |cos| of the live rows v, in live indexing: (i, j, cos, D_euc).
+
+    The block's float32 |cos| only picks the few candidates; their cosine and D_euc are taken
+    again in float64 (``_refine_pairs``), which decides.
+    """
+    bi, bj = torch.nonzero((1 - a) < tau_cos, as_tuple=True)  # few: the rest is elementwise
     if not len(bi):
         return
     i, j = bi + start, bj + start
-    cos = (u[i] * u[j]).sum(1).clamp(-1.0, 1.0)  # the sign, recomputed for the few candidates
-    # D_euc = |w_short| sqrt(2 - 2|cos|) (METRICS.md identity)
-    d_euc = torch.minimum(norms[i], norms[j]) * torch.sqrt((2 - 2 * a[bi, bj]).clamp_min(0))
+    cos, _, d_euc = _refine_pairs(v[i], v[j])
     for ii, jj, c, d in zip(i.tolist(), j.tolist(), cos.tolist(), d_euc.tolist()):
-        if d < tau_euc:
+        if 1 - abs(c) < tau_cos and d < tau_euc:
             yield ii, jj, c, d
 
 
-def _live_units(v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(indices of the non-zero rows of v, their norms, their unit vectors)."""
-    norms = v.norm(dim=1)
-    live = norms > 0
-    if bool(live.all()):  # the common case: no gather, one copy of the vectors
-        return torch.arange(v.shape[0], device=v.device), norms, v / norms[:, None]
-    idx = torch.nonzero(live).flatten()
-    return idx, norms[idx], v[idx] / norms[idx, None]
+def _live_units(v: Tensor) -> tuple[Tensor | None, Tensor, Tensor]:
+    """(indices of the rows of v with a non-zero entry, or None when all have one; their norms; their unit vectors).
+
+    Dead means exactly zero: a row of 1e-25s is live although its squares underflow in float32.
+    Rows with entries far from 1 are divided by a power of two first (exact), so that a row of
+    1e37s or of subnormals gets its direction right; their norms may then be inf or 0 in v's dtype.
+    """
+    peak = torch.linalg.vector_norm(v.detach(), float("inf"), dim=1)
+    idx = None
+    if not bool((peak > 0).all()):
+        idx = torch.nonzero(peak > 0).flatten()
+        v, peak = v[idx], peak[idx]
+    if not v.shape[0]:
+        return idx, peak, v
+    lo, hi = torch.aminmax(peak)
+    if _SAFE_PEAK[0] <= float(lo) and float(hi) <= _SAFE_PEAK[1]:  # the common case: one copy
+        norms = v.norm(dim=1)
+        return idx, norms, v / norms[:, None]
+    scale = torch.exp2(torch.floor(torch.log2(peak)))[:, None]
+    scaled = v / scale
+    norms = scaled.norm(dim=1)
+    # float64 holds the true norms of any float32 row (up to 2**128 * sqrt(d)).
+    return idx, norms.double() * scale.squeeze(1).double(), scaled / norms[:, None]
 
 
 def _cosine_blocks(u: Tensor) -> Iterator[tuple[int, Tensor]]:
@@ -272,7 +368,10 @@ _GRAM_MAX_TAPS = 64
 
 
 class _PositionGram(torch.autograd.Function):
-    """G = X X^T for X of shape (out, taps, in); the backward is one matmul, (dG + dG^T) X, where autograd would use two."""
+    """G = X X^T for X of shape (out, taps, in).
+
+    The backward is one matmul, (dG + dG^T) X, where autograd would use two.
+    """
 
     @staticmethod
     def forward(x: Tensor) -> Tensor:

@@ -21,14 +21,17 @@ import torch
 
 from wcond import metrics
 from wcond.analyze import NUMERIC_FIELDS, Report
+from wcond.defaults import MAX_VECTORS, TAU_COS, TAU_EUC
 from wcond.errors import UsageError
 from wcond.layers import is_layer
 from wcond.load import Checkpoint, open_checkpoint
-from wcond.shrink import dense_view
+from wcond.load_factorized import dense_view
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
+
+    from wcond.trend import TrendReport
 
 __all__ = [
     "INSTALL_HINT",
@@ -38,11 +41,11 @@ __all__ = [
     "layer_weight",
     "plot_layer",
     "plot_metrics",
+    "plot_trend",
     "require_matplotlib",
 ]
 
 INSTALL_HINT = "pip install 'wcond[plot]'  (or: pip install 'matplotlib>=3.7')"
-MAX_VECTORS = 256  # beyond this a heatmap cell is under a pixel at default sizes: subsample
 SUFFIXES = (".png", ".svg")
 _DEFAULT_DPI = 100
 _COUNTS = {
@@ -110,8 +113,8 @@ def cos_matrix(
     *,
     axis: str = "rows",
     max_vectors: int = MAX_VECTORS,
-    tau_cos: float = 1e-4,
-    tau_euc: float = 0.1,
+    tau_cos: float = TAU_COS,
+    tau_euc: float = TAU_EUC,
     include: Sequence[int] = (),
 ) -> CosMatrix:
     """The cosine matrix of a layer's rows or columns (METRICS.md), at most ``max_vectors`` of them.
@@ -119,7 +122,7 @@ def cos_matrix(
     ``include`` names vectors to keep when subsampling (e.g. the layer's closest pairs).
     """
     if axis not in ("rows", "cols"):
-        raise UsageError(f"--axis {axis!r}: expected rows or cols")
+        raise UsageError(f"axis={axis!r}: expected 'rows' or 'cols'", params=("axis",))
     vectors = metrics.as_rows(w) if axis == "rows" else metrics.as_cols(w)
     vectors = vectors.detach().to("cpu", torch.float32)
     idx = _pick(vectors.shape[0], max_vectors, include)
@@ -138,9 +141,8 @@ def cos_matrix(
 def layer_weight(source: str | Path | Checkpoint, key: str) -> torch.Tensor:
     """The weight stored under ``key``; a UsageError listing the layer keys when there is none."""
     ck = source if isinstance(source, Checkpoint) else open_checkpoint(source)
-    infos, get, _ = dense_view(
-        {k: ck.info(k) for k in ck.keys()}, ck.get
-    )  # a shrunk layer: its dense weight
+    # a shrunk layer: its dense weight
+    infos, get, _ = dense_view({k: ck.info(k) for k in ck.keys()}, ck.get, str(ck.path))
     if key not in infos:
         layers = [k for k, info in infos.items() if is_layer(info)]
         close = [k for k in layers if key in k or k in key][:5]
@@ -153,7 +155,8 @@ def layer_weight(source: str | Path | Checkpoint, key: str) -> torch.Tensor:
     info = infos[key]
     if not is_layer(info):
         raise UsageError(
-            f"{ck.path}: {key!r} ({tuple(info.shape)}, {info.dtype}) is not a layer weight (2 to 5 dims, floating point)"
+            f"{ck.path}: {key!r} ({tuple(info.shape)}, {info.dtype}) is not a layer weight (2 to 5 "
+            "dims, floating point)"
         )
     return get(key)
 
@@ -229,8 +232,8 @@ def plot_layer(
     vs: str | Path | Checkpoint | None = None,
     axis: str = "rows",
     max_vectors: int = MAX_VECTORS,
-    tau_cos: float = 1e-4,
-    tau_euc: float = 0.1,
+    tau_cos: float = TAU_COS,
+    tau_euc: float = TAU_EUC,
     size_px: tuple[int, int] | None = None,
     dpi: int = _DEFAULT_DPI,
 ) -> Path:
@@ -375,3 +378,99 @@ def _source_name(src: Any) -> str:
     if isinstance(src, Checkpoint):
         return Path(src.path).name
     return Path(str(src)).name
+
+
+# How `plot_trend` sums a metric over layers: additive totals add up; a worst-case value keeps
+# the worst layer's; per-layer ratios and means are averaged.
+_TREND_AGGREGATE = {
+    "acv_mean": "mean",
+    "conv_similarity_norm": "mean",
+    "norm_dev_max": "max",
+    "rare_rows": "min",
+    "rare_cols": "min",
+}
+_TREND_LEGEND_MAX = 12
+
+
+def _aggregate(values: list[float], how: str) -> float:
+    if not values:
+        return math.nan
+    if how == "mean":
+        return sum(values) / len(values)
+    if how == "max":
+        return max(values)
+    if how == "min":
+        return min(values)
+    return math.fsum(values)
+
+
+def plot_trend(
+    t: TrendReport,
+    out: str | Path,
+    *,
+    per_layer: bool = False,
+    size_px: tuple[int, int] | None = None,
+    dpi: int = _DEFAULT_DPI,
+) -> Path:
+    """Each metric against the checkpoint order (or step): over all layers, or one line per layer.
+
+    Args:
+        t: the trend of several checkpoints (:func:`wcond.trend.trend`).
+        out: a .png or .svg file.
+        per_layer: one line per layer instead of one line for the whole model (sums for totals
+            and counts, the mean of acv_mean and conv_similarity_norm, the worst layer's
+            norm_dev_max and rare_rows/cols).
+    """
+    out = check_plot_output(out)
+    plt = require_matplotlib()
+    from matplotlib.ticker import MaxNLocator
+
+    x = t.x
+    ncols = 4
+    nrows = math.ceil(len(NUMERIC_FIELDS) / ncols)
+    fig, axes = _figure(
+        plt, size_px, (16.0, 2.6 * nrows + 1.2), dpi, nrows=nrows, ncols=ncols, squeeze=False
+    )
+    layers = list(t.trend)
+    for k, metric in enumerate(NUMERIC_FIELDS):
+        ax = axes[k // ncols][k % ncols]
+        how = _TREND_AGGREGATE.get(metric, "sum")
+        if per_layer:
+            for name in layers:
+                ys = [_nan(v) for v in t.trend[name][metric]]
+                if any(math.isfinite(y) for y in ys):
+                    ax.plot(x, ys, marker=".", linewidth=1, label=name.removesuffix(".weight"))
+            ax.set_title(metric, fontsize=9)
+        else:
+            ys = [
+                _aggregate(
+                    [
+                        v
+                        for name in layers
+                        if (v := t.trend[name][metric][i]) is not None and math.isfinite(v)
+                    ],
+                    how,
+                )
+                for i in range(len(x))
+            ]
+            ax.plot(x, ys, marker="o", linewidth=1.5, color="#4477aa")
+            ax.set_title(f"{metric} ({how} over layers)", fontsize=9)
+        if metric in _COUNTS:
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(NUMERIC_FIELDS) :]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel(t.x_label, fontsize=8)
+    if per_layer and 1 < len(layers) <= _TREND_LEGEND_MAX:
+        axes[0][0].legend(fontsize=6)
+    names = [_source_name(r.checkpoint) for r in t.reports]
+    title = f"wcond trend over {len(names)} checkpoints: {names[0]} … {names[-1]}"
+    if per_layer and len(layers) > _TREND_LEGEND_MAX:
+        title += f"; {len(layers)} layers (narrow with --layers for a legend)"
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    _save(plt, fig, out, dpi)
+    return out

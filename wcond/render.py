@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib
 import io
 import json
 from collections.abc import Callable
@@ -13,32 +12,13 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from wcond.analyze import NUMERIC_FIELDS, LayerReport, Report
+from wcond._version import __version__
+from wcond.render_html import to_html
+from wcond.render_junit import to_junit
+from wcond.render_text import fit_table, fmt_number, fmt_shape, ratio
+from wcond.report import NUMERIC_FIELDS, LayerReport, Report
 
 __all__ = ["FORMATS", "fmt_number", "render", "render_table", "to_csv", "to_json", "to_markdown"]
-
-
-def fmt_number(v: float | int | None, digits: int = 4) -> str:
-    """Compact: ints as is, floats to ``digits`` significant digits, '-' for null."""
-    if v is None:
-        return "-"
-    if isinstance(v, int):
-        return str(v)
-    if v != v:  # NaN
-        return "nan"
-    if v == 0:
-        return "0"
-    if 1e-3 <= abs(v) < 1e5:
-        return f"{v:.{digits}g}"
-    return f"{v:.{max(0, digits - 2)}e}"
-
-
-def _shape(shape: list[int]) -> str:
-    return "x".join(map(str, shape))
-
-
-def _ratio(value: float | None, floor: float | None) -> float | None:
-    return value / floor if value is not None and floor else None
 
 
 # Columns of the terminal and Markdown tables: header, cell value, and the number ranked to
@@ -46,9 +26,9 @@ def _ratio(value: float | None, floor: float | None) -> float | None:
 _Cell = Callable[[LayerReport], "float | int | str | None"]
 _COLUMNS: list[tuple[str, _Cell, _Cell | None, bool]] = [
     ("acv", lambda r: r.acv_mean, lambda r: r.acv_mean, True),
-    ("acv/fl", lambda r: _ratio(r.acv_sum, r.acv_floor), None, True),
+    ("acv/fl", lambda r: ratio(r.acv_sum, r.acv_floor), None, True),
     ("cs_n", lambda r: r.conv_similarity_norm, lambda r: r.conv_similarity_norm, True),
-    ("cs/fl", lambda r: _ratio(r.conv_similarity, r.conv_similarity_floor), None, True),
+    ("cs/fl", lambda r: ratio(r.conv_similarity, r.conv_similarity_floor), None, True),
     ("normdev", lambda r: r.norm_dev_max, lambda r: r.norm_dev_max, True),
     ("rare_r", lambda r: r.rare_rows, lambda r: r.rare_rows, False),
     ("rare_c", lambda r: r.rare_cols, lambda r: r.rare_cols, False),
@@ -98,32 +78,21 @@ _DROP_ORDER = ("cs/fl", "acv/fl", "dead", "rare_c", "normdev", "shape")
 def render_table(report: Report, console: Console) -> None:
     """The default terminal view: one row per layer, worst value of each column highlighted, then the summary.
 
-    On a terminal too narrow for every column, the least important give way (JSON has them all).
+    On a console too narrow for every column, the least important give way (JSON has them all);
+    layer names are never split, and elided in the middle only when they cannot fit otherwise.
     """
     worst = [_worst(report, rank, hw) if rank else None for _, _, rank, hw in _COLUMNS]
     tripped = {v.layer for g in report.gates for v in g.violations}
-    cells: dict[str, list[Text]] = {"layer": [], "shape": []}
-    for header, *_ in _COLUMNS:
+    cells: dict[str, list[Text]] = {"shape": [Text(fmt_shape(r.shape)) for r in report.layers]}
+    for (header, value, _, _), w in zip(_COLUMNS, worst):
         cells[header] = []
-    for r in report.layers:
-        cells["layer"].append(
-            Text(r.name, style="bold red" if r.name in tripped or r.nonfinite else "")
-        )
-        cells["shape"].append(Text(_shape(r.shape)))
-        for (header, value, _, _), w in zip(_COLUMNS, worst):
+        for r in report.layers:
             style = "bold red" if w is r else ""
             if header == "∥r/c" and (r.near_parallel_rows or r.near_parallel_cols) and not style:
                 style = "yellow"
             cells[header].append(Text(_cell(r, value), style=style))
-    widths = {h: max([len(h)] + [c.cell_len for c in col]) + 1 for h, col in cells.items()}
-    widths["layer"] = min(widths["layer"], 28)
-    shown = list(cells)
-    hidden = []
-    for h in _DROP_ORDER:
-        if sum(widths[c] for c in shown) + 1 <= console.width:
-            break
-        shown.remove(h)
-        hidden.append(h)
+    names, shown = fit_table(console.width, [r.name for r in report.layers], cells, _DROP_ORDER)
+    hidden = [h for h in cells if h not in shown]
     table = Table(
         title=f"wcond inspect: {report.checkpoint}",
         title_justify="left",
@@ -132,13 +101,12 @@ def render_table(report: Report, console: Console) -> None:
         padding=(0, 0, 0, 1),
         pad_edge=False,
     )
+    table.add_column("layer", no_wrap=True)
     for h in shown:
-        if h == "layer":
-            table.add_column(h, overflow="fold", min_width=12)
-        else:
-            table.add_column(h, justify="left" if h == "shape" else "right", no_wrap=True)
-    for i in range(len(report.layers)):
-        table.add_row(*(cells[h][i] for h in shown))
+        table.add_column(h, justify="left" if h == "shape" else "right", no_wrap=True)
+    for i, (r, name) in enumerate(zip(report.layers, names)):
+        style = "bold red" if r.name in tripped or r.nonfinite else ""
+        table.add_row(Text(name, style=style), *(cells[h][i] for h in shown))
     console.print(table)
     legend = "  ".join(f"{h}: {_LEGEND[h]}" for h in shown if h in _LEGEND)
     console.print(f"[dim]{legend}[/]")
@@ -188,7 +156,7 @@ def _print_summary(report: Report, console: Console) -> None:
 
 def to_json(report: Report) -> str:
     """The stable CI interface: {"checkpoint", "layers", "summary", ...}; null where a value does not apply."""
-    doc = {"wcond_version": _version(), **report.to_dict()}
+    doc = {"wcond_version": __version__, **report.to_dict()}
     return json.dumps(doc, indent=2) + "\n"
 
 
@@ -208,7 +176,9 @@ def to_markdown(report: Report) -> str:
     out.append("| " + " | ".join(headers) + " |")
     out.append("|" + "|".join(["---", "---"] + ["---:"] * len(_COLUMNS)) + "|")
     for r in report.layers:
-        cells = [f"`{r.name}`", _shape(r.shape)] + [_cell(r, value, 4) for _, value, *_ in _COLUMNS]
+        cells = [f"`{r.name}`", fmt_shape(r.shape)] + [
+            _cell(r, value, 4) for _, value, *_ in _COLUMNS
+        ]
         out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     if report.gates:
         out += ["", "**Gates**", ""]
@@ -234,7 +204,7 @@ def to_csv(report: Report) -> str:
     writer.writeheader()
     for r in report.layers:
         row = {f: getattr(r, f) for f in CSV_FIELDS if f not in ("shape", "notes")}
-        row["shape"] = _shape(r.shape)
+        row["shape"] = fmt_shape(r.shape)
         row["notes"] = "; ".join(r.notes)
         writer.writerow({k: "" if v is None else v for k, v in row.items()})
     return buf.getvalue()
@@ -246,26 +216,16 @@ def _table_text(report: Report) -> str:
     return console.export_text()
 
 
-def _deferred(module: str, name: str) -> Callable[[Report], str]:
-    """A renderer in its own module, which imports this one: looked up on first use."""
-    return lambda report: getattr(importlib.import_module(module), name)(report)
-
-
 FORMATS: dict[str, Callable[[Report], str]] = {
     "table": _table_text,
     "json": to_json,
     "markdown": to_markdown,
     "csv": to_csv,
-    "html": _deferred("wcond.render_html", "to_html"),
-    "junit": _deferred("wcond.render_junit", "to_junit"),
+    "html": to_html,
+    "junit": to_junit,
 }
 
 
 def render(report: Report, fmt: str) -> str:
+    """``report`` in one of FORMATS' formats."""
     return FORMATS[fmt](report)
-
-
-def _version() -> str:
-    from wcond import __version__
-
-    return __version__

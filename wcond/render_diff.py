@@ -11,12 +11,16 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from wcond._version import __version__
 from wcond.diff import DiffReport, LayerDiff, MetricDiff
-from wcond.render import fmt_number
+from wcond.render_text import fit_table, fmt_number, fmt_shape
 
-__all__ = ["DIFF_FORMATS", "diff_to_json", "diff_to_markdown", "render_diff_table"]
+__all__ = ["DIFF_RENDERERS", "diff_to_json", "diff_to_markdown", "render_diff", "render_diff_table"]
 
 # Which way is better, for coloring the change: -1 lower is better, +1 higher is better, 0 neutral.
+# The column that gives way on a narrow console.
+_DROP_ORDER = ("rel",)
+
 _BETTER = {
     "rare_rows": 1,
     "rare_cols": 1,
@@ -50,10 +54,6 @@ def _style(metric: str, m: MetricDiff) -> str:
     return "green" if (m.delta > 0) == (better > 0) else "red"
 
 
-def _shape(shape: list[int]) -> str:
-    return "x".join(map(str, shape))
-
-
 def _shown(d: LayerDiff) -> list[tuple[str, MetricDiff]]:
     """Metrics that apply on at least one side (CS of a matrix applies on neither)."""
     return [(k, m) for k, m in d.metrics.items() if m.a is not None or m.b is not None]
@@ -62,26 +62,33 @@ def _shown(d: LayerDiff) -> list[tuple[str, MetricDiff]]:
 def render_diff_table(d: DiffReport, console: Console) -> None:
     """Summary totals, then per layer every metric: A, B, change, relative change; then one-sided layers."""
     console.print(f"[bold]wcond diff[/]: A = {d.a}  B = {d.b}", highlight=False, markup=True)
-    table = Table(box=box.SIMPLE_HEAD, header_style="bold", padding=(0, 0, 0, 1), pad_edge=False)
-    # One first column, layer name then its metrics indented: a long key folds instead of being dropped.
-    table.add_column("layer / metric", overflow="fold", min_width=12)
-    for header in ("A", "B", "change", "rel"):
-        table.add_column(header, justify="right", no_wrap=True)
-    table.add_row(Text("totals", style="bold"))
+    # One first column, layer name then its metrics indented, so that a long key has the width.
+    rows: list[tuple[Text, list[str], str | None, bool]] = [
+        (Text("totals", style="bold"), [], None, False)
+    ]
     for metric, m in d.summary.items():
-        table.add_row(f"  {metric}", *_cells(m), style=_style(metric, m) or None)
+        rows.append((Text(f"  {metric}"), _cells(m), _style(metric, m) or None, False))
     for layer in d.layers:
-        table.add_section()
         changed = layer.shape_changed
-        table.add_row(
-            Text(layer.name, style="bold"),
-            _shape(layer.shape_a),
-            _shape(layer.shape_b),
-            "new shape" if changed else "",
-            style="yellow" if changed else None,
-        )
+        cells = [fmt_shape(layer.shape_a), fmt_shape(layer.shape_b), "new shape" if changed else ""]
+        rows.append((Text(layer.name, style="bold"), cells, "yellow" if changed else None, True))
         for metric, m in _shown(layer):
-            table.add_row(f"  {metric}", *_cells(m), style=_style(metric, m) or None)
+            rows.append((Text(f"  {metric}"), _cells(m), _style(metric, m) or None, False))
+    headers = ("A", "B", "change", "rel")
+    columns = {h: [r[1][i] if i < len(r[1]) else "" for r in rows] for i, h in enumerate(headers)}
+    names, shown = fit_table(
+        console.width, [r[0].plain for r in rows], columns, _DROP_ORDER, "layer / metric"
+    )
+    table = Table(box=box.SIMPLE_HEAD, header_style="bold", padding=(0, 0, 0, 1), pad_edge=False)
+    table.add_column("layer / metric", no_wrap=True)
+    for header in shown:
+        table.add_column(header, justify="right", no_wrap=True)
+    for k, ((name, _, style, section), shown_name) in enumerate(zip(rows, names)):
+        if section:
+            table.add_section()
+        if shown_name != name.plain:
+            name = Text(shown_name, style=name.style)
+        table.add_row(name, *(columns[h][k] for h in shown), style=style)
     console.print(table)
     console.print(
         f"{len(d.layers)} layer{'s' if len(d.layers) != 1 else ''} in both ({len(d.shape_changes)} with a new shape), "
@@ -101,8 +108,6 @@ def render_diff_table(d: DiffReport, console: Console) -> None:
 
 def diff_to_json(d: DiffReport) -> str:
     """Stable for scripts: layers[i][metric] = {"a", "b", "delta", "relative"}; null where a value does not apply."""
-    from wcond import __version__
-
     return json.dumps({"wcond_version": __version__, **d.to_dict()}, indent=2) + "\n"
 
 
@@ -114,7 +119,10 @@ def diff_to_markdown(d: DiffReport) -> str:
     out.append("")
     if d.shape_changes:
         out += ["**Shape changes**", ""]
-        out += [f"- `{x.name}`: {_shape(x.shape_a)} → {_shape(x.shape_b)}" for x in d.shape_changes]
+        out += [
+            f"- `{x.name}`: {fmt_shape(x.shape_a)} → {fmt_shape(x.shape_b)}"
+            for x in d.shape_changes
+        ]
         out.append("")
     for side, names in (("Only in A", d.only_a), ("Only in B", d.only_b)):
         if names:
@@ -123,7 +131,7 @@ def diff_to_markdown(d: DiffReport) -> str:
     for layer in d.layers:
         changed = "new shape" if layer.shape_changed else ""
         out.append(
-            f"| `{layer.name}` | shape | {_shape(layer.shape_a)} | {_shape(layer.shape_b)} | {changed} | |"
+            f"| `{layer.name}` | shape | {fmt_shape(layer.shape_a)} | {fmt_shape(layer.shape_b)} | {changed} | |"
         )
         out += [f"| | {k} | " + " | ".join(_cells(m)) + " |" for k, m in _shown(layer)]
     out += ["", "change = B - A; rel = change / |A|."]
@@ -136,8 +144,13 @@ def _table_text(d: DiffReport) -> str:
     return console.export_text()
 
 
-DIFF_FORMATS: dict[str, Callable[[DiffReport], str]] = {
+DIFF_RENDERERS: dict[str, Callable[[DiffReport], str]] = {
     "table": _table_text,
     "json": diff_to_json,
     "markdown": diff_to_markdown,
 }
+
+
+def render_diff(d: DiffReport, fmt: str) -> str:
+    """``d`` in one of DIFF_RENDERERS' formats."""
+    return DIFF_RENDERERS[fmt](d)

@@ -15,10 +15,11 @@ from typing import Callable
 
 import torch
 
-from wcond.analyze import LayerReport, Report
+from wcond._version import __version__
 from wcond.errors import WcondError
 from wcond.load import Checkpoint, open_checkpoint
-from wcond.render import _ratio, fmt_number
+from wcond.render_text import fmt_number, fmt_shape, ratio
+from wcond.report import LayerReport, Report
 
 __all__ = ["HEATMAPS", "to_html"]
 
@@ -28,13 +29,13 @@ HEATMAPS = 4  # worst layers drawn
 _COLUMNS: list[tuple[str, str, Callable[[LayerReport], "float | int | str | None"]]] = [
     ("layer", "tensor key", lambda r: r.name),
     ("kind", "matrix or conv1d/2d/3d", lambda r: r.kind),
-    ("shape", "stored shape", lambda r: "x".join(map(str, r.shape))),
+    ("shape", "stored shape", lambda r: fmt_shape(r.shape)),
     ("params", "parameters", lambda r: r.params),
     ("acv_mean", "mean |cos| between rows", lambda r: r.acv_mean),
     (
         "acv/floor",
         "acv_sum over its floor (rows that cannot all be orthogonal)",
-        lambda r: _ratio(r.acv_sum, r.acv_floor),
+        lambda r: ratio(r.acv_sum, r.acv_floor),
     ),
     (
         "cs_norm",
@@ -44,7 +45,7 @@ _COLUMNS: list[tuple[str, str, Callable[[LayerReport], "float | int | str | None
     (
         "cs/floor",
         "conv_similarity over its floor at these norms",
-        lambda r: _ratio(r.conv_similarity, r.conv_similarity_floor),
+        lambda r: ratio(r.conv_similarity, r.conv_similarity_floor),
     ),
     ("norm_dev_max", "max |1 - |row||", lambda r: r.norm_dev_max),
     ("norm_loss", "sum (1 - |row|)^2", lambda r: r.norm_loss),
@@ -62,7 +63,8 @@ h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px;border-bott
 code,.mono{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:13px}
 .sub{color:#586069}.verdict{display:inline-block;padding:6px 12px;border-radius:6px;font-weight:600;margin:10px 0}
 .pass{background:#dcffe4;color:#116329}.fail{background:#ffebe9;color:#a40e26}.none{background:#eef1f4;color:#444d56}
-table{border-collapse:collapse;margin:6px 0}th,td{padding:3px 8px;border-bottom:1px solid #e6e9ed;text-align:right;white-space:nowrap}
+table{border-collapse:collapse;margin:6px 0}
+th,td{padding:3px 8px;border-bottom:1px solid #e6e9ed;text-align:right;white-space:nowrap}
 th{background:#f3f5f7;position:sticky;top:0}td.t,th.t{text-align:left}td.notes{white-space:normal;color:#586069;text-align:left;min-width:14em}
 table.sortable th{cursor:pointer;user-select:none}table.sortable th:hover{background:#e4e8ec}
 th[aria-sort=ascending]::after{content:" \\25B2"}th[aria-sort=descending]::after{content:" \\25BC"}
@@ -116,7 +118,6 @@ def to_html(
         weights: where the heatmaps' layers are read from; default: the report's checkpoint file.
         heatmaps: how many of the worst layers get a cosine heatmap (0: none).
     """
-    from wcond import __version__
 
     verdict = _verdict(report)
     parts = [
@@ -221,7 +222,10 @@ def _layer_table(report: Report) -> str:
 
 
 def _worst_layers(report: Report, n: int) -> list[tuple[LayerReport, str]]:
-    """Up to n layers worth a look, each with why: gate trips, near-parallel pairs, highest acv_mean, lowest rare_rows."""
+    """Up to n layers worth a look, each with why.
+
+    Gate trips first, then near-parallel pairs, highest acv_mean, lowest rare_rows.
+    """
     by_name = {r.name: r for r in report.layers}
     reasons: dict[str, str] = {}
     for g in report.gates:
@@ -261,8 +265,8 @@ def _heatmaps(
     if weights is None:
         if not Path(report.checkpoint).exists():
             return (
-                head
-                + '<p class="note" id="heatmaps-note">Heatmaps need the checkpoint\'s weights (pass weights= to to_html).</p>'
+                head + '<p class="note" id="heatmaps-note">Heatmaps need the checkpoint\'s weights '
+                "(pass weights= to to_html).</p>"
             )
         weights = open_checkpoint(report.checkpoint)
     figures = []
@@ -284,7 +288,8 @@ def _heatmaps(
         png = base64.b64encode(plot.heatmap_png(cm)).decode("ascii")
         pairs = ", ".join(f"{p.i}&ndash;{p.j} (cos {p.cos:+.4f})" for p in layer.closest_rows)
         figures.append(
-            f'<figure><img alt="cosine heatmap of {_e(layer.name)}" width="520" height="460" src="data:image/png;base64,{png}">'
+            f'<figure><img alt="cosine heatmap of {_e(layer.name)}" width="520" height="460" '
+            f'src="data:image/png;base64,{png}">'
             f"<figcaption><code>{_e(layer.name)}</code>: {_e(why)}."
             + (f" Closest row pairs: {pairs}." if pairs else "")
             + "</figcaption></figure>"

@@ -21,9 +21,9 @@ from __future__ import annotations
 import json
 import xml.etree.ElementTree as ET
 
-from wcond.analyze import LayerReport, Report
 from wcond.gates import Gate
-from wcond.render import fmt_number
+from wcond.render_text import fmt_number, fmt_shape
+from wcond.report import LayerReport, Report
 
 __all__ = ["to_junit"]
 
@@ -40,8 +40,7 @@ _HEADLINE = (
 
 
 def _headline(r: LayerReport) -> str:
-    shape = "x".join(map(str, r.shape))
-    return f"{r.name} ({r.kind} {shape}): " + ", ".join(
+    return f"{r.name} ({r.kind} {fmt_shape(r.shape)}): " + ", ".join(
         f"{m} {fmt_number(r.value(m))}" for m in _HEADLINE
     )
 

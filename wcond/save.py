@@ -7,6 +7,7 @@ complete; an error or Ctrl-C removes the temporary file.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
@@ -35,22 +36,24 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         yield target
         return
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(
-        prefix=f".{target.name}.", suffix=".wcond-tmp", dir=target.parent
+    # The temporary file has the target's own name, in a private directory beside it: torch.save
+    # stores the file's name in every record of its zip, so a random name would change the bytes.
+    tmp_dir = Path(
+        tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".wcond-tmp", dir=target.parent)
     )
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = tmp_dir / target.name
     try:
+        tmp.touch()
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.chmod(
-            tmp, _new_file_mode(target)
-        )  # mkstemp makes 0600; give the file the mode a plain open() would
+        os.chmod(tmp, _new_file_mode(target))
         os.replace(tmp, target)
     except BaseException:  # Ctrl-C included: never leave the partial file
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def _new_file_mode(target: Path) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -11,31 +10,24 @@ import typer
 from wcond.cli import app
 from wcond.cli.common import (
     CheckpointArg,
-    DeviceChoice,
     DeviceOpt,
     DownloadOpt,
     ExcludeOpt,
     GroupsOpt,
     LayersOpt,
+    RayAddressOpt,
+    RayOpt,
     TauCosOpt,
     TauEucOpt,
     emit,
+    engine_for,
     handle_errors,
+    pick_format,
     progress_bar,
     stdout,
 )
 from wcond.cli.project_config import ConfigOpt, read_config, with_config
-from wcond.diff import diff
-from wcond.render_diff import DIFF_FORMATS, render_diff_table
-
-
-class DiffFormat(str, Enum):
-    table = "table"
-    json = "json"
-    markdown = "markdown"
-
-
-_SUFFIX_FORMATS = {".json": DiffFormat.json, ".md": DiffFormat.markdown, ".txt": DiffFormat.table}
+from wcond.defaults import DEVICE, DIFF_FORMATS, TAU_COS, TAU_EUC, DiffFormat
 
 
 @app.command("diff")
@@ -57,9 +49,11 @@ def diff_command(
     layers: LayersOpt = None,
     exclude: ExcludeOpt = None,
     groups: GroupsOpt = None,
-    tau_cos: TauCosOpt = 1e-4,
-    tau_euc: TauEucOpt = 0.1,
-    device: DeviceOpt = DeviceChoice.auto,
+    tau_cos: TauCosOpt = TAU_COS,
+    tau_euc: TauEucOpt = TAU_EUC,
+    device: DeviceOpt = DEVICE,
+    ray: RayOpt = False,
+    ray_address: RayAddressOpt = None,
     config: ConfigOpt = None,
     download: DownloadOpt = False,
 ) -> None:
@@ -72,6 +66,9 @@ def diff_command(
 
     Example: wcond diff model.pt model_cs.safetensors -f markdown -o diff.md
     """
+    from wcond.diff import diff
+    from wcond.render_diff import render_diff, render_diff_table
+
     cfg = read_config(config)
     o = with_config(
         ctx,
@@ -81,17 +78,15 @@ def diff_command(
         groups=groups,
         tau_cos=tau_cos,
         tau_euc=tau_euc,
-        device=device.value,
+        device=device,
     )
-    fmt = (
-        format
-        or (_SUFFIX_FORMATS.get(output.suffix.lower()) if output else None)
-        or DiffFormat.table
-    )
-    with progress_bar("inspecting A and B") as progress:
-        report = diff(a, b, **o, progress=progress)
-    report.settings["config"] = str(cfg.path) if cfg.path else None
-    if fmt == DiffFormat.table and output is None:
+    fmt = pick_format(DIFF_FORMATS, format, output)
+    with (
+        engine_for(ray, ray_address) as engine,
+        progress_bar("inspecting A and B" + (" on Ray" if engine else "")) as progress,
+    ):
+        report = diff(a, b, **o, config=cfg.path, progress=progress, engine=engine)
+    if fmt == "table" and output is None:
         render_diff_table(report, stdout)
     else:
-        emit(DIFF_FORMATS[fmt.value](report), output)
+        emit(render_diff(report, fmt), output)

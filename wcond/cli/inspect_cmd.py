@@ -2,67 +2,52 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
-from rich.markup import escape
 
-from wcond.analyze import inspect as inspect_checkpoint
 from wcond.cli import app
 from wcond.cli.common import (
     EXIT_GATE,
-    CheckpointArg,
-    DeviceChoice,
     DeviceOpt,
     DownloadOpt,
     ExcludeOpt,
     GroupsOpt,
     LayersOpt,
+    RayAddressOpt,
+    RayOpt,
     TauCosOpt,
     TauEucOpt,
     emit,
+    engine_for,
     handle_errors,
+    pick_format,
     progress_bar,
     stderr,
     stdout,
 )
 from wcond.cli.project_config import ConfigOpt, read_config, with_config
+from wcond.defaults import DEVICE, INSPECT_FORMATS, TAU_COS, TAU_EUC, TOP, InspectFormat
 from wcond.errors import UsageError
-from wcond.frames import require_pandas, write_parquet
-from wcond.render import render, render_table
-
-
-class Format(str, Enum):
-    table = "table"
-    json = "json"
-    markdown = "markdown"
-    csv = "csv"
-    html = "html"
-    junit = "junit"
-    parquet = "parquet"
-
-
-_SUFFIX_FORMATS = {
-    ".json": Format.json,
-    ".md": Format.markdown,
-    ".csv": Format.csv,
-    ".txt": Format.table,
-    ".html": Format.html,
-    ".htm": Format.html,
-    ".xml": Format.junit,
-    ".parquet": Format.parquet,
-}
 
 
 @app.command("inspect")
 @handle_errors
 def inspect_command(
     ctx: typer.Context,
-    checkpoint: CheckpointArg,
+    checkpoints: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Checkpoint file (.pt .pth .bin .ckpt .safetensors), shard index, or directory. "
+            "Several (or a quoted glob such as 'run/step_*.pt'): one report each, ordered "
+            "naturally, and each metric's trend per layer.",
+            show_default=False,
+            metavar="CHECKPOINT...",
+        ),
+    ],
     format: Annotated[
-        Optional[Format],
+        Optional[InspectFormat],
         typer.Option(
             "--format", "-f", help="Output format (default: table, or from -o's extension)."
         ),
@@ -74,11 +59,11 @@ def inspect_command(
     layers: LayersOpt = None,
     exclude: ExcludeOpt = None,
     groups: GroupsOpt = None,
-    tau_cos: TauCosOpt = 1e-4,
-    tau_euc: TauEucOpt = 0.1,
+    tau_cos: TauCosOpt = TAU_COS,
+    tau_euc: TauEucOpt = TAU_EUC,
     top: Annotated[
         int, typer.Option("--top", help="Closest pairs listed per layer and axis (JSON).", min=0)
-    ] = 3,
+    ] = TOP,
     fail_if: Annotated[
         Optional[list[str]],
         typer.Option(
@@ -87,7 +72,9 @@ def inspect_command(
             metavar="EXPR",
         ),
     ] = None,
-    device: DeviceOpt = DeviceChoice.auto,
+    device: DeviceOpt = DEVICE,
+    ray: RayOpt = False,
+    ray_address: RayAddressOpt = None,
     config: ConfigOpt = None,
     download: DownloadOpt = False,
 ) -> None:
@@ -96,8 +83,14 @@ def inspect_command(
     Exit codes: 0 fine, 1 a --fail-if gate tripped, 2 unusable input or arguments.
     Defaults come from \\[tool.wcond] in pyproject.toml (or --config FILE); flags override them.
 
+    With several checkpoints the gates apply to each, and the exit code is the worst.
+
     Example: wcond inspect model.safetensors --fail-if "near_parallel_rows>0" -f markdown
     """
+    from wcond.analyze import inspect as inspect_checkpoint
+    from wcond.render import render, render_table
+    from wcond.trend import expand_paths
+
     cfg = read_config(config)
     o = with_config(
         ctx,
@@ -109,28 +102,70 @@ def inspect_command(
         tau_euc=tau_euc,
         top=top,
         fail_if=fail_if,
-        device=device.value,
+        device=device,
     )
     # --format, then -o's extension, then the config's format, then the table.
-    fmt = (
-        format
-        or (_SUFFIX_FORMATS.get(output.suffix.lower()) if output else None)
-        or Format(cfg.values.get("format", "table"))
-    )
-    if fmt == Format.parquet:
+    fmt = pick_format(INSPECT_FORMATS, format, output, cfg.values.get("format"))
+    if fmt == "parquet":
+        from wcond.frames import require_parquet
+
         if output is None:
             raise UsageError("--format parquet writes a binary file: give -o FILE.parquet")
-        require_pandas()  # before the analysis, not after
-    with progress_bar("inspecting") as progress:
-        report = inspect_checkpoint(checkpoint, **o, progress=progress)
-    report.settings["config"] = str(cfg.path) if cfg.path else None
-    if fmt == Format.parquet:
-        assert output is not None
-        write_parquet(report, output)
-        stderr.print(f"wrote {escape(str(output))}", soft_wrap=True)
-    elif fmt == Format.table and output is None:
+        require_parquet(output)  # before the analysis, not after
+    paths = expand_paths(checkpoints)
+    label = "inspecting on Ray" if ray or ray_address else "inspecting"
+    if len(paths) > 1:
+        _inspect_many(paths, fmt, output, {**o, "config": cfg.path}, ray, ray_address, label)
+        return
+    with engine_for(ray, ray_address) as engine, progress_bar(label) as progress:
+        report = inspect_checkpoint(
+            paths[0], **o, config=cfg.path, progress=progress, engine=engine
+        )
+    if fmt == "parquet":
+        _write_parquet(report.to_pandas(), output)
+    elif fmt == "table" and output is None:
         render_table(report, stdout)
     else:
-        emit(render(report, fmt.value), output)
+        emit(render(report, fmt), output)
     if report.failed:
         raise typer.Exit(EXIT_GATE)
+
+
+def _inspect_many(
+    paths: list[Path],
+    fmt: str,
+    output: Optional[Path],
+    options: dict[str, Any],
+    ray: bool,
+    ray_address: Optional[str],
+    label: str,
+) -> None:
+    """Several checkpoints: their trend as a table, JSON, CSV or Markdown; exit 1 if any gate tripped."""
+    from wcond.render_trend import TREND_FORMATS, render_trend, render_trend_table
+    from wcond.trend import trend
+
+    if fmt not in TREND_FORMATS and fmt != "parquet":
+        raise UsageError(
+            f"--format {fmt} shows one checkpoint; with {len(paths)} checkpoints use "
+            + ", ".join([*TREND_FORMATS, "parquet"])
+        )
+    with engine_for(ray, ray_address) as engine, progress_bar(label) as progress:
+        result = trend(paths, **options, progress=progress, engine=engine)
+    if fmt == "parquet":
+        _write_parquet(result.to_pandas(), output)  # the trend in long form
+    elif fmt == "table" and output is None:
+        render_trend_table(result, stdout)
+    else:
+        emit(render_trend(result, fmt), output)
+    if result.failed:
+        raise typer.Exit(EXIT_GATE)
+
+
+def _write_parquet(frame: Any, output: Optional[Path]) -> None:
+    from rich.markup import escape
+
+    from wcond.frames import write_parquet
+
+    assert output is not None  # checked before the analysis
+    write_parquet(frame, output)
+    stderr.print(f"wrote {escape(str(output))}", soft_wrap=True)

@@ -2,42 +2,43 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 
-from wcond.analyze import inspect as inspect_checkpoint
 from wcond.cli import app
 from wcond.cli.common import (
-    CheckpointArg,
-    DeviceChoice,
     DeviceOpt,
     DownloadOpt,
     ExcludeOpt,
     LayersOpt,
+    RayAddressOpt,
+    RayOpt,
     TauCosOpt,
     TauEucOpt,
+    engine_for,
     handle_errors,
     progress_bar,
     stderr,
 )
 from wcond.cli.project_config import ConfigOpt, read_config, with_config
+from wcond.defaults import DEVICE, MAX_VECTORS, TAU_COS, TAU_EUC
 from wcond.errors import UsageError
-from wcond.plot import MAX_VECTORS, check_plot_output, plot_layer, plot_metrics, require_matplotlib
-
-
-class Axis(str, Enum):
-    rows = "rows"
-    cols = "cols"
 
 
 @app.command("plot")
 @handle_errors
 def plot_command(
     ctx: typer.Context,
-    checkpoint: CheckpointArg,
+    checkpoints: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Checkpoint file, shard index, or directory; with --trend several (or a quoted glob).",
+            show_default=False,
+            metavar="CHECKPOINT...",
+        ),
+    ],
     output: Annotated[
         Path, typer.Option("--output", "-o", help="Image file: .png or .svg.", show_default=False)
     ],
@@ -45,7 +46,8 @@ def plot_command(
         Optional[str],
         typer.Option(
             "--layer",
-            help="Heatmap of this layer's pairwise cosines (its tensor key). Without it: bar charts of every metric per layer.",
+            help="Heatmap of this layer's pairwise cosines (its tensor key). "
+            "Without it: bar charts of every metric per layer.",
             metavar="KEY",
         ),
     ] = None,
@@ -58,9 +60,12 @@ def plot_command(
         ),
     ] = None,
     axis: Annotated[
-        Axis,
-        typer.Option("--axis", help="Cosines between rows (output units) or cols (input units)."),
-    ] = Axis.rows,
+        Literal["rows", "cols"],
+        typer.Option(
+            "--axis",
+            help="Cosines between rows (output units) or cols (input units).",
+        ),
+    ] = "rows",
     max_vectors: Annotated[
         int,
         typer.Option(
@@ -85,11 +90,21 @@ def plot_command(
             min=10,
         ),
     ] = 100,
+    trend: Annotated[
+        bool,
+        typer.Option(
+            "--trend",
+            help="Each metric against the checkpoints' order (or their step): over the whole model, "
+            "or one line per layer when --layers is given.",
+        ),
+    ] = False,
     layers: LayersOpt = None,
     exclude: ExcludeOpt = None,
-    tau_cos: TauCosOpt = 1e-4,
-    tau_euc: TauEucOpt = 0.1,
-    device: DeviceOpt = DeviceChoice.auto,
+    tau_cos: TauCosOpt = TAU_COS,
+    tau_euc: TauEucOpt = TAU_EUC,
+    device: DeviceOpt = DEVICE,
+    ray: RayOpt = False,
+    ray_address: RayAddressOpt = None,
     config: ConfigOpt = None,
     download: DownloadOpt = False,
 ) -> None:
@@ -100,8 +115,13 @@ def plot_command(
 
     Needs matplotlib: pip install 'wcond\\[plot]'.
 
+    With --trend and several checkpoints (a run's step_*.pt): each metric against the step.
+
     Example: wcond plot model.pt --layer conv1.weight --vs model_cs.pt -o conv1.png
     """
+    from wcond.analyze import inspect as inspect_checkpoint
+    from wcond.plot import check_plot_output, plot_layer, plot_metrics, require_matplotlib
+
     check_plot_output(output)
     require_matplotlib()  # before minutes of analysis, not after
     if (width is None) != (height is None):
@@ -117,15 +137,40 @@ def plot_command(
         groups=None,
         tau_cos=tau_cos,
         tau_euc=tau_euc,
-        device=device.value,
+        device=device,
     )
+    from wcond.trend import expand_paths
+
+    paths = expand_paths(checkpoints)
+    if trend:
+        if layer is not None or vs is not None:
+            raise UsageError("--trend draws metrics over checkpoints; it takes no --layer or --vs")
+        if len(paths) < 2:
+            raise UsageError("--trend needs at least two checkpoints (or a glob matching several)")
+        from wcond.plot import plot_trend
+        from wcond.trend import trend as trend_of
+
+        with (
+            engine_for(ray, ray_address) as engine,
+            progress_bar("inspecting on Ray" if engine else "inspecting") as progress,
+        ):
+            result = trend_of(paths, progress=progress, engine=engine, **o)
+        plot_trend(result, output, per_layer=bool(o["layers"]), size_px=size, dpi=dpi)
+        stderr.print(f"wrote {output}", markup=False, highlight=False)
+        return
+    if len(paths) > 1:
+        raise UsageError(
+            f"{len(paths)} checkpoints given: plot draws one (with --vs OTHER beside it), "
+            "or several with --trend"
+        )
+    checkpoint = paths[0]
     if layer is not None:
         plot_layer(
             checkpoint,
             layer,
             output,
             vs=vs,
-            axis=axis.value,
+            axis=axis,
             max_vectors=max_vectors,
             tau_cos=o["tau_cos"],
             tau_euc=o["tau_euc"],

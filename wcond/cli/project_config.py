@@ -9,13 +9,13 @@ import typer
 
 from wcond.cli.common import stderr
 from wcond.config import Config, load_config
-from wcond.layers import parse_groups
 
 ConfigOpt = Annotated[
     Optional[Path],
     typer.Option(
         "--config",
-        help="Settings file: a pyproject.toml with \\[tool.wcond], or a wcond.toml. Default: the first found from the current directory upward.",
+        help="Settings file: a pyproject.toml with \\[tool.wcond], or a wcond.toml. "
+        "Default: the first found from the current directory upward.",
         metavar="FILE",
     ),
 ]
@@ -48,5 +48,7 @@ def with_config(ctx: typer.Context, config: Config, **values: Any) -> dict[str, 
         if key in out:
             out[key] = tuple(out[key] or ())
     if "groups" in out and not isinstance(out["groups"], dict):
+        from wcond.layers import parse_groups  # torch: only when a command runs
+
         out["groups"] = parse_groups(out["groups"] or ())
     return out

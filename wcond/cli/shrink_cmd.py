@@ -3,45 +3,34 @@
 from __future__ import annotations
 
 import json
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich import box
-from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
-from wcond import __version__
+from wcond._version import __version__
 from wcond.cli import app
 from wcond.cli.common import (
     CheckpointArg,
-    DeviceChoice,
     DeviceOpt,
     DownloadOpt,
     ExcludeOpt,
     ForceOpt,
     LayersOpt,
-    ReportFormat,
+    RayAddressOpt,
+    RayOpt,
     TauCosOpt,
     TauEucOpt,
     emit,
+    engine_for,
     handle_errors,
     progress_bar,
     stderr,
     stdout,
 )
+from wcond.defaults import AXIS, DEVICE, TAU_COS, TAU_EUC, Axis, RewriteFormat
 from wcond.errors import UsageError
-from wcond.render import fmt_number
-from wcond.shrink import ShrinkReport, expand, fold, shrink
-
-
-class Axis(str, Enum):
-    auto = "auto"
-    rows = "rows"
-    cols = "cols"
-    both = "both"
 
 
 @app.command("shrink")
@@ -54,14 +43,15 @@ def shrink_command(
             "--output", "-o", help="Where to write the smaller checkpoint (.safetensors, .pt, ...)."
         ),
     ] = None,
-    tau_cos: TauCosOpt = 1e-4,
-    tau_euc: TauEucOpt = 0.1,
+    tau_cos: TauCosOpt = TAU_COS,
+    tau_euc: TauEucOpt = TAU_EUC,
     axis: Annotated[
         Axis,
         typer.Option(
-            "--axis", help="auto: the longer axis only (both for a square layer), as the paper."
+            "--axis",
+            help="auto: the longer axis only (both for a square layer), as the paper.",
         ),
-    ] = Axis.auto,
+    ] = AXIS,
     layers: LayersOpt = None,
     exclude: ExcludeOpt = None,
     protect: Annotated[
@@ -80,11 +70,16 @@ def shrink_command(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Report what would be fused; write nothing.")
     ] = False,
-    device: DeviceOpt = DeviceChoice.cpu,
+    device: DeviceOpt = DEVICE,
     force: ForceOpt = False,
     format: Annotated[
-        ReportFormat, typer.Option("--format", "-f", help="Report format on stdout.")
-    ] = ReportFormat.table,
+        RewriteFormat,
+        typer.Option(
+            "--format",
+            "-f",
+            help="Report format on stdout.",
+        ),
+    ] = "table",
     fold_units: Annotated[
         bool,
         typer.Option(
@@ -96,10 +91,14 @@ def shrink_command(
         Optional[str],
         typer.Option(
             "--chain",
-            help="With --fold: weight keys in the order data flows, comma-separated.",
-            metavar="KEY1,KEY2,...",
+            help="With --fold: the layers in the order data flows, comma-separated, by module "
+            "(net.0) or weight key (net.0.weight); a BatchNorm on a layer's output right after "
+            "it (conv1,bn1,conv2,bn2,fc).",
+            metavar="NAME1,NAME2,...",
         ),
     ] = None,
+    ray: RayOpt = False,
+    ray_address: RayAddressOpt = None,
     download: DownloadOpt = False,
 ) -> None:
     """Fuse near-parallel rows/columns (RaRe merging) into a smaller checkpoint.
@@ -113,19 +112,31 @@ def shrink_command(
 
     Example: wcond shrink model.pt --tau-cos 1e-4 -o small.safetensors
     """
+    from wcond.render_shrink import render_shrink
+    from wcond.shrink import fold, shrink
+
     if output is None and not dry_run:
         raise UsageError("-o OUT is required (or pass --dry-run to report without writing)")
     target = None if dry_run else output
-    with progress_bar("shrinking") as progress:
+    on_ray = ray or ray_address is not None
+    if fold_units and on_ray:
+        raise UsageError(
+            "--fold couples the layers of its chain, so it runs in one process: drop --ray "
+            "(shrink without --fold runs on Ray)"
+        )
+    with (
+        engine_for(on_ray, ray_address) as engine,
+        progress_bar("shrinking on Ray" if engine else "shrinking") as progress,
+    ):
         if fold_units:
             if chain is None:
                 raise UsageError(
-                    "--fold needs --chain KEY1,KEY2,... (the layers, in the order data flows)"
+                    "--fold needs --chain NAME1,NAME2,... (the layers, in the order data flows)"
                 )
             stray = [
                 name
                 for name, given in (
-                    ("--axis", axis != Axis.auto),
+                    ("--axis", axis != AXIS),
                     ("--layers", layers),
                     ("--exclude", exclude),
                     ("--protect", protect),
@@ -145,7 +156,7 @@ def shrink_command(
                 tau_cos=tau_cos,
                 tau_euc=tau_euc,
                 force=force,
-                device=device.value,
+                device=device,
                 progress=progress,
             )
         else:
@@ -158,80 +169,22 @@ def shrink_command(
                 target,
                 tau_cos=tau_cos,
                 tau_euc=tau_euc,
-                axis=axis.value,
+                axis=axis,
                 layers=layers or (),
                 exclude=exclude or (),
                 protect=protect or (),
                 protect_ends=not no_protect_ends,
                 force=force,
-                device=device.value,
+                device=device,
                 progress=progress,
+                engine=engine,
             )
-    if format == ReportFormat.json:
+    if format == "json":
         emit(json.dumps({"wcond_version": __version__, **report.to_dict()}, indent=2) + "\n", None)
     else:
         render_shrink(report, stdout)
     for warning in report.warnings:
         stderr.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
-
-
-def render_shrink(report: ShrinkReport, console: Console) -> None:
-    """The terminal view of a ShrinkReport: one row per layer, then the totals."""
-    title = f"wcond shrink{' --fold' if report.mode == 'fold' else ''}: {report.checkpoint}"
-    table = Table(
-        title=escape(title),
-        title_justify="left",
-        header_style="bold",
-        box=box.SIMPLE_HEAD,
-        padding=(0, 0, 0, 1),
-        pad_edge=False,
-    )
-    table.add_column("layer", overflow="fold", min_width=16)
-    for header in ("shape", "∥r/c", "params", "error", "max°"):
-        table.add_column(header, justify="right", no_wrap=True)
-    for r in report.layers:
-        shape = _shape(r.shape_before) + (
-            "" if r.shape_after == r.shape_before else f" → {_shape(r.shape_after)}"
-        )
-        params = f"{r.params_before:,}" + (
-            "" if r.params_after == r.params_before else f" → {r.params_after:,}"
-        )
-        table.add_row(
-            escape(r.name),
-            shape,
-            f"{r.fused_rows}/{r.fused_cols}",
-            params,
-            fmt_number(r.reconstruction_error, 3),
-            fmt_number(r.max_angle_deg, 3),
-            style="bold" if r.changed else "dim",
-        )
-    console.print(table)
-    console.print(
-        "[dim]∥r/c: row/column pairs fused  error: |W - P W' Q|/|W|  max°: widest pair fused[/]"
-    )
-    console.print(
-        f"parameters: {report.params_before:,} → {report.params_after:,} "
-        f"([bold]{report.params_removed:,}[/] removed, {report.percent_removed:.2f}%); "
-        f"tensor bytes: {report.bytes_before:,} → {report.bytes_after:,}",
-        soft_wrap=True,
-    )
-    if report.widths:
-        changed = ", ".join(f"{escape(k)} {a} → {b}" for k, (a, b) in report.widths.items())
-        console.print(
-            f"new widths (output units): {changed}; build the model with these to load the output",
-            soft_wrap=True,
-        )
-    for r in report.layers:
-        for note in r.notes:
-            console.print(f"[dim]note[/] {escape(r.name)}: {escape(note)}", soft_wrap=True)
-    if report.output is None:
-        console.print("dry run: nothing written")
-    else:
-        console.print(f"wrote {escape(report.output)}", soft_wrap=True)
-
-
-def _shape(shape: list[int]) -> str:
-    return "x".join(map(str, shape))
 
 
 @app.command("expand")
@@ -254,6 +207,8 @@ def expand_command(
 
     Example: wcond expand small.safetensors -o dense.safetensors
     """
+    from wcond.shrink import expand
+
     result = expand(checkpoint, output, force=force)
     if result.expanded:
         n = len(result.expanded)

@@ -1,0 +1,49 @@
+"""wcond.analyze.analyze_tensor at the extremes of float32, against the literal float64 definitions."""
+
+from __future__ import annotations
+
+import literal
+import pytest
+import torch
+
+from wcond import metrics
+from wcond.analyze import analyze_tensor
+
+
+def conv(scale: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    w = torch.randn(4, 2, 3, 3, generator=torch.Generator().manual_seed(21), dtype=torch.float64)
+    return (w * scale).to(dtype)
+
+
+@pytest.mark.parametrize("scale", [1e37, 1e-25, 1e-41], ids=["1e37", "1e-25", "subnormal"])
+def test_every_metric_at_extreme_magnitudes(scale: float) -> None:
+    w = conv(scale)
+    rep = analyze_tensor("w", w)
+    rows, cols = literal.rows(w), literal.cols(w)
+    assert rep.notes == [] and rep.dead_rows == 0 and rep.dead_cols == 0
+    assert rep.acv_sum == pytest.approx(literal.acv_sum(rows), rel=1e-4)
+    assert rep.rare_rows == pytest.approx(literal.rare(rows), rel=1e-4)
+    assert rep.rare_cols == pytest.approx(literal.rare(cols), rel=1e-4)
+    assert rep.conv_similarity == pytest.approx(literal.conv_similarity(w), rel=1e-4)
+    assert rep.conv_similarity_norm == pytest.approx(literal.conv_similarity_norm(w), rel=1e-4)
+    assert rep.norm_loss == pytest.approx(literal.norm_loss(w), rel=1e-5)
+    assert rep.norm_dev_max == pytest.approx(literal.norm_dev_max(w), rel=1e-5)
+
+
+def test_a_true_overflow_is_a_note_not_a_bare_null() -> None:
+    w = conv(1e300, torch.float64)
+    rep = analyze_tensor("w", w)  # CS ~ 1e1200: beyond float64
+    assert rep.conv_similarity is None and rep.norm_loss is None
+    assert any(n.startswith("conv_similarity overflows float64") for n in rep.notes)
+    assert any(n.startswith("norm_loss overflows float64") for n in rep.notes)
+    base = conv(1.0, torch.float64)  # scale-free: the literal of w itself would overflow
+    assert rep.conv_similarity_norm == pytest.approx(literal.conv_similarity_norm(base), rel=1e-9)
+    assert rep.acv_sum == pytest.approx(literal.acv_sum(literal.rows(w)), rel=1e-9)
+
+
+def test_ordinary_weights_are_not_rescaled() -> None:
+    """The power-of-two rescaling is exact, and skipped for ordinary magnitudes: same bits."""
+    w = conv(1.0)
+    rep = analyze_tensor("w", w)
+    assert rep.conv_similarity == float(metrics.conv_similarity(w))
+    assert rep.norm_loss == float(metrics.norm_loss(w))

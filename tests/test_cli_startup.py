@@ -1,0 +1,54 @@
+"""The help path is light: --help, --version, COMMAND --help and usage errors import neither torch nor numpy."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+_PROBE = """
+import json, sys
+from wcond.cli import app
+try:
+    app(args=sys.argv[1:], prog_name="wcond")
+except SystemExit as e:
+    code = e.code
+heavy = sorted(m for m in ("torch", "numpy") if m in sys.modules)
+print("\\n" + json.dumps({"code": code, "heavy": heavy}))
+"""
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--help"],
+        ["--version"],
+        ["inspect", "--help"],
+        ["diff", "--help"],
+        ["init-cs", "--help"],
+        ["shrink", "--help"],
+        ["expand", "--help"],
+        ["plot", "--help"],
+        ["inspect"],  # missing argument: a usage error
+        ["inspect", "x.pt", "--format", "yaml"],  # a bad choice
+        ["nosuchcommand"],
+    ],
+)
+def test_help_and_usage_errors_import_no_torch(args: list[str]) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE, *args], capture_output=True, text=True, check=True
+    ).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["code"] in (0, 2)
+    assert result["heavy"] == [], f"wcond {' '.join(args)} imported {result['heavy']}"
+
+
+def test_import_wcond_is_light_until_a_heavy_name_is_used() -> None:
+    probe = (
+        "import sys, wcond; light = 'torch' not in sys.modules; wcond.inspect; "
+        "print(light, 'torch' in sys.modules, callable(wcond.shrink.shrink))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "True", "True"]

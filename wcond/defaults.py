@@ -1,0 +1,69 @@
+"""Every default and shared vocabulary (the values an option may take) of wcond, defined once.
+
+Library signatures and CLI options refer to these names. The module imports nothing heavy, so
+the command line can build its options (and answer ``--help``) without importing torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal, get_args
+
+__all__ = [
+    "AXES",
+    "DIFF_FORMATS",
+    "INSPECT_FORMATS",
+    "Axis",
+    "Device",
+    "DiffFormat",
+    "InspectFormat",
+    "Optimizer",
+    "RewriteFormat",
+    "AXIS",
+    "DEVICE",
+    "DEVICES",
+    "ITERATIONS",
+    "LR",
+    "MAX_VECTORS",
+    "OPTIMIZER",
+    "OPTIMIZERS",
+    "TAU_COS",
+    "TAU_EUC",
+    "TOP",
+    "ProgressFn",
+]
+
+# Near-parallel test (METRICS.md): 1 - |cos| below TAU_COS and rescaled distance below TAU_EUC.
+TAU_COS = 1e-4
+TAU_EUC = 0.1
+TOP = 3  # closest pairs listed per layer and axis
+
+# "auto" picks CUDA, then MPS, then the CPU (wcond.device.resolve_device).
+Device = Literal["auto", "cpu", "cuda", "mps"]
+DEVICES: tuple[str, ...] = get_args(Device)
+DEVICE: Device = "auto"
+
+# shrink: which axes of a layer are fused; "auto" is the longer one (both for a square layer).
+Axis = Literal["auto", "rows", "cols", "both"]
+AXES: tuple[str, ...] = get_args(Axis)
+AXIS: Axis = "auto"
+
+# init-cs: the CS paper's Algorithm 1 setting (Adam at 1e-3 for 500 steps).
+ITERATIONS = 500
+LR = 1e-3
+Optimizer = Literal["adam", "sgd"]
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
+OPTIMIZER: Optimizer = "adam"
+
+# plot: beyond this a heatmap cell is under a pixel at default sizes, so vectors are subsampled.
+MAX_VECTORS = 256
+
+# Called as progress(done, total, key) while a long operation runs.
+ProgressFn = Callable[[int, int, str], None]
+
+# Output formats, by command: the first is the default.
+InspectFormat = Literal["table", "json", "markdown", "csv", "html", "junit", "parquet"]
+INSPECT_FORMATS: tuple[str, ...] = get_args(InspectFormat)
+DiffFormat = Literal["table", "json", "markdown"]
+DIFF_FORMATS: tuple[str, ...] = get_args(DiffFormat)
+RewriteFormat = Literal["table", "json"]  # init-cs and shrink: a table, or JSON for scripts

@@ -1,0 +1,111 @@
+"""Rendering an init-cs result for the terminal: CS before and after per layer, then the totals."""
+
+from __future__ import annotations
+
+from rich import box
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from wcond.condition import InitCSResult, LayerResult
+from wcond.render_text import fit_table, fmt_number
+
+__all__ = ["render_init_cs"]
+
+# The columns that give way on a narrow console, least important first.
+_DROP_ORDER = ("max|Δw|", "|W|", "cs_n", "norms", "dirs", "floor", "gap")
+
+
+def _pct(v: float | None) -> str:
+    """A signed percentage with one decimal, none from 100% up (keeps the table within 80 columns)."""
+    if v is None:
+        return "-"
+    return f"{100 * v:+.0f}%" if abs(v) >= 0.9995 else f"{100 * v:+.1f}%"
+
+
+def render_init_cs(result: InitCSResult, console: Console) -> None:
+    """The terminal view: CS before/after per layer, the drop split into norms and directions, then totals and notes."""
+    keep_norm = result.settings["keep_norm"]
+    table = Table(
+        title=escape(f"wcond init-cs: {result.checkpoint}"),
+        title_justify="left",
+        header_style="bold",
+        box=box.SIMPLE_HEAD,
+        padding=(0, 0, 0, 1),
+        pad_edge=False,
+    )
+    # With --keep-norm the norm part and |W| are 0 by construction; the floor is what matters instead.
+    middle = ["floor", "gap"] if keep_norm else ["norms", "dirs"]
+    headers = ["CS", "after", "change", *middle, "cs_n", *([] if keep_norm else ["|W|"]), "max|Δw|"]
+    rows = []
+    for r in result.layers:
+        if keep_norm:
+            middle = [
+                fmt_number(r.cs_floor, 3),
+                "-" if r.floor_gap_closed is None else _pct(r.floor_gap_closed).lstrip("+"),
+            ]
+        else:
+            middle = [_pct(_neg(r.drop_from_norms)), _pct(_neg(r.drop_from_directions))]
+        rows.append(
+            [
+                fmt_number(r.cs_before, 3),
+                fmt_number(r.cs_after, 3),
+                _pct(_neg(r.cs_drop)),
+                *middle,
+                f"{fmt_number(r.cs_norm_before, 3)}→{fmt_number(r.cs_norm_after, 3)}",
+                *([] if keep_norm else [_pct(r.norm_change)]),
+                fmt_number(r.max_abs_change, 3),
+            ]
+        )
+    columns = {h: [row[i] for row in rows] for i, h in enumerate(headers)}
+    names, shown = fit_table(console.width, [r.name for r in result.layers], columns, _DROP_ORDER)
+    table.add_column("layer", no_wrap=True)
+    for header in shown:
+        table.add_column(header, justify="right", no_wrap=True)
+    for i, (r, name) in enumerate(zip(result.layers, names)):
+        table.add_row(
+            Text(name), *(columns[h][i] for h in shown), style="" if r.optimized else "dim"
+        )
+    console.print(table)
+    legend = (
+        "CS before and after; change = norms + dirs, the parts due to the filters' norms and to their directions "
+        "(CS of the new filters rescaled to their old norms); cs_n: conv_similarity_norm before→after; |W|: layer norm"
+    )
+    if keep_norm:
+        legend = (
+            "CS before and after; floor: lowest CS at these filter norms; gap: share of CS - floor removed; "
+            "cs_n: conv_similarity_norm before→after"
+        )
+    console.print(f"[dim]{legend}[/]", soft_wrap=True)
+    s = result.settings
+    done = result.optimized
+    drop = (result.cs_before - result.cs_after) / result.cs_before if result.cs_before else None
+    console.print(
+        f"total CS {fmt_number(result.cs_before)} → {fmt_number(result.cs_after)} ({_pct(_neg(drop))}) over "
+        f"{len(done)} of {len(result.layers)} conv layers; {s['iterations']} {s['optimizer']} steps, lr {s['lr']:g}, "
+        f"{'--keep-norm, ' if keep_norm else ''}{s['device']}, {result.seconds:.1f} s",
+        soft_wrap=True,
+    )
+    if not keep_norm and _norms_dominate(done):
+        console.print(
+            "most of the drop came from smaller filters (CS is homogeneous of degree 4); "
+            "--keep-norm holds each filter's norm fixed so that only directions change",
+            soft_wrap=True,
+        )
+    for r in result.layers:
+        for note in r.notes:
+            console.print(f"[dim]note[/] {escape(r.name)}: {escape(note)}", soft_wrap=True)
+
+
+def _neg(v: float | None) -> float | None:
+    """A drop shown as a (negative) change."""
+    return (
+        None if v is None else 0.0 - v
+    )  # 0.0 - 0.0 is +0.0: an unchanged layer shows +0.0%, not -0.0%
+
+
+def _norms_dominate(rows: list[LayerResult]) -> bool:
+    norms = sum((r.drop_from_norms or 0.0) * (r.cs_before or 0.0) for r in rows)
+    dirs = sum((r.drop_from_directions or 0.0) * (r.cs_before or 0.0) for r in rows)
+    return norms > max(dirs, 0.0)

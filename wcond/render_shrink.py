@@ -1,0 +1,98 @@
+"""Rendering a ShrinkReport for the terminal: one row per layer, then the totals."""
+
+from __future__ import annotations
+
+from rich import box
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from wcond.render_text import fit_table, fmt_number, fmt_shape
+from wcond.shrink import ShrinkReport
+
+__all__ = ["render_shrink"]
+
+# The columns that give way on a narrow console, least important first.
+_DROP_ORDER = ("max°", "shape", "error")
+
+
+def render_shrink(report: ShrinkReport, console: Console) -> None:
+    """The terminal view of a ShrinkReport: one row per layer, then the totals."""
+    title = f"wcond shrink{' --fold' if report.mode == 'fold' else ''}: {report.checkpoint}"
+    table = Table(
+        title=escape(title),
+        title_justify="left",
+        header_style="bold",
+        box=box.SIMPLE_HEAD,
+        padding=(0, 0, 0, 1),
+        pad_edge=False,
+    )
+    columns: dict[str, list[str]] = {h: [] for h in ("shape", "∥r/c", "params", "error", "max°")}
+    for r in report.layers:
+        columns["shape"].append(
+            fmt_shape(r.shape_before)
+            + ("" if r.shape_after == r.shape_before else f" → {fmt_shape(r.shape_after)}")
+        )
+        columns["∥r/c"].append(f"{r.fused_rows}/{r.fused_cols}")
+        columns["params"].append(
+            f"{r.params_before:,}"
+            + ("" if r.params_after == r.params_before else f" → {r.params_after:,}")
+        )
+        columns["error"].append(fmt_number(r.reconstruction_error, 3))
+        columns["max°"].append(fmt_number(r.max_angle_deg, 3))
+    names, shown = fit_table(console.width, [r.name for r in report.layers], columns, _DROP_ORDER)
+    table.add_column("layer", no_wrap=True)
+    for header in shown:
+        table.add_column(header, justify="right", no_wrap=True)
+    for i, (r, name) in enumerate(zip(report.layers, names)):
+        table.add_row(
+            Text(name), *(columns[h][i] for h in shown), style="bold" if r.changed else "dim"
+        )
+    console.print(table)
+    hidden = [h for h in columns if h not in shown]
+    if hidden:
+        console.print(
+            f"[dim]hidden at this width: {', '.join(hidden)} (widen the terminal, or use -f json)[/]"
+        )
+    console.print(
+        "[dim]∥r/c: row/column pairs fused  error: |W - P W' Q|/|W|  max°: widest pair fused[/]"
+    )
+    console.print(
+        f"parameters: {report.params_before:,} → {report.params_after:,} "
+        f"([bold]{report.params_removed:,}[/] removed, {report.percent_removed:.2f}%); "
+        f"tensor bytes: {report.bytes_before:,} → {report.bytes_after:,}",
+        soft_wrap=True,
+    )
+    if report.resolved:
+        names = "; ".join(
+            f"{escape(k)} = {escape(' + '.join(v))}" for k, v in report.resolved.items()
+        )
+        console.print(f"chain: {names}", soft_wrap=True)
+    if report.widths:
+        changed = ", ".join(f"{escape(k)} {a} → {b}" for k, (a, b) in report.widths.items())
+        console.print(
+            f"new widths (output units): {changed}; build the model with these to load the output",
+            soft_wrap=True,
+        )
+    for r in report.layers:
+        for note in r.notes:
+            console.print(f"[dim]note[/] {escape(r.name)}: {escape(note)}", soft_wrap=True)
+    if report.output is None:
+        console.print("dry run: nothing written")
+    else:
+        console.print(f"wrote {escape(report.output)}", soft_wrap=True)
+    console.print(_file_bytes_line(report), soft_wrap=True)
+
+
+def _file_bytes_line(report: ShrinkReport) -> str:
+    """The last line: the files' bytes before and after, the number a user compares."""
+    before, after = report.file_bytes_before, report.file_bytes_after
+    if after is None:
+        return f"file bytes: {before:,} → (OUT is not a regular file)"
+    change = 100.0 * (after - before) / before if before else 0.0
+    approx = "at most " if report.file_bytes_estimated else ""
+    line = f"file bytes: {before:,} → {approx}{after:,} ({change:+.1f}%)"
+    if report.formats:
+        line += f"; IN is {report.formats[0]}, OUT {report.formats[1]}: the formats differ too"
+    return line

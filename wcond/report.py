@@ -1,0 +1,140 @@
+"""What `wcond inspect` reports: plain dataclasses, one number per field, no torch.
+
+:mod:`wcond.analyze` fills them in; the renderers, gates and diffs read them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from wcond.gates import GateResult
+
+if TYPE_CHECKING:
+    from wcond.metrics import Pair
+
+__all__ = ["NUMERIC_FIELDS", "LayerReport", "Report", "Summary", "finite"]
+
+# Keys of LayerReport that hold one number each: the ones gates and diffs can name.
+NUMERIC_FIELDS = (
+    "acv_sum",
+    "acv_mean",
+    "acv_floor",
+    "conv_similarity",
+    "conv_similarity_norm",
+    "conv_similarity_floor",
+    "norm_loss",
+    "norm_dev_max",
+    "rare_rows",
+    "rare_cols",
+    "near_parallel_rows",
+    "near_parallel_cols",
+    "dead_rows",
+    "dead_cols",
+    "nonfinite",
+    "params",
+)
+
+
+@dataclass
+class LayerReport:
+    """The diagnostics of one layer. ``None`` marks a value that does not apply (CS of a matrix)."""
+
+    name: str
+    kind: str
+    shape: list[int]
+    dtype: str
+    params: int
+    groups: int = 1
+    acv_sum: float | None = None
+    acv_mean: float | None = None
+    acv_floor: float | None = None
+    conv_similarity: float | None = None
+    conv_similarity_norm: float | None = None
+    conv_similarity_floor: float | None = None
+    norm_loss: float | None = None
+    norm_dev_max: float | None = None
+    rare_rows: float | None = None
+    rare_cols: float | None = None
+    near_parallel_rows: int | None = None
+    near_parallel_cols: int | None = None
+    dead_rows: int = 0
+    dead_cols: int = 0
+    nonfinite: int = 0
+    closest_rows: list[Pair] = field(default_factory=list)
+    closest_cols: list[Pair] = field(default_factory=list)
+    factorized: dict[str, int] | None = (
+        None  # stored by `wcond shrink`: {"params_stored", "params_dense"}
+    )
+    notes: list[str] = field(default_factory=list)
+
+    def value(self, metric: str) -> float | None:
+        v = getattr(self, metric)
+        return None if v is None else float(v)
+
+    def numbers(self) -> dict[str, float | None]:
+        """Every metric of NUMERIC_FIELDS by name: what gates and diffs compare."""
+        return {m: self.value(m) for m in NUMERIC_FIELDS}
+
+
+@dataclass
+class Summary:
+    """Totals over the analyzed layers and the most redundant ones."""
+
+    layers: int
+    params: int
+    tensors: int
+    skipped_tensors: int
+    acv_sum: float
+    conv_similarity: float | None  # None when no conv layer was analyzed
+    norm_loss: float
+    near_parallel_rows: int
+    near_parallel_cols: int
+    dead_rows: int
+    nonfinite_layers: int
+    worst: dict[str, list[str]]
+
+
+@dataclass
+class Report:
+    """What `wcond inspect` reports: settings, one LayerReport per layer, a Summary, gate verdicts."""
+
+    checkpoint: str
+    format: str
+    wrapper: str | None
+    settings: dict[str, Any]
+    layers: list[LayerReport]
+    summary: Summary
+    gates: list[GateResult] = field(default_factory=list)
+
+    @property
+    def failed(self) -> bool:
+        return any(not g.passed for g in self.gates)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict; non-finite floats become None."""
+        return finite(asdict(self))
+
+    def to_pandas(self) -> Any:
+        """A pandas DataFrame: one row per layer (index: tensor key), one column per metric, None as NaN.
+
+        Needs pandas (``pip install 'wcond[pandas]'``), imported only here.
+
+        Example:
+            >>> wcond.inspect("model.pt").to_pandas().sort_values("acv_mean").tail(3)
+        """
+        from wcond.frames import report_frame
+
+        return report_frame(self)
+
+
+def finite(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by None (JSON has no NaN or Inf)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj

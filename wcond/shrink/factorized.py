@@ -1,0 +1,490 @@
+"""Shrinking a checkpoint into the factorized format (docs/FACTORIZED.md): W ~ P W' Q per layer."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from wcond import metrics
+from wcond._version import __version__
+from wcond.defaults import AXES, AXIS, DEVICE, TAU_COS, TAU_EUC, ProgressFn
+from wcond.device import resolve_device
+from wcond.engine import Engine, Task, open_on_worker, plan_tasks
+from wcond.errors import CheckpointError, UsageError
+from wcond.layers import find_layers, is_layer
+from wcond.load import Checkpoint, TensorInfo, open_checkpoint
+from wcond.load_factorized import (
+    COL_COEF,
+    COL_INDEX,
+    MANIFEST_KEY,
+    ROW_COEF,
+    ROW_INDEX,
+    W_SUFFIX,
+    _dtype_name,
+    rebuild_dense,
+)
+from wcond.save import output_format
+from wcond.shrink.output import (
+    _MANIFESTS,
+    _formats,
+    _nbytes,
+    _open_source,
+    _write,
+    _written_bytes,
+)
+from wcond.shrink.pairs import Grouping, _compress, fuse_vectors
+from wcond.shrink.report import LayerShrink, ShrinkReport
+from wcond.shrink.sizing import entry_bytes, file_bytes, manifest_bytes, safetensors_bytes
+
+__all__ = ["Factorization", "factorize", "shrink"]
+
+_INDEX_BYTES = 4  # int32
+
+
+@dataclass
+class Factorization:
+    """One layer as W ~ P W' Q: the stored W' and the groupings of its rows (P) and columns (Q)."""
+
+    w: Tensor  # W', the layer's dtype, on the CPU
+    rows: Grouping | None
+    cols: Grouping | None
+    error: float | None  # |W - P W' Q|_F / |W|_F from the values as stored; None for W = 0
+
+    @property
+    def fused_rows(self) -> int:
+        return self.rows.fused if self.rows else 0
+
+    @property
+    def fused_cols(self) -> int:
+        return self.cols.fused if self.cols else 0
+
+    @property
+    def max_angle(self) -> float | None:
+        angles = [g.max_angle for g in (self.rows, self.cols) if g and g.max_angle is not None]
+        return max(angles) if angles else None
+
+    def stored(self, g: Grouping | None) -> tuple[Tensor, Tensor] | None:
+        """One axis as written: int32 indices and float32 (float64 for float64 layers) coefficients."""
+        return (
+            None if g is None else (g.index.to(torch.int32), g.coef.to(_coef_dtype(self.w.dtype)))
+        )
+
+    def tensors(self, key: str) -> dict[str, Tensor]:
+        """The entries that replace ``key`` in a shrunk checkpoint."""
+        out = {key + W_SUFFIX: self.w}
+        for g, (idx_key, coef_key) in (
+            (self.rows, (ROW_INDEX, ROW_COEF)),
+            (self.cols, (COL_INDEX, COL_COEF)),
+        ):
+            part = self.stored(g)
+            if part is not None:
+                out[key + idx_key], out[key + coef_key] = part
+        return out
+
+    @property
+    def stored_bytes(self) -> int:
+        per = _INDEX_BYTES + _coef_dtype(self.w.dtype).itemsize
+        n = sum(g.index.numel() for g in (self.rows, self.cols) if g is not None)
+        return self.w.numel() * self.w.element_size() + n * per
+
+
+def _coef_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def factorize(
+    w: Tensor,
+    axes: Sequence[str] = ("rows",),
+    *,
+    tau_cos: float = TAU_COS,
+    tau_euc: float = TAU_EUC,
+    device: torch.device | str = DEVICE,
+) -> Factorization:
+    """Fuse the near-parallel rows and/or columns of one weight (out, in, *kernel).
+
+    Rows (output units; a conv's filters) are fused first, then the columns (input channels) of
+    the row-fused P^T W, so W' = P^T W Q^T, the best fit for both groupings.
+
+    Example:
+        >>> f = factorize(model.fc1.weight, ["rows"])
+        >>> f.fused_rows, f.w.shape, f.error
+    """
+    x = w.detach().to(resolve_device(device))
+    x = x if x.dtype == torch.float64 else x.float()
+    rows = cols = None
+    small = x
+    if "rows" in axes:
+        rows = fuse_vectors(metrics.as_rows(small), tau_cos=tau_cos, tau_euc=tau_euc)
+        small = _compress(small, rows, 0) if rows.fused else small
+    if "cols" in axes:
+        cols = fuse_vectors(metrics.as_cols(small), tau_cos=tau_cos, tau_euc=tau_euc)
+        small = _compress(small, cols, 1) if cols.fused else small
+    rows = rows if rows and rows.fused else None
+    cols = cols if cols and cols.fused else None
+    stored = small.to(w.dtype).cpu()
+    f = Factorization(stored, rows, cols, None)
+    rebuilt = rebuild_dense(stored.to(x.device), f.stored(rows), f.stored(cols)).to(x.dtype)
+    total = float(x.norm())
+    f.error = float((x - rebuilt).norm()) / total if total > 0 else None
+    return f
+
+
+def shrink(
+    source: str | Path,
+    output: str | Path | None = None,
+    *,
+    tau_cos: float = TAU_COS,
+    tau_euc: float = TAU_EUC,
+    axis: str = AXIS,
+    layers: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    protect: Sequence[str] = (),
+    protect_ends: bool = True,
+    force: bool = False,
+    device: str = DEVICE,
+    progress: ProgressFn | None = None,
+    engine: Engine | None = None,
+) -> ShrinkReport:
+    """Fuse near-parallel rows/columns of every selected layer and write the factorized checkpoint.
+
+    Args:
+        output: where to write (.safetensors or a torch extension); None reports without writing.
+        axis: "auto" fuses along the longer axis only (more rows than columns: rows), both axes
+            for a square layer; or "rows", "cols", "both".
+        protect: globs of layers never fused. With ``protect_ends`` (default), the first
+            analyzable weight's columns (the network's inputs) and the last one's rows (its
+            classes) are never fused, "first" and "last" in stored order, as in the paper.
+        force: overwrite an existing ``output``.
+        engine: where the layers are factorized: None for this process, or a
+            :class:`wcond.engine.RayEngine` whose tasks read their layers from ``source`` (a path
+            its workers see); the checkpoint is still written here. Progress then counts tasks.
+
+    A layer is stored factorized only when that makes the file smaller: W', the index and the
+    coefficient per row/column and their index entries in the file, counted from above, against
+    the dense layer and its entry, counted from below; and only when the layers that pay save
+    more than the manifest costs. So OUT is never larger than IN in the same format (a torch
+    file stores its own name in each record: compare files of equal name length). Untouched
+    tensors are written bit-identical.
+
+    Example:
+        >>> report = wcond.shrink.shrink("model.pt", "small.safetensors", tau_cos=1e-4)
+        >>> model.load_state_dict(wcond.load_state_dict("small.safetensors"))
+    """
+    if axis not in AXES:
+        raise UsageError(f"axis={axis!r}: use one of {', '.join(AXES)}", params=("axis",))
+    ck, infos = _open_source(source, output, force)
+    local = engine is None or engine.name == "local"
+    # Here, an unusable device fails before anything is read; on an engine the workers resolve it.
+    dev = resolve_device(device) if local else None
+    specs = find_layers(infos, layers, exclude)
+    if not specs:
+        _no_layers(ck, infos, layers, exclude)
+    analyzable = [k for k, i in infos.items() if is_layer(i)]
+    first, last = (analyzable[0], analyzable[-1]) if protect_ends else (None, None)
+    options: dict[str, Any] = {"tau_cos": tau_cos, "tau_euc": tau_euc}
+    remote: dict[str, Factorization | None] = {}
+    if engine is not None and not local:
+        axes_of = {
+            s.key: _axes(s.key, list(s.info.shape), axis, first, last, protect, []) for s in specs
+        }
+        work = [s for s in specs if axes_of[s.key]]
+        tasks = plan_tasks(str(Path(ck.path).resolve()), [(s.key, s.info.numel) for s in work])
+        results = engine.map(
+            _factorize_task,
+            tasks,
+            {k: axes_of[k] for k in (s.key for s in work)},
+            {**options, "device": device},
+            gpu=str(device).startswith("cuda"),
+            progress=progress,
+        )
+        for task, result in zip(tasks, results):
+            remote.update(zip(task.keys, result))
+        progress = None  # the engine reported progress by tasks
+
+    fmt = _size_format(ck, output)
+    archive = Path(output if output is not None else ck.path).stem
+    size_before = file_bytes(ck.files)
+    offsets = 2 * max(size_before, ck.num_bytes)  # bounds every data offset OUT can hold
+    total = sum(s.info.numel for s in specs)
+    done = 0
+    reports: list[LayerShrink] = []
+    candidates: list[_Candidate] = []
+    for spec in specs:
+        if progress:
+            progress(done, total, spec.key)
+        done += spec.info.numel
+        shape = list(spec.info.shape)
+        rep = LayerShrink(
+            spec.key, shape, shape, params_before=spec.info.numel, params_after=spec.info.numel
+        )
+        reports.append(rep)
+        rep.axes = _axes(spec.key, shape, axis, first, last, protect, rep.notes)
+        if not rep.axes:
+            continue
+        if spec.key in remote:
+            f = remote[spec.key]
+        else:
+            f = _factorize_layer(ck.get(spec.key), rep.axes, device=dev, **options)
+        if f is None:
+            rep.notes.append("NaN/Inf values: not fused")
+            rep.reconstruction_error = None
+            continue
+        if not (f.fused_rows or f.fused_cols):
+            continue
+        parts = f.tensors(spec.key)
+        entry = {
+            "shape": shape,
+            "stored_shape": list(f.w.shape),
+            "dtype": _dtype_name(spec.info.dtype),
+            "fused_rows": f.fused_rows,
+            "fused_cols": f.fused_cols,
+            "reconstruction_error": f.error,
+        }
+        dense = entry_bytes(
+            fmt, spec.key, shape, spec.info.dtype, file_size=offsets, archive=archive, upper=False
+        )
+        factored = sum(
+            entry_bytes(fmt, k, t.shape, t.dtype, file_size=offsets, archive=archive, upper=True)
+            for k, t in parts.items()
+        ) + len(json.dumps(json.dumps({spec.key: entry}), ensure_ascii=False).encode())
+        if factored >= dense:
+            rep.notes.append(
+                f"{f.fused_rows} row and {f.fused_cols} column pairs would fuse, but W' with an index "
+                f"and a coefficient per row/column takes up to {factored:,} bytes of the file, "
+                f"dense at least {dense:,}: left dense"
+            )
+            continue
+        candidates.append(_Candidate(rep, f, parts, entry, dense - factored))
+    if progress:
+        progress(total, total, "")
+
+    settings = {
+        "tau_cos": tau_cos,
+        "tau_euc": tau_euc,
+        "axis": axis,
+        "layers": list(layers),
+        "exclude": list(exclude),
+        "protect": list(protect),
+        "protect_ends": protect_ends,
+        "device": str(dev) if dev is not None else f"{device} ({engine.name if engine else ''})",
+    }
+    manifest: dict[str, Any] = {
+        "format": 1,
+        "wcond_version": __version__,
+        "settings": settings,
+        "layers": {},
+        "rebuild": "W[o, c] = row_coef[o] * col_coef[c] * W'[row_index[o], col_index[c]]",
+        "suffixes": {
+            "w": W_SUFFIX,
+            "row_index": ROW_INDEX,
+            "row_coef": ROW_COEF,
+            "col_index": COL_INDEX,
+            "col_coef": COL_COEF,
+        },
+    }
+    if fmt == "safetensors":
+        kept, estimate = _pay_exactly(ck, infos, candidates, manifest)
+    else:
+        kept, estimate = _pay_within_bounds(candidates, manifest, size_before)
+    candidates = [c for c in candidates if c in kept]
+    replaced: dict[str, dict[str, Tensor]] = {}
+    for c in candidates:
+        rep, f = c.rep, c.f
+        rep.fused_rows, rep.fused_cols = f.fused_rows, f.fused_cols
+        rep.shape_after = list(f.w.shape)
+        rep.params_after = f.w.numel()
+        rep.reconstruction_error, rep.max_angle_deg = f.error, f.max_angle
+        rep.changed = True
+        replaced[rep.name] = c.parts
+        manifest["layers"][rep.name] = c.entry
+
+    new_bytes = {
+        k: sum(t.numel() * t.element_size() for t in parts.values())
+        for k, parts in replaced.items()
+    }
+    report = ShrinkReport(
+        checkpoint=str(ck.path),
+        output=str(output) if output is not None else None,
+        mode="factorize",
+        settings=settings,
+        layers=reports,
+        params_before=sum(i.numel for i in infos.values()),
+        params_after=sum(i.numel for i in infos.values())
+        - sum(r.params_before - r.params_after for r in reports),
+        bytes_before=ck.num_bytes,
+        bytes_after=ck.num_bytes + sum(new_bytes[k] - _nbytes(infos[k]) for k in replaced),
+        file_bytes_before=size_before,
+    )
+    if output is None:
+        # a dry run: what the size rule counted, for the source's own format
+        report.file_bytes_after = estimate
+        report.file_bytes_estimated = True
+        return report
+    tensors: dict[str, Tensor] = {}
+    for key in infos:
+        tensors.update(replaced[key] if key in replaced else {key: ck.get(key)})
+    entries = {MANIFEST_KEY: json.dumps(manifest)} if replaced else {}
+    report.warnings += _write(ck, output, tensors, entries)
+    report.file_bytes_after = _written_bytes(output)
+    report.formats = _formats(ck, output)
+    return report
+
+
+@dataclass
+class _Candidate:
+    """A layer that pays on its own: its factors, its manifest entry and the bytes it saves at least."""
+
+    rep: LayerShrink
+    f: Factorization
+    parts: dict[str, Tensor]
+    entry: dict[str, Any]
+    gain: int
+
+
+def _pay_within_bounds(
+    candidates: list[_Candidate], manifest: dict[str, Any], size_before: int
+) -> tuple[list[_Candidate], int]:
+    """Torch files: keep the layers that pay only if together they also pay for the manifest.
+
+    Returns the layers kept and a bound from above on the file's size (the source's when none).
+    """
+    fixed = manifest_bytes("torch", MANIFEST_KEY, json.dumps(manifest))
+    gain = sum(c.gain for c in candidates)
+    if candidates and gain <= fixed:
+        for c in candidates:
+            c.rep.notes.append(
+                f"{c.f.fused_rows} row and {c.f.fused_cols} column pairs would fuse, but all the "
+                f"factorized layers together save at most {gain:,} bytes and the manifest a "
+                f"factorized file carries takes up to {fixed:,}: left dense"
+            )
+        return [], size_before
+    return candidates, size_before - gain + fixed if candidates else size_before
+
+
+def _pay_exactly(
+    ck: Checkpoint,
+    infos: Mapping[str, TensorInfo],
+    candidates: list[_Candidate],
+    manifest: dict[str, Any],
+) -> tuple[list[_Candidate], int]:
+    """Safetensors: drop the layers that gain least until the exact file size is below the dense one.
+
+    Returns the layers kept and the exact size of the file they make.
+    """
+    base = {k: v for k, v in ck.metadata.items() if k not in _MANIFESTS}
+    dense = safetensors_bytes(((k, i.shape, i.dtype) for k, i in infos.items()), base or None)
+    kept = sorted(candidates, key=lambda c: -c.gain)
+    while kept:
+        parts = {c.rep.name: c.parts for c in kept}
+        manifest["layers"] = {c.rep.name: c.entry for c in kept}
+        entries: list[tuple[str, Sequence[int], torch.dtype]] = []
+        for key, info in infos.items():
+            if key in parts:
+                entries += [(k, t.shape, t.dtype) for k, t in parts[key].items()]
+            else:
+                entries.append((key, info.shape, info.dtype))
+        size = safetensors_bytes(entries, {**base, MANIFEST_KEY: json.dumps(manifest)})
+        if size < dense:
+            return kept, size
+        c = kept.pop()
+        c.rep.notes.append(
+            f"{c.f.fused_rows} row and {c.f.fused_cols} column pairs would fuse, but with the "
+            f"manifest a factorized file carries the file would take {size:,} bytes, dense "
+            f"{dense:,}: left dense"
+        )
+    manifest["layers"] = {}
+    return [], dense
+
+
+def _size_format(ck: Checkpoint, output: str | Path | None) -> str:
+    """The format whose bytes the size rule counts: OUT's, or for a dry run the source's."""
+    if output is not None:
+        return output_format(output)
+    return "safetensors" if all(p.suffix == ".safetensors" for p in ck.files) else "torch"
+
+
+def _factorize_layer(
+    w: Tensor, axes: Sequence[str], *, tau_cos: float, tau_euc: float, device: torch.device | str
+) -> Factorization | None:
+    """One layer's factorization, None when it holds NaN/Inf: the per-layer step of both paths."""
+    if not bool(torch.isfinite(w).all()):
+        return None
+    return factorize(w, axes, tau_cos=tau_cos, tau_euc=tau_euc, device=device)
+
+
+def _factorize_task(
+    task: Task, axes_of: dict[str, list[str]], options: dict[str, Any]
+) -> list[Factorization | None]:
+    """An engine task: reopen the checkpoint where the worker runs and factorize the task's layers."""
+    ck = open_checkpoint(open_on_worker(task.path))
+    options = dict(options)
+    dev = resolve_device(options.pop("device"))
+    out = []
+    for key in task.keys:
+        f = _factorize_layer(ck.get(key), axes_of[key], device=dev, **options)
+        if f is not None:  # the driver may have no GPU: ship the groupings on the CPU
+            for g in (f.rows, f.cols):
+                if g is not None:
+                    g.index, g.coef = g.index.cpu(), g.coef.cpu()
+        out.append(f)
+    return out
+
+
+def _axes(
+    key: str,
+    shape: list[int],
+    axis: str,
+    first: str | None,
+    last: str | None,
+    protect: Sequence[str],
+    notes: list[str],
+) -> list[str]:
+    """The axes to fuse in one layer, after the protections; says in ``notes`` what a protection removed."""
+    if axis == "auto":
+        want = (
+            ["rows"]
+            if shape[0] > shape[1]
+            else ["cols"]
+            if shape[1] > shape[0]
+            else ["rows", "cols"]
+        )
+    else:
+        want = ["rows", "cols"] if axis == "both" else [axis]
+    if any(fnmatch.fnmatchcase(key, g) for g in protect):
+        notes.append("protected (--protect): not fused")
+        return []
+    if key == first and "cols" in want:
+        want.remove("cols")
+        notes.append(
+            "columns protected: the first layer reads the network's inputs (--no-protect-ends lifts this)"
+        )
+    if key == last and "rows" in want:
+        want.remove("rows")
+        notes.append(
+            "rows protected: the last layer's rows are the outputs (classes) (--no-protect-ends lifts this)"
+        )
+    return want
+
+
+def _no_layers(
+    ck: Checkpoint,
+    infos: Mapping[str, TensorInfo],
+    layers: Sequence[str],
+    exclude: Sequence[str],
+) -> None:
+    if any(is_layer(i) for i in infos.values()):
+        raise CheckpointError(
+            f"{ck.path}: no layer matches the patterns layers={list(layers)!r}, "
+            f"exclude={list(exclude)!r}",
+            params=("layers", "exclude"),
+        )
+    raise CheckpointError(
+        f"{ck.path}: no weight matrices or conv kernels to shrink (need floating-point tensors with 2 to 5 dims)"
+    )
