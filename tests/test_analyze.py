@@ -47,3 +47,32 @@ def test_ordinary_weights_are_not_rescaled() -> None:
     rep = analyze_tensor("w", w)
     assert rep.conv_similarity == float(metrics.conv_similarity(w))
     assert rep.norm_loss == float(metrics.norm_loss(w))
+
+
+def test_prefetcher_yields_every_tensor_in_order_and_raises_where_taken() -> None:
+    from wcond.analyze import _Prefetcher
+
+    sd = {k: torch.full((3, 2), float(i)) for i, k in enumerate("abcd")}
+    with _Prefetcher(sd.__getitem__, list(sd)) as it:
+        assert [float(t[0, 0]) for t in it] == [0.0, 1.0, 2.0, 3.0]
+
+    def get(key: str) -> torch.Tensor:
+        if key == "c":
+            raise KeyError(key)
+        return sd[key]
+
+    with _Prefetcher(get, list(sd)) as it:
+        assert float(next(it)[0, 0]) == 0.0 and float(next(it)[0, 0]) == 1.0
+        with pytest.raises(KeyError):
+            next(it)
+
+
+def test_reused_buffers_give_the_same_numbers_and_are_freed() -> None:
+    w = torch.randn(70, 40, generator=torch.Generator().manual_seed(3)).half()
+    plain = [analyze_tensor("w", w), analyze_tensor("v", w[:50])]
+    with torch.no_grad(), metrics.reuse_buffers():
+        reused = [analyze_tensor("w", w), analyze_tensor("v", w[:50])]
+        assert metrics._workspace.buffers  # the large temporaries were kept
+    assert not metrics._workspace.buffers
+    for a, b in zip(plain, reused):
+        assert a.acv_sum == b.acv_sum and a.rare_cols == b.rare_cols and a.norm_loss == b.norm_loss

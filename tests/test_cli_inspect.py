@@ -362,3 +362,17 @@ def test_output_to_a_device_or_pipe_writes_through(pt_file: Path, tmp_path: Path
     assert result.exit_code == 0, result.stderr
     assert fifo.is_fifo() and json.loads(got[0])["summary"]["layers"] == 3
     assert not list(tmp_path.glob(".*wcond-tmp"))
+
+
+def test_library_words_become_flags_at_the_cli_boundary() -> None:
+    from wcond.cli.common import in_flags
+    from wcond.errors import UsageError
+
+    e = UsageError(
+        "tau_cos=-1.0: must be >= 0; pass force=True, or protect_ends=False; lower lr= (it diverged)",
+        params=("tau_cos", "force", "protect_ends", "lr"),
+    )
+    assert in_flags(e) == (
+        "--tau-cos -1.0: must be >= 0; pass --force, or --no-protect-ends; lower --lr (it diverged)"
+    )
+    assert in_flags(UsageError("layers=['x'] names nothing")) == "layers=['x'] names nothing"

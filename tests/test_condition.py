@@ -255,3 +255,28 @@ def test_fast_cs_gradient_matches_autograd_through_the_definition(
     q = w.detach().movedim(1, -1).contiguous().requires_grad_()
     (g_cl,) = torch.autograd.grad(metrics.conv_similarity(q.movedim(-1, 1), groups=groups), q)
     assert torch.allclose(g_cl.movedim(-1, 1), g_slow, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("keep_norm", [False, True])
+def test_same_shaped_layers_batched_step_exactly_as_alone(keep_norm: bool) -> None:
+    """Same-shaped layers share one batched parameter; each must still follow its own loss."""
+    sd = {f"b{i}.weight": seeded(6, 4, 3, 3, seed=20 + i) for i in range(3)}
+    sd["other.weight"] = seeded(5, 4, 3, 3, seed=30)
+    together, res = init_cs(
+        sd, iterations=20, device="cpu", seed=0, keep_norm=keep_norm, history=True
+    )
+    assert list(res.history["layers"]) == list(sd)
+    for key in sd:
+        alone, res1 = init_cs(
+            {key: sd[key]}, iterations=20, device="cpu", seed=0, keep_norm=keep_norm
+        )
+        torch.testing.assert_close(together[key], alone[key], rtol=1e-6, atol=1e-7)
+        assert res.history["layers"][key][-1] == pytest.approx(res1.cs_after, rel=1e-6)
+
+
+def test_conv_similarity_batch_is_conv_similarity_per_layer() -> None:
+    w = seeded(3, 8, 4, 3, 3, seed=40)
+    got = metrics.conv_similarity_batch(w, groups=2)
+    want = torch.stack([metrics.conv_similarity(x, groups=2) for x in w])
+    torch.testing.assert_close(got, want)
+    assert float(got[1]) == pytest.approx(literal.conv_similarity(w[1], groups=2), rel=1e-5)

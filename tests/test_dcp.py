@@ -131,7 +131,7 @@ def test_hostile_metadata_is_refused_not_run(
     (d / ".metadata").write_bytes(pickle.dumps(_Boom()))
     with pytest.raises(
         wcond.UnsafeCheckpointError,
-        match=r"\.metadata: refused: this DCP metadata pickle would construct builtins\.print",
+        match=r"\.metadata: refused: this DCP metadata pickle would construct 'builtins\.print'",
     ):
         wcond.open_checkpoint(d)
     assert "pwned" not in capsys.readouterr().out

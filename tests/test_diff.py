@@ -172,3 +172,26 @@ def test_scaled_layer_keeps_scale_free_metrics_exactly(state_dict: dict[str, tor
     for m in ("acv_sum", "acv_mean", "rare_rows", "rare_cols", "conv_similarity_norm"):
         assert layer.metrics[m].delta == 0, m
     assert layer.metrics["norm_loss"].delta != 0
+
+
+def test_same_file_is_analyzed_once_and_a_copy_diffs_to_exact_zero(
+    pt_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import wcond.diff as diff_module
+
+    analyzed: list[object] = []
+    real = diff_module.inspect_many
+
+    def counting(sources: list[object], **kw: object) -> object:
+        analyzed.extend(sources)
+        return real(sources, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(diff_module, "inspect_many", counting)
+    d = diff(pt_file, str(pt_file), device="cpu")
+    assert len(analyzed) == 1 and d.report_a is not d.report_b
+    assert all(m.delta in (0, None) for layer in d.layers for m in layer.metrics.values())
+    copy = tmp_path / "copy.pt"
+    copy.write_bytes(pt_file.read_bytes())
+    d = diff(pt_file, copy, device="cpu")  # analyzed twice: the same bytes give the same numbers
+    assert len(analyzed) == 3
+    assert all(m.delta in (0, None) for layer in d.layers for m in layer.metrics.values())

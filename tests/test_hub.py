@@ -270,3 +270,21 @@ def test_download_without_huggingface_hub_says_how_to_install(
         hub.resolve("org/absent", download=True)
     # Reading what is cached needs no huggingface_hub.
     assert hub.resolve("org/tiny").name == "model.safetensors"
+
+
+def test_snapshot_links_may_reach_the_blob_store_only(
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shards in a snapshot link into the repo's blobs by design; a link anywhere else is still refused."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    assert hub.in_blob_store(
+        cache / "models--org--sharded" / "snapshots" / MAIN,
+        next((cache / "models--org--sharded" / "blobs").iterdir()).resolve(),
+    )
+    link = cache / "models--org--sharded" / "snapshots" / MAIN / "model-00002-of-00002.safetensors"
+    elsewhere = tmp_path / "elsewhere.safetensors"
+    elsewhere.write_bytes(link.read_bytes())
+    link.unlink()
+    link.symlink_to(elsewhere)
+    with pytest.raises(wcond.CheckpointError, match="is outside the index's directory"):
+        wcond.open_checkpoint("org/sharded")

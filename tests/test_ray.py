@@ -48,9 +48,10 @@ def ray_instance() -> Iterator[Any]:
 
 
 @pytest.fixture
-def one_task_per_layer(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Split even these tiny checkpoints into one task per layer, as a large model would be."""
-    monkeypatch.setattr(engine_module, "TASK_MIN_PARAMS", 1)
+def split_like_a_large_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Split even these tiny checkpoints as a large model would be: conv2 (1152 parameters) alone,
+    conv1 and fc (216 and 640) grouped in a task that finishes out of stored order."""
+    monkeypatch.setattr(engine_module, "TASK_MIN_PARAMS", 1000)
 
 
 def assert_close(a: Any, b: Any, rel: float, where: str = "") -> None:
@@ -90,7 +91,7 @@ def test_ray_without_the_extra_exits_2_with_the_install_line(
 
 
 def test_inspect_two_checkpoints_on_ray_matches_the_local_json(
-    tmp_path: Path, state_dict: dict, ray_instance: Any, one_task_per_layer: None
+    tmp_path: Path, state_dict: dict, ray_instance: Any, split_like_a_large_model: None
 ) -> None:
     a = tmp_path / "step_1.pt"
     torch.save(state_dict, a)
@@ -112,7 +113,7 @@ def test_inspect_two_checkpoints_on_ray_matches_the_local_json(
 
 
 def test_diff_on_ray_matches_local(
-    tmp_path: Path, state_dict: dict, ray_instance: Any, one_task_per_layer: None
+    tmp_path: Path, state_dict: dict, ray_instance: Any, split_like_a_large_model: None
 ) -> None:
     a, b = tmp_path / "a.pt", tmp_path / "b.pt"
     torch.save(state_dict, a)
@@ -127,7 +128,7 @@ def test_diff_on_ray_matches_local(
 
 
 def test_init_cs_on_ray_writes_the_local_runs_tensors(
-    tmp_path: Path, pt_file: Path, ray_instance: Any, one_task_per_layer: None
+    tmp_path: Path, pt_file: Path, ray_instance: Any, split_like_a_large_model: None
 ) -> None:
     common = (pt_file, "--seed", "0", "-n", "30", "--device", "cpu", "--keep-norm", "-f", "json")
     local_out, ray_out = tmp_path / "local.safetensors", tmp_path / "ray.safetensors"
@@ -193,7 +194,7 @@ def test_a_worker_that_dies_is_retried(tmp_path: Path, ray_instance: Any) -> Non
 
 
 def test_shrink_on_ray_writes_the_local_runs_tensors(
-    tmp_path: Path, ray_instance: Any, one_task_per_layer: None
+    tmp_path: Path, ray_instance: Any, split_like_a_large_model: None
 ) -> None:
     from safetensors import safe_open
 

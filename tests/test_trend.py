@@ -149,6 +149,7 @@ def test_formats_of_one_report_are_refused_for_several(run_dir: Path) -> None:
 def test_sparkline() -> None:
     assert sparkline([0.0, 0.5, 1.0]) == "▁▅█"
     assert sparkline([2.0, None, 2.0]) == "▁ ▁"
+    assert sparkline([0.497, 0.49700003, 0.497]) == "▁▁▁"  # float noise is not a trend
     assert len(sparkline(list(map(float, range(100))))) == 24
 
 

@@ -7,8 +7,9 @@ into plain dataclasses.
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,10 +20,10 @@ from wcond import metrics
 from wcond.defaults import DEVICE, TAU_COS, TAU_EUC, TOP, ProgressFn
 from wcond.device import resolve_device
 from wcond.engine import Engine, Task, open_on_worker, plan_tasks
-from wcond.errors import CheckpointError, UsageError
+from wcond.errors import CheckpointError, UsageError, show_key
 from wcond.gates import Gate, evaluate_gates
-from wcond.layers import LayerSpec, find_layers, is_layer, layer_kind
-from wcond.load import Checkpoint, TensorInfo, open_checkpoint
+from wcond.layers import LayerSpec, find_layers, is_layer, layer_kind, selected, skip_note
+from wcond.load import Checkpoint, open_checkpoint, tensor_info
 from wcond.load_factorized import dense_view
 from wcond.module import module_view
 from wcond.report import NUMERIC_FIELDS, LayerReport, Report, Summary
@@ -79,17 +80,18 @@ def analyze_tensor(
         return fields is None or any(f in fields for f in part)
 
     w = w.to(device=resolve_device(device))
+    if w.dtype.is_floating_point and w.dtype.itemsize == 1:
+        w = w.float()  # FP8 (e4m3fn, e5m2): few torch kernels take it; each value is exact in fp32
     with torch.no_grad():
-        # One aminmax pass gives the peak |w| and settles the usual all-finite case (NaN
-        # propagates through it, an infinity shows at one end); isfinite costs 8x more on CPU, so
-        # non-finite values are counted only when there are some (benchmarks/README.md, monitor).
-        lo, hi = (float(v) for v in torch.aminmax(w)) if w.numel() else (0.0, 0.0)
-        bad = 0 if math.isfinite(lo) and math.isfinite(hi) else int((~torch.isfinite(w)).sum())
-        if bad:
+        w = metrics.as_float(w)  # fp16/bf16/fp8 upcast once, for rows, cols and CS alike
+        lo, hi = torch.aminmax(w.reshape(-1))  # one pass: NaN and Inf show in lo or hi
+        peak = max(-float(lo), float(hi))
+        if not math.isfinite(peak):
+            bad = int((~torch.isfinite(w)).sum())
             rep.nonfinite = bad
             rep.notes.append(f"{bad} NaN/Inf values: metrics not computed")
             return rep
-        peak = max(abs(lo), abs(hi))
+        rows = None
         if wanted(ROW_FIELDS):
             rows = metrics.pair_statistics(
                 metrics.as_rows(w), tau_cos=tau_cos, tau_euc=tau_euc, top_k=top
@@ -101,11 +103,6 @@ def analyze_tensor(
             rep.rare_rows = _opt(rows.rare)
             rep.near_parallel_rows = rows.near_parallel
             rep.closest_rows = rows.closest
-            if rows.dead:
-                n = len(rows.dead)
-                rep.notes.append(
-                    f"{n} all-zero row{'s' if n > 1 else ''} (left out of cosine metrics)"
-                )
         if wanted(COL_FIELDS):
             cols = metrics.pair_statistics(
                 metrics.as_cols(w), tau_cos=tau_cos, tau_euc=tau_euc, top_k=top
@@ -114,9 +111,20 @@ def analyze_tensor(
             rep.rare_cols = _opt(cols.rare)
             rep.near_parallel_cols = cols.near_parallel
             rep.closest_cols = cols.closest
-        if wanted(NORM_FIELDS):
-            rep.norm_loss = _norm_metric(metrics.norm_loss, w, "norm_loss", rep.notes)
-            rep.norm_dev_max = _norm_metric(metrics.norm_dev_max, w, "norm_dev_max", rep.notes)
+        if wanted(NORM_FIELDS) and rows is not None:
+            # From the row norms the cosines already needed (float64 where float32 would overflow).
+            assert rows.norms is not None
+            rep.norm_loss = _overflow_note(
+                float(metrics.norm_loss_of_norms(rows.norms)), "norm_loss", rep.notes
+            )
+            rep.norm_dev_max = _overflow_note(
+                float(metrics.norm_dev_max_of_norms(rows.norms)), "norm_dev_max", rep.notes
+            )
+        elif wanted(NORM_FIELDS):  # asked for without the cosines (the monitor): the regularizer's
+            rep.norm_loss = _overflow_note(float(metrics.norm_loss(w)), "norm_loss", rep.notes)
+            rep.norm_dev_max = _overflow_note(
+                float(metrics.norm_dev_max(w)), "norm_dev_max", rep.notes
+            )
         if w.ndim >= 3 and wanted(CONV_FIELDS):
             # CS and its floor are homogeneous of degree 4: taken on w / 2**e with max|w / 2**e| near
             # 1 and scaled back in float64, so 1e37-sized or subnormal weights neither overflow nor
@@ -137,6 +145,9 @@ def analyze_tensor(
                     "conv_similarity_floor",
                     rep.notes,
                 )
+        if rows is not None and rows.dead:
+            n = len(rows.dead)
+            rep.notes.append(f"{n} all-zero row{'s' if n > 1 else ''} (left out of cosine metrics)")
     return rep
 
 
@@ -152,6 +163,7 @@ class _Plan:
     specs: list[LayerSpec]
     get: Callable[[str], torch.Tensor]
     factored: dict[str, Any]
+    skipped: dict[str, str]  # selected tensors that are not analyzed: why
     kinds: dict[str, str] = field(default_factory=dict)  # an nn.Module's layer kinds by key
 
 
@@ -170,11 +182,7 @@ def _plan(
         view = module_view(source)
         source, known_groups, kinds, module_name = view.tensors, view.groups, view.kinds, view.name
     if isinstance(source, Mapping):
-        infos = {
-            k: TensorInfo(tuple(t.shape), t.dtype)
-            for k, t in source.items()
-            if isinstance(t, torch.Tensor)
-        }
+        infos = {k: tensor_info(t) for k, t in source.items() if isinstance(t, torch.Tensor)}
         get = source.__getitem__
         name, fmt = (module_name, "module") if module_name else ("<state_dict>", "state_dict")
         wrapper = None
@@ -188,16 +196,26 @@ def _plan(
     dense, get, factored = dense_view(infos, get, name)
     # A module's own conv groups come first: find_layers takes the first pattern that matches.
     specs = find_layers(dense, layers, exclude, {**known_groups, **(groups or {})})
+    skipped = {
+        k: note
+        for k, i in dense.items()
+        if (note := skip_note(i)) is not None and selected(k, layers, exclude)
+    }
     if not specs:
         if any(is_layer(i) for i in dense.values()):
             raise CheckpointError(
                 f"{name}: no layer matches the patterns layers={list(layers)!r}, exclude={list(exclude)!r}",
                 params=("layers", "exclude"),
             )
+        why = ""
+        if skipped:
+            key, note = next(iter(skipped.items()))
+            why = f"; {len(skipped)} skipped, e.g. {show_key(key)}: {note}"
         raise CheckpointError(
-            f"{name}: no analyzable tensors (need floating-point tensors with 2 to 5 dims and at least 2 rows)"
+            f"{name}: no analyzable tensors (need dense floating-point tensors with 2 to 5 dims "
+            f"and at least 2 rows){why}"
         )
-    return _Plan(name, fmt, wrapper, path, len(dense), specs, get, factored, kinds)
+    return _Plan(name, fmt, wrapper, path, len(dense), specs, get, factored, skipped, kinds)
 
 
 def _analyze_spec(
@@ -337,6 +355,7 @@ def inspect_many(
             layers=layer_reports,
             summary=_summarize(layer_reports, plan.tensors),
         )
+        report.summary.skipped = plan.skipped
         report.gates = evaluate_gates(gates, {r.name: r.numbers() for r in layer_reports})
         reports.append(report)
     return reports
@@ -345,19 +364,22 @@ def inspect_many(
 def _analyze_here(
     plans: list[_Plan], options: dict[str, Any], progress: ProgressFn | None
 ) -> list[list[LayerReport]]:
-    """Every layer in this process, one at a time; progress counts parameters."""
+    """Every layer in this process, one at a time (the next one read meanwhile); progress counts parameters."""
     total = sum(s.info.numel for plan in plans for s in plan.specs)
     done = 0
     out = []
     for plan in plans:
         reports = []
-        for spec in plan.specs:
-            if progress:
-                progress(done, total, spec.key)
-            rep = _analyze_spec(spec, plan.get, plan.factored, options)
-            rep.kind = plan.kinds.get(spec.key, rep.kind)
-            reports.append(rep)
-            done += spec.info.numel
+        prefetch = _Prefetcher(plan.get, [s.key for s in plan.specs])
+        with prefetch as tensors, metrics.reuse_buffers():
+            for spec, w in zip(plan.specs, tensors):
+                if progress:
+                    progress(done, total, spec.key)
+                rep = _analyze_spec(spec, lambda _key, w=w: w, plan.factored, options)
+                rep.kind = plan.kinds.get(spec.key, rep.kind)
+                reports.append(rep)
+                del w  # at most two layers in memory: this one's and the next one's
+                done += spec.info.numel
         out.append(reports)
     if progress:
         progress(total, total, "")
@@ -391,10 +413,48 @@ def _analyze_on(
         gpu=str(options["device"]).startswith("cuda"),
         progress=progress,
     )
-    out: list[list[LayerReport]] = [[] for _ in plans]
+    # Tasks group small layers apart from large ones: put every report back in stored order.
+    by_key: list[dict[str, LayerReport]] = [{} for _ in plans]
     for i, reports in zip(owner, results):
-        out[i] += reports
-    return out
+        by_key[i].update((r.name, r) for r in reports)
+    return [[by_key[i][s.key] for s in plan.specs] for i, plan in enumerate(plans)]
+
+
+class _Prefetcher:
+    """Iterates get(key) over keys, reading the next tensor on a thread while the caller computes.
+
+    torch's kernels release the GIL, so the read of layer k+1 (a safetensors copy, or page faults
+    of a memory-mapped torch file, forced here one byte per page) overlaps the Grams of layer k.
+    An error while reading is raised where that tensor is taken.
+    """
+
+    def __init__(self, get: Callable[[str], torch.Tensor], keys: Sequence[str]):
+        self._get, self._keys = get, list(keys)
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="wcond-read")
+
+    def __enter__(self) -> Iterator[torch.Tensor]:
+        return self._iterate()
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _read(self, key: str) -> torch.Tensor:
+        t = self._get(key)
+        if t.device.type == "cpu" and t.is_contiguous() and t.numel():
+            # A memory-mapped tensor is read when first touched: touch each 4 KiB page now.
+            t.reshape(-1).view(torch.uint8)[::4096].sum()
+        return t
+
+    def _iterate(self) -> Iterator[torch.Tensor]:
+        if not self._keys:
+            return
+        pending = self._pool.submit(self._read, self._keys[0])
+        for nxt in self._keys[1:]:
+            current = pending.result()
+            pending = self._pool.submit(self._read, nxt)
+            yield current
+            del current
+        yield pending.result()
 
 
 def _summarize(layers: list[LayerReport], tensors: int) -> Summary:
@@ -436,13 +496,8 @@ def _summarize(layers: list[LayerReport], tensors: int) -> Summary:
     )
 
 
-def _norm_metric(
-    fn: Callable[[torch.Tensor], torch.Tensor], w: torch.Tensor, metric: str, notes: list[str]
-) -> float | None:
-    """A norm metric of w; where float32 overflows (rows of 1e37), again in float64; a note if that overflows too."""
-    value = float(fn(w))
-    if not math.isfinite(value) and w.dtype != torch.float64:
-        value = float(fn(w.double()))
+def _overflow_note(value: float, metric: str, notes: list[str]) -> float | None:
+    """value, or None and a note where it overflowed float64."""
     if math.isfinite(value):
         return value
     notes.append(f"{metric} overflows float64 (weights too large): not reported")

@@ -30,7 +30,7 @@ from wcond.device import resolve_device
 from wcond.engine import Engine, Task, open_on_worker, plan_tasks
 from wcond.errors import CheckpointError, UsageError
 from wcond.layers import LayerSpec, find_layers, is_layer
-from wcond.load import Checkpoint, TensorInfo, open_checkpoint
+from wcond.load import Checkpoint, TensorInfo, open_checkpoint, tensor_info
 from wcond.module import module_view
 
 __all__ = ["InitCSResult", "LayerResult", "init_cs"]
@@ -171,9 +171,7 @@ def init_cs(
         # A module's own conv groups come first: find_layers takes the first pattern that matches.
         "groups": {**known_groups, **(groups or {})},
     }
-    specs = _conv_specs(
-        name, {k: TensorInfo(tuple(t.shape), t.dtype) for k, t in tensors.items()}, **selection
-    )
+    specs = _conv_specs(name, {k: tensor_info(t) for k, t in tensors.items()}, **selection)
     options: dict[str, Any] = {
         "iterations": iterations,
         "lr": lr,
@@ -199,7 +197,7 @@ def init_cs(
             gpu=str(device).startswith("cuda"),
             progress=progress,
         )
-        new, rows, curve = _merge_parts(parts)
+        new, rows, curve = _merge_parts(parts, [s.key for s in specs])
         device_used = f"{device} ({engine.name})"
     seconds = time.perf_counter() - start
 
@@ -252,7 +250,7 @@ def _condition(
     gives the same tensors.
     """
     rows: dict[str, LayerResult] = {}
-    work: list[_Work] = []
+    batches: dict[tuple[tuple[int, ...], int], list[LayerSpec]] = {}
     olds: dict[str, torch.Tensor] = {}
     for spec in specs:
         w = olds[spec.key] = get(spec.key)
@@ -266,10 +264,13 @@ def _condition(
         elif keep_norm and math.prod(w.shape[2:]) == 1:
             row.optimized = False
             row.notes.append(_KEEP_NORM_1X1)
-        else:
-            work.append(_Work.of(spec, w, dev))
+        else:  # same-shaped layers step as one batch: a few kernel launches instead of per layer
+            batches.setdefault((tuple(w.shape), spec.groups), []).append(spec)
+    work = [_Work.of(group, olds, dev) for group in batches.values()]
     curve = _minimize(work, iterations, lr, optimizer, keep_norm, seed, progress) if work else None
-    new = {item.key: item.result(like=olds[item.key]) for item in work}
+    if curve is not None:  # the history's layers in the checkpoint's order
+        curve["layers"] = {k: curve["layers"][k] for k in rows if k in curve["layers"]}
+    new = {key: item.result(n, like=olds[key]) for item in work for n, key in enumerate(item.keys)}
     for key, row in rows.items():
         _fill(row, olds[key], new.get(key, olds[key]), keep_norm)
     return new, rows, curve
@@ -285,8 +286,8 @@ def _init_cs_task(task: Task, selection: dict[str, Any], options: dict[str, Any]
     return _condition([by_key[k] for k in task.keys], ck.get, dev, **options)
 
 
-def _merge_parts(parts: Sequence[_Parts]) -> _Parts:
-    """The tasks' tensors, rows and CS curves as one run's (total: the sum over layers at each step)."""
+def _merge_parts(parts: Sequence[_Parts], order: Sequence[str]) -> _Parts:
+    """The tasks' tensors, rows and CS curves as one run's, layers in ``order`` (stored order)."""
     new: dict[str, torch.Tensor] = {}
     rows: dict[str, LayerResult] = {}
     layers: dict[str, list[float]] = {}
@@ -297,6 +298,8 @@ def _merge_parts(parts: Sequence[_Parts]) -> _Parts:
         if curve is not None:
             layers.update(curve["layers"])
             iteration = curve["iteration"]
+    rows = {k: rows[k] for k in order}
+    layers = {k: layers[k] for k in order if k in layers}
     if not layers:
         return new, rows, None
     total = [math.fsum(v[t] for v in layers.values()) for t in range(len(iteration))]
@@ -305,43 +308,44 @@ def _merge_parts(parts: Sequence[_Parts]) -> _Parts:
 
 @dataclass
 class _Work:
-    """One layer being optimized: its float32 copy stored channels-last, i.e. (out, *kernel, in)."""
+    """Same-shaped layers optimized together: float32 copies stacked channels-last, (L, out, *kernel, in)."""
 
-    key: str
+    keys: list[str]
     groups: int
-    param: torch.Tensor  # leaf tensor, (out, *kernel, in)
-    target_norms: torch.Tensor  # per-filter norms of the original, for keep_norm
+    param: torch.Tensor  # leaf tensor, (L, out, *kernel, in)
+    target_norms: torch.Tensor  # per-filter norms of the originals, (L * out,), for keep_norm
 
     @classmethod
-    def of(cls, spec: LayerSpec, w: torch.Tensor, dev: torch.device) -> _Work:
+    def of(
+        cls, specs: list[LayerSpec], tensors: Mapping[str, torch.Tensor], dev: torch.device
+    ) -> _Work:
         # Channels last makes the (out, taps, in) view that metrics.conv_similarity's Gram path
-        # multiplies contiguous: about twice as fast as the stored layout on CPU.
-        # clone, never contiguous(): for 1x1 or single-channel kernels the moved view is already
-        # contiguous, and the optimizer would then write into the caller's tensor.
-        param = (
-            w.detach()
-            .to(device=dev, dtype=torch.float32)
-            .movedim(1, -1)
-            .clone(memory_format=torch.contiguous_format)
-        )
+        # multiplies contiguous: about twice as fast as the stored layout on CPU. torch.stack
+        # copies, so the optimizer never writes into the caller's tensors.
+        param = torch.stack(
+            [
+                tensors[s.key].detach().to(device=dev, dtype=torch.float32).movedim(1, -1)
+                for s in specs
+            ]
+        ).contiguous()
         param.requires_grad_()
-        return cls(spec.key, spec.groups, param, _filter_norms(param.detach()))
+        return cls([s.key for s in specs], specs[0].groups, param, _filter_norms(param.detach()))
 
     @property
     def weight(self) -> torch.Tensor:
-        """The parameter seen as (out, in, *kernel), sharing its storage."""
-        return self.param.movedim(-1, 1)
+        """The parameter seen as (L, out, in, *kernel), sharing its storage."""
+        return self.param.movedim(-1, 2)
 
     def loss(self) -> torch.Tensor:
-        return metrics.conv_similarity(self.weight, groups=self.groups)
+        """The CS of each layer, (L,)."""
+        return metrics.conv_similarity_batch(self.weight, groups=self.groups)
 
     def project_gradient(self) -> None:
         """Drop each filter's radial gradient component, leaving the part that turns it."""
         assert self.param.grad is not None
-        g, w = (
-            self.param.grad.reshape(self.param.shape[0], -1),
-            self.param.detach().reshape(self.param.shape[0], -1),
-        )
+        filters = self.target_norms.shape[0]
+        g = self.param.grad.reshape(filters, -1)
+        w = self.param.detach().reshape(filters, -1)
         radial = (g * w).sum(1, keepdim=True) / (w * w).sum(1, keepdim=True).clamp_min(
             torch.finfo(w.dtype).tiny
         )
@@ -352,16 +356,18 @@ class _Work:
         scale = torch.where(
             current > 0, self.target_norms / current.clamp_min(torch.finfo(current.dtype).tiny), 1.0
         )
-        self.param.mul_(scale.view(-1, *[1] * (self.param.ndim - 1)))
+        self.param.mul_(scale.view(*self.param.shape[:2], *[1] * (self.param.ndim - 2)))
 
-    def result(self, like: torch.Tensor) -> torch.Tensor:
+    def result(self, n: int, like: torch.Tensor) -> torch.Tensor:
+        """Layer n of the batch in ``like``'s dtype and device, stored contiguously."""
         return torch.empty_like(like, memory_format=torch.contiguous_format).copy_(
-            self.weight.detach()
+            self.weight[n].detach()
         )
 
 
 def _filter_norms(w: torch.Tensor) -> torch.Tensor:
-    return w.reshape(w.shape[0], -1).norm(dim=1)
+    """Norm of every filter of a (L, out, ...) batch, flattened to (L * out,)."""
+    return w.reshape(w.shape[0] * w.shape[1], -1).norm(dim=1)
 
 
 def _conv_specs(
@@ -408,7 +414,16 @@ def _minimize(
     seed: int | None,
     progress: ProgressFn | None,
 ) -> dict[str, Any]:
-    """Run the optimizer; returns the CS curve (entry t: CS after t steps) per layer and in total."""
+    """Run the optimizer; returns the CS curve (entry t: CS after t steps) per layer and in total.
+
+    The loop never waits for the device: each step's CS values go into a tensor on the device,
+    read back every ``_SYNC_EVERY`` steps (every step on the CPU, where reading costs nothing) to
+    report progress and stop a diverging run.
+    """
+    keys = [k for item in work for k in item.keys]
+    dev = work[0].param.device
+    every = 1 if dev.type == "cpu" else _SYNC_EVERY
+    curve = torch.empty(iterations + 1, len(keys), device=dev)
     per_layer: list[list[float]] = []
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
@@ -417,19 +432,10 @@ def _minimize(
         for it in range(iterations + 1):
             opt.zero_grad(set_to_none=True)
             with torch.set_grad_enabled(it < iterations):
-                terms = torch.stack([item.loss() for item in work])
-            values = terms.detach().cpu().tolist()
-            per_layer.append(values)
-            total = math.fsum(values)
-            if progress:
-                progress(it, iterations, f"CS {total:.4g}")
-            if not math.isfinite(total):
-                raise UsageError(
-                    f"CS diverged to {total} at iteration {it} with optimizer={optimizer!r} "
-                    f"lr={lr}; lower lr= (CS is quartic in the weights, so plain SGD needs a "
-                    "small rate)",
-                    params=("optimizer", "lr"),
-                )
+                terms = torch.cat([item.loss() for item in work])
+            curve[it] = terms.detach()
+            if it % every == 0 or it == iterations:
+                _report(curve, len(per_layer), it, per_layer, iterations, optimizer, lr, progress)
             if it == iterations:
                 break
             terms.sum().backward()
@@ -449,8 +455,37 @@ def _minimize(
     return {
         "iteration": list(range(iterations + 1)),
         "total": [math.fsum(v) for v in per_layer],
-        "layers": {item.key: [v[k] for v in per_layer] for k, item in enumerate(work)},
+        "layers": {key: [v[k] for v in per_layer] for k, key in enumerate(keys)},
     }
+
+
+# Steps between reads of the CS values on an accelerator (each read waits for the device).
+_SYNC_EVERY = 25
+
+
+def _report(
+    curve: torch.Tensor,
+    first: int,
+    last: int,
+    per_layer: list[list[float]],
+    iterations: int,
+    optimizer: str,
+    lr: float,
+    progress: ProgressFn | None,
+) -> None:
+    """Read steps first..last of the curve back, call progress for each, stop at a non-finite CS."""
+    for it, values in enumerate(curve[first : last + 1].cpu().tolist(), start=first):
+        per_layer.append(values)
+        total = math.fsum(values)
+        if progress:
+            progress(it, iterations, f"CS {total:.4g}")
+        if not math.isfinite(total):
+            raise UsageError(
+                f"CS diverged to {total} at iteration {it} with optimizer={optimizer!r} "
+                f"lr={lr}; lower lr= (CS is quartic in the weights, so plain SGD needs a "
+                "small rate)",
+                params=("optimizer", "lr"),
+            )
 
 
 def _fill(row: LayerResult, old: torch.Tensor, new: torch.Tensor, keep_norm: bool) -> None:

@@ -17,13 +17,14 @@ Example pyproject.toml::
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wcond.defaults import DEVICES, INSPECT_FORMATS
+from wcond.defaults import DEVICES, INSPECT_FORMATS, MAX_TOP
 from wcond.errors import UsageError
 from wcond.gates import Gate
 from wcond.report import NUMERIC_FIELDS
@@ -37,9 +38,9 @@ __all__ = ["CONFIG_KEYS", "Config", "find_config", "load_config"]
 
 # Every key a config may hold, as written in the file (Python spells it with "_"), and what its value must be.
 CONFIG_KEYS: dict[str, str] = {
-    "tau-cos": "number",
-    "tau-euc": "number",
-    "top": "integer",
+    "tau-cos": "number (finite, >= 0)",
+    "tau-euc": "number (finite, >= 0)",
+    "top": f"integer (0 to {MAX_TOP})",
     "layers": "list of glob strings",
     "exclude": "list of glob strings",
     "groups": 'table of glob = integer, e.g. { "layer*.conv2.weight" = 32 }',
@@ -65,7 +66,7 @@ def find_config(start: str | Path | None = None) -> Path | None:
         if own.is_file():
             return own
         pyproject = directory / "pyproject.toml"
-        if pyproject.is_file() and "wcond" in _read(pyproject).get("tool", {}):
+        if pyproject.is_file() and _wcond_table(_read(pyproject), pyproject) is not None:
             return pyproject
     return None
 
@@ -81,11 +82,13 @@ def load_config(path: str | Path | None = None, start: str | Path | None = None)
         if path is None:
             return Config()
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UsageError(f"config file {path}: no such file")
+    if not path.is_file():  # a directory, a FIFO (reading it would block), a device
+        raise UsageError(f"config file {path}: not a regular file")
     doc = _read(path)
     if path.name == "pyproject.toml":
-        table = doc.get("tool", {}).get("wcond")
+        table = _wcond_table(doc, path)
         if table is None:
             raise UsageError(
                 f"{path}: has no [tool.wcond] table; add one, or name a wcond.toml instead"
@@ -103,6 +106,17 @@ def _read(path: Path) -> dict[str, Any]:
         raise UsageError(f"{path}: not valid TOML ({e})") from e
     except OSError as e:
         raise UsageError(f"{path}: cannot read ({e.strerror})") from e
+
+
+def _wcond_table(doc: Mapping[str, Any], path: Path) -> Mapping[str, Any] | None:
+    """pyproject's [tool.wcond] table, None without one; a UsageError when it is not a table."""
+    tool = doc.get("tool", {})
+    if not isinstance(tool, Mapping):
+        return None  # `tool = "..."`: not ours to judge, and no [tool.wcond] in it
+    table = tool.get("wcond")
+    if table is not None and not isinstance(table, Mapping):
+        raise UsageError(f"{path}: tool.wcond = {table!r}: expected a table, [tool.wcond]")
+    return table
 
 
 def _check(table: Mapping[str, Any], path: Path) -> dict[str, Any]:
@@ -132,9 +146,11 @@ def _check(table: Mapping[str, Any], path: Path) -> dict[str, Any]:
 
 def _valid(key: str, v: Any) -> bool:
     if key in ("tau-cos", "tau-euc"):
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+        return (
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+        )
     if key == "top":
-        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+        return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_TOP
     if key in ("layers", "exclude", "fail-if"):
         return isinstance(v, list) and all(isinstance(s, str) for s in v)
     if key == "groups":

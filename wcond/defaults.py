@@ -24,7 +24,14 @@ __all__ = [
     "DEVICES",
     "ITERATIONS",
     "LR",
+    "MAX_DPI",
+    "MAX_ITERATIONS",
+    "MAX_PIXELS",
+    "MAX_SEED",
+    "MAX_SIDE",
+    "MAX_TOP",
     "MAX_VECTORS",
+    "MAX_VECTORS_LIMIT",
     "OPTIMIZER",
     "OPTIMIZERS",
     "TAU_COS",
@@ -57,6 +64,15 @@ OPTIMIZER: Optimizer = "adam"
 
 # plot: beyond this a heatmap cell is under a pixel at default sizes, so vectors are subsampled.
 MAX_VECTORS = 256
+
+# Bounds on option values: beyond them a value is a typo, and would run for hours or exhaust memory.
+MAX_TOP = 1_000  # closest pairs listed per layer and axis
+MAX_ITERATIONS = 10_000_000  # init-cs steps
+MAX_SEED = 2**64 - 1  # torch seeds are 64-bit
+MAX_VECTORS_LIMIT = 4_096  # plot: the cosine matrix is max_vectors² float64s (128 MiB)
+MAX_SIDE = 16_384  # plot: pixels, width or height (Agg allocates the whole canvas)
+MAX_PIXELS = 40_000_000  # plot: width x height, e.g. 8000 x 5000
+MAX_DPI = 1_200
 
 # Called as progress(done, total, key) while a long operation runs.
 ProgressFn = Callable[[int, int, str], None]

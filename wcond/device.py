@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from wcond.defaults import DEVICE
 from wcond.errors import UsageError
 
 __all__ = ["resolve_device"]
 
 
-def resolve_device(name: str | torch.device = "auto") -> torch.device:
+def resolve_device(name: str | torch.device = DEVICE) -> torch.device:
     """'auto' picks CUDA, then MPS, then CPU; an explicit device must be available."""
     if isinstance(name, torch.device):
         return name

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from wcond.defaults import ProgressFn
 from wcond.errors import CheckpointError, EngineError, UsageError, WcondError
 
 __all__ = [
@@ -32,7 +33,6 @@ __all__ = [
 ]
 
 R = TypeVar("R")
-ProgressFn = Callable[[int, int, str], None]
 
 # Layers below this many parameters share a task with their neighbours, so that a task's
 # scheduling and checkpoint-opening cost (milliseconds) stays small beside its compute.

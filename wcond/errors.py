@@ -8,6 +8,7 @@ flag and turns the error into one line on stderr and exit code 2.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 
@@ -31,5 +32,40 @@ class UsageError(WcondError):
     """A bad option value (a malformed gate, an unknown device, an output that would overwrite)."""
 
 
+class OutputError(WcondError):
+    """An output that cannot be written: a full disk, a read-only or vanished directory, a closed stdout."""
+
+
 class EngineError(WcondError):
     """A task that kept failing on the cluster (the message names its layer); nothing is reported or written."""
+
+
+def show_path(path: str | bytes | os.PathLike[str] | os.PathLike[bytes]) -> str:
+    """A path for a message: printable characters as they are, anything else escaped (``\\x1b``, ``\\xff``).
+
+    File names on Linux are bytes; one that is not UTF-8 arrives with surrogate escapes, which
+    would crash a UTF-8 terminal, and one with control characters could forge output lines.
+    """
+    return _escape(os.fsdecode(path))
+
+
+def show_key(key: str, limit: int = 80) -> str:
+    """A tensor key (or any string from a checkpoint) quoted for a message, escaped and shortened."""
+    text = _escape(str(key))
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"'{text}'"
+
+
+def _escape(text: str) -> str:
+    out = []
+    for ch in text:
+        if "\udc80" <= ch <= "\udcff":  # a byte that was not UTF-8 (surrogateescape)
+            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
+        elif ch.isprintable() and ch != "\\":
+            out.append(ch)
+        elif ch == "\\":
+            out.append("\\\\")
+        else:
+            out.append(ascii(ch)[1:-1])
+    return "".join(out)

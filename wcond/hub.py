@@ -24,7 +24,15 @@ from typing import Any
 
 from wcond.errors import CheckpointError, UsageError
 
-__all__ = ["RepoRef", "allow_downloads", "cache_dir", "parse_repo_id", "resolve", "weight_files"]
+__all__ = [
+    "RepoRef",
+    "allow_downloads",
+    "cache_dir",
+    "in_blob_store",
+    "parse_repo_id",
+    "resolve",
+    "weight_files",
+]
 
 # org/name as the Hub allows them, then an optional @revision (a branch, tag or commit hash).
 _REPO_ID = re.compile(
@@ -127,6 +135,23 @@ def resolve(ref: RepoRef | str, *, download: bool | None = None) -> Path:
             f"{ref}: downloaded, but {missing or 'no weights file'} is still missing from {cache}"
         )
     return found
+
+
+def in_blob_store(snapshot: Path, resolved: Path) -> bool:
+    """True when ``snapshot`` is a Hub cache snapshot folder and ``resolved`` lies in its repo's blobs.
+
+    huggingface_hub stores each file once under ``models--org--name/blobs/`` and links it from
+    ``snapshots/<commit>/``: a shard index there names links that leave the snapshot folder, by design.
+    """
+    if snapshot.parent.name != "snapshots" or not snapshot.parent.parent.name.startswith(
+        "models--"
+    ):
+        return False
+    try:
+        blobs = (snapshot.parent.parent / "blobs").resolve()
+    except (OSError, RuntimeError):
+        return False
+    return resolved.is_relative_to(blobs) and resolved.parent == blobs
 
 
 def weight_files(files: list[str]) -> list[str]:

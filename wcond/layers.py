@@ -9,13 +9,34 @@ from dataclasses import dataclass
 from wcond.errors import UsageError
 from wcond.load import TensorInfo
 
-__all__ = ["LayerSpec", "find_layers", "is_layer", "layer_kind", "parse_groups", "selected"]
+__all__ = [
+    "LayerSpec",
+    "find_layers",
+    "is_layer",
+    "layer_kind",
+    "parse_groups",
+    "selected",
+    "skip_note",
+]
 
 _KINDS = {2: "matrix", 3: "conv1d", 4: "conv2d", 5: "conv3d"}
 
 
 def is_layer(info: TensorInfo) -> bool:
-    """A floating-point tensor of 2 to 5 dims with at least 2 rows."""
+    """A dense floating-point tensor of 2 to 5 dims with at least 2 rows and no empty dimension."""
+    return info.skip is None and _layer_shaped(info) and 0 not in info.shape
+
+
+def skip_note(info: TensorInfo) -> str | None:
+    """Why a stored tensor that would otherwise be analyzed (or cannot be read at all) is skipped."""
+    if info.skip is not None:
+        return info.skip
+    if _layer_shaped(info) and 0 in info.shape:
+        return f"zero-size dimension (shape {tuple(info.shape)}): nothing to analyze"
+    return None
+
+
+def _layer_shaped(info: TensorInfo) -> bool:
     return info.dtype.is_floating_point and 2 <= len(info.shape) <= 5 and info.shape[0] >= 2
 
 

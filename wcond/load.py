@@ -4,28 +4,35 @@ Nothing here runs code from a pickle: torch files are read with ``weights_only=T
 which only rebuilds tensors and plain containers and refuses everything else.
 Safetensors are read lazily, tensor by tensor, and zip-format torch files are
 memory-mapped, so a checkpoint is never held in memory twice.
+
+Inputs are hostile until checked: only regular files and directories are opened (a FIFO would
+block forever), safetensors headers and shard indexes are validated before anything they claim is
+allocated (wcond.safetensors_header), torch files are checked against their own zip records before
+they are mapped (wcond.torch_file), and every string from a file is escaped before it reaches a message.
 """
 
 from __future__ import annotations
 
+import errno
 import json
-import pickle
+import os
 import re
+import stat
 import struct
-import zipfile
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from wcond import hub
-from wcond.errors import CheckpointError, UnsafeCheckpointError
+from wcond.errors import CheckpointError, show_key, show_path
+from wcond.safetensors_header import SafetensorsHeader, read_header, read_tensor
+from wcond.torch_file import MAX_NESTING, load_torch, view_bytes
 
-__all__ = ["Checkpoint", "TensorInfo", "load_checkpoint", "open_checkpoint"]
+__all__ = ["Checkpoint", "TensorInfo", "load_checkpoint", "open_checkpoint", "tensor_info"]
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -33,26 +40,22 @@ INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 # Keys under which training code nests the state dict (Lightning uses "state_dict").
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network")
 
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+# A shard index is a few MB even for the largest models; its JSON is at most this deep.
+MAX_INDEX_BYTES = 64_000_000
+MAX_INDEX_DEPTH = 8
 
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """Shape and dtype of a stored tensor, known without reading its data."""
+    """Shape and dtype of a stored tensor, known without reading its data.
+
+    ``skip`` says why a stored tensor cannot be analyzed (sparse, meta, a huge broadcast view,
+    a dtype torch lacks); None for an ordinary dense tensor.
+    """
 
     shape: tuple[int, ...]
     dtype: torch.dtype
+    skip: str | None = None
 
     @property
     def numel(self) -> int:
@@ -82,6 +85,7 @@ class Checkpoint:
         self.obj: Any = None  # the whole unpickled object of a single torch file
         self._infos: dict[str, TensorInfo] = {}
         self._where: dict[str, Path] = {}
+        self._headers: dict[Path, SafetensorsHeader] = {}
         self._torch_cache: tuple[Path, dict[str, torch.Tensor]] | None = None
 
     # -- public API
@@ -95,12 +99,11 @@ class Checkpoint:
     def get(self, key: str) -> torch.Tensor:
         """The tensor stored under ``key``, as stored (dtype unchanged)."""
         if key not in self._infos:
-            raise CheckpointError(f"{self.path}: no tensor named {key!r}")
+            raise CheckpointError(f"{show_path(self.path)}: no tensor named {show_key(key)}")
         where = self._where[key]
-        if where.suffix in SAFETENSORS_SUFFIXES:
-            with _reading(where):
-                with safe_open(str(where), framework="pt") as f:
-                    return f.get_tensor(key)
+        header = self._headers.get(where)
+        if header is not None:
+            return read_tensor(where, header, key)
         return self._torch_tensors(where)[key]
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -120,16 +123,19 @@ class Checkpoint:
         return self._torch_cache[1]
 
     def _add_safetensors(self, file: Path) -> None:
-        with _reading(file):
-            with safe_open(str(file), framework="pt") as f:
-                if not self.metadata:
-                    self.metadata = dict(f.metadata() or {})
-                # safetensors does not keep the model's order (it sorts keys); natural order puts
-                # "layers.2" before "layers.10", the closest thing to the model's own order.
-                for key in sorted(f.keys(), key=natural_key):
-                    sl = f.get_slice(key)
-                    dtype = _SAFETENSORS_DTYPES.get(sl.get_dtype(), torch.uint8)
-                    self._add(key, TensorInfo(tuple(sl.get_shape()), dtype), file)
+        header = read_header(file)
+        self._headers[file] = header
+        if not self.metadata:
+            self.metadata = dict(header.metadata)
+        # safetensors does not keep the model's order (writers sort keys); natural order puts
+        # "layers.2" before "layers.10", the closest thing to the model's own order.
+        for key in sorted(header.entries, key=natural_key):
+            e = header.entries[key]
+            dtype = e.torch_dtype
+            skip = None
+            if dtype is None:
+                dtype, skip = torch.uint8, f"dtype {e.dtype} has no torch equivalent"
+            self._add(key, TensorInfo(e.shape, dtype, skip), file)
 
     def _add_torch(self, file: Path, keep_object: bool) -> None:
         obj = _torch_load(file)
@@ -139,12 +145,13 @@ class Checkpoint:
             self.obj = obj
         self._torch_cache = (file, tensors)
         for key, t in tensors.items():
-            self._add(key, TensorInfo(tuple(t.shape), t.dtype), file)
+            self._add(key, tensor_info(t), file)
 
     def _add(self, key: str, info: TensorInfo, file: Path) -> None:
         if key in self._infos:
             raise CheckpointError(
-                f"{self.path}: tensor {key!r} appears in both {self._where[key].name} and {file.name}"
+                f"{show_path(self.path)}: tensor {show_key(key)} appears in both "
+                f"{show_path(self._where[key].name)} and {show_path(file.name)}"
             )
         self._infos[key] = info
         self._where[key] = file
@@ -157,16 +164,14 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         CheckpointError: missing path, unknown or corrupt format, nothing analyzable.
         UnsafeCheckpointError: a pickle that would construct arbitrary objects.
     """
-    p = Path(path)
-    if not p.exists() and (repo := hub.parse_repo_id(str(path))) is not None:
+    p = Path(os.fsdecode(path))  # bytes on Linux: a name need not be UTF-8
+    if not os.path.lexists(p) and (repo := hub.parse_repo_id(str(p))) is not None:
         p = hub.resolve(repo)  # org/name[@rev]: from the Hugging Face cache (wcond/hub.py)
-    if not p.exists():
-        raise CheckpointError(f"{p}: no such file or directory")
-    if p.is_dir() and (p / ".metadata").is_file():
-        from wcond.load_dcp import open_dcp  # torch.distributed.checkpoint, only when needed
+    if check_path(p) == "directory":
+        if (p / ".metadata").is_file():
+            from wcond.load_dcp import open_dcp  # torch.distributed.checkpoint, only when needed
 
-        return open_dcp(p)
-    if p.is_dir():
+            return open_dcp(p)
         return _open_directory(p)
     if p.name.endswith(".index.json"):
         return _open_index(p)
@@ -178,7 +183,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         ck = Checkpoint(p, "torch", [p])
         ck._add_torch(p, keep_object=True)
     if not ck.keys():
-        raise CheckpointError(f"{p}: holds no tensors")
+        raise CheckpointError(f"{show_path(p)}: holds no tensors")
     return ck
 
 
@@ -192,16 +197,52 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     return dict(ck.items())
 
 
+def check_path(path: str | os.PathLike[str]) -> str:
+    """'file' or 'directory'; CheckpointError for anything else, before anything is opened.
+
+    Opening a FIFO for reading blocks until a writer comes, a character device can stream
+    forever: only regular files and directories are read. A symlink loop is an error too.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            raise CheckpointError(f"{show_path(path)}: no such file or directory") from e
+        if e.errno == errno.ELOOP:
+            raise CheckpointError(f"{show_path(path)}: symlink loop") from e
+        raise CheckpointError(f"{show_path(path)}: cannot read: {e.strerror}") from e
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "directory"
+    kind = next(
+        (name for test, name in _SPECIAL_FILES if test(mode)), "not a regular file or directory"
+    )
+    raise CheckpointError(
+        f"{show_path(path)}: is a {kind}; wcond reads checkpoints from regular files and directories only"
+    )
+
+
+_SPECIAL_FILES = (
+    (stat.S_ISFIFO, "FIFO (named pipe)"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+    (stat.S_ISSOCK, "socket"),
+)
+
+
 def sniff(file: Path) -> str:
     """'torch' or 'safetensors' from the file's first bytes; CheckpointError for anything else."""
+    if check_path(file) != "file":
+        raise CheckpointError(f"{show_path(file)}: is a directory, expected a checkpoint file")
     try:
         with open(file, "rb") as f:
             head = f.read(512)
+            size = os.fstat(f.fileno()).st_size
     except OSError as e:
-        raise CheckpointError(f"{file}: cannot read: {e.strerror}") from e
-    size = file.stat().st_size
+        raise CheckpointError(f"{show_path(file)}: cannot read: {e.strerror}") from e
     if not head:
-        raise CheckpointError(f"{file}: file is empty")
+        raise CheckpointError(f"{show_path(file)}: file is empty")
     if head[:4] == b"PK\x03\x04":
         return "torch"
     if head[0] == 0x80 and len(head) > 1 and 2 <= head[1] <= 5:
@@ -212,13 +253,15 @@ def sniff(file: Path) -> str:
             return "safetensors"
         if head[8:9] == b"{":
             raise CheckpointError(
-                f"{file}: truncated safetensors file (header says {n} bytes, file has {size - 8})"
+                f"{show_path(file)}: truncated safetensors file (header says {n} bytes, file has {size - 8})"
             )
     if _looks_like_text(head):
         raise CheckpointError(
-            f"{file}: looks like a text file, not a checkpoint (expected .safetensors or a torch.save file)"
+            f"{show_path(file)}: looks like a text file, not a checkpoint (expected .safetensors or a torch.save file)"
         )
-    raise CheckpointError(f"{file}: unknown format: neither safetensors nor a torch.save file")
+    raise CheckpointError(
+        f"{show_path(file)}: unknown format: neither safetensors nor a torch.save file"
+    )
 
 
 def natural_key(key: str) -> list[Any]:
@@ -254,30 +297,26 @@ def _open_directory(d: Path) -> Checkpoint:
         return ck
     if not st and not pt:
         raise CheckpointError(
-            f"{d}: directory holds no checkpoint (.safetensors, .pt, .pth, .bin, .ckpt or *.index.json)"
+            f"{show_path(d)}: directory holds no checkpoint (.safetensors, .pt, .pth, .bin, .ckpt or *.index.json)"
         )
-    names = ", ".join(f.name for f in (st + pt)[:6])
-    raise CheckpointError(f"{d}: directory holds several checkpoints ({names}); name one file")
+    names = ", ".join(show_path(f.name) for f in (st + pt)[:6])
+    raise CheckpointError(
+        f"{show_path(d)}: directory holds several checkpoints ({names}); name one file"
+    )
 
 
 def _open_index(index: Path) -> Checkpoint:
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(
-            f"{index}: not a valid shard index (expected JSON with a 'weight_map' object)"
-        ) from e
-    shards: list[Path] = []
-    for name in weight_map.values():
-        f = index.parent / name
-        if f not in shards:
-            shards.append(f)
-    missing = [f.name for f in shards if not f.is_file()]
-    if missing:
-        raise CheckpointError(f"{index}: shard {missing[0]} listed in the index is missing")
-    ck = Checkpoint(index, "sharded", shards)
+    weight_map = _read_index(index)
+    root = index.parent.resolve()
+    shards: dict[Path, None] = {}  # insertion-ordered set: one look-up per key, not a list scan
+    for key, name in weight_map.items():
+        shards.setdefault(_shard_path(index, root, key, name))
+    for f in shards:
+        if not f.is_file():
+            raise CheckpointError(
+                f"{show_path(index)}: shard {show_path(f.name)} listed in the index is missing"
+            )
+    ck = Checkpoint(index, "sharded", list(shards))
     for f in shards:
         if sniff(f) == "safetensors":
             ck._add_safetensors(f)
@@ -287,45 +326,133 @@ def _open_index(index: Path) -> Checkpoint:
     return ck
 
 
-def _torch_load(file: Path) -> Any:
-    mmap = zipfile.is_zipfile(file)
+def _read_index(index: Path) -> dict[str, str]:
+    """The weight_map of a shard index: size- and depth-bounded JSON, an object of string -> string."""
+    where = show_path(index)
+    check_path(index)
     try:
-        return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        what = (
-            f"the object {found.group(1)}"
-            if found
-            else "objects other than tensors and plain containers"
-        )
-        raise UnsafeCheckpointError(
-            f"{file}: refused: its pickle would construct {what}, and wcond never runs code from a checkpoint. "
-            "If you trust the file, re-save just the weights: torch.save(model.state_dict(), path)"
-        ) from e
-    except (RuntimeError, EOFError, ValueError, OSError, struct.error, zipfile.BadZipFile) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        with open(index, "rb") as f:
+            raw = f.read(MAX_INDEX_BYTES + 1)
+    except OSError as e:
+        raise CheckpointError(f"{where}: cannot read: {e.strerror}") from e
+    if len(raw) > MAX_INDEX_BYTES:
+        raise CheckpointError(f"{where}: shard index larger than {MAX_INDEX_BYTES} bytes")
+    try:
+        text = raw.decode("utf-8")
+        depth = max(accumulate(_json_depth_steps(text)), default=0)
+        if depth > MAX_INDEX_DEPTH:
+            raise CheckpointError(
+                f"{where}: shard index JSON nests {depth} levels deep (at most {MAX_INDEX_DEPTH})"
+            )
+        doc = json.loads(text)
+    except (
+        ValueError,
+        RecursionError,
+    ) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise CheckpointError(
-            f"{file}: corrupt or truncated torch checkpoint ({first[:160]})"
+            f"{where}: not a valid shard index (expected JSON with a 'weight_map' object)"
         ) from e
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(
+            f"{where}: not a valid shard index (expected JSON with a 'weight_map' object)"
+        )
+    for key, name in weight_map.items():
+        if not isinstance(name, str) or not name:
+            raise CheckpointError(
+                f"{where}: weight_map[{show_key(key)}] must be a shard file name, not {type(name).__name__}"
+            )
+    if not weight_map:
+        raise CheckpointError(f"{where}: shard index lists no tensors")
+    return weight_map
+
+
+def _json_depth_steps(text: str) -> Iterator[int]:
+    """+1/-1 for each bracket outside JSON strings: their running sum is the nesting depth."""
+    for b in _BRACKETS.findall(_STRINGS.sub("", text)):
+        yield 1 if b in "[{" else -1
+
+
+_STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"')
+_BRACKETS = re.compile(r"[\[\]{}]")
+
+
+def _shard_path(index: Path, root: Path, key: str, name: str) -> Path:
+    """The shard file ``name`` of an index, which must stay inside the index's directory."""
+    bad = (
+        os.path.isabs(name)
+        or "\x00" in name
+        or any(part == ".." for part in re.split(r"[/\\]", name))
+    )
+    f = index.parent / name
+    if not bad:
+        try:
+            resolved = f.resolve()  # follows symlinks: a link out of the directory is caught here
+        except (OSError, RuntimeError) as e:  # a symlink loop
+            raise CheckpointError(
+                f"{show_path(index)}: shard {show_key(name)} cannot be resolved (symlink loop?)"
+            ) from e
+        # In a Hugging Face cache snapshot, every file links to the repo's blob store.
+        bad = not resolved.is_relative_to(root) and not hub.in_blob_store(index.parent, resolved)
+    if bad:
+        raise CheckpointError(
+            f"{show_path(index)}: shard {show_key(name)} for tensor {show_key(key)} is outside the "
+            "index's directory; an index may only name files beside it"
+        )
+    return f
+
+
+def _torch_load(file: Path) -> Any:
+    return load_torch(file)
+
+
+def tensor_info(t: torch.Tensor) -> TensorInfo:
+    """Shape, dtype and (for sparse, meta or broadcast tensors) why it cannot be analyzed."""
+    return TensorInfo(tuple(t.shape), t.dtype, _skip_reason(t))
+
+
+def _skip_reason(t: torch.Tensor) -> str | None:
+    """Why a loaded torch tensor cannot be analyzed, or None."""
+    if t.layout != torch.strided:
+        return f"sparse tensor ({str(t.layout).removeprefix('torch.')})"
+    if t.is_meta:
+        return "meta tensor: the file stores no values for it"
+    dense = t.numel() * t.element_size()
+    if dense > view_bytes(t):
+        # A stride-0 (expand()ed) view: a few stored bytes can claim any shape, and the analysis
+        # would materialize and compare every repeated row. Not a real layer: refuse it.
+        return (
+            f"broadcast view (a stride of 0): {dense:,} bytes as a dense tensor from "
+            f"{view_bytes(t):,} stored; not materialized"
+        )
+    return None
 
 
 def _state_dict_of(obj: Any, file: Path) -> tuple[tuple[str, ...], dict[str, torch.Tensor]]:
     """Find the state dict inside a loaded object: (key path to it, tensors by flattened key)."""
     if isinstance(obj, torch.Tensor) or not isinstance(obj, Mapping):
-        raise CheckpointError(f"{file}: holds a {type(obj).__name__}, not a state dict")
+        raise CheckpointError(f"{show_path(file)}: holds a {type(obj).__name__}, not a state dict")
     wrapper: tuple[str, ...] = ()
     node: Mapping = obj
     while True:
         direct = any(isinstance(v, torch.Tensor) for v in node.values())
         inner = next(
-            (k for k in WRAPPER_KEYS if isinstance(node.get(k), Mapping) and _has_tensor(node[k])),
+            (
+                k
+                for k in WRAPPER_KEYS
+                if isinstance(node.get(k), Mapping) and _has_tensor(node[k], file)
+            ),
             None,
         )
         if inner is None or direct and not _is_wrapper_dict(node):
             break
         wrapper += (inner,)
         node = node[inner]
-    tensors = dict(_flatten(node))
+    tensors: dict[str, torch.Tensor] = {}
+    for key, t in _flatten(node, file):
+        if key in tensors:  # {"a.b": x, "a": {"b": y}}: two tensors, one name
+            raise CheckpointError(f"{show_path(file)}: two tensors are both named {show_key(key)}")
+        tensors[key] = t
     return wrapper, tensors
 
 
@@ -334,28 +461,26 @@ def _is_wrapper_dict(node: Mapping) -> bool:
     return sum(isinstance(v, torch.Tensor) for v in node.values()) < len(node) / 2
 
 
-def _has_tensor(node: Any) -> bool:
+def _has_tensor(node: Any, file: Path) -> bool:
     if isinstance(node, torch.Tensor):
         return True
     if isinstance(node, Mapping):
-        return any(_has_tensor(v) for v in node.values())
+        return any(True for _ in _flatten(node, file))
     return False
 
 
-def _flatten(node: Mapping, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
-    for k, v in node.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, torch.Tensor):
-            yield key, v
-        elif isinstance(v, Mapping):
-            yield from _flatten(v, key + ".")
-
-
-@contextmanager
-def _reading(file: Path) -> Iterator[None]:
-    """Turn safetensors' errors into CheckpointError naming the file."""
-    try:
-        yield
-    except (SafetensorError, OSError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({msg})") from e
+def _flatten(node: Mapping, file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(dotted key, tensor) for every tensor in nested mappings, in order; depth-bounded, no recursion."""
+    stack: list[tuple[str, Any, int]] = [("", node, 0)]
+    while stack:
+        key, n, depth = stack.pop()
+        if isinstance(n, torch.Tensor):
+            yield key, n
+        elif isinstance(n, Mapping):
+            if depth > MAX_NESTING:
+                raise CheckpointError(
+                    f"{show_path(file)}: dicts nested more than {MAX_NESTING} levels deep; not a state dict"
+                )
+            stack.extend(
+                (f"{key}.{k}" if key else str(k), v, depth + 1) for k, v in reversed(n.items())
+            )

@@ -23,7 +23,7 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
-from wcond.errors import CheckpointError, UnsafeCheckpointError
+from wcond.errors import CheckpointError, UnsafeCheckpointError, show_key, show_path
 from wcond.load import Checkpoint, TensorInfo, _state_dict_of
 
 __all__ = ["DCPCheckpoint", "is_dcp_directory", "open_dcp"]
@@ -66,7 +66,7 @@ class DCPCheckpoint(Checkpoint):
     def get(self, key: str) -> torch.Tensor:
         """The tensor stored under ``key``, assembled from its chunks by torch's DCP reader."""
         if key not in self._fqn:
-            raise CheckpointError(f"{self.path}: no tensor named {key!r}")
+            raise CheckpointError(f"{show_path(self.path)}: no tensor named {show_key(key)}")
         import torch.distributed.checkpoint as dcp
 
         fqn, info = self._fqn[key], self._infos[key]
@@ -78,7 +78,8 @@ class DCPCheckpoint(Checkpoint):
         except (RuntimeError, OSError, ValueError, EOFError, AssertionError, KeyError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointError(
-                f"{self.path}: cannot read tensor {key!r} from the DCP shards ({first[:160]})"
+                f"{show_path(self.path)}: cannot read tensor {show_key(key)} from the DCP shards "
+                f"({show_key(first, 160)})"
             ) from e
         return target[fqn]
 
@@ -93,7 +94,9 @@ def open_dcp(d: Path) -> DCPCheckpoint:
     """
     files = sorted(f for f in d.iterdir() if f.suffix == SHARD_SUFFIX)
     if not files:
-        raise CheckpointError(f"{d}: has a DCP {METADATA_NAME} file but no *{SHARD_SUFFIX} shards")
+        raise CheckpointError(
+            f"{show_path(d)}: has a DCP {METADATA_NAME} file but no *{SHARD_SUFFIX} shards"
+        )
     md = _read_metadata(d / METADATA_NAME)
     ck = DCPCheckpoint(d, md, files)
     # Rebuild the nested state from DCP's flattened names, with storage-free tensors standing in
@@ -113,7 +116,7 @@ def open_dcp(d: Path) -> DCPCheckpoint:
         if not _insert(nested, parts, leaf):
             _insert(nested, [fqn], leaf)  # the path collides with another entry: keep DCP's name
     if not by_id:
-        raise CheckpointError(f"{d}: DCP checkpoint holds no tensors")
+        raise CheckpointError(f"{show_path(d)}: DCP checkpoint holds no tensors")
     ck.wrapper, tensors = _state_dict_of(nested, d)
     for key, t in tensors.items():
         fqn, info = by_id[id(t)]
@@ -142,7 +145,9 @@ def _tensor_info(d: Path, fqn: str, entry: Any) -> TensorInfo | None:
     dtype = getattr(entry.properties, "dtype", None)
     shape = tuple(entry.size)
     if not isinstance(dtype, torch.dtype) or not all(isinstance(s, int) and s >= 0 for s in shape):
-        raise CheckpointError(f"{d}: DCP metadata of {fqn!r} has no valid shape and dtype")
+        raise CheckpointError(
+            f"{show_path(d)}: DCP metadata of {show_key(fqn)} has no valid shape and dtype"
+        )
     return TensorInfo(shape, dtype)
 
 
@@ -169,21 +174,23 @@ def _read_metadata(file: Path) -> Any:
         what = str(e).removeprefix("GLOBAL ") if str(e).startswith("GLOBAL ") else None
         if what is not None:
             raise UnsafeCheckpointError(
-                f"{file}: refused: this DCP metadata pickle would construct {what}, and wcond never "
-                "runs code from a checkpoint"
+                f"{show_path(file)}: refused: this DCP metadata pickle would construct "
+                f"{show_key(what)}, and wcond never runs code from a checkpoint"
             ) from e
-        raise CheckpointError(f"{file}: corrupt DCP metadata ({e})") from e
+        raise CheckpointError(
+            f"{show_path(file)}: corrupt DCP metadata ({show_key(str(e))})"
+        ) from e
     except (OSError, EOFError, ValueError, TypeError, AttributeError, ImportError) as e:
         raise CheckpointError(
-            f"{file}: corrupt or unreadable DCP metadata ({type(e).__name__})"
+            f"{show_path(file)}: corrupt or unreadable DCP metadata ({type(e).__name__})"
         ) from e
     if not isinstance(md, Metadata) or not isinstance(md.state_dict_metadata, dict):
-        raise CheckpointError(f"{file}: not DCP metadata (holds a {type(md).__name__})")
+        raise CheckpointError(f"{show_path(file)}: not DCP metadata (holds a {type(md).__name__})")
     for where in (md.storage_data or {}).values():
         rel = getattr(where, "relative_path", None)
         if not isinstance(rel, str) or Path(rel).name != rel or rel in ("", ".", ".."):
             raise CheckpointError(
-                f"{file}: DCP metadata points outside its directory ({rel!r}); refused"
+                f"{show_path(file)}: DCP metadata points outside its directory ({show_key(str(rel))}); refused"
             )
     return md
 

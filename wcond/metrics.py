@@ -12,8 +12,10 @@ Linear weights are walked). fp16/bf16 are upcast to float32; float64 stays float
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,17 +29,22 @@ __all__ = [
     "acv",
     "acv_floor",
     "as_cols",
+    "as_float",
     "as_rows",
     "autocorrelation_sums",
     "conv_similarity",
+    "conv_similarity_batch",
     "conv_similarity_floor",
     "conv_similarity_norm",
     "near_parallel_pairs",
     "norm_dev_max",
     "norm_loss",
     "pair_norm_products",
+    "norm_dev_max_of_norms",
+    "norm_loss_of_norms",
     "pair_statistics",
     "rare",
+    "reuse_buffers",
 ]
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -47,8 +54,68 @@ _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BLOCK_ELEMENTS = 1 << 24
 
 
+class _Workspace(threading.local):
+    depth = 0
+    buffers: dict[tuple[str, torch.dtype, torch.device], Tensor]
+
+
+_workspace = _Workspace()
+
+
+@contextlib.contextmanager
+def reuse_buffers() -> Iterator[None]:
+    """Within it, the large temporaries of the metrics are cut from buffers kept across calls.
+
+    A fresh tensor of hundreds of MiB costs a page fault per 4 KiB page on every call, as much as
+    the arithmetic on it for a 2048-wide layer; reused buffers pay that once. The buffers are freed
+    when the outermost ``with`` ends. Only computations without gradients use them.
+
+    Example:
+        >>> with torch.no_grad(), reuse_buffers():
+        ...     stats = [pair_statistics(as_rows(w)) for w in weights]
+    """
+    if _workspace.depth == 0:
+        _workspace.buffers = {}
+    _workspace.depth += 1
+    try:
+        yield
+    finally:
+        _workspace.depth -= 1
+        if _workspace.depth == 0:
+            _workspace.buffers = {}
+
+
+def _buffer(slot: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """An uninitialized tensor: a view of the slot's kept buffer inside reuse_buffers(), else new."""
+    if _workspace.depth == 0 or torch.is_grad_enabled():
+        return torch.empty(shape, dtype=dtype, device=device)
+    n = math.prod(shape)
+    key = (slot, dtype, device)
+    buf = _workspace.buffers.get(key)
+    if buf is None or buf.numel() < n:
+        del buf  # let the old one go before the larger one is allocated
+        _workspace.buffers.pop(key, None)
+        buf = _workspace.buffers[key] = torch.empty(n, dtype=dtype, device=device)
+    return buf[:n].view(shape)
+
+
+def _float_type(w: Tensor) -> torch.dtype:
+    return torch.float64 if w.dtype == torch.float64 else torch.float32
+
+
+def as_float(w: Tensor) -> Tensor:
+    """w in float32 (float64 stays float64), as every metric computes; w itself when it already is."""
+    return _compute_dtype(w)
+
+
 def _compute_dtype(w: Tensor) -> Tensor:
-    return w if w.dtype == torch.float64 else w.float()
+    """w in float32 (float64 stays float64); a conversion lands in a reused buffer when allowed."""
+    dtype = _float_type(w)
+    if w.dtype == dtype:
+        return w
+    if w.requires_grad:
+        return w.to(dtype)
+    return _buffer("convert", tuple(w.shape), dtype, w.device).copy_(w)
 
 
 def as_rows(w: Tensor) -> Tensor:
@@ -57,8 +124,17 @@ def as_rows(w: Tensor) -> Tensor:
 
 
 def as_cols(w: Tensor) -> Tensor:
-    """Columns of a weight: one flattened vector per input unit (for a conv, all that reads channel c)."""
-    return _compute_dtype(w).transpose(0, 1).reshape(w.shape[1], -1)
+    """Columns of a weight: one flattened vector per input unit (for a conv, all that reads channel c).
+
+    For a matrix this is a transposed view, no copy.
+    """
+    w = _compute_dtype(w)
+    if w.requires_grad:
+        return w.transpose(0, 1).reshape(w.shape[1], -1)
+    if math.prod(w.shape[2:]) == 1:  # a matrix or a 1x1 conv: a transposed view
+        return w.reshape(w.shape[0], w.shape[1]).transpose(0, 1)
+    out = _buffer("cols", (w.shape[1], w.shape[0], *w.shape[2:]), w.dtype, w.device)
+    return out.copy_(w.transpose(0, 1)).reshape(w.shape[1], -1)
 
 
 # --------------------------------------------------------------------------- pairwise cosines
@@ -91,6 +167,9 @@ class PairStats:
     near_parallel: int = 0
     closest: list[Pair] = field(default_factory=list)
     rare_value: Tensor | None = None  # min_{i != j} (1 - cos^2), computed without cancellation
+    norms: Tensor | None = (
+        None  # |w_i| of every vector, dead ones 0 (float64 where float32 overflows)
+    )
 
     @property
     def pairs(self) -> int:
@@ -148,6 +227,9 @@ def pair_statistics(
     dead = _dead_indices(v.shape[0], live_idx)
     zero = v.new_zeros(())
     stats = PairStats(n=v.shape[0], live=n, dead=dead, acv_sum=zero, max_abs_cos=zero)
+    stats.norms = norms.detach()
+    if live_idx is not None:
+        stats.norms = norms.new_zeros(v.shape[0]).index_copy_(0, live_idx, stats.norms)
     if n < 2:
         return stats
 
@@ -163,6 +245,7 @@ def pair_statistics(
     max_parts: list[Tensor] = []
     cand: list[tuple[Tensor, Tensor, Tensor]] = []  # (|cos|, i, j) in live indexing
     near = torch.zeros((), dtype=torch.long, device=u.device)
+    kth = -math.inf  # on the host: the want-th largest |cos| among the candidates so far
     for start, c in _cosine_blocks(u):
         a = c.abs() if track else c.abs_()  # without gradients, no second block-sized buffer
         row_max = a.detach().amax(dim=1)
@@ -173,10 +256,16 @@ def pair_statistics(
             assert tau_cos is not None and tau_euc is not None and reach is not None
             if not on_host:  # count on the device, so the loop never waits for it
                 near = near + _near_count(start, a_d, reach, tau_cos)
-            elif float(max_parts[-1]) > 1 - 2 * tau_cos:  # free on the host; usually rules all out
+            elif float(row_max.max()) > 1 - 2 * tau_cos:  # free on the host; usually rules all out
                 # The few candidates get D_euc in float64, exact even for rows of 1e37.
                 near = near + sum(1 for _ in _near_in_block(start, v_live, a_d, tau_cos, tau_euc))
-        cand.append(_block_candidates(start, a_d, row_max, want))
+        if not on_host:
+            cand.append(_block_candidates(start, a_d, row_max, want))
+        elif float(row_max.max()) >= kth:  # else no pair of this block can be among the best
+            cand.append(_block_candidates(start, a_d, row_max, want))
+            best = torch.cat([x[0] for x in cand])
+            if best.numel() >= want:
+                kth = float(best.topk(want).values[-1])
     stats.acv_sum = torch.stack(acv_parts).sum()
     stats.max_abs_cos = torch.stack(max_parts).max()
     stats.near_parallel = int(near)
@@ -190,10 +279,11 @@ def pair_statistics(
     j_t = torch.tensor([p[1] for p in pairs], device=v.device)
     cos, sin2, d_euc = _refine_pairs(live_v[i_t], live_v[j_t])
     stats.rare_value = sin2.min().to(v.dtype)
-    order = sorted(range(len(pairs)), key=lambda k: -abs(float(cos[k].detach())))[:top_k]
+    cos_l, d_l = cos.detach().tolist(), d_euc.tolist()  # one read from the device for all pairs
+    order = sorted(range(len(pairs)), key=lambda k: -abs(cos_l[k]))[:top_k]
     for k in order:
         i, j = pairs[k]
-        c_k, d_k = float(cos[k].detach()), float(d_euc[k].detach())
+        c_k, d_k = cos_l[k], d_l[k]
         np_pair = count_pairs and (1 - abs(c_k) < tau_cos) and (d_k < tau_euc)  # type: ignore[operator]
         stats.closest.append(Pair(idx[i], idx[j], c_k, d_k, bool(np_pair)))
     return stats
@@ -296,25 +386,58 @@ def _live_units(v: Tensor) -> tuple[Tensor | None, Tensor, Tensor]:
     """(indices of the rows of v with a non-zero entry, or None when all have one; their norms; their unit vectors).
 
     Dead means exactly zero: a row of 1e-25s is live although its squares underflow in float32.
-    Rows with entries far from 1 are divided by a power of two first (exact), so that a row of
-    1e37s or of subnormals gets its direction right; their norms may then be inf or 0 in v's dtype.
+    Rows whose norm is far from 1 are divided by a power of two near their largest entry first
+    (exact), so that a row of 1e37s or of subnormals gets its direction right; their norms are
+    then returned in float64. The unit vectors keep v's memory layout (a transposed matrix stays
+    transposed, for the GEMM), in a reused buffer when allowed.
     """
-    peak = torch.linalg.vector_norm(v.detach(), float("inf"), dim=1)
+    norms = _norms(v)
+    if v.shape[0]:
+        lo, hi = torch.aminmax(norms.detach())
+        if _SAFE_PEAK[0] <= float(lo) and float(hi) <= _SAFE_PEAK[1]:  # the common case
+            return None, norms, _divide_rows(v, norms)
+    peak = v.detach().abs().amax(dim=1) if v.shape[1] else v.new_zeros(v.shape[0])
     idx = None
-    if not bool((peak > 0).all()):
+    if not bool((peak > 0).all()):  # NaN rows count as dead too
         idx = torch.nonzero(peak > 0).flatten()
         v, peak = v[idx], peak[idx]
     if not v.shape[0]:
         return idx, peak, v
-    lo, hi = torch.aminmax(peak)
-    if _SAFE_PEAK[0] <= float(lo) and float(hi) <= _SAFE_PEAK[1]:  # the common case: one copy
-        norms = v.norm(dim=1)
-        return idx, norms, v / norms[:, None]
     scale = torch.exp2(torch.floor(torch.log2(peak)))[:, None]
     scaled = v / scale
     norms = scaled.norm(dim=1)
     # float64 holds the true norms of any float32 row (up to 2**128 * sqrt(d)).
     return idx, norms.double() * scale.squeeze(1).double(), scaled / norms[:, None]
+
+
+def _norms(v: Tensor) -> Tensor:
+    """Row norms of v; for a transposed matrix, column norms of the stored one, by row panels.
+
+    A reduction across the stored rows is several times slower than along them in torch, and
+    squaring the whole matrix first would allocate its size again.
+    """
+    if v.requires_grad or v.is_contiguous() or v.ndim != 2 or v.stride(0) != 1:
+        return v.norm(dim=1)
+    stored = v.T  # contiguous (d, n): the vectors are its columns
+    sq = v.new_zeros(v.shape[0])
+    tmp = _buffer("norm_panel", (min(256, stored.shape[0]), stored.shape[1]), v.dtype, v.device)
+    for panel in stored.split(tmp.shape[0]):
+        part = tmp[: panel.shape[0]]
+        torch.mul(panel, panel, out=part)
+        sq += part.sum(dim=0)
+    return sq.sqrt_()
+
+
+def _divide_rows(v: Tensor, norms: Tensor) -> Tensor:
+    """v / norms per row, in v's layout (row-major or transposed)."""
+    if v.requires_grad:
+        return v / norms[:, None]
+    if v.ndim == 2 and not v.is_contiguous() and v.stride(0) == 1:
+        stored = v.T
+        out = _buffer("units", tuple(stored.shape), v.dtype, v.device)
+        return torch.div(stored, norms[None, :], out=out).T
+    out = _buffer("units", tuple(v.shape), v.dtype, v.device)
+    return torch.div(v, norms[:, None], out=out)
 
 
 def _cosine_blocks(u: Tensor) -> Iterator[tuple[int, Tensor]]:
@@ -324,13 +447,20 @@ def _cosine_blocks(u: Tensor) -> Iterator[tuple[int, Tensor]]:
     ``start``; entries on or below the diagonal are set to 0, which no cosine statistic counts.
     """
     n = u.shape[0]
-    # At least ~8 row blocks, so the lower triangle that is skipped is most of the lower half;
-    # at most 2**24 cosines per block.
-    block = max(1, min(n, _BLOCK_ELEMENTS // max(n, 1), max(64, -(-n // 8))))
+    # About 16 row blocks, so that the computed part beyond the triangle (half of each block's
+    # leading square) is about 3% of it; blocks of at least 64 rows keep the GEMMs efficient, and
+    # at most 2**24 cosines bound the memory.
+    block = max(1, min(n, _BLOCK_ELEMENTS // max(n, 1), max(64, -(-n // 16))))
+    track = u.requires_grad and torch.is_grad_enabled()
     for start in range(0, n - 1, block):
         stop = min(n, start + block)
-        c = u[start:stop] @ u[start:].T
-        c[:, : stop - start] = c[:, : stop - start].triu(1)  # only this square holds j <= i
+        if track:
+            c = u[start:stop] @ u[start:].T
+            c[:, : stop - start] = c[:, : stop - start].triu(1)  # only this square holds j <= i
+        else:
+            out = _buffer("cosines", (stop - start, n - start), u.dtype, u.device)
+            c = torch.matmul(u[start:stop], u[start:].T, out=out)
+            c[:, : stop - start].triu_(1)
         yield start, c
 
 
@@ -354,9 +484,12 @@ def autocorrelation_sums(w: Tensor) -> Tensor:
         # (out, taps, in): contiguous when the caller keeps channels last, a strided view otherwise.
         positions = w.reshape(w.shape[0], w.shape[1], taps).transpose(1, 2)
         gram = _PositionGram.apply(positions).reshape(w.shape[0], taps * taps)
-        r = gram.new_zeros(w.shape[0], math.prod(sizes)).index_add(
-            1, _lag_index(kernel, gram.device), gram
-        )
+        if gram.device.type == "cpu":
+            r = gram.new_zeros(w.shape[0], math.prod(sizes)).index_add(
+                1, _lag_index(kernel, gram.device), gram
+            )
+        else:  # index_add adds with atomics on a GPU (run-to-run noise); a 0/1 matmul does not
+            r = gram @ _lag_matrix(kernel, gram.device, gram.dtype)
         return r.reshape(w.shape[0], *sizes)
     spatial = tuple(range(2, w.ndim))
     spec = torch.fft.rfftn(w, s=sizes, dim=spatial)
@@ -400,6 +533,16 @@ def _lag_index(kernel: tuple[int, ...], device: torch.device) -> Tensor:
     return flat.flatten().to(device)
 
 
+@functools.lru_cache(maxsize=64)
+def _lag_matrix(kernel: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The 0/1 matrix (taps^2, lags) that sums each position pair into its lag (see _lag_index)."""
+    index = _lag_index(kernel, torch.device("cpu"))
+    lags = math.prod(2 * k - 1 for k in kernel)
+    m = torch.zeros(index.numel(), lags, dtype=dtype)
+    m[torch.arange(index.numel()), index] = 1
+    return m.to(device)
+
+
 def _group_sums(values: Tensor, groups: int) -> Tensor:
     """Reshape per-filter rows (out, ...) into (groups, out/groups, -1)."""
     out = values.shape[0]
@@ -419,10 +562,29 @@ def _conv_similarity_tensor(w: Tensor, groups: int = 1) -> Tensor:
         raise ValueError(
             f"Convolutional Similarity needs a conv kernel (ndim >= 3), got shape {tuple(w.shape)}"
         )
-    r = _group_sums(autocorrelation_sums(w), groups)
+    return conv_similarity_batch(w[None], groups)[0]
+
+
+def conv_similarity_batch(w: Tensor, groups: int = 1) -> Tensor:
+    """CS of each of L same-shaped conv kernels stacked as (L, out, in, *kernel): a tensor (L,).
+
+    The same computation as ``conv_similarity`` (which is this with L = 1), in one set of batched
+    operations for all L kernels: what ``init_cs`` steps, so that a step costs a few large kernel
+    launches instead of a few per layer.
+
+    Example:
+        >>> conv_similarity_batch(torch.stack([conv_a.weight, conv_b.weight]))  # tensor([cs_a, cs_b])
+    """
+    if w.ndim < 4:
+        raise ValueError(f"conv_similarity_batch needs (L, out, in, *kernel), got {tuple(w.shape)}")
+    n_layers, out = w.shape[0], w.shape[1]
+    if out % groups:
+        raise ValueError(f"groups={groups} does not divide the {out} output filters")
+    r = autocorrelation_sums(w.reshape(n_layers * out, *w.shape[2:]))
+    r = r.reshape(n_layers, groups, out // groups, -1)
     # CS = sum_{i<j} <R_i, R_j> = (|sum_i R_i|^2 - sum_i |R_i|^2) / 2, per group (METRICS.md).
-    total = r.sum(dim=1).pow(2).sum()
-    self_terms = r.pow(2).sum()
+    total = r.sum(dim=2).pow(2).sum(dim=(1, 2))
+    self_terms = r.pow(2).sum(dim=(1, 2, 3))
     return (total - self_terms) / 2
 
 
@@ -475,13 +637,23 @@ def _row_norms(w: Tensor) -> Tensor:
 
 def norm_loss(weights: Tensor | nn.Module | Iterable[Tensor]) -> Tensor:
     """Norm Loss (eq. 3): sum over rows of (1 - |w_o|)^2, summed over weights."""
-    terms = [(1 - _row_norms(w)).pow(2).sum() for w, _ in _weights(weights)]
+    terms = [norm_loss_of_norms(_row_norms(w)) for w, _ in _weights(weights)]
     return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
 def norm_dev_max(w: Tensor) -> Tensor:
     """max_o |1 - |w_o||."""
-    return (1 - _row_norms(w)).abs().max()
+    return norm_dev_max_of_norms(_row_norms(w))
+
+
+def norm_loss_of_norms(norms: Tensor) -> Tensor:
+    """Norm Loss from the row norms |w_o| (``PairStats.norms`` of the rows): sum_o (1 - |w_o|)^2."""
+    return (1 - norms).pow(2).sum()
+
+
+def norm_dev_max_of_norms(norms: Tensor) -> Tensor:
+    """norm_dev_max from the row norms: max_o |1 - |w_o||."""
+    return (1 - norms).abs().max()
 
 
 def rare(weights: Tensor | nn.Module | Iterable[Tensor], axis: str = "rows") -> Tensor:

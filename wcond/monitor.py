@@ -28,7 +28,7 @@ from torch import nn
 from wcond.analyze import NUMERIC_FIELDS, analyze_tensor
 from wcond.errors import UsageError
 from wcond.layers import find_layers
-from wcond.load import TensorInfo
+from wcond.load import tensor_info
 from wcond.module import module_view
 
 # WeightMetrics (the Lightning callback) is public too, but built on first access: not in
@@ -81,11 +81,7 @@ class WeightMonitor:
     def compute(self, model: nn.Module) -> dict[str, float]:
         """``{prefix + metric + "/" + weight key: value}`` for the model's current weights."""
         view = module_view(model)
-        infos = {
-            k: TensorInfo(tuple(t.shape), t.dtype)
-            for k, t in view.tensors.items()
-            if isinstance(t, torch.Tensor)
-        }
+        infos = {k: tensor_info(t) for k, t in view.tensors.items() if isinstance(t, torch.Tensor)}
         specs = find_layers(infos, self.layers, self.exclude, view.groups)
         if not specs:
             raise UsageError(

@@ -21,11 +21,21 @@ import torch
 
 from wcond import metrics
 from wcond.analyze import NUMERIC_FIELDS, Report
-from wcond.defaults import MAX_VECTORS, TAU_COS, TAU_EUC
+from wcond.defaults import (
+    MAX_DPI,
+    MAX_PIXELS,
+    MAX_SIDE,
+    MAX_VECTORS,
+    MAX_VECTORS_LIMIT,
+    TAU_COS,
+    TAU_EUC,
+)
 from wcond.errors import UsageError
 from wcond.layers import is_layer
 from wcond.load import Checkpoint, open_checkpoint
 from wcond.load_factorized import dense_view
+from wcond.save import atomic_path
+from wcond.text import visible
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -36,6 +46,7 @@ if TYPE_CHECKING:
 __all__ = [
     "INSTALL_HINT",
     "CosMatrix",
+    "check_canvas",
     "cos_matrix",
     "heatmap_png",
     "layer_weight",
@@ -92,7 +103,7 @@ class CosMatrix:
         if self.subsampled:
             what += f", {len(self.indices)} of {self.total} shown (evenly spaced)"
         k = len(self.near_parallel)
-        return f"{self.name}\n{what}; {k} near-parallel pair{'' if k == 1 else 's'} circled"
+        return f"{_label(self.name)}\n{what}; {k} near-parallel pair{'' if k == 1 else 's'} circled"
 
 
 def _pick(n: int, limit: int, include: Sequence[int] = ()) -> list[int]:
@@ -123,6 +134,10 @@ def cos_matrix(
     """
     if axis not in ("rows", "cols"):
         raise UsageError(f"axis={axis!r}: expected 'rows' or 'cols'", params=("axis",))
+    if not 2 <= max_vectors <= MAX_VECTORS_LIMIT:
+        raise UsageError(
+            f"max_vectors={max_vectors}: expected 2 to {MAX_VECTORS_LIMIT}", params=("max_vectors",)
+        )
     vectors = metrics.as_rows(w) if axis == "rows" else metrics.as_cols(w)
     vectors = vectors.detach().to("cpu", torch.float32)
     idx = _pick(vectors.shape[0], max_vectors, include)
@@ -190,26 +205,45 @@ def _figure(
     plt: Any, size_px: tuple[int, int] | None, default_in: tuple[float, float], dpi: int, **kw: Any
 ) -> tuple[Figure, Any]:
     inches = (size_px[0] / dpi, size_px[1] / dpi) if size_px else default_in
+    check_canvas((round(inches[0] * dpi), round(inches[1] * dpi)), dpi)
     return plt.subplots(figsize=inches, dpi=dpi, **kw)
 
 
+def check_canvas(size_px: tuple[int, int] | None, dpi: int = _DEFAULT_DPI) -> None:
+    """A UsageError, before any drawing, for an image too large to draw or a dpi out of range.
+
+    Bounds: :data:`MAX_SIDE` pixels a side, :data:`MAX_PIXELS` in all, dpi from 10 to :data:`MAX_DPI`.
+    """
+    if not 10 <= dpi <= MAX_DPI:
+        raise UsageError(f"dpi={dpi}: expected 10 to {MAX_DPI}", params=("dpi",))
+    if size_px is None:
+        return
+    w, h = size_px
+    if min(w, h) < 1 or max(w, h) > MAX_SIDE or w * h > MAX_PIXELS:
+        raise UsageError(
+            f"a {w}x{h}-pixel image (dpi {dpi}) is too large to draw: at most {MAX_SIDE:,} pixels "
+            f"a side and {MAX_PIXELS:,} in all; lower the size or the dpi"
+        )
+
+
 def _save(plt: Any, fig: Figure, out: Path, dpi: int) -> None:
-    """PNG or SVG by the extension; an SVG gets the same pixel size as the PNG would (width/height in px)."""
+    """PNG or SVG by the extension, written atomically; an SVG gets the PNG's pixel size (width/height in px)."""
     try:
-        if out.suffix.lower() == ".png":
-            fig.savefig(out, format="png", dpi=dpi, metadata={"Software": None})
-        else:
-            buf = io.StringIO()
-            fig.savefig(buf, format="svg", dpi=dpi)
-            w, h = (round(x * dpi) for x in fig.get_size_inches())
-            # matplotlib sizes an SVG in points (72 per inch); state pixels so browsers draw it as large as the PNG.
-            svg = re.sub(
-                r'width="[\d.]+pt" height="[\d.]+pt"',
-                f'width="{w}px" height="{h}px"',
-                buf.getvalue(),
-                count=1,
-            )
-            out.write_text(svg, encoding="utf-8")
+        with atomic_path(out) as tmp:
+            if out.suffix.lower() == ".png":
+                fig.savefig(tmp, format="png", dpi=dpi, metadata={"Software": None})
+            else:
+                buf = io.StringIO()
+                fig.savefig(buf, format="svg", dpi=dpi)
+                w, h = (round(x * dpi) for x in fig.get_size_inches())
+                # matplotlib sizes an SVG in points (72 per inch); state pixels so browsers draw it as large as the PNG.
+                svg = re.sub(
+                    r'width="[\d.]+pt" height="[\d.]+pt"',
+                    f'width="{w}px" height="{h}px"',
+                    buf.getvalue(),
+                    count=1,
+                )
+                tmp.write_text(svg, encoding="utf-8")
     finally:
         plt.close(fig)
 
@@ -243,21 +277,23 @@ def plot_layer(
         >>> wcond.plot.plot_layer("model.pt", "conv1.weight", "conv1.png", vs="model_cs.pt")
     """
     out = check_plot_output(out)
-    plt = require_matplotlib()
+    default_in = (7.0 * (1 if vs is None else 2), 6.0)
+    check_canvas(size_px or (round(default_in[0] * dpi), round(default_in[1] * dpi)), dpi)
+    plt = require_matplotlib()  # both before reading any weights
     sides = [(source, layer_weight(source, key))]
     if vs is not None:
         sides.append((vs, layer_weight(vs, key)))
     fig, axes = _figure(
         plt,
         size_px,
-        (7.0 * len(sides), 6.0),
+        default_in,
         dpi,
         ncols=len(sides),
         squeeze=False,
         layout="constrained",
     )
     for ax, (src, w) in zip(axes[0], sides):
-        label = f"{_source_name(src)}: {key}" if vs is not None else key
+        label = f"{_file_name(src)}: {key}" if vs is not None else key  # escaped by the title
         cm = cos_matrix(
             label, w, axis=axis, max_vectors=max_vectors, tau_cos=tau_cos, tau_euc=tau_euc
         )
@@ -291,6 +327,7 @@ def plot_metrics(
 ) -> Path:
     """A bar chart per metric (every NUMERIC_FIELDS entry), one bar per layer; grouped A/B bars with ``vs``."""
     out = check_plot_output(out)
+    check_canvas(size_px, dpi)
     plt = require_matplotlib()
     from matplotlib.ticker import MaxNLocator
 
@@ -354,7 +391,7 @@ def plot_metrics(
     for ax in axes[-1]:
         ax.set_xticks(
             x,
-            [n.removesuffix(".weight") for n in names] if labelled else [str(i) for i in x],
+            [_label(n.removesuffix(".weight")) for n in names] if labelled else [str(i) for i in x],
             rotation=90,
             fontsize=7,
         )
@@ -374,10 +411,17 @@ def _nan(v: float | None) -> float:
     return math.nan if v is None else v
 
 
+def _file_name(src: Any) -> str:
+    return Path(src.path if isinstance(src, Checkpoint) else str(src)).name
+
+
 def _source_name(src: Any) -> str:
-    if isinstance(src, Checkpoint):
-        return Path(src.path).name
-    return Path(str(src)).name
+    return _label(_file_name(src))
+
+
+def _label(name: str) -> str:
+    """A name from a checkpoint as matplotlib text: control characters escaped, ``$`` not mathtext."""
+    return visible(name).replace("$", r"\$")
 
 
 # How `plot_trend` sums a metric over layers: additive totals add up; a worst-case value keeps
@@ -439,7 +483,9 @@ def plot_trend(
             for name in layers:
                 ys = [_nan(v) for v in t.trend[name][metric]]
                 if any(math.isfinite(y) for y in ys):
-                    ax.plot(x, ys, marker=".", linewidth=1, label=name.removesuffix(".weight"))
+                    ax.plot(
+                        x, ys, marker=".", linewidth=1, label=_label(name.removesuffix(".weight"))
+                    )
             ax.set_title(metric, fontsize=9)
         else:
             ys = [

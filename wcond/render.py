@@ -7,16 +7,15 @@ import io
 import json
 from collections.abc import Callable
 
-from rich import box
 from rich.console import Console
-from rich.table import Table
 from rich.text import Text
 
 from wcond._version import __version__
 from wcond.render_html import to_html
 from wcond.render_junit import to_junit
-from wcond.render_text import fit_table, fmt_number, fmt_shape, ratio
+from wcond.render_text import fmt_number, fmt_shape, print_layer_table, ratio, table_text
 from wcond.report import NUMERIC_FIELDS, LayerReport, Report
+from wcond.text import csv_cell, markup, md_cell, md_code, md_text
 
 __all__ = ["FORMATS", "fmt_number", "render", "render_table", "to_csv", "to_json", "to_markdown"]
 
@@ -91,23 +90,16 @@ def render_table(report: Report, console: Console) -> None:
             if header == "∥r/c" and (r.near_parallel_rows or r.near_parallel_cols) and not style:
                 style = "yellow"
             cells[header].append(Text(_cell(r, value), style=style))
-    names, shown = fit_table(console.width, [r.name for r in report.layers], cells, _DROP_ORDER)
-    hidden = [h for h in cells if h not in shown]
-    table = Table(
-        title=f"wcond inspect: {report.checkpoint}",
-        title_justify="left",
-        header_style="bold",
-        box=box.SIMPLE_HEAD,
-        padding=(0, 0, 0, 1),
-        pad_edge=False,
+    hidden = print_layer_table(
+        console,
+        f"wcond inspect: {report.checkpoint}",
+        [r.name for r in report.layers],
+        cells,
+        _DROP_ORDER,
+        name_styles=["bold red" if r.name in tripped or r.nonfinite else "" for r in report.layers],
+        left=("shape",),
     )
-    table.add_column("layer", no_wrap=True)
-    for h in shown:
-        table.add_column(h, justify="left" if h == "shape" else "right", no_wrap=True)
-    for i, (r, name) in enumerate(zip(report.layers, names)):
-        style = "bold red" if r.name in tripped or r.nonfinite else ""
-        table.add_row(Text(name, style=style), *(cells[h][i] for h in shown))
-    console.print(table)
+    shown = [h for h in cells if h not in hidden]
     legend = "  ".join(f"{h}: {_LEGEND[h]}" for h in shown if h in _LEGEND)
     console.print(f"[dim]{legend}[/]")
     if hidden:
@@ -138,19 +130,33 @@ def _print_summary(report: Report, console: Console) -> None:
     for key, label in labels.items():
         if s.worst.get(key):
             console.print(
-                f"{label}: " + ", ".join(s.worst[key][:3]), highlight=False, soft_wrap=True
+                f"{label}: " + ", ".join(markup(n) for n in s.worst[key][:3]),
+                highlight=False,
+                soft_wrap=True,
             )
     for r in report.layers:
         for note in r.notes:
-            console.print(f"[dim]note[/] {r.name}: {note}", highlight=False, soft_wrap=True)
+            console.print(
+                f"[dim]note[/] {markup(r.name)}: {markup(note)}", highlight=False, soft_wrap=True
+            )
+    for key, why in s.skipped.items():
+        console.print(
+            f"[dim]skipped[/] {markup(key)}: {markup(why)}",
+            highlight=False,
+            soft_wrap=True,
+        )
     for g in report.gates:
         if g.passed:
-            console.print(f"[green]PASS[/] {g.expr}", highlight=False, soft_wrap=True)
+            console.print(f"[green]PASS[/] {markup(g.expr)}", highlight=False, soft_wrap=True)
         else:
-            names = ", ".join(f"{v.layer} ({fmt_number(v.value)})" for v in g.violations[:10])
+            names = ", ".join(
+                f"{markup(v.layer)} ({fmt_number(v.value)})" for v in g.violations[:10]
+            )
             more = f" and {len(g.violations) - 10} more" if len(g.violations) > 10 else ""
             console.print(
-                f"[bold red]FAIL[/] {g.expr}: {names}{more}", highlight=False, soft_wrap=True
+                f"[bold red]FAIL[/] {markup(g.expr)}: {names}{more}",
+                highlight=False,
+                soft_wrap=True,
             )
 
 
@@ -163,7 +169,7 @@ def to_json(report: Report) -> str:
 def to_markdown(report: Report) -> str:
     """A GitHub-flavoured Markdown report that pastes into a CI job summary."""
     s = report.summary
-    out = [f"## wcond inspect: `{report.checkpoint}`", ""]
+    out = [f"## wcond inspect: {md_code(report.checkpoint)}", ""]
     verdict = (
         "❌ gates failed" if report.failed else ("✅ all gates passed" if report.gates else "")
     )
@@ -176,19 +182,22 @@ def to_markdown(report: Report) -> str:
     out.append("| " + " | ".join(headers) + " |")
     out.append("|" + "|".join(["---", "---"] + ["---:"] * len(_COLUMNS)) + "|")
     for r in report.layers:
-        cells = [f"`{r.name}`", fmt_shape(r.shape)] + [
+        cells = [md_code(r.name), fmt_shape(r.shape)] + [
             _cell(r, value, 4) for _, value, *_ in _COLUMNS
         ]
-        out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        out.append("| " + " | ".join(md_cell(c) for c in cells) + " |")
     if report.gates:
         out += ["", "**Gates**", ""]
         for g in report.gates:
             if g.passed:
-                out.append(f"- ✅ `{g.expr}`")
+                out.append(f"- ✅ {md_code(g.expr)}")
             else:
-                names = ", ".join(f"`{v.layer}` ({fmt_number(v.value)})" for v in g.violations)
-                out.append(f"- ❌ `{g.expr}`: {names}")
-    notes = [f"- `{r.name}`: {n}" for r in report.layers for n in r.notes]
+                names = ", ".join(
+                    f"{md_code(v.layer)} ({fmt_number(v.value)})" for v in g.violations
+                )
+                out.append(f"- ❌ {md_code(g.expr)}: {names}")
+    notes = [f"- {md_code(r.name)}: {md_text(n)}" for r in report.layers for n in r.notes]
+    notes += [f"- {md_code(k)}: skipped: {md_text(why)}" for k, why in s.skipped.items()]
     if notes:
         out += ["", "**Notes**", ""] + notes
     return "\n".join(out) + "\n"
@@ -206,14 +215,12 @@ def to_csv(report: Report) -> str:
         row = {f: getattr(r, f) for f in CSV_FIELDS if f not in ("shape", "notes")}
         row["shape"] = fmt_shape(r.shape)
         row["notes"] = "; ".join(r.notes)
-        writer.writerow({k: "" if v is None else v for k, v in row.items()})
+        writer.writerow({k: "" if v is None else csv_cell(v) for k, v in row.items()})
     return buf.getvalue()
 
 
 def _table_text(report: Report) -> str:
-    console = Console(record=True, width=120, file=io.StringIO(), color_system=None)
-    render_table(report, console)
-    return console.export_text()
+    return table_text(render_table, report)
 
 
 FORMATS: dict[str, Callable[[Report], str]] = {

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Callable
 
@@ -13,7 +12,8 @@ from rich.text import Text
 
 from wcond._version import __version__
 from wcond.diff import DiffReport, LayerDiff, MetricDiff
-from wcond.render_text import fit_table, fmt_number, fmt_shape
+from wcond.render_text import fit_table, fmt_number, fmt_shape, table_text
+from wcond.text import markup, md_cell, md_code, one_line
 
 __all__ = ["DIFF_RENDERERS", "diff_to_json", "diff_to_markdown", "render_diff", "render_diff_table"]
 
@@ -61,7 +61,11 @@ def _shown(d: LayerDiff) -> list[tuple[str, MetricDiff]]:
 
 def render_diff_table(d: DiffReport, console: Console) -> None:
     """Summary totals, then per layer every metric: A, B, change, relative change; then one-sided layers."""
-    console.print(f"[bold]wcond diff[/]: A = {d.a}  B = {d.b}", highlight=False, markup=True)
+    console.print(
+        f"[bold]wcond diff[/]: A = {markup(d.a)}  B = {markup(d.b)}",
+        highlight=False,
+        soft_wrap=True,
+    )
     # One first column, layer name then its metrics indented, so that a long key has the width.
     rows: list[tuple[Text, list[str], str | None, bool]] = [
         (Text("totals", style="bold"), [], None, False)
@@ -71,7 +75,9 @@ def render_diff_table(d: DiffReport, console: Console) -> None:
     for layer in d.layers:
         changed = layer.shape_changed
         cells = [fmt_shape(layer.shape_a), fmt_shape(layer.shape_b), "new shape" if changed else ""]
-        rows.append((Text(layer.name, style="bold"), cells, "yellow" if changed else None, True))
+        rows.append(
+            (Text(one_line(layer.name), style="bold"), cells, "yellow" if changed else None, True)
+        )
         for metric, m in _shown(layer):
             rows.append((Text(f"  {metric}"), _cells(m), _style(metric, m) or None, False))
     headers = ("A", "B", "change", "rel")
@@ -97,12 +103,21 @@ def render_diff_table(d: DiffReport, console: Console) -> None:
     )
     for side, names in (("only in A", d.only_a), ("only in B", d.only_b)):
         if names:
-            console.print(f"{side}: " + ", ".join(names), highlight=False, markup=False)
+            console.print(
+                f"{side}: " + ", ".join(map(one_line, names)),
+                highlight=False,
+                markup=False,
+                soft_wrap=True,
+            )
     for layer in d.layers:
         for side, notes in (("A", layer.notes_a), ("B", layer.notes_b)):
             for note in notes:
                 console.print(
-                    f"note {side} {layer.name}: {note}", style="dim", highlight=False, markup=False
+                    f"note {side} {one_line(layer.name)}: {one_line(note)}",
+                    style="dim",
+                    highlight=False,
+                    markup=False,
+                    soft_wrap=True,
                 )
 
 
@@ -113,25 +128,26 @@ def diff_to_json(d: DiffReport) -> str:
 
 def diff_to_markdown(d: DiffReport) -> str:
     """GitHub-flavoured Markdown: totals, shape changes, one-sided layers, then one table of every layer's metrics."""
-    out = [f"## wcond diff: `{d.a}` → `{d.b}`", ""]
+    out = [f"## wcond diff: {md_code(d.a)} → {md_code(d.b)}", ""]
     out += ["| total | A | B | change | rel |", "|---|---:|---:|---:|---:|"]
     out += [f"| {k} | " + " | ".join(_cells(m)) + " |" for k, m in d.summary.items()]
     out.append("")
     if d.shape_changes:
         out += ["**Shape changes**", ""]
         out += [
-            f"- `{x.name}`: {fmt_shape(x.shape_a)} → {fmt_shape(x.shape_b)}"
+            f"- {md_code(x.name)}: {fmt_shape(x.shape_a)} → {fmt_shape(x.shape_b)}"
             for x in d.shape_changes
         ]
         out.append("")
     for side, names in (("Only in A", d.only_a), ("Only in B", d.only_b)):
         if names:
-            out += [f"**{side}**: " + ", ".join(f"`{n}`" for n in names), ""]
+            out += [f"**{side}**: " + ", ".join(md_code(n) for n in names), ""]
     out += ["| layer | metric | A | B | change | rel |", "|---|---|---:|---:|---:|---:|"]
     for layer in d.layers:
         changed = "new shape" if layer.shape_changed else ""
         out.append(
-            f"| `{layer.name}` | shape | {fmt_shape(layer.shape_a)} | {fmt_shape(layer.shape_b)} | {changed} | |"
+            f"| {md_cell(md_code(layer.name))} | shape | {fmt_shape(layer.shape_a)} "
+            f"| {fmt_shape(layer.shape_b)} | {changed} | |"
         )
         out += [f"| | {k} | " + " | ".join(_cells(m)) + " |" for k, m in _shown(layer)]
     out += ["", "change = B - A; rel = change / |A|."]
@@ -139,9 +155,7 @@ def diff_to_markdown(d: DiffReport) -> str:
 
 
 def _table_text(d: DiffReport) -> str:
-    console = Console(record=True, width=120, file=io.StringIO(), color_system=None)
-    render_diff_table(d, console)
-    return console.export_text()
+    return table_text(render_diff_table, d)
 
 
 DIFF_RENDERERS: dict[str, Callable[[DiffReport], str]] = {

@@ -8,7 +8,6 @@ of the worst layers need matplotlib and the checkpoint's weights; without them t
 from __future__ import annotations
 
 import base64
-import html
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Callable
@@ -16,10 +15,12 @@ from typing import Callable
 import torch
 
 from wcond._version import __version__
+from wcond.defaults import TAU_COS, TAU_EUC
 from wcond.errors import WcondError
 from wcond.load import Checkpoint, open_checkpoint
 from wcond.render_text import fmt_number, fmt_shape, ratio
 from wcond.report import LayerReport, Report
+from wcond.text import html_text
 
 __all__ = ["HEATMAPS", "to_html"]
 
@@ -103,7 +104,8 @@ document.querySelectorAll("table.sortable").forEach(function (table) {
 
 
 def _e(s: object) -> str:
-    return html.escape(str(s), quote=True)
+    """Any text on the page: escaped for HTML, control characters shown as escapes."""
+    return html_text(s)
 
 
 def to_html(
@@ -270,7 +272,10 @@ def _heatmaps(
             )
         weights = open_checkpoint(report.checkpoint)
     figures = []
-    tau_cos, tau_euc = report.settings.get("tau_cos", 1e-4), report.settings.get("tau_euc", 0.1)
+    tau_cos, tau_euc = (
+        report.settings.get("tau_cos", TAU_COS),
+        report.settings.get("tau_euc", TAU_EUC),
+    )
     for layer, why in chosen:
         try:
             w = (

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from rich import box
 from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
-from rich.text import Text
 
 from wcond.condition import InitCSResult, LayerResult
-from wcond.render_text import fit_table, fmt_number
+from wcond.render_text import fmt_number, print_layer_table
+from wcond.text import markup
 
 __all__ = ["render_init_cs"]
 
@@ -27,14 +24,6 @@ def _pct(v: float | None) -> str:
 def render_init_cs(result: InitCSResult, console: Console) -> None:
     """The terminal view: CS before/after per layer, the drop split into norms and directions, then totals and notes."""
     keep_norm = result.settings["keep_norm"]
-    table = Table(
-        title=escape(f"wcond init-cs: {result.checkpoint}"),
-        title_justify="left",
-        header_style="bold",
-        box=box.SIMPLE_HEAD,
-        padding=(0, 0, 0, 1),
-        pad_edge=False,
-    )
     # With --keep-norm the norm part and |W| are 0 by construction; the floor is what matters instead.
     middle = ["floor", "gap"] if keep_norm else ["norms", "dirs"]
     headers = ["CS", "after", "change", *middle, "cs_n", *([] if keep_norm else ["|W|"]), "max|Δw|"]
@@ -59,15 +48,14 @@ def render_init_cs(result: InitCSResult, console: Console) -> None:
             ]
         )
     columns = {h: [row[i] for row in rows] for i, h in enumerate(headers)}
-    names, shown = fit_table(console.width, [r.name for r in result.layers], columns, _DROP_ORDER)
-    table.add_column("layer", no_wrap=True)
-    for header in shown:
-        table.add_column(header, justify="right", no_wrap=True)
-    for i, (r, name) in enumerate(zip(result.layers, names)):
-        table.add_row(
-            Text(name), *(columns[h][i] for h in shown), style="" if r.optimized else "dim"
-        )
-    console.print(table)
+    print_layer_table(
+        console,
+        f"wcond init-cs: {result.checkpoint}",
+        [r.name for r in result.layers],
+        columns,
+        _DROP_ORDER,
+        row_styles=["" if r.optimized else "dim" for r in result.layers],
+    )
     legend = (
         "CS before and after; change = norms + dirs, the parts due to the filters' norms and to their directions "
         "(CS of the new filters rescaled to their old norms); cs_n: conv_similarity_norm before→after; |W|: layer norm"
@@ -95,7 +83,7 @@ def render_init_cs(result: InitCSResult, console: Console) -> None:
         )
     for r in result.layers:
         for note in r.notes:
-            console.print(f"[dim]note[/] {escape(r.name)}: {escape(note)}", soft_wrap=True)
+            console.print(f"[dim]note[/] {markup(r.name)}: {markup(note)}", soft_wrap=True)
 
 
 def _neg(v: float | None) -> float | None:

@@ -24,6 +24,7 @@ import xml.etree.ElementTree as ET
 from wcond.gates import Gate
 from wcond.render_text import fmt_number, fmt_shape
 from wcond.report import LayerReport, Report
+from wcond.text import xml_text
 
 __all__ = ["to_junit"]
 
@@ -40,7 +41,7 @@ _HEADLINE = (
 
 
 def _headline(r: LayerReport) -> str:
-    return f"{r.name} ({r.kind} {fmt_shape(r.shape)}): " + ", ".join(
+    return f"{xml_text(r.name)} ({r.kind} {fmt_shape(r.shape)}): " + ", ".join(
         f"{m} {fmt_number(r.value(m))}" for m in _HEADLINE
     )
 
@@ -54,14 +55,14 @@ def to_junit(report: Report) -> str:
     """JUnit XML: a testcase per (layer, gate), or per layer when no gates are set (see module docs)."""
     gates = [Gate.parse(g.expr) for g in report.gates]
     tripped = {(v.layer, g.expr): v.value for g in report.gates for v in g.violations}
-    suite = ET.Element("testsuite", name=f"wcond inspect {report.checkpoint}")
+    suite = ET.Element("testsuite", name=f"wcond inspect {xml_text(report.checkpoint)}")
     props = ET.SubElement(suite, "properties")
     for k, v in report.settings.items():
         ET.SubElement(
             props,
             "property",
-            name=k,
-            value=v if isinstance(v, str) else "" if v is None else json.dumps(v),
+            name=xml_text(k),
+            value=xml_text(v if isinstance(v, str) else "" if v is None else json.dumps(v)),
         )
     cases: list[tuple[Gate | None, str]] = [
         (g, res.expr) for g, res in zip(gates, report.gates)
@@ -69,7 +70,7 @@ def to_junit(report: Report) -> str:
     tests = failures = skipped = 0
     for r in report.layers:
         for gate, expr in cases:
-            case = ET.SubElement(suite, "testcase", classname=r.name, name=expr)
+            case = ET.SubElement(suite, "testcase", classname=xml_text(r.name), name=xml_text(expr))
             tests += 1
             if gate is not None:
                 value = r.value(gate.metric)
@@ -80,9 +81,9 @@ def to_junit(report: Report) -> str:
                         case,
                         "failure",
                         type="wcond.gate",
-                        message=f"{gate.metric} = {v} trips {expr}",
+                        message=xml_text(f"{gate.metric} = {v} trips {expr}"),
                     )
-                    failure.text = (
+                    failure.text = xml_text(
                         f"{r.name}: {gate.metric} = {_exact(tripped[(r.name, expr)])}, gate {expr}"
                     )
                 elif value is None or value != value:

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from rich import box
 from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
-from rich.text import Text
 
-from wcond.render_text import fit_table, fmt_number, fmt_shape
+from wcond.render_text import fmt_number, fmt_shape, print_layer_table
 from wcond.shrink import ShrinkReport
+from wcond.text import markup
 
 __all__ = ["render_shrink"]
 
@@ -20,14 +17,6 @@ _DROP_ORDER = ("max°", "shape", "error")
 def render_shrink(report: ShrinkReport, console: Console) -> None:
     """The terminal view of a ShrinkReport: one row per layer, then the totals."""
     title = f"wcond shrink{' --fold' if report.mode == 'fold' else ''}: {report.checkpoint}"
-    table = Table(
-        title=escape(title),
-        title_justify="left",
-        header_style="bold",
-        box=box.SIMPLE_HEAD,
-        padding=(0, 0, 0, 1),
-        pad_edge=False,
-    )
     columns: dict[str, list[str]] = {h: [] for h in ("shape", "∥r/c", "params", "error", "max°")}
     for r in report.layers:
         columns["shape"].append(
@@ -41,16 +30,14 @@ def render_shrink(report: ShrinkReport, console: Console) -> None:
         )
         columns["error"].append(fmt_number(r.reconstruction_error, 3))
         columns["max°"].append(fmt_number(r.max_angle_deg, 3))
-    names, shown = fit_table(console.width, [r.name for r in report.layers], columns, _DROP_ORDER)
-    table.add_column("layer", no_wrap=True)
-    for header in shown:
-        table.add_column(header, justify="right", no_wrap=True)
-    for i, (r, name) in enumerate(zip(report.layers, names)):
-        table.add_row(
-            Text(name), *(columns[h][i] for h in shown), style="bold" if r.changed else "dim"
-        )
-    console.print(table)
-    hidden = [h for h in columns if h not in shown]
+    hidden = print_layer_table(
+        console,
+        title,
+        [r.name for r in report.layers],
+        columns,
+        _DROP_ORDER,
+        row_styles=["bold" if r.changed else "dim" for r in report.layers],
+    )
     if hidden:
         console.print(
             f"[dim]hidden at this width: {', '.join(hidden)} (widen the terminal, or use -f json)[/]"
@@ -65,23 +52,23 @@ def render_shrink(report: ShrinkReport, console: Console) -> None:
         soft_wrap=True,
     )
     if report.resolved:
-        names = "; ".join(
-            f"{escape(k)} = {escape(' + '.join(v))}" for k, v in report.resolved.items()
+        chain = "; ".join(
+            f"{markup(k)} = {markup(' + '.join(v))}" for k, v in report.resolved.items()
         )
-        console.print(f"chain: {names}", soft_wrap=True)
+        console.print(f"chain: {chain}", soft_wrap=True)
     if report.widths:
-        changed = ", ".join(f"{escape(k)} {a} → {b}" for k, (a, b) in report.widths.items())
+        changed = ", ".join(f"{markup(k)} {a} → {b}" for k, (a, b) in report.widths.items())
         console.print(
             f"new widths (output units): {changed}; build the model with these to load the output",
             soft_wrap=True,
         )
     for r in report.layers:
         for note in r.notes:
-            console.print(f"[dim]note[/] {escape(r.name)}: {escape(note)}", soft_wrap=True)
+            console.print(f"[dim]note[/] {markup(r.name)}: {markup(note)}", soft_wrap=True)
     if report.output is None:
         console.print("dry run: nothing written")
     else:
-        console.print(f"wrote {escape(report.output)}", soft_wrap=True)
+        console.print(f"wrote {markup(report.output)}", soft_wrap=True)
     console.print(_file_bytes_line(report), soft_wrap=True)
 
 

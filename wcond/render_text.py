@@ -7,12 +7,31 @@ only a name that still cannot fit is elided in the middle, keeping its distincti
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import io
+from collections.abc import Callable, Mapping, Sequence
+from typing import TypeVar
 
+from rich import box
 from rich.cells import cell_len
+from rich.console import Console
+from rich.table import Table
 from rich.text import Text
 
-__all__ = ["ELLIPSIS", "elide", "fit_columns", "fit_table", "fmt_number", "fmt_shape", "ratio"]
+from wcond.text import one_line
+
+T = TypeVar("T")
+
+__all__ = [
+    "ELLIPSIS",
+    "elide",
+    "fit_columns",
+    "fit_table",
+    "fmt_number",
+    "fmt_shape",
+    "print_layer_table",
+    "ratio",
+    "table_text",
+]
 
 ELLIPSIS = "…"
 MIN_NAME_WIDTH = 16  # below this an elided name no longer says which layer it is
@@ -105,3 +124,48 @@ def fit_table(
     widths = {h: max([cell_len(h), *(width(c) for c in col)]) + 2 for h, col in columns.items()}
     shown, name_width = fit_columns(total - 2, name, widths, drop_order)
     return [elide(n, name_width) for n in names], shown
+
+
+def print_layer_table(
+    console: Console,
+    title: str,
+    names: Sequence[str],
+    columns: Mapping[str, Sequence[str | Text]],
+    drop_order: Sequence[str],
+    *,
+    name_styles: Sequence[str] | None = None,
+    row_styles: Sequence[str] | None = None,
+    left: Sequence[str] = (),
+) -> list[str]:
+    """Print a table of one row per layer, fitted to the console; returns the columns left out.
+
+    ``columns`` maps each header to its cells (right-aligned unless named in ``left``).
+    """
+    # Names and titles come from the checkpoint: shown on one line, never as markup or controls.
+    shown_names, shown = fit_table(console.width, [one_line(n) for n in names], columns, drop_order)
+    table = Table(
+        title=Text(one_line(title)),
+        title_justify="left",
+        header_style="bold",
+        box=box.SIMPLE_HEAD,
+        padding=(0, 0, 0, 1),
+        pad_edge=False,
+    )
+    table.add_column("layer", no_wrap=True)
+    for h in shown:
+        table.add_column(h, justify="left" if h in left else "right", no_wrap=True)
+    for i, name in enumerate(shown_names):
+        table.add_row(
+            Text(name, style=name_styles[i] if name_styles else ""),
+            *(columns[h][i] for h in shown),
+            style=row_styles[i] if row_styles else None,
+        )
+    console.print(table)
+    return [h for h in columns if h not in shown]
+
+
+def table_text(render: Callable[[T, Console], None], obj: T, width: int = 120) -> str:
+    """What ``render`` prints for ``obj`` on a ``width``-column console without color, as text."""
+    console = Console(record=True, width=width, file=io.StringIO(), color_system=None)
+    render(obj, console)
+    return console.export_text()

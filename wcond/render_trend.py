@@ -17,12 +17,14 @@ from rich.text import Text
 from wcond._version import __version__
 from wcond.render_text import fmt_number
 from wcond.report import NUMERIC_FIELDS
+from wcond.text import csv_cell, md_cell, md_code, one_line
 from wcond.trend import TREND_METRICS, TrendReport
 
 __all__ = ["TREND_FORMATS", "render_trend", "render_trend_table", "sparkline"]
 
 _BARS = "▁▂▃▄▅▆▇█"
 _SPARK_MAX = 24
+_FLAT = 1e-4  # relative spread under which a row of values counts as constant
 _SHORT = {
     "acv_mean": "acv",
     "conv_similarity_norm": "cs_n",
@@ -42,11 +44,13 @@ def sparkline(values: Sequence[float | None], width: int = _SPARK_MAX) -> str:
     if not have:
         return " " * len(values)
     lo, hi = min(have), max(have)
+    # A spread at float32 noise level is drawn flat, not stretched into full-height bars.
+    flat = hi - lo <= _FLAT * max(abs(lo), abs(hi))
     out = []
     for v in values:
         if v is None or not math.isfinite(v):
             out.append(" ")
-        elif hi == lo:
+        elif flat:
             out.append(_BARS[0])
         else:
             out.append(_BARS[round((v - lo) / (hi - lo) * (len(_BARS) - 1))])
@@ -61,7 +65,7 @@ def _first_last(values: Sequence[float | None]) -> str:
 
 
 def _label(report_path: str) -> str:
-    return Path(report_path).name or report_path
+    return one_line(Path(report_path).name or report_path)
 
 
 def _ordered_layers(t: TrendReport, metrics: Sequence[str]) -> list[str]:
@@ -116,7 +120,7 @@ def render_trend_table(
         for m in metrics
     }
     widths = {m: max([len(_SHORT.get(m, m))] + [c.cell_len for c in cells[m]]) + 1 for m in metrics}
-    name_width = min(28, max([5] + [len(n) for n in order])) + 1
+    name_width = min(28, max([5] + [len(one_line(n)) for n in order])) + 1
     shown = list(metrics)
     while len(shown) > 1 and name_width + sum(widths[m] for m in shown) + 1 > console.width:
         shown.pop()  # the least important metric gives way on a narrow terminal
@@ -127,7 +131,7 @@ def render_trend_table(
     for m in shown:
         layer_table.add_column(_SHORT.get(m, m), justify="right", no_wrap=True)
     for i, name in enumerate(order):
-        layer_table.add_row(Text(name), *(cells[m][i] for m in shown))
+        layer_table.add_row(Text(one_line(name)), *(cells[m][i] for m in shown))
     console.print(layer_table)
     legend = "  ".join(f"{_SHORT.get(m, m)}: {m}" for m in shown)
     hidden = [m for m in metrics if m not in shown]
@@ -144,10 +148,12 @@ def render_trend_table(
         for g in r.gates:
             if g.passed:
                 continue
-            names = ", ".join(f"{v.layer} ({fmt_number(v.value)})" for v in g.violations[:10])
+            names = ", ".join(
+                f"{one_line(v.layer)} ({fmt_number(v.value)})" for v in g.violations[:10]
+            )
             more = f" and {len(g.violations) - 10} more" if len(g.violations) > 10 else ""
             line = Text("FAIL ", style="bold red")
-            line.append(f"{_label(r.checkpoint)}: {g.expr}: {names}{more}")
+            line.append(f"{_label(r.checkpoint)}: {one_line(g.expr)}: {names}{more}")
             console.print(line, soft_wrap=True)
     gated = [r for r in t.reports if r.gates]
     if gated:
@@ -175,7 +181,8 @@ def trend_csv(t: TrendReport) -> str:
             for m in NUMERIC_FIELDS:
                 v = per_metric[m][k]
                 if v is not None:
-                    writer.writerow([r.checkpoint, "" if step is None else step, layer, m, v])
+                    row = [r.checkpoint, "" if step is None else step, layer, m, v]
+                    writer.writerow([csv_cell(c) for c in row])
     return buf.getvalue()
 
 
@@ -183,7 +190,7 @@ def trend_markdown(t: TrendReport, metrics: Sequence[str] = TREND_METRICS) -> st
     """Markdown for a CI summary: one line per checkpoint, then each layer's metrics first→last."""
 
     def code(s: str) -> str:
-        return "`" + s.replace("`", "'").replace("|", "\\|") + "`"
+        return md_cell(md_code(s))
 
     out = [f"## wcond inspect: {len(t.reports)} checkpoints", ""]
     out += ["| checkpoint | step | layers | acv_sum | conv_similarity | norm_loss | gates |"]

@@ -94,6 +94,8 @@ class Summary:
     dead_rows: int
     nonfinite_layers: int
     worst: dict[str, list[str]]
+    # Tensors that look like weights but are not analyzed, by key: why (sparse, meta, zero-size, ...).
+    skipped: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

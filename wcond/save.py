@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from wcond.errors import UsageError
+from wcond.errors import OutputError, UsageError
 from wcond.load import SAFETENSORS_SUFFIXES, TORCH_SUFFIXES, Checkpoint
 
 __all__ = ["atomic_path", "check_output", "output_format", "save_checkpoint", "write_text"]
@@ -26,34 +26,59 @@ __all__ = ["atomic_path", "check_output", "output_format", "save_checkpoint", "w
 
 @contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; rename it onto ``target`` when the block succeeds."""
+    """Yield a temporary path beside ``target``; rename it onto ``target`` when the block succeeds.
+
+    A missing parent directory is created. Any failure (a full disk, a read-only or vanished
+    directory, Ctrl-C, SIGTERM) removes the temporary file; an OSError becomes an
+    :class:`OutputError` naming ``target``.
+    """
     target = Path(target)
     if target.is_dir():
         raise UsageError(f"{target}: is a directory; give a file name")
     if target.exists() and not target.is_file():
         # A device or a pipe (-o /dev/null, /dev/stdout): write straight to it; renaming a
         # temporary file over it would replace the device itself.
-        yield target
+        with _as_output_error(target, partial=True):
+            yield target
         return
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # The temporary file has the target's own name, in a private directory beside it: torch.save
-    # stores the file's name in every record of its zip, so a random name would change the bytes.
-    tmp_dir = Path(
-        tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".wcond-tmp", dir=target.parent)
-    )
+    with _as_output_error(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # The temporary file has the target's own name, in a private directory beside it:
+        # torch.save stores the file's name in every record of its zip, so a random name would
+        # change the bytes.
+        tmp_dir = Path(
+            tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".wcond-tmp", dir=target.parent)
+        )
     tmp = tmp_dir / target.name
     try:
-        tmp.touch()
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, _new_file_mode(target))
-        os.replace(tmp, target)
-    except BaseException:  # Ctrl-C included: never leave the partial file
+        with _as_output_error(target):
+            tmp.touch()
+            yield tmp
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.chmod(tmp, _new_file_mode(target))
+            os.replace(tmp, target)
+    except BaseException:  # Ctrl-C and SIGTERM included: never leave the partial file
         tmp.unlink(missing_ok=True)
         raise
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+@contextmanager
+def _as_output_error(target: Path, partial: bool = False) -> Iterator[None]:
+    """An OSError while writing ``target`` as an OutputError naming it and the system's reason."""
+    try:
+        yield
+    except OSError as e:
+        what = os.fsdecode(e.filename) if e.filename is not None else None
+        where = (
+            f"{target}: cannot write it"
+            if what is None or what == str(target) or ".wcond-tmp" in what
+            else f"{what}: failed while writing {target}"
+        )
+        outcome = "it may hold part of the output" if partial else "nothing was written"
+        raise OutputError(f"{where} ({e.strerror or e}); {outcome}") from e
 
 
 def _new_file_mode(target: Path) -> int:

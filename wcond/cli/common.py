@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import functools
+import math
 import os
 import re
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,18 +17,55 @@ from typing import Annotated, Any, Optional, TypeVar
 
 import typer
 from rich.console import Console, ConsoleDimensions
-from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
-from wcond.defaults import Device, ProgressFn
-from wcond.errors import WcondError
+from wcond.defaults import Device, ProgressFn, RewriteFormat
+from wcond.errors import OutputError, WcondError
 from wcond.hub import allow_downloads
+from wcond.text import markup, one_line
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 # Exit codes: 0 fine, 1 a gate tripped, 2 unusable input or arguments.
 EXIT_GATE = 1
 EXIT_USAGE = 2
+
+
+class _GuardedStdout:
+    """``sys.stdout`` as it is at each call (test runners swap it); a failed write is an OutputError.
+
+    A full disk or a closed pipe on stdout becomes one line on stderr and exit 2, and stdout is
+    pointed at /dev/null so that Python's final flush does not print a second, raw error.
+    """
+
+    def write(self, text: str) -> int:
+        try:
+            return sys.stdout.write(text)
+        except OSError as e:
+            raise _stdout_failed(e) from e
+
+    def flush(self) -> None:
+        try:
+            sys.stdout.flush()
+        except OSError as e:
+            raise _stdout_failed(e) from e
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(sys.stdout, name)
+
+
+def _stdout_failed(e: OSError) -> OutputError:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no file descriptor (a test runner's buffer): nothing to silence
+        pass
+    why = "the reader closed the pipe" if e.errno == errno.EPIPE else e.strerror or str(e)
+    return OutputError(f"cannot write to standard output: {why}")
+
+
+STDOUT = _GuardedStdout()
 
 # Width of a table written to a pipe or file (a CI log) when the environment sets no COLUMNS: rich
 # would take 80, too narrow for layer names beside the numbers, and a CI log is read wider.
@@ -46,7 +87,7 @@ class _Stdout(Console):
         Console.size.fset(self, new_size)  # type: ignore[attr-defined]
 
 
-stdout = _Stdout(highlight=False, soft_wrap=False)
+stdout = _Stdout(file=STDOUT, highlight=False, soft_wrap=False)  # type: ignore[arg-type]
 stderr = Console(stderr=True, highlight=False)
 
 
@@ -71,6 +112,13 @@ def pick_format(
     return given or (from_suffix if from_suffix in names else None) or fallback or names[0]
 
 
+def finite(value: float | None) -> float | None:
+    """Option callback: a number option must be finite (the ranges let inf through)."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value}: expected a finite number")
+    return value
+
+
 # Options used by several commands, defined once; their defaults come from wcond.defaults.
 DeviceOpt = Annotated[
     Device,
@@ -91,12 +139,18 @@ ExcludeOpt = Annotated[
     ),
 ]
 TauCosOpt = Annotated[
-    float, typer.Option("--tau-cos", help="Near-parallel when 1 - |cos| is below this.", min=0.0)
+    float,
+    typer.Option(
+        "--tau-cos", help="Near-parallel when 1 - |cos| is below this.", min=0.0, callback=finite
+    ),
 ]
 TauEucOpt = Annotated[
     float,
     typer.Option(
-        "--tau-euc", help="...and the rescaled Euclidean distance is below this.", min=0.0
+        "--tau-euc",
+        help="...and the rescaled Euclidean distance is below this.",
+        min=0.0,
+        callback=finite,
     ),
 ]
 GroupsOpt = Annotated[
@@ -106,6 +160,13 @@ GroupsOpt = Annotated[
         help="Conv groups of a layer, KEY=G (KEY may be a glob; repeatable).",
         metavar="KEY=G",
     ),
+]
+OutputOpt = Annotated[
+    Optional[Path],
+    typer.Option("--output", "-o", help="Write to this file instead of stdout (atomically)."),
+]
+RewriteFormatOpt = Annotated[
+    RewriteFormat, typer.Option("--format", "-f", help="Report format on stdout.")
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite OUT if it exists.")]
 # Read by handle_errors, which allows Hub downloads around the command that declares it.
@@ -162,26 +223,66 @@ def in_flags(error: WcondError) -> str:
     return text
 
 
+class Terminated(BaseException):
+    """SIGTERM (what CI sends on cancel), raised like Ctrl-C so that every ``finally`` runs."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM must not cut the cleanup short
+    raise Terminated
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While a command runs, SIGTERM raises :class:`Terminated` (the main thread only can set handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def handle_errors(func: F) -> F:
-    """The one place library errors become a line on stderr and exit code 2 (WCOND_DEBUG=1 shows tracebacks)."""
+    """The one place errors become a line on stderr: exit 2, or 130 for Ctrl-C (WCOND_DEBUG=1 shows tracebacks).
+
+    Library errors, an output that cannot be written (full disk, closed stdout) and SIGTERM all
+    end the same way; the atomic writers' cleanup has run by then, so no partial file is left.
+    """
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            with allow_downloads(bool(kwargs.get("download", False))):
+            with _sigterm_raises(), allow_downloads(bool(kwargs.get("download", False))):
                 return func(*args, **kwargs)
-        except WcondError as e:
+        except (WcondError, OSError) as e:
             if os.environ.get("WCOND_DEBUG"):
                 raise
-            stderr.print(
-                f"[bold red]error:[/] {escape(in_flags(e))}", highlight=False, soft_wrap=True
-            )
+            _error(_describe(e))
             raise typer.Exit(EXIT_USAGE) from e
         except KeyboardInterrupt:
-            stderr.print("interrupted; nothing was written")
+            _error("interrupted; nothing was written", prefix="")
             raise typer.Exit(130) from None
+        except Terminated:
+            _error("terminated (SIGTERM); nothing was written", prefix="")
+            raise typer.Exit(EXIT_USAGE) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _describe(e: WcondError | OSError) -> str:
+    """A library error's message in flags; for a bare OSError, the file and the system's reason."""
+    if isinstance(e, WcondError):
+        return in_flags(e)
+    where = f"{os.fsdecode(e.filename)}: " if e.filename is not None else ""
+    return where + (e.strerror or str(e))
+
+
+def _error(message: str, prefix: str = "[bold red]error:[/] ") -> None:
+    """One line on stderr: the message's control characters escaped, its markup shown literally."""
+    stderr.print(prefix + markup(message), highlight=False, soft_wrap=True)
 
 
 @contextmanager
@@ -192,7 +293,7 @@ def progress_bar(description: str) -> Iterator[ProgressFn]:
         BarColumn(),
         TaskProgressColumn(),
         TimeRemainingColumn(),
-        TextColumn("{task.fields[key]}", style="dim"),
+        TextColumn("{task.fields[key]}", style="dim", markup=False),
         console=stderr,
         transient=True,
         disable=not sys.stderr.isatty(),
@@ -200,7 +301,8 @@ def progress_bar(description: str) -> Iterator[ProgressFn]:
         task = progress.add_task(description, total=None, key="")
 
         def update(done: int, total: int, key: str) -> None:
-            progress.update(task, completed=done, total=total, key=key[-40:])
+            # The key comes from the checkpoint: shown escaped, never as markup.
+            progress.update(task, completed=done, total=total, key=one_line(key)[-40:])
 
         yield update
 
@@ -223,10 +325,10 @@ def engine_for(ray: bool, address: str | None) -> Iterator[Any]:
 def emit(text: str, output: Path | None) -> None:
     """Print to stdout, or write atomically to ``output`` and say so on stderr."""
     if output is None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        STDOUT.write(text)
+        STDOUT.flush()
     else:
         from wcond.save import write_text  # torch: only when writing
 
         write_text(output, text)
-        stderr.print(f"wrote {output}")
+        stderr.print(f"wrote {markup(output)}", highlight=False, soft_wrap=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -15,6 +14,7 @@ from wcond.cli.common import (
     ExcludeOpt,
     GroupsOpt,
     LayersOpt,
+    OutputOpt,
     RayAddressOpt,
     RayOpt,
     TauCosOpt,
@@ -42,10 +42,7 @@ def diff_command(
             "--format", "-f", help="Output format (default: table, or from -o's extension)."
         ),
     ] = None,
-    output: Annotated[
-        Optional[Path],
-        typer.Option("--output", "-o", help="Write the diff to this file instead of stdout."),
-    ] = None,
+    output: OutputOpt = None,
     layers: LayersOpt = None,
     exclude: ExcludeOpt = None,
     groups: GroupsOpt = None,

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.markup import escape
 
 from wcond._version import __version__
 from wcond.cli import app
@@ -21,15 +20,26 @@ from wcond.cli.common import (
     LayersOpt,
     RayAddressOpt,
     RayOpt,
+    RewriteFormatOpt,
     emit,
     engine_for,
+    finite,
     handle_errors,
     progress_bar,
     stderr,
     stdout,
 )
-from wcond.defaults import DEVICE, ITERATIONS, LR, OPTIMIZER, Optimizer, RewriteFormat
+from wcond.defaults import (
+    DEVICE,
+    ITERATIONS,
+    LR,
+    MAX_ITERATIONS,
+    MAX_SEED,
+    OPTIMIZER,
+    Optimizer,
+)
 from wcond.errors import UsageError
+from wcond.text import markup
 
 
 @app.command("init-cs")
@@ -46,10 +56,16 @@ def init_cs_command(
         ),
     ],
     iterations: Annotated[
-        int, typer.Option("--iterations", "-n", help="Optimizer steps (the paper's I).", min=1)
+        int,
+        typer.Option(
+            "--iterations", "-n", help="Optimizer steps (the paper's I).", min=1, max=MAX_ITERATIONS
+        ),
     ] = ITERATIONS,
     lr: Annotated[
-        float, typer.Option("--lr", help="Learning rate (the paper: Adam at 1e-3).", min=0.0)
+        float,
+        typer.Option(
+            "--lr", help="Learning rate (the paper: Adam at 1e-3).", min=0.0, callback=finite
+        ),
     ] = LR,
     optimizer: Annotated[
         Optimizer,
@@ -72,7 +88,10 @@ def init_cs_command(
     seed: Annotated[
         Optional[int],
         typer.Option(
-            "--seed", help="Seed torch for a reproducible run (CPU results are then deterministic)."
+            "--seed",
+            help="Seed torch for a reproducible run (CPU results are then deterministic).",
+            min=0,
+            max=MAX_SEED,
         ),
     ] = None,
     force: ForceOpt = False,
@@ -84,14 +103,7 @@ def init_cs_command(
             metavar="FILE",
         ),
     ] = None,
-    format: Annotated[
-        RewriteFormat,
-        typer.Option(
-            "--format",
-            "-f",
-            help="Summary format on stdout.",
-        ),
-    ] = "table",
+    format: RewriteFormatOpt = "table",
     ray: RayOpt = False,
     ray_address: RayAddressOpt = None,
     download: DownloadOpt = False,
@@ -164,7 +176,7 @@ def init_cs_command(
     else:
         render_init_cs(result, stdout)
         stdout.print(
-            f"wrote {escape(str(output))}" + (f" and {escape(str(history))}" if history else "")
+            f"wrote {markup(str(output))}" + (f" and {markup(str(history))}" if history else "")
         )
     for warning in warnings:
-        stderr.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
+        stderr.print(f"[yellow]warning:[/] {markup(warning)}", soft_wrap=True)

@@ -15,6 +15,7 @@ from wcond.cli.common import (
     ExcludeOpt,
     GroupsOpt,
     LayersOpt,
+    OutputOpt,
     RayAddressOpt,
     RayOpt,
     TauCosOpt,
@@ -28,7 +29,15 @@ from wcond.cli.common import (
     stdout,
 )
 from wcond.cli.project_config import ConfigOpt, read_config, with_config
-from wcond.defaults import DEVICE, INSPECT_FORMATS, TAU_COS, TAU_EUC, TOP, InspectFormat
+from wcond.defaults import (
+    DEVICE,
+    INSPECT_FORMATS,
+    MAX_TOP,
+    TAU_COS,
+    TAU_EUC,
+    TOP,
+    InspectFormat,
+)
 from wcond.errors import UsageError
 
 
@@ -52,17 +61,17 @@ def inspect_command(
             "--format", "-f", help="Output format (default: table, or from -o's extension)."
         ),
     ] = None,
-    output: Annotated[
-        Optional[Path],
-        typer.Option("--output", "-o", help="Write the report to this file instead of stdout."),
-    ] = None,
+    output: OutputOpt = None,
     layers: LayersOpt = None,
     exclude: ExcludeOpt = None,
     groups: GroupsOpt = None,
     tau_cos: TauCosOpt = TAU_COS,
     tau_euc: TauEucOpt = TAU_EUC,
     top: Annotated[
-        int, typer.Option("--top", help="Closest pairs listed per layer and axis (JSON).", min=0)
+        int,
+        typer.Option(
+            "--top", help="Closest pairs listed per layer and axis (JSON).", min=0, max=MAX_TOP
+        ),
     ] = TOP,
     fail_if: Annotated[
         Optional[list[str]],

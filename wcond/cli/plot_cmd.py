@@ -23,8 +23,18 @@ from wcond.cli.common import (
     stderr,
 )
 from wcond.cli.project_config import ConfigOpt, read_config, with_config
-from wcond.defaults import DEVICE, MAX_VECTORS, TAU_COS, TAU_EUC
+from wcond.defaults import (
+    DEVICE,
+    MAX_DPI,
+    MAX_PIXELS,
+    MAX_SIDE,
+    MAX_VECTORS,
+    MAX_VECTORS_LIMIT,
+    TAU_COS,
+    TAU_EUC,
+)
 from wcond.errors import UsageError
+from wcond.text import one_line
 
 
 @app.command("plot")
@@ -72,15 +82,20 @@ def plot_command(
             "--max-vectors",
             help="Heatmap shows at most this many rows/cols, evenly spaced (the title says so).",
             min=2,
+            max=MAX_VECTORS_LIMIT,
         ),
     ] = MAX_VECTORS,
     width: Annotated[
         Optional[int],
-        typer.Option("--width", help="Image width in pixels (with --height).", min=50),
+        typer.Option(
+            "--width", help="Image width in pixels (with --height).", min=50, max=MAX_SIDE
+        ),
     ] = None,
     height: Annotated[
         Optional[int],
-        typer.Option("--height", help="Image height in pixels (with --width).", min=50),
+        typer.Option(
+            "--height", help="Image height in pixels (with --width).", min=50, max=MAX_SIDE
+        ),
     ] = None,
     dpi: Annotated[
         int,
@@ -88,6 +103,7 @@ def plot_command(
             "--dpi",
             help="Pixels per inch: scales a default-size image, or text and lines within --width x --height.",
             min=10,
+            max=MAX_DPI,
         ),
     ] = 100,
     trend: Annotated[
@@ -128,7 +144,12 @@ def plot_command(
         raise UsageError(
             "--width and --height go together: give both, or neither for the default size"
         )
-    size = (width, height) if width and height else None
+    size = (width, height) if width is not None and height is not None else None
+    if size is not None and size[0] * size[1] > MAX_PIXELS:
+        raise UsageError(
+            f"--width {size[0]} --height {size[1]}: {size[0] * size[1]:,} pixels is too large "
+            f"to draw; at most {MAX_PIXELS:,} (e.g. 8000 x 5000)"
+        )
     o = with_config(
         ctx,
         read_config(config),
@@ -182,4 +203,4 @@ def plot_command(
             report = inspect_checkpoint(checkpoint, progress=progress, **o)
             other = inspect_checkpoint(vs, progress=progress, **o) if vs is not None else None
         plot_metrics(report, output, vs=other, size_px=size, dpi=dpi)
-    stderr.print(f"wrote {output}", markup=False, highlight=False)
+    stderr.print(f"wrote {one_line(output)}", markup=False, highlight=False, soft_wrap=True)

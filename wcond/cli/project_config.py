@@ -9,6 +9,7 @@ import typer
 
 from wcond.cli.common import stderr
 from wcond.config import Config, load_config
+from wcond.text import one_line
 
 ConfigOpt = Annotated[
     Optional[Path],
@@ -25,7 +26,9 @@ def read_config(path: Path | None) -> Config:
     """The named or discovered config, announced on stderr so a CI log shows which policy applied."""
     config = load_config(path)
     if config.path is not None:
-        stderr.print(f"config: {config.path}", markup=False, highlight=False, soft_wrap=True)
+        stderr.print(
+            f"config: {one_line(config.path)}", markup=False, highlight=False, soft_wrap=True
+        )
     return config
 
 

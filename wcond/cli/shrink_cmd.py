@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.markup import escape
 
 from wcond._version import __version__
 from wcond.cli import app
@@ -20,6 +19,7 @@ from wcond.cli.common import (
     LayersOpt,
     RayAddressOpt,
     RayOpt,
+    RewriteFormatOpt,
     TauCosOpt,
     TauEucOpt,
     emit,
@@ -29,8 +29,9 @@ from wcond.cli.common import (
     stderr,
     stdout,
 )
-from wcond.defaults import AXIS, DEVICE, TAU_COS, TAU_EUC, Axis, RewriteFormat
+from wcond.defaults import AXIS, DEVICE, TAU_COS, TAU_EUC, Axis
 from wcond.errors import UsageError
+from wcond.text import markup
 
 
 @app.command("shrink")
@@ -72,14 +73,7 @@ def shrink_command(
     ] = False,
     device: DeviceOpt = DEVICE,
     force: ForceOpt = False,
-    format: Annotated[
-        RewriteFormat,
-        typer.Option(
-            "--format",
-            "-f",
-            help="Report format on stdout.",
-        ),
-    ] = "table",
+    format: RewriteFormatOpt = "table",
     fold_units: Annotated[
         bool,
         typer.Option(
@@ -184,7 +178,7 @@ def shrink_command(
     else:
         render_shrink(report, stdout)
     for warning in report.warnings:
-        stderr.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
+        stderr.print(f"[yellow]warning:[/] {markup(warning)}", soft_wrap=True)
 
 
 @app.command("expand")
@@ -213,14 +207,14 @@ def expand_command(
     if result.expanded:
         n = len(result.expanded)
         stdout.print(
-            f"expanded {n} factorized layer{'s' if n > 1 else ''}: {escape(', '.join(result.expanded))}",
+            f"expanded {n} factorized layer{'s' if n > 1 else ''}: {markup(', '.join(result.expanded))}",
             soft_wrap=True,
         )
     else:
         stdout.print(
-            f"{escape(result.checkpoint)} holds no factorized layers; its tensors were copied unchanged",
+            f"{markup(result.checkpoint)} holds no factorized layers; its tensors were copied unchanged",
             soft_wrap=True,
         )
     for warning in result.warnings:
-        stderr.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
-    stdout.print(f"wrote {escape(result.output)}", soft_wrap=True)
+        stderr.print(f"[yellow]warning:[/] {markup(warning)}", soft_wrap=True)
+    stdout.print(f"wrote {markup(result.output)}", soft_wrap=True)
