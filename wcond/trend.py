@@ -139,6 +139,17 @@ class TrendReport:
                 best = max(best, abs(last - first) / scale)
         return best
 
+    def to_pandas(self) -> Any:
+        """The trend in long form: one row per checkpoint, layer and metric, None as NaN.
+
+        Columns: checkpoint (its position), step (None -> NaN), x (the plot axis), path, layer,
+        metric, value. Pivot it as needed, e.g. ``df.pivot_table("value", "x", ["layer", "metric"])``.
+        Needs pandas (``pip install 'wcond[pandas]'``), imported only here.
+        """
+        from wcond.frames import trend_frame
+
+        return trend_frame(self)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: {"checkpoints": [report + "step"], "steps", "trend", "failed"}."""
         return finite(

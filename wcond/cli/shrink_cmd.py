@@ -13,6 +13,7 @@ from wcond.cli import app
 from wcond.cli.common import (
     CheckpointArg,
     DeviceOpt,
+    DownloadOpt,
     ExcludeOpt,
     ForceOpt,
     LayersOpt,
@@ -111,6 +112,7 @@ def shrink_command(
     ] = None,
     ray: RayOpt = False,
     ray_address: RayAddressOpt = None,
+    download: DownloadOpt = False,
 ) -> None:
     """Fuse near-parallel rows/columns (RaRe merging) into a smaller checkpoint.
 
@@ -118,6 +120,9 @@ def shrink_command(
     Load it with wcond.load_state_dict(OUT), or write it dense with `wcond expand`.
     With --fold --chain, parallel units of ReLU-joined layers are removed outright instead;
     with --fold --model, the chains are found by tracing your model (its factory is imported).
+
+    A DCP directory (torch.distributed.checkpoint) is written as one normal file holding its model
+    state dict.
 
     Example: wcond shrink model.pt --tau-cos 1e-4 -o small.safetensors
     """
@@ -244,6 +249,7 @@ def expand_command(
         ),
     ],
     force: ForceOpt = False,
+    download: DownloadOpt = False,
 ) -> None:
     """Rebuild a shrunk checkpoint's factorized layers into a plain checkpoint any model loads.
 
