@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from wcond import hub
 from wcond.errors import CheckpointError, show_key, show_path
 from wcond.safetensors_header import SafetensorsHeader, read_header, read_tensor
 from wcond.torch_file import MAX_NESTING, load_torch, view_bytes
@@ -164,7 +165,13 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         UnsafeCheckpointError: a pickle that would construct arbitrary objects.
     """
     p = Path(os.fsdecode(path))  # bytes on Linux: a name need not be UTF-8
+    if not os.path.lexists(p) and (repo := hub.parse_repo_id(str(p))) is not None:
+        p = hub.resolve(repo)  # org/name[@rev]: from the Hugging Face cache (wcond/hub.py)
     if check_path(p) == "directory":
+        if (p / ".metadata").is_file():
+            from wcond.load_dcp import open_dcp  # torch.distributed.checkpoint, only when needed
+
+            return open_dcp(p)
         return _open_directory(p)
     if p.name.endswith(".index.json"):
         return _open_index(p)
@@ -385,7 +392,8 @@ def _shard_path(index: Path, root: Path, key: str, name: str) -> Path:
             raise CheckpointError(
                 f"{show_path(index)}: shard {show_key(name)} cannot be resolved (symlink loop?)"
             ) from e
-        bad = not resolved.is_relative_to(root)
+        # In a Hugging Face cache snapshot, every file links to the repo's blob store.
+        bad = not resolved.is_relative_to(root) and not hub.in_blob_store(index.parent, resolved)
     if bad:
         raise CheckpointError(
             f"{show_path(index)}: shard {show_key(name)} for tensor {show_key(key)} is outside the "
