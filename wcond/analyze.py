@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,12 @@ from wcond.gates import Gate, evaluate_gates
 from wcond.layers import LayerSpec, find_layers, is_layer, layer_kind, selected, skip_note
 from wcond.load import Checkpoint, open_checkpoint, tensor_info
 from wcond.load_factorized import dense_view
+from wcond.module import module_view
 from wcond.report import NUMERIC_FIELDS, LayerReport, Report, Summary
+
+# What inspect reads: a path (file, directory, DCP directory, Hub repo id), an opened
+# Checkpoint, a state dict, or an nn.Module.
+Source = str | Path | Checkpoint | Mapping[str, torch.Tensor] | torch.nn.Module
 
 __all__ = [
     "NUMERIC_FIELDS",
@@ -38,6 +43,14 @@ __all__ = [
 ]
 
 
+# Which fields each part of analyze_tensor fills, so that a caller asking for a few (the training
+# monitor) pays only for those.
+ROW_FIELDS = ("acv_sum", "acv_mean", "acv_floor", "rare_rows", "near_parallel_rows", "dead_rows")
+COL_FIELDS = ("rare_cols", "near_parallel_cols", "dead_cols")
+NORM_FIELDS = ("norm_loss", "norm_dev_max")
+CONV_FIELDS = ("conv_similarity", "conv_similarity_norm", "conv_similarity_floor")
+
+
 def analyze_tensor(
     name: str,
     w: torch.Tensor,
@@ -47,8 +60,12 @@ def analyze_tensor(
     tau_euc: float = TAU_EUC,
     top: int = TOP,
     device: torch.device | str = DEVICE,
+    fields: Collection[str] | None = None,
 ) -> LayerReport:
-    """All diagnostics of one weight tensor of shape (out, in, *kernel)."""
+    """All diagnostics of one weight tensor of shape (out, in, *kernel).
+
+    ``fields`` (names of NUMERIC_FIELDS) limits the work to what those need; the others stay None/0.
+    """
     shape = list(w.shape)
     rep = LayerReport(
         name=name,
@@ -58,6 +75,10 @@ def analyze_tensor(
         params=w.numel(),
         groups=groups,
     )
+
+    def wanted(part: tuple[str, ...]) -> bool:
+        return fields is None or any(f in fields for f in part)
+
     w = w.to(device=resolve_device(device))
     if w.dtype.is_floating_point and w.dtype.itemsize == 1:
         w = w.float()  # FP8 (e4m3fn, e5m2): few torch kernels take it; each value is exact in fp32
@@ -70,29 +91,41 @@ def analyze_tensor(
             rep.nonfinite = bad
             rep.notes.append(f"{bad} NaN/Inf values: metrics not computed")
             return rep
-        rows = metrics.pair_statistics(
-            metrics.as_rows(w), tau_cos=tau_cos, tau_euc=tau_euc, top_k=top
-        )
-        cols = metrics.pair_statistics(
-            metrics.as_cols(w), tau_cos=tau_cos, tau_euc=tau_euc, top_k=top
-        )
-        rep.dead_rows, rep.dead_cols = len(rows.dead), len(cols.dead)
-        rep.acv_sum = float(rows.acv_sum)
-        rep.acv_mean = rows.acv_mean
-        rep.acv_floor = metrics.acv_floor(rows.live, math.prod(shape[1:]))
-        rep.rare_rows = _opt(rows.rare)
-        rep.rare_cols = _opt(cols.rare)
-        rep.near_parallel_rows, rep.near_parallel_cols = rows.near_parallel, cols.near_parallel
-        rep.closest_rows, rep.closest_cols = rows.closest, cols.closest
-        # From the row norms the cosines already needed (float64 where float32 would overflow).
-        assert rows.norms is not None
-        rep.norm_loss = _overflow_note(
-            float(metrics.norm_loss_of_norms(rows.norms)), "norm_loss", rep.notes
-        )
-        rep.norm_dev_max = _overflow_note(
-            float(metrics.norm_dev_max_of_norms(rows.norms)), "norm_dev_max", rep.notes
-        )
-        if w.ndim >= 3:
+        rows = None
+        if wanted(ROW_FIELDS):
+            rows = metrics.pair_statistics(
+                metrics.as_rows(w), tau_cos=tau_cos, tau_euc=tau_euc, top_k=top
+            )
+            rep.dead_rows = len(rows.dead)
+            rep.acv_sum = float(rows.acv_sum)
+            rep.acv_mean = rows.acv_mean
+            rep.acv_floor = metrics.acv_floor(rows.live, math.prod(shape[1:]))
+            rep.rare_rows = _opt(rows.rare)
+            rep.near_parallel_rows = rows.near_parallel
+            rep.closest_rows = rows.closest
+        if wanted(COL_FIELDS):
+            cols = metrics.pair_statistics(
+                metrics.as_cols(w), tau_cos=tau_cos, tau_euc=tau_euc, top_k=top
+            )
+            rep.dead_cols = len(cols.dead)
+            rep.rare_cols = _opt(cols.rare)
+            rep.near_parallel_cols = cols.near_parallel
+            rep.closest_cols = cols.closest
+        if wanted(NORM_FIELDS) and rows is not None:
+            # From the row norms the cosines already needed (float64 where float32 would overflow).
+            assert rows.norms is not None
+            rep.norm_loss = _overflow_note(
+                float(metrics.norm_loss_of_norms(rows.norms)), "norm_loss", rep.notes
+            )
+            rep.norm_dev_max = _overflow_note(
+                float(metrics.norm_dev_max_of_norms(rows.norms)), "norm_dev_max", rep.notes
+            )
+        elif wanted(NORM_FIELDS):  # asked for without the cosines (the monitor): the regularizer's
+            rep.norm_loss = _overflow_note(float(metrics.norm_loss(w)), "norm_loss", rep.notes)
+            rep.norm_dev_max = _overflow_note(
+                float(metrics.norm_dev_max(w)), "norm_dev_max", rep.notes
+            )
+        if w.ndim >= 3 and wanted(CONV_FIELDS):
             # CS and its floor are homogeneous of degree 4: taken on w / 2**e with max|w / 2**e| near
             # 1 and scaled back in float64, so 1e37-sized or subnormal weights neither overflow nor
             # underflow float32. Scaling by a power of two is exact, so for ordinary weights (used
@@ -105,13 +138,14 @@ def analyze_tensor(
             pair_norms = float(metrics.pair_norm_products(ws, groups))
             rep.conv_similarity = _rescaled(cs, 4 * e, "conv_similarity", rep.notes)
             rep.conv_similarity_norm = cs / pair_norms if pair_norms else None
-            rep.conv_similarity_floor = _rescaled(
-                metrics.conv_similarity_floor(ws, groups=groups),
-                4 * e,
-                "conv_similarity_floor",
-                rep.notes,
-            )
-        if rows.dead:
+            if fields is None or "conv_similarity_floor" in fields:
+                rep.conv_similarity_floor = _rescaled(
+                    metrics.conv_similarity_floor(ws, groups=groups),
+                    4 * e,
+                    "conv_similarity_floor",
+                    rep.notes,
+                )
+        if rows is not None and rows.dead:
             n = len(rows.dead)
             rep.notes.append(f"{n} all-zero row{'s' if n > 1 else ''} (left out of cosine metrics)")
     return rep
@@ -130,20 +164,28 @@ class _Plan:
     get: Callable[[str], torch.Tensor]
     factored: dict[str, Any]
     skipped: dict[str, str]  # selected tensors that are not analyzed: why
+    kinds: dict[str, str] = field(default_factory=dict)  # an nn.Module's layer kinds by key
 
 
 def _plan(
-    source: str | Path | Checkpoint | Mapping[str, torch.Tensor],
+    source: Source,
     layers: Sequence[str],
     exclude: Sequence[str],
     groups: Mapping[str, int] | None,
 ) -> _Plan:
     """Open a source (headers only for safetensors) and select its layers, or say why there are none."""
     path: str | None = None
+    known_groups: dict[str, int] = {}
+    kinds: dict[str, str] = {}
+    module_name = None
+    if isinstance(source, torch.nn.Module):
+        view = module_view(source)
+        source, known_groups, kinds, module_name = view.tensors, view.groups, view.kinds, view.name
     if isinstance(source, Mapping):
         infos = {k: tensor_info(t) for k, t in source.items() if isinstance(t, torch.Tensor)}
         get = source.__getitem__
-        name, fmt, wrapper = "<state_dict>", "state_dict", None
+        name, fmt = (module_name, "module") if module_name else ("<state_dict>", "state_dict")
+        wrapper = None
     else:
         ck = source if isinstance(source, Checkpoint) else open_checkpoint(source)
         infos = {k: ck.info(k) for k in ck.keys()}
@@ -152,7 +194,8 @@ def _plan(
         path = str(Path(ck.path).resolve())
     # A shrunk checkpoint: analyze the dense weights it stands for.
     dense, get, factored = dense_view(infos, get, name)
-    specs = find_layers(dense, layers, exclude, dict(groups or {}))
+    # A module's own conv groups come first: find_layers takes the first pattern that matches.
+    specs = find_layers(dense, layers, exclude, {**known_groups, **(groups or {})})
     skipped = {
         k: note
         for k, i in dense.items()
@@ -172,7 +215,7 @@ def _plan(
             f"{name}: no analyzable tensors (need dense floating-point tensors with 2 to 5 dims "
             f"and at least 2 rows){why}"
         )
-    return _Plan(name, fmt, wrapper, path, len(dense), specs, get, factored, skipped)
+    return _Plan(name, fmt, wrapper, path, len(dense), specs, get, factored, skipped, kinds)
 
 
 def _analyze_spec(
@@ -201,7 +244,7 @@ def _inspect_task(
 
 
 def inspect(
-    source: str | Path | Checkpoint | Mapping[str, torch.Tensor],
+    source: Source,
     *,
     layers: Sequence[str] = (),
     exclude: Sequence[str] = (),
@@ -215,11 +258,14 @@ def inspect(
     progress: ProgressFn | None = None,
     engine: Engine | None = None,
 ) -> Report:
-    """Analyze every selected layer of a checkpoint (path, opened Checkpoint, or state dict).
+    """Analyze every selected layer of a checkpoint (path, opened Checkpoint, state dict, or module).
 
     Args:
+        source: a checkpoint path (or Hugging Face repo id), an opened Checkpoint, a state dict, or
+            an ``nn.Module`` (whose convs give their own groups and whose Conv/Linear/Embedding
+            layers name their kind).
         layers, exclude: glob patterns on tensor keys.
-        groups: conv groups by key or glob (a state dict does not record them).
+        groups: conv groups by key or glob (a state dict does not record them; a module does).
         tau_cos, tau_euc: near-parallel thresholds (METRICS.md).
         top: how many closest pairs to list per layer and axis.
         device: "auto", "cpu", "cuda", "mps" or any torch device string.
@@ -251,7 +297,7 @@ def inspect(
 
 
 def inspect_many(
-    sources: Sequence[str | Path | Checkpoint | Mapping[str, torch.Tensor]],
+    sources: Sequence[Source],
     *,
     layers: Sequence[str] = (),
     exclude: Sequence[str] = (),
@@ -329,7 +375,9 @@ def _analyze_here(
             for spec, w in zip(plan.specs, tensors):
                 if progress:
                     progress(done, total, spec.key)
-                reports.append(_analyze_spec(spec, lambda _key, w=w: w, plan.factored, options))
+                rep = _analyze_spec(spec, lambda _key, w=w: w, plan.factored, options)
+                rep.kind = plan.kinds.get(spec.key, rep.kind)
+                reports.append(rep)
                 del w  # at most two layers in memory: this one's and the next one's
                 done += spec.info.numel
         out.append(reports)

@@ -31,6 +31,7 @@ from wcond.engine import Engine, Task, open_on_worker, plan_tasks
 from wcond.errors import CheckpointError, UsageError
 from wcond.layers import LayerSpec, find_layers, is_layer
 from wcond.load import Checkpoint, TensorInfo, open_checkpoint, tensor_info
+from wcond.module import module_view
 
 __all__ = ["InitCSResult", "LayerResult", "init_cs"]
 
@@ -96,7 +97,7 @@ class InitCSResult:
 
 
 def init_cs(
-    source: str | Path | Checkpoint | Mapping[str, torch.Tensor],
+    source: str | Path | Checkpoint | Mapping[str, torch.Tensor] | torch.nn.Module,
     *,
     iterations: int = ITERATIONS,
     lr: float = LR,
@@ -114,11 +115,12 @@ def init_cs(
     """Minimize Convolutional Similarity over a checkpoint's conv layers (CS paper, Algorithm 1).
 
     Args:
-        source: a checkpoint path, an opened Checkpoint, or a state dict.
+        source: a checkpoint path, an opened Checkpoint, a state dict, or an ``nn.Module`` (read,
+            never changed: load the returned tensors into it; its convs give their own groups).
         iterations, lr, optimizer: I optimizer steps of "adam" (the paper's) or "sgd" at this rate.
         device: "auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "mps".
         layers, exclude: glob patterns on tensor keys; only conv kernels (ndim 3-5) are optimized.
-        groups: conv groups by key or glob (a state dict does not record them).
+        groups: conv groups by key or glob (a state dict does not record them; a module does).
         keep_norm: keep every filter's norm: the gradient is projected onto each filter's sphere and the
             filter rescaled to its original norm after each step; 1x1 kernels are then left unchanged.
         seed: seeds torch (inside a forked RNG state) for a reproducible run.
@@ -150,7 +152,12 @@ def init_cs(
     local = engine is None or engine.name == "local"
     # Here, an unusable device fails before anything is read; on an engine the workers resolve it.
     dev = resolve_device(device) if local else None
-    if isinstance(source, Mapping):
+    known_groups: dict[str, int] = {}
+    if isinstance(source, torch.nn.Module):
+        view = module_view(source)
+        tensors, known_groups = view.tensors, view.groups
+        name, fmt, wrapper, path = view.name, "module", None, None
+    elif isinstance(source, Mapping):
         tensors = {k: t for k, t in source.items() if isinstance(t, torch.Tensor)}
         name, fmt, wrapper, path = "<state_dict>", "state_dict", None, None
     else:
@@ -161,7 +168,8 @@ def init_cs(
     selection: dict[str, Any] = {
         "layers": list(layers),
         "exclude": list(exclude),
-        "groups": dict(groups or {}),
+        # A module's own conv groups come first: find_layers takes the first pattern that matches.
+        "groups": {**known_groups, **(groups or {})},
     }
     specs = _conv_specs(name, {k: tensor_info(t) for k, t in tensors.items()}, **selection)
     options: dict[str, Any] = {
@@ -176,6 +184,7 @@ def init_cs(
         new, rows, curve = _condition(specs, tensors.__getitem__, dev, progress=progress, **options)
         device_used = str(dev)
     else:
+        assert engine is not None  # dev is None only for an engine that is not local
         if path is None:
             raise UsageError(
                 "an engine reads the checkpoint where its workers run: pass a path, not a state dict"

@@ -78,7 +78,7 @@ MAX_DPI = 1_200
 ProgressFn = Callable[[int, int, str], None]
 
 # Output formats, by command: the first is the default.
-InspectFormat = Literal["table", "json", "markdown", "csv", "html", "junit"]
+InspectFormat = Literal["table", "json", "markdown", "csv", "html", "junit", "parquet"]
 INSPECT_FORMATS: tuple[str, ...] = get_args(InspectFormat)
 DiffFormat = Literal["table", "json", "markdown"]
 DIFF_FORMATS: tuple[str, ...] = get_args(DiffFormat)

@@ -31,7 +31,7 @@ __all__ = [
     "rounding_resolution",
 ]
 
-Source = str | Path | Checkpoint | Mapping[str, torch.Tensor]
+Source = str | Path | Checkpoint | Mapping[str, torch.Tensor] | torch.nn.Module
 
 # Totals of wcond.analyze.Summary compared in the diff's summary.
 SUMMARY_FIELDS = (
@@ -189,7 +189,8 @@ def diff(a: Source, b: Source, **inspect_kwargs: Any) -> DiffReport:
     """Inspect both checkpoints with the same settings and compare them layer by layer.
 
     Args:
-        a, b: checkpoint paths, opened Checkpoints or state dicts (anything :func:`wcond.inspect` reads).
+        a, b: checkpoint paths, opened Checkpoints, state dicts or modules (anything
+            :func:`wcond.inspect` reads).
         inspect_kwargs: passed to :func:`wcond.inspect` for both (layers, exclude, groups, tau_cos,
             ..., engine: on a Ray engine both sides' layers are submitted together).
 

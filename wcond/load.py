@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from wcond import hub
 from wcond.errors import CheckpointError, show_key, show_path
 from wcond.safetensors_header import SafetensorsHeader, read_header, read_tensor
 from wcond.torch_file import MAX_NESTING, load_torch, view_bytes
@@ -164,7 +165,13 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         UnsafeCheckpointError: a pickle that would construct arbitrary objects.
     """
     p = Path(os.fsdecode(path))  # bytes on Linux: a name need not be UTF-8
+    if not os.path.lexists(p) and (repo := hub.parse_repo_id(str(p))) is not None:
+        p = hub.resolve(repo)  # org/name[@rev]: from the Hugging Face cache (wcond/hub.py)
     if check_path(p) == "directory":
+        if (p / ".metadata").is_file():
+            from wcond.load_dcp import open_dcp  # torch.distributed.checkpoint, only when needed
+
+            return open_dcp(p)
         return _open_directory(p)
     if p.name.endswith(".index.json"):
         return _open_index(p)
@@ -305,7 +312,7 @@ def _open_index(index: Path) -> Checkpoint:
     for key, name in weight_map.items():
         shards.setdefault(_shard_path(index, root, key, name))
     for f in shards:
-        if not f.is_file():
+        if not f.exists():  # a FIFO or device is refused by name when sniffed below
             raise CheckpointError(
                 f"{show_path(index)}: shard {show_path(f.name)} listed in the index is missing"
             )
@@ -385,7 +392,8 @@ def _shard_path(index: Path, root: Path, key: str, name: str) -> Path:
             raise CheckpointError(
                 f"{show_path(index)}: shard {show_key(name)} cannot be resolved (symlink loop?)"
             ) from e
-        bad = not resolved.is_relative_to(root)
+        # In a Hugging Face cache snapshot, every file links to the repo's blob store.
+        bad = not resolved.is_relative_to(root) and not hub.in_blob_store(index.parent, resolved)
     if bad:
         raise CheckpointError(
             f"{show_path(index)}: shard {show_key(name)} for tensor {show_key(key)} is outside the "
@@ -474,5 +482,6 @@ def _flatten(node: Mapping, file: Path) -> Iterator[tuple[str, torch.Tensor]]:
                     f"{show_path(file)}: dicts nested more than {MAX_NESTING} levels deep; not a state dict"
                 )
             stack.extend(
-                (f"{key}.{k}" if key else str(k), v, depth + 1) for k, v in reversed(n.items())
+                (f"{key}.{k}" if key else str(k), v, depth + 1)
+                for k, v in reversed(list(n.items()))
             )

@@ -118,6 +118,18 @@ class Report:
         """JSON-ready dict; non-finite floats become None."""
         return finite(asdict(self))
 
+    def to_pandas(self) -> Any:
+        """A pandas DataFrame: one row per layer (index: tensor key), one column per metric, None as NaN.
+
+        Needs pandas (``pip install 'wcond[pandas]'``), imported only here.
+
+        Example:
+            >>> wcond.inspect("model.pt").to_pandas().sort_values("acv_mean").tail(3)
+        """
+        from wcond.frames import report_frame
+
+        return report_frame(self)
+
 
 def finite(obj: Any) -> Any:
     """``obj`` with every non-finite float replaced by None (JSON has no NaN or Inf)."""

@@ -92,7 +92,7 @@ def _stored_step(p: Path) -> int | None:
     except CheckpointError:
         return None
     for key in _STEP_KEYS:
-        value = ck.obj.get(key) if isinstance(ck.obj, dict) else ck.metadata.get(key)
+        value: Any = ck.obj.get(key) if isinstance(ck.obj, dict) else ck.metadata.get(key)
         if hasattr(value, "item") and getattr(value, "numel", lambda: 0)() == 1:
             value = value.item()  # a 0-d tensor
         if isinstance(value, str) and value.isdigit():
@@ -138,6 +138,17 @@ class TrendReport:
                 scale = max(abs(first), abs(last), 1e-12)
                 best = max(best, abs(last - first) / scale)
         return best
+
+    def to_pandas(self) -> Any:
+        """The trend in long form: one row per checkpoint, layer and metric, None as NaN.
+
+        Columns: checkpoint (its position), step (None -> NaN), x (the plot axis), path, layer,
+        metric, value. Pivot it as needed, e.g. ``df.pivot_table("value", "x", ["layer", "metric"])``.
+        Needs pandas (``pip install 'wcond[pandas]'``), imported only here.
+        """
+        from wcond.frames import trend_frame
+
+        return trend_frame(self)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: {"checkpoints": [report + "step"], "steps", "trend", "failed"}."""

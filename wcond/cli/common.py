@@ -21,6 +21,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 
 from wcond.defaults import Device, ProgressFn, RewriteFormat
 from wcond.errors import OutputError, WcondError
+from wcond.hub import allow_downloads
 from wcond.text import markup, one_line
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -99,6 +100,7 @@ SUFFIX_FORMATS = {
     ".html": "html",
     ".htm": "html",
     ".xml": "junit",
+    ".parquet": "parquet",
 }
 
 
@@ -167,6 +169,14 @@ RewriteFormatOpt = Annotated[
     RewriteFormat, typer.Option("--format", "-f", help="Report format on stdout.")
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite OUT if it exists.")]
+# Read by handle_errors, which allows Hub downloads around the command that declares it.
+DownloadOpt = Annotated[
+    bool,
+    typer.Option(
+        "--download",
+        help="A Hugging Face repo id not in the local cache: fetch its weight files (needs wcond\\[hub]).",
+    ),
+]
 RayOpt = Annotated[
     bool,
     typer.Option(
@@ -187,14 +197,19 @@ RayAddressOpt = Annotated[
 CheckpointArg = Annotated[
     Path,
     typer.Argument(
-        help="Checkpoint file (.pt .pth .bin .ckpt .safetensors), shard index, or directory.",
+        help="Checkpoint file (.pt .pth .bin .ckpt .safetensors), shard index, directory "
+        "(sharded or DCP), or a Hugging Face repo id org/name\\[@rev] read from the local cache.",
         show_default=False,
     ),
 ]
 
 
 # Library parameters whose flag is not simply --name-with-dashes.
-_FLAG_SPELLING = {"force=True": "--force", "protect_ends=False": "--no-protect-ends"}
+_FLAG_SPELLING = {
+    "force=True": "--force",
+    "protect_ends=False": "--no-protect-ends",
+    "download=True": "--download",
+}
 
 
 def in_flags(error: WcondError) -> str:
@@ -240,7 +255,7 @@ def handle_errors(func: F) -> F:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            with _sigterm_raises():
+            with _sigterm_raises(), allow_downloads(bool(kwargs.get("download", False))):
                 return func(*args, **kwargs)
         except (WcondError, OSError) as e:
             if os.environ.get("WCOND_DEBUG"):

@@ -10,6 +10,7 @@ from wcond.cli import app
 from wcond.cli.common import (
     CheckpointArg,
     DeviceOpt,
+    DownloadOpt,
     ExcludeOpt,
     GroupsOpt,
     LayersOpt,
@@ -51,6 +52,7 @@ def diff_command(
     ray: RayOpt = False,
     ray_address: RayAddressOpt = None,
     config: ConfigOpt = None,
+    download: DownloadOpt = False,
 ) -> None:
     """Compare two checkpoints, e.g. before and after init-cs or shrink.
 

@@ -13,6 +13,7 @@ from wcond.cli import app
 from wcond.cli.common import (
     CheckpointArg,
     DeviceOpt,
+    DownloadOpt,
     ExcludeOpt,
     ForceOpt,
     GroupsOpt,
@@ -105,12 +106,16 @@ def init_cs_command(
     format: RewriteFormatOpt = "table",
     ray: RayOpt = False,
     ray_address: RayAddressOpt = None,
+    download: DownloadOpt = False,
 ) -> None:
     """Minimize Convolutional Similarity over the conv layers (CS paper, Algorithm 1) and write a new checkpoint.
 
     Everything else (biases, BatchNorm, Linear layers, a Lightning checkpoint's other entries,
     safetensors metadata) is copied unchanged; OUT is written to a temporary file and renamed
     only when complete.
+
+    A DCP directory (torch.distributed.checkpoint) is written as one normal file (.safetensors or .pt)
+    holding its model state dict; optimizer state and other entries are not carried over.
 
     Example: wcond init-cs model.pt -o model_cs.pt --iterations 500 --keep-norm
     """

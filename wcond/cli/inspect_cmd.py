@@ -11,6 +11,7 @@ from wcond.cli import app
 from wcond.cli.common import (
     EXIT_GATE,
     DeviceOpt,
+    DownloadOpt,
     ExcludeOpt,
     GroupsOpt,
     LayersOpt,
@@ -24,6 +25,7 @@ from wcond.cli.common import (
     handle_errors,
     pick_format,
     progress_bar,
+    stderr,
     stdout,
 )
 from wcond.cli.project_config import ConfigOpt, read_config, with_config
@@ -83,6 +85,7 @@ def inspect_command(
     ray: RayOpt = False,
     ray_address: RayAddressOpt = None,
     config: ConfigOpt = None,
+    download: DownloadOpt = False,
 ) -> None:
     """Report per layer: ACV, Convolutional Similarity, norm deviation, near-parallel pairs, RaRe.
 
@@ -112,6 +115,12 @@ def inspect_command(
     )
     # --format, then -o's extension, then the config's format, then the table.
     fmt = pick_format(INSPECT_FORMATS, format, output, cfg.values.get("format"))
+    if fmt == "parquet":
+        from wcond.frames import require_parquet
+
+        if output is None:
+            raise UsageError("--format parquet writes a binary file: give -o FILE.parquet")
+        require_parquet(output)  # before the analysis, not after
     paths = expand_paths(checkpoints)
     label = "inspecting on Ray" if ray or ray_address else "inspecting"
     if len(paths) > 1:
@@ -121,7 +130,9 @@ def inspect_command(
         report = inspect_checkpoint(
             paths[0], **o, config=cfg.path, progress=progress, engine=engine
         )
-    if fmt == "table" and output is None:
+    if fmt == "parquet":
+        _write_parquet(report.to_pandas(), output)
+    elif fmt == "table" and output is None:
         render_table(report, stdout)
     else:
         emit(render(report, fmt), output)
@@ -142,16 +153,28 @@ def _inspect_many(
     from wcond.render_trend import TREND_FORMATS, render_trend, render_trend_table
     from wcond.trend import trend
 
-    if fmt not in TREND_FORMATS:
+    if fmt not in TREND_FORMATS and fmt != "parquet":
         raise UsageError(
             f"--format {fmt} shows one checkpoint; with {len(paths)} checkpoints use "
-            + ", ".join(TREND_FORMATS)
+            + ", ".join([*TREND_FORMATS, "parquet"])
         )
     with engine_for(ray, ray_address) as engine, progress_bar(label) as progress:
         result = trend(paths, **options, progress=progress, engine=engine)
-    if fmt == "table" and output is None:
+    if fmt == "parquet":
+        _write_parquet(result.to_pandas(), output)  # the trend in long form
+    elif fmt == "table" and output is None:
         render_trend_table(result, stdout)
     else:
         emit(render_trend(result, fmt), output)
     if result.failed:
         raise typer.Exit(EXIT_GATE)
+
+
+def _write_parquet(frame: Any, output: Optional[Path]) -> None:
+    from rich.markup import escape
+
+    from wcond.frames import write_parquet
+
+    assert output is not None  # checked before the analysis
+    write_parquet(frame, output)
+    stderr.print(f"wrote {escape(str(output))}", soft_wrap=True)

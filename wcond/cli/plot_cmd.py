@@ -10,6 +10,7 @@ import typer
 from wcond.cli import app
 from wcond.cli.common import (
     DeviceOpt,
+    DownloadOpt,
     ExcludeOpt,
     LayersOpt,
     RayAddressOpt,
@@ -121,6 +122,7 @@ def plot_command(
     ray: RayOpt = False,
     ray_address: RayAddressOpt = None,
     config: ConfigOpt = None,
+    download: DownloadOpt = False,
 ) -> None:
     """Draw a layer's cosine heatmap, or each metric per layer.
 

@@ -46,10 +46,6 @@ def _formats(ck: Checkpoint, output: str | Path) -> list[str]:
     return [source, out] if out != source else []
 
 
-def _nbytes(info: TensorInfo) -> int:
-    return info.numel * info.dtype.itemsize
-
-
 @dataclass
 class ExpandResult:
     """What `wcond expand` wrote."""
@@ -87,7 +83,8 @@ def _write(
     file; stale wcond manifests of the source are dropped.
     """
     layout = Checkpoint(ck.path, ck.format, ck.files)
-    layout.wrapper = ck.wrapper
+    # Without a source object to rebuild (a DCP directory, torch shards) the output is flat.
+    layout.wrapper = ck.wrapper if ck.obj is not None else ()
     layout.metadata = {k: v for k, v in ck.metadata.items() if k not in _MANIFESTS}
     if output_format(output) == "safetensors":
         layout.obj = (
@@ -96,7 +93,7 @@ def _write(
         return save_checkpoint(output, tensors, like=layout, metadata=entries)
     # save_checkpoint keeps the order and non-tensor entries of ``like.obj``: give it the source's
     # structure with the new tensors in their new order, so a factorized layer sits where it was.
-    layout.obj = _torch_layout(ck.obj, ck.wrapper, tensors, entries)
+    layout.obj = _torch_layout(ck.obj, layout.wrapper, tensors, entries)
     return save_checkpoint(output, tensors, like=layout)
 
 
