@@ -178,11 +178,11 @@ def test_inspect_shows_the_factorization(model_file: Path, tmp_path: Path) -> No
                 "--protect",
                 "x",
             ),
-            "--fold takes its layers from --chain; --axis, --protect do not apply to it",
+            "--fold takes its layers from --chain or --model; --axis, --protect do not apply to it",
         ),
         (
-            ("--dry-run", "--fold", "--chain", "fc1,fc2.weight"),
-            "has no tensor named 'fc1'; did you mean 'fc1.weight'?",
+            ("--dry-run", "--fold", "--chain", "fc,fc2.weight"),
+            "has no layer or BatchNorm named 'fc'; it holds",
         ),
         (
             ("--dry-run", "--layers", "conv*"),

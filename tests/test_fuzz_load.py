@@ -352,9 +352,10 @@ def test_special_files_refused_without_blocking(tmp_path: Path) -> None:
     """Refused before any open: a FIFO with no writer would block a reader forever."""
     good = good_torch(tmp_path / "good.pt")
     cmds, words = [], []
-    for path, why in special_files(tmp_path).values():
-        with pytest.raises(CheckpointError, match=why):
-            open_checkpoint(path)
+    for kind, (path, why) in special_files(tmp_path).items():
+        if kind != "fifo":  # in this process only what cannot block it, should the check regress
+            with pytest.raises(CheckpointError, match=why):
+                open_checkpoint(path)
         for cmd in (
             ["inspect", str(path)],
             ["diff", str(good), str(path)],

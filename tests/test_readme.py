@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import difflib
-import os
 import re
 import shlex
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -68,38 +65,28 @@ def _same(got: list[str], want: list[str]) -> bool:
     return True
 
 
-def test_readme_shows_real_output(tmp_path: Path) -> None:
+def test_readme_shows_real_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each block showing `$ wcond ...` and its output matches what that command prints today.
 
     Commands run in order in a scratch copy of sample_checkpoints/ (a later block reads what an
-    earlier one wrote), on the CPU, in a 100-column console.
+    earlier one wrote), on the CPU, in a 100-column console, in this process (one torch import).
     """
+    import torch
+    from typer.testing import CliRunner
+
+    from wcond.cli import app
+
     shown = shown_outputs()
     assert len(shown) >= 5, "the README's output blocks were not found"
     shutil.copytree(ROOT / "sample_checkpoints", tmp_path / "sample_checkpoints")
-    env = {**os.environ, "COLUMNS": "100", "CUDA_VISIBLE_DEVICES": "", "NO_COLOR": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    # Each command starts at once unless it reads a file an earlier one is still writing (-o).
-    running: dict[str, subprocess.Popen[str]] = {}
-    started = []
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COLUMNS", "100")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # --device auto: the CPU
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    runner = CliRunner()
     for command, output in shown:
-        args = shlex.split(command)[1:]
-        for arg in args:
-            if arg in running:
-                running[arg].wait()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "wcond", *args],
-            cwd=tmp_path,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        if "-o" in args:
-            running[args[args.index("-o") + 1]] = proc
-        started.append((command, output, proc))
-    for command, output, proc in started:
-        got = _normal(proc.communicate()[0])
+        result = runner.invoke(app, shlex.split(command)[1:], prog_name="wcond")
+        got = _normal(result.output)
         want = _normal(output)
         if not _same(got, want):
             delta = "\n".join(difflib.unified_diff(want, got, "README", "now", lineterm=""))

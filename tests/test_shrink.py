@@ -331,6 +331,10 @@ def test_axis_choice(mlp_file: Path) -> None:
         by["fc2.weight"].fused_rows,
         by["fc2.weight"].fused_cols,
     ) == (12, 0)
+    by = {r.name: r for r in shrink(mlp_file, axis="rows", layers=["fc2"]).layers}  # a module
+    assert list(by) == ["fc2.weight"] and by["fc2.weight"].fused_rows == 12
+    by = {r.name: r for r in shrink(mlp_file, protect=["fc2"]).layers}
+    assert by["fc2.weight"].notes == ["protected (--protect): not fused"]
     with pytest.raises(UsageError, match="axis='diagonal'"):
         shrink(mlp_file, axis="diagonal")
 
@@ -621,10 +625,12 @@ def test_fold_refusals(tmp_path: Path) -> None:
     src = tmp_path / "m.safetensors"
     sd = {k: v.detach().clone() for k, v in planted_fold_mlp(nn.ReLU).state_dict().items()}
     save_file(sd, str(src))
-    with pytest.raises(UsageError, match="at least two layer keys"):
+    with pytest.raises(UsageError, match="at least two layers"):
         fold(src, chain=["fc1.weight"])
-    with pytest.raises(UsageError, match="has no tensor named 'fc1'; did you mean 'fc1.weight'"):
-        fold(src, chain=["fc1", "fc2.weight"])
+    with pytest.raises(UsageError, match="has no layer or BatchNorm named 'fc'; it holds"):
+        fold(src, chain=["fc", "fc2.weight"])
+    with pytest.raises(UsageError, match="names a layer twice"):
+        fold(src, chain=["fc1", "fc1"])
     with pytest.raises(
         UsageError, match="'fc3.weight' reads 12 inputs but 'fc1.weight' produces 16 units"
     ):
@@ -637,6 +643,6 @@ def test_fold_refusals(tmp_path: Path) -> None:
     )
     with pytest.raises(
         UsageError,
-        match="'bn1.running_mean' looks like a BatchNorm on the 16 units of 'fc1.weight'",
+        match="'bn1' looks like a BatchNorm on the 16 units of 'fc1.weight'; name it in the chain",
     ):
         fold(with_bn, chain=["fc1.weight", "fc2.weight"])

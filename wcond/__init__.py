@@ -45,6 +45,7 @@ _LAZY = {
     "load_checkpoint": "wcond.load",
     "open_checkpoint": "wcond.load",
     "load_state_dict": "wcond.load_factorized",
+    "fold": "wcond.shrink.tracing",
 }
 
 if TYPE_CHECKING:
@@ -54,6 +55,7 @@ if TYPE_CHECKING:
     from wcond.load import Checkpoint, load_checkpoint, open_checkpoint
     from wcond.load_factorized import load_state_dict
     from wcond.report import LayerReport, Report, Summary
+    from wcond.shrink.tracing import fold
 
 
 def __getattr__(name: str) -> Any:
@@ -85,6 +87,7 @@ __all__ = [
     "WcondError",
     "__version__",
     "analyze_tensor",
+    "fold",
     "init_cs",
     "inspect",
     "inspect_many",

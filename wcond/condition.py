@@ -184,6 +184,7 @@ def init_cs(
         new, rows, curve = _condition(specs, tensors.__getitem__, dev, progress=progress, **options)
         device_used = str(dev)
     else:
+        assert engine is not None  # dev is None only for an engine that is not local
         if path is None:
             raise UsageError(
                 "an engine reads the checkpoint where its workers run: pass a path, not a state dict"

@@ -257,5 +257,5 @@ def _task_error(task: Task, cause: BaseException) -> Exception:
     """A failed task's exception, as the driver raises it: the layer named first."""
     if isinstance(cause, WcondError):
         # Keep the library's own error type (a checkpoint the workers cannot see stays a CheckpointError).
-        return type(cause)(f"{task.describe()}: {cause}")
+        return type(cause)(f"{task.describe()}: {cause}", params=cause.params)
     return EngineError(f"{task.describe()}: {type(cause).__name__}: {_first_line(cause)}")

@@ -58,14 +58,11 @@ def show_key(key: str, limit: int = 80) -> str:
 
 
 def _escape(text: str) -> str:
-    out = []
-    for ch in text:
-        if "\udc80" <= ch <= "\udcff":  # a byte that was not UTF-8 (surrogateescape)
-            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
-        elif ch.isprintable() and ch != "\\":
-            out.append(ch)
-        elif ch == "\\":
-            out.append("\\\\")
-        else:
-            out.append(ascii(ch)[1:-1])
-    return "".join(out)
+    """wcond.text.visible, with a byte that was not UTF-8 (a surrogate escape) shown as that byte."""
+    from wcond.text import visible  # imported here: wcond.text needs rich, errors needs nothing
+
+    if text.isprintable():
+        return text
+    return "".join(
+        f"\\x{ord(ch) - 0xDC00:02x}" if "\udc80" <= ch <= "\udcff" else visible(ch) for ch in text
+    )

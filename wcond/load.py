@@ -312,7 +312,7 @@ def _open_index(index: Path) -> Checkpoint:
     for key, name in weight_map.items():
         shards.setdefault(_shard_path(index, root, key, name))
     for f in shards:
-        if not f.is_file():
+        if not f.exists():  # a FIFO or device is refused by name when sniffed below
             raise CheckpointError(
                 f"{show_path(index)}: shard {show_path(f.name)} listed in the index is missing"
             )
@@ -482,5 +482,6 @@ def _flatten(node: Mapping, file: Path) -> Iterator[tuple[str, torch.Tensor]]:
                     f"{show_path(file)}: dicts nested more than {MAX_NESTING} levels deep; not a state dict"
                 )
             stack.extend(
-                (f"{key}.{k}" if key else str(k), v, depth + 1) for k, v in reversed(n.items())
+                (f"{key}.{k}" if key else str(k), v, depth + 1)
+                for k, v in reversed(list(n.items()))
             )

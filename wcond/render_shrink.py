@@ -5,10 +5,10 @@ from __future__ import annotations
 from rich.console import Console
 
 from wcond.render_text import fmt_number, fmt_shape, print_layer_table
-from wcond.shrink import ShrinkReport
+from wcond.shrink import FoldReport, ShrinkReport
 from wcond.text import markup
 
-__all__ = ["render_shrink"]
+__all__ = ["render_fold", "render_shrink"]
 
 # The columns that give way on a narrow console, least important first.
 _DROP_ORDER = ("max°", "shape", "error")
@@ -83,3 +83,65 @@ def _file_bytes_line(report: ShrinkReport) -> str:
     if report.formats:
         line += f"; IN is {report.formats[0]}, OUT {report.formats[1]}: the formats differ too"
     return line
+
+
+def render_fold(report: FoldReport, console: Console) -> None:
+    """The terminal view of a FoldReport: the links folded, the new widths, what was left alone."""
+    title = f"wcond shrink --fold --model: {report.model}"
+    if report.checkpoint:
+        title += f" with {report.checkpoint}"
+    columns: dict[str, list[str]] = {h: [] for h in ("shape", "∥units", "params", "error")}
+    for r in report.layers:
+        columns["shape"].append(
+            fmt_shape(r.shape_before)
+            + ("" if r.shape_after == r.shape_before else f" → {fmt_shape(r.shape_after)}")
+        )
+        columns["∥units"].append(str(r.fused_rows))
+        columns["params"].append(
+            f"{r.params_before:,}"
+            + ("" if r.params_after == r.params_before else f" → {r.params_after:,}")
+        )
+        columns["error"].append(fmt_number(r.reconstruction_error, 3))
+    hidden = print_layer_table(
+        console,
+        title,
+        [r.name for r in report.layers],
+        columns,
+        ("shape", "error"),
+        row_styles=["bold" if r.changed else "dim" for r in report.layers],
+    )
+    if hidden:
+        console.print(
+            f"[dim]hidden at this width: {', '.join(hidden)} (widen the terminal, or use -f json)[/]"
+        )
+    console.print(
+        f"parameters: {report.params_before:,} → {report.params_after:,} "
+        f"([bold]{report.params_removed:,}[/] removed, {report.percent_removed:.2f}%)",
+        soft_wrap=True,
+    )
+    if report.constructor:
+        widths = "; ".join(
+            f"{markup(m)} " + ", ".join(f"{a} {b} → {c}" for a, (b, c) in attrs.items())
+            for m, attrs in report.constructor.items()
+        )
+        console.print(f"constructor widths: {widths}", soft_wrap=True)
+    else:
+        console.print("constructor widths: unchanged (no positively parallel units found)")
+    if report.left_alone:
+        alone = "; ".join(f"{markup(m)} ({markup(why)})" for m, why in report.left_alone.items())
+        console.print(f"left alone: {alone}", soft_wrap=True)
+    if report.max_abs_diff is not None:
+        console.print(
+            f"max |Δ output| on a random input of shape {report.input_shape}: "
+            f"{fmt_number(report.max_abs_diff, 3)}",
+            soft_wrap=True,
+        )
+    if report.output is None:
+        console.print("dry run: nothing written")
+    else:
+        console.print(f"wrote {markup(report.output)}", soft_wrap=True)
+        if report.file_bytes_after is not None:
+            console.print(
+                f"file bytes: {report.file_bytes_before:,} → {report.file_bytes_after:,}",
+                soft_wrap=True,
+            )

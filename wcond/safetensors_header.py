@@ -120,7 +120,7 @@ def read_tensor(file: str | os.PathLike[str], header: SafetensorsHeader, name: s
     buf = torch.empty(nbytes, dtype=torch.uint8)
     with open(file, "rb") as f:
         f.seek(header.data_start + e.begin)
-        got = f.readinto(buf.numpy()) if nbytes else 0
+        got = f.readinto(buf.numpy().data) if nbytes else 0
     if got != nbytes:
         raise _bad(file, f"tensor {show_key(name)}: file ended after {got} of its {nbytes} bytes")
     if sys.byteorder != "little" and dtype.itemsize > 1:

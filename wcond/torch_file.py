@@ -97,7 +97,7 @@ def view_bytes(t: torch.Tensor) -> int:
     if t.numel() == 0:
         return 0
     last = t.storage_offset() + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
-    return (last + 1) * t.element_size()
+    return int((last + 1) * t.element_size())
 
 
 def _load(
@@ -202,7 +202,7 @@ def _translated(path: str) -> Iterator[None]:
         raise
     except pickle.UnpicklingError as e:
         detail = _detail(e)
-        unsafe = _UNSAFE.search(detail)
+        unsafe = _UNSAFE.search(str(e))
         if unsafe:
             what = f"the object {unsafe.group(1)}" if unsafe.group(1) else "arbitrary objects"
             raise UnsafeCheckpointError(
@@ -229,8 +229,17 @@ def _translated(path: str) -> Iterator[None]:
 
 def _detail(e: BaseException) -> str:
     """The informative line of a torch/pickle error, without torch's boilerplate; printable and short."""
-    skip = ("Weights only load failed", "Please file an issue", "Check the documentation")
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    skip = (
+        "Weights only load failed",
+        "Please file an issue",
+        "Check the documentation",
+        "(1)",
+        "(2)",
+    )
+    message = str(e)
+    if "WeightsUnpickler error:" in message:  # torch's advice first, the fault after this marker
+        message = message.split("WeightsUnpickler error:", 1)[1]
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
     useful = [ln for ln in lines if not ln.startswith(skip)]
     text = (useful or lines or [type(e).__name__])[0]
     text = text.removeprefix("WeightsUnpickler error:").strip() or type(e).__name__

@@ -92,7 +92,7 @@ def _stored_step(p: Path) -> int | None:
     except CheckpointError:
         return None
     for key in _STEP_KEYS:
-        value = ck.obj.get(key) if isinstance(ck.obj, dict) else ck.metadata.get(key)
+        value: Any = ck.obj.get(key) if isinstance(ck.obj, dict) else ck.metadata.get(key)
         if hasattr(value, "item") and getattr(value, "numel", lambda: 0)() == 1:
             value = value.item()  # a 0-d tensor
         if isinstance(value, str) and value.isdigit():

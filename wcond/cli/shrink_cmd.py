@@ -91,6 +91,25 @@ def shrink_command(
             metavar="NAME1,NAME2,...",
         ),
     ] = None,
+    model: Annotated[
+        Optional[str],
+        typer.Option(
+            "--model",
+            help="With --fold: import FACTORY from PKG.MODULE (your own code: importing it runs "
+            "it, so name only code you trust), build the model, load IN into it and fold every "
+            "chain found by tracing it. Writes a plain state dict.",
+            metavar="PKG.MODULE:FACTORY",
+        ),
+    ] = None,
+    input_shape: Annotated[
+        Optional[str],
+        typer.Option(
+            "--input-shape",
+            help="With --model: compare the outputs before and after on a random input of this "
+            "shape (e.g. 1,3,32,32).",
+            metavar="N,C,...",
+        ),
+    ] = None,
     ray: RayOpt = False,
     ray_address: RayAddressOpt = None,
     download: DownloadOpt = False,
@@ -99,15 +118,17 @@ def shrink_command(
 
     Each shrunk layer is stored as W' plus one index and one coefficient per original row/column.
     Load it with wcond.load_state_dict(OUT), or write it dense with `wcond expand`.
-    With --fold --chain, parallel units of ReLU-joined layers are removed outright instead.
+    With --fold --chain, parallel units of ReLU-joined layers are removed outright instead;
+    with --fold --model, the chains are found by tracing your model (its factory is imported).
 
     A DCP directory (torch.distributed.checkpoint) is written as one normal file holding its model
     state dict.
 
     Example: wcond shrink model.pt --tau-cos 1e-4 -o small.safetensors
     """
-    from wcond.render_shrink import render_shrink
+    from wcond.render_shrink import render_fold, render_shrink
     from wcond.shrink import fold, shrink
+    from wcond.shrink.tracing import fold_checkpoint
 
     if output is None and not dry_run:
         raise UsageError("-o OUT is required (or pass --dry-run to report without writing)")
@@ -118,6 +139,53 @@ def shrink_command(
             "--fold couples the layers of its chain, so it runs in one process: drop --ray "
             "(shrink without --fold runs on Ray)"
         )
+    if (model is not None or input_shape is not None) and not fold_units:
+        raise UsageError("--model and --input-shape go with --fold")
+    stray = [
+        name
+        for name, given in (
+            ("--axis", axis != AXIS),
+            ("--layers", layers),
+            ("--exclude", exclude),
+            ("--protect", protect),
+            ("--no-protect-ends", no_protect_ends),
+        )
+        if given
+    ]
+    if fold_units and stray:
+        raise UsageError(
+            f"--fold takes its layers from --chain or --model; {', '.join(stray)} do not apply to it"
+        )
+    if fold_units and model is not None:
+        if chain is not None:
+            raise UsageError("--fold takes --model (traced) or --chain (named), not both")
+        shape = None
+        if input_shape is not None:
+            try:
+                shape = [int(n) for n in input_shape.split(",")]
+            except ValueError:
+                raise UsageError(
+                    f"--input-shape {input_shape!r}: wants sizes like 1,3,32,32"
+                ) from None
+        folded = fold_checkpoint(
+            checkpoint,
+            target,
+            model=model,
+            input_shape=shape,
+            tau_cos=tau_cos,
+            tau_euc=tau_euc,
+            force=force,
+        )
+        if format == "json":
+            emit(
+                json.dumps({"wcond_version": __version__, **folded.to_dict()}, indent=2) + "\n",
+                None,
+            )
+        else:
+            render_fold(folded, stdout)
+        for warning in folded.warnings:
+            stderr.print(f"[yellow]warning:[/] {markup(warning)}", soft_wrap=True)
+        return
     with (
         engine_for(on_ray, ray_address) as engine,
         progress_bar("shrinking on Ray" if engine else "shrinking") as progress,
@@ -125,22 +193,8 @@ def shrink_command(
         if fold_units:
             if chain is None:
                 raise UsageError(
-                    "--fold needs --chain NAME1,NAME2,... (the layers, in the order data flows)"
-                )
-            stray = [
-                name
-                for name, given in (
-                    ("--axis", axis != AXIS),
-                    ("--layers", layers),
-                    ("--exclude", exclude),
-                    ("--protect", protect),
-                    ("--no-protect-ends", no_protect_ends),
-                )
-                if given
-            ]
-            if stray:
-                raise UsageError(
-                    f"--fold takes its layers from --chain; {', '.join(stray)} do not apply to it"
+                    "--fold needs --chain NAME1,NAME2,... (the layers, in the order data flows) "
+                    "or --model PKG.MODULE:FACTORY"
                 )
             keys = [k.strip() for k in chain.split(",") if k.strip()]
             report = fold(

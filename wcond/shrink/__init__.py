@@ -12,8 +12,9 @@ Two ways to shrink:
   dict, exactly equivalent for exactly parallel units.
 
 The modules follow the steps: :mod:`.pairs` finds and fuses near-parallel vectors,
-:mod:`.factorized` writes the factorized format, :mod:`.folding` removes units, :mod:`.output`
-writes checkpoints and expands them; reading the format lives with loading, in
+:mod:`.factorized` writes the factorized format (:mod:`.sizing` counts its bytes),
+:mod:`.folding` removes units along links, :mod:`.tracing` finds the links of a whole model,
+:mod:`.output` writes checkpoints and expands them; reading the format lives with loading, in
 :mod:`wcond.load_factorized`.
 """
 
@@ -33,10 +34,11 @@ from wcond.load_factorized import (
     rebuild_dense,
 )
 from wcond.shrink.factorized import Factorization, factorize, shrink
-from wcond.shrink.folding import fold
+from wcond.shrink.folding import Link, fold, fold_links
 from wcond.shrink.output import ExpandResult, expand
 from wcond.shrink.pairs import Grouping, fuse_vectors
-from wcond.shrink.report import LayerShrink, ShrinkReport
+from wcond.shrink.report import FoldReport, LayerShrink, ShrinkReport
+from wcond.shrink.tracing import fold_model
 
 __all__ = [
     "COL_COEF",
@@ -47,6 +49,8 @@ __all__ = [
     "ROW_INDEX",
     "W_SUFFIX",
     "ExpandResult",
+    "FoldReport",
+    "Link",
     "Factorization",
     "Factored",
     "Grouping",
@@ -56,6 +60,8 @@ __all__ = [
     "expand",
     "factorize",
     "fold",
+    "fold_links",
+    "fold_model",
     "fuse_vectors",
     "load_state_dict",
     "rebuild_dense",

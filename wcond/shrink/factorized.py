@@ -34,7 +34,6 @@ from wcond.save import output_format
 from wcond.shrink.output import (
     _MANIFESTS,
     _formats,
-    _nbytes,
     _open_source,
     _write,
     _written_bytes,
@@ -158,7 +157,9 @@ def shrink(
         output: where to write (.safetensors or a torch extension); None reports without writing.
         axis: "auto" fuses along the longer axis only (more rows than columns: rows), both axes
             for a square layer; or "rows", "cols", "both".
-        protect: globs of layers never fused. With ``protect_ends`` (default), the first
+        layers, exclude: globs of layer keys to shrink or skip; a module name (``net.0``,
+            ``features.*``) stands for its ``.weight``.
+        protect: globs of layers never fused (keys or module names). With ``protect_ends`` (default), the first
             analyzable weight's columns (the network's inputs) and the last one's rows (its
             classes) are never fused, "first" and "last" in stored order, as in the paper.
         force: overwrite an existing ``output``.
@@ -183,7 +184,7 @@ def shrink(
     local = engine is None or engine.name == "local"
     # Here, an unusable device fails before anything is read; on an engine the workers resolve it.
     dev = resolve_device(device) if local else None
-    specs = find_layers(infos, layers, exclude)
+    specs = find_layers(infos, _with_modules(layers), _with_modules(exclude))
     if not specs:
         _no_layers(ck, infos, layers, exclude)
     analyzable = [k for k, i in infos.items() if is_layer(i)]
@@ -192,7 +193,8 @@ def shrink(
     remote: dict[str, Factorization | None] = {}
     if engine is not None and not local:
         axes_of = {
-            s.key: _axes(s.key, list(s.info.shape), axis, first, last, protect, []) for s in specs
+            s.key: _axes(s.key, list(s.info.shape), axis, first, last, _with_modules(protect), [])
+            for s in specs
         }
         work = [s for s in specs if axes_of[s.key]]
         tasks = plan_tasks(str(Path(ck.path).resolve()), [(s.key, s.info.numel) for s in work])
@@ -225,7 +227,7 @@ def shrink(
             spec.key, shape, shape, params_before=spec.info.numel, params_after=spec.info.numel
         )
         reports.append(rep)
-        rep.axes = _axes(spec.key, shape, axis, first, last, protect, rep.notes)
+        rep.axes = _axes(spec.key, shape, axis, first, last, _with_modules(protect), rep.notes)
         if not rep.axes:
             continue
         if spec.key in remote:
@@ -319,7 +321,8 @@ def shrink(
         params_after=sum(i.numel for i in infos.values())
         - sum(r.params_before - r.params_after for r in reports),
         bytes_before=ck.num_bytes,
-        bytes_after=ck.num_bytes + sum(new_bytes[k] - _nbytes(infos[k]) for k in replaced),
+        bytes_after=ck.num_bytes
+        + sum(new_bytes[k] - infos[k].numel * infos[k].dtype.itemsize for k in replaced),
         file_bytes_before=size_before,
     )
     if output is None:
@@ -408,6 +411,11 @@ def _size_format(ck: Checkpoint, output: str | Path | None) -> str:
     if output is not None:
         return output_format(output)
     return "safetensors" if all(p.suffix == ".safetensors" for p in ck.files) else "torch"
+
+
+def _with_modules(globs: Sequence[str]) -> list[str]:
+    """Globs that match a weight key directly, or through its module's name (net.0: net.0.weight)."""
+    return [*globs, *(g + ".weight" for g in globs if not g.endswith(".weight"))]
 
 
 def _factorize_layer(

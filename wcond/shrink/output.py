@@ -46,10 +46,6 @@ def _formats(ck: Checkpoint, output: str | Path) -> list[str]:
     return [source, out] if out != source else []
 
 
-def _nbytes(info: TensorInfo) -> int:
-    return info.numel * info.dtype.itemsize
-
-
 @dataclass
 class ExpandResult:
     """What `wcond expand` wrote."""

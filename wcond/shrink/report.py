@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["LayerShrink", "ShrinkReport"]
+__all__ = ["FoldReport", "LayerShrink", "ShrinkReport"]
 
 
 @dataclass
@@ -45,6 +45,42 @@ class ShrinkReport:
     formats: list[str] = field(default_factory=list)  # [IN's, OUT's] when they differ
     widths: dict[str, list[int]] = field(default_factory=dict)  # fold: key -> [units before, after]
     resolved: dict[str, list[str]] = field(default_factory=dict)  # fold: chain name -> its tensors
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def params_removed(self) -> int:
+        return self.params_before - self.params_after
+
+    @property
+    def percent_removed(self) -> float:
+        return 100.0 * self.params_removed / self.params_before if self.params_before else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["params_removed"] = self.params_removed
+        doc["percent_removed"] = self.percent_removed
+        return doc
+
+
+@dataclass
+class FoldReport:
+    """What :func:`wcond.fold` did to a model."""
+
+    model: str  # the model's class
+    settings: dict[str, Any]
+    layers: list[LayerShrink]  # the layers of the links found, folded or not
+    params_before: int  # every parameter of the model
+    params_after: int
+    widths: dict[str, list[int]]  # module -> [units before, after], narrowed modules only
+    left_alone: dict[str, str]  # layer module -> why it was not folded
+    # module -> {constructor argument: [before, after]}: what to build the narrow model with
+    constructor: dict[str, dict[str, list[int]]] = field(default_factory=dict)
+    max_abs_diff: float | None = None  # max |model(x) - new(x)| on the example input, eval mode
+    input_shape: list[int] | None = None  # fold_checkpoint: the random input's shape
+    checkpoint: str | None = None  # fold_checkpoint: the weights loaded
+    output: str | None = None  # fold_checkpoint: where the narrow state dict went
+    file_bytes_before: int = 0
+    file_bytes_after: int | None = None
     warnings: list[str] = field(default_factory=list)
 
     @property

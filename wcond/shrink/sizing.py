@@ -32,8 +32,8 @@ _ST_DTYPES = {
     torch.bool: "BOOL",
 }
 # The order safetensors lays tensors out in: by dtype, widest first, then by name.
-_ST_ORDER = ("U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16", "I8", "U8")
-_ST_ORDER += ("BOOL",)
+_ST_ORDER: tuple[str, ...] = ("U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F16", "U16")
+_ST_ORDER += ("I16", "I8", "U8", "BOOL")
 # A torch zip record: local header (30) + central directory entry (46), each holding the record's
 # name; an alignment extra field (4 + up to 63 bytes of padding to 64); in data.pkl the key and
 # the tensor's rebuild call (storage tuple, size and stride, about 60 bytes plus 5 per dimension

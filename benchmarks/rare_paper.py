@@ -1,0 +1,283 @@
+"""Does shrinking pay off on a trained network? The RaRe paper's Table 1 setting, scaled to load_digits.
+
+Paper (papers/rank-redundancy.txt): a 784-500x5-10 ReLU MLP with 20% dropout on Fashion-MNIST,
+Adam 1e-3; with its RaRe loss (lambda1 = 20), L2 decay (lambda2 = 0.1), Frobenius normalisation
+and pairs fused after every update ("dynamic low-rank approximation", tau_cos 1e-4, tau_euc 0.1)
+it reports 30.65 +- 0.97 % fewer parameters at 90.65 +- 0.15 % accuracy (baseline 90.45).
+
+Here: scikit-learn's bundled handwritten digits (1,797 8x8 images, offline) with a 64-64x5-10
+MLP, the same width-to-input ratio class of network (square hidden layers, as the paper's).
+Benchmark-only dependency: `pip install scikit-learn`. Arms, each over --seeds seeds:
+
+  baseline        cross-entropy + dropout
+  baseline+fold   the baseline, then wcond.fold (exact removal of positively parallel units)
+                  and wcond.shrink (factorized storage) on its checkpoint
+  rare+FN         trained with lambda1 * L_RaRe (wcond.metrics.rare, rows and columns, the
+                  paper's m'n' weighting) + lambda2 * L2 and Frobenius normalisation, then folded
+                  and shrunk once at the end
+  rare+FN+fold    the same loss, with wcond.fold applied during training whenever a hidden
+                  layer holds a positively near-parallel pair after an update (the paper fuses
+                  after every update), the optimizer rebuilt for the narrower model
+
+    python benchmarks/rare_paper.py                  # 5 seeds, about 4 minutes on 2 busy cores
+    python benchmarks/rare_paper.py --seeds 1 --epochs 30   # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))  # this checkout's wcond, not an installed one
+
+import wcond  # noqa: E402
+from wcond import metrics  # noqa: E402
+from wcond.shrink import shrink  # noqa: E402
+
+WIDTH, DEPTH = 64, 5
+
+
+class FNLinear(nn.Linear):
+    """Frobenius normalisation (the paper's eq. 16): W_used = k W / |W|_F * g, g trainable."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__(n_in, n_out)
+        self.register_buffer("k", self.weight.detach().norm())
+        self.g = nn.Parameter(torch.ones(()))
+
+    def used_weight(self) -> torch.Tensor:
+        return self.k * self.weight / self.weight.norm() * self.g
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.used_weight(), self.bias)
+
+
+def make_mlp(widths: list[int], fn: bool) -> nn.Sequential:
+    """Linear-ReLU-Dropout(0.2) blocks; the output layer has no dropout after it."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(widths, widths[1:])):
+        layers.append(FNLinear(a, b) if fn else nn.Linear(a, b))
+        if i < len(widths) - 2:
+            layers += [nn.ReLU(), nn.Dropout(0.2)]
+    return nn.Sequential(*layers)
+
+
+def bake(model: nn.Sequential) -> nn.Sequential:
+    """The same function with plain nn.Linear layers (Frobenius normalisation multiplied in)."""
+    widths = [m.in_features for m in model if isinstance(m, nn.Linear)]
+    widths.append([m for m in model if isinstance(m, nn.Linear)][-1].out_features)
+    plain = make_mlp(widths, fn=False)
+    with torch.no_grad():
+        for src, dst in zip(model, plain):
+            if isinstance(src, nn.Linear):
+                w = src.used_weight() if isinstance(src, FNLinear) else src.weight
+                dst.weight.copy_(w)
+                dst.bias.copy_(src.bias)
+    return plain
+
+
+def unbake(plain: nn.Sequential) -> nn.Sequential:
+    """Frobenius-normalised layers holding ``plain``'s weights (k = their norm, g = 1)."""
+    widths = [m.in_features for m in plain if isinstance(m, nn.Linear)]
+    widths.append([m for m in plain if isinstance(m, nn.Linear)][-1].out_features)
+    fn = make_mlp(widths, fn=True)
+    with torch.no_grad():
+        for src, dst in zip(plain, fn):
+            if isinstance(src, nn.Linear):
+                dst.weight.copy_(src.weight)
+                dst.bias.copy_(src.bias)
+                dst.k.copy_(src.weight.norm())
+    return fn
+
+
+def rare_loss(model: nn.Module) -> torch.Tensor:
+    """The paper's eq. 17: sum_i m'n' [RaRe(W') + RaRe(W'^T)] / (2c), c = sum_i m'n'."""
+    ws = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+    c = sum(w.numel() for w in ws)
+    terms = [w.numel() * (metrics.rare(w, "rows") + metrics.rare(w, "cols")) for w in ws]
+    return torch.stack(terms).sum() / (2 * c)
+
+
+@torch.no_grad()
+def has_pair(model: nn.Module, args: argparse.Namespace) -> bool:
+    """Whether a hidden layer holds a positively near-parallel pair of units ([w, b] rows)."""
+    layers = [m for m in model if isinstance(m, nn.Linear)][:-1]  # the output layer's are classes
+    for m in layers:
+        w = m.used_weight() if isinstance(m, FNLinear) else m.weight
+        rows = torch.cat([w, m.bias[:, None]], dim=1)
+        pairs = metrics.near_parallel_pairs(rows, tau_cos=args.tau_cos, tau_euc=args.tau_euc)
+        if any(p.cos > 0 for p in pairs):
+            return True
+    return False
+
+
+def l2_loss(model: nn.Module) -> torch.Tensor:
+    ws = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+    return torch.stack([w.pow(2).sum() for w in ws]).mean()
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    with torch.no_grad():
+        return 100.0 * float((model(x).argmax(1) == y).float().mean())
+
+
+def params(model: nn.Module) -> int:
+    return sum(
+        m.weight.numel() + m.bias.numel() for m in model.modules() if isinstance(m, nn.Linear)
+    )
+
+
+def train(
+    arm: str,
+    data: tuple[torch.Tensor, ...],
+    seed: int,
+    args: argparse.Namespace,
+) -> tuple[nn.Sequential, int]:
+    """Train one arm; returns the plain (baked) model and how many units folding removed in training."""
+    x_tr, y_tr, _, _ = data
+    torch.manual_seed(seed)
+    fn = arm.startswith("rare")
+    model = make_mlp([64] + [WIDTH] * DEPTH + [10], fn=fn)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(seed)
+    removed = 0
+    for _ in range(args.epochs):
+        model.train()
+        for idx in torch.randperm(len(x_tr), generator=gen).split(args.batch):
+            loss = nn.functional.cross_entropy(model(x_tr[idx]), y_tr[idx])
+            if fn:
+                loss = loss + args.lambda1 * rare_loss(model) + args.lambda2 * l2_loss(model)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            # The paper fuses after every update: check cheaply, fold only when a pair is there.
+            if arm == "rare+FN+fold" and has_pair(model, args):
+                before = params(model)
+                plain, _ = wcond.fold(bake(model), tau_cos=args.tau_cos, tau_euc=args.tau_euc)
+                if params(plain) < before:
+                    removed += before - params(plain)
+                    model = unbake(plain)
+                    opt = torch.optim.Adam(model.parameters(), lr=1e-3)  # new shapes: fresh state
+    return bake(model), removed
+
+
+def evaluate(
+    model: nn.Sequential, data: tuple[torch.Tensor, ...], args: argparse.Namespace, tmp: Path
+) -> dict:
+    """Accuracy, then wcond.fold and wcond.shrink on the checkpoint: parameters and file bytes."""
+    _, _, x_te, y_te = data
+    base = params(model)
+    folded, report = wcond.fold(model, x_te, tau_cos=args.tau_cos, tau_euc=args.tau_euc)
+    src = tmp / "model.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in folded.state_dict().items()}, str(src))
+    small = tmp / "small.safetensors"
+    shrunk = shrink(src, small, tau_cos=args.tau_cos, tau_euc=args.tau_euc, force=True)
+    dense = tmp / "dense.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(dense))
+    return {
+        "acc": accuracy(model, x_te, y_te),
+        "acc_folded": accuracy(folded, x_te, y_te),
+        "params": base,
+        "params_folded": params(folded),
+        "params_shrunk": shrunk.params_after,
+        "diff": report.max_abs_diff or 0.0,
+        "bytes_dense": dense.stat().st_size,
+        "bytes_folded": src.stat().st_size,
+        "bytes_shrunk": small.stat().st_size,
+    }
+
+
+def load_data(seed: int) -> tuple[torch.Tensor, ...]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(digits.target)
+    i_tr, i_te = train_test_split(
+        list(range(len(y))), test_size=0.2, random_state=seed, stratify=digits.target
+    )
+    return x[i_tr], y[i_tr], x[i_te], y[i_te]
+
+
+def ms(values: list[float], fmt: str = "{:.2f}") -> str:
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{fmt.format(mean)} ± {fmt.format(std)}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--epochs", type=int, default=150)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--lambda1", type=float, default=20.0)
+    ap.add_argument("--lambda2", type=float, default=0.1)
+    ap.add_argument("--tau-cos", type=float, default=1e-4)
+    ap.add_argument("--tau-euc", type=float, default=0.1)
+    ap.add_argument("--arms", default="baseline,rare+FN,rare+FN+fold")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    arms = args.arms.split(",")
+    results: dict[str, list[dict]] = {a: [] for a in arms}
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as d:
+        for seed in range(args.seeds):
+            data = load_data(seed)
+            for arm in arms:
+                t0 = time.perf_counter()
+                model, removed_in_training = train(arm, data, seed, args)
+                r = evaluate(model, data, args, Path(d))
+                r["removed_in_training"] = removed_in_training
+                r["seconds"] = time.perf_counter() - t0
+                results[arm].append(r)
+                print(
+                    f"seed {seed} {arm:13s} acc {r['acc']:.2f} params {r['params']:,} "
+                    f"-> folded {r['params_folded']:,} / shrunk {r['params_shrunk']:,} "
+                    f"(max|diff| {r['diff']:.1e}) {r['seconds']:.0f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    full = 64 * WIDTH + WIDTH + (DEPTH - 1) * (WIDTH * WIDTH + WIDTH) + WIDTH * 10 + 10
+    print(
+        "| arm | accuracy (%) | after wcond.fold (%) | params removed (%) | stored params "
+        "after wcond.shrink | file bytes: trained / folded / shrunk |"
+    )
+    print("|---|---|---|---|---|---|")
+    for arm in arms:
+        rs = results[arm]
+        removed = [100.0 * (full - r["params_folded"]) / full for r in rs]
+        files = " / ".join(
+            ms([float(r[k]) for r in rs], "{:,.0f}")
+            for k in ("bytes_dense", "bytes_folded", "bytes_shrunk")
+        )
+        print(
+            f"| {arm} | {ms([r['acc'] for r in rs])} | {ms([r['acc_folded'] for r in rs])} "
+            f"| {ms(removed)} | {ms([float(r['params_shrunk']) for r in rs], '{:,.0f}')} "
+            f"| {files} |"
+        )
+    worst = max(r["diff"] for rs in results.values() for r in rs)
+    print(
+        f"\nparameters of the full network: {full:,}; largest |output change| from folding: {worst:.1e}"
+    )
+    print(
+        f"wall time: {time.perf_counter() - start:.0f} s, {args.seeds} seeds, "
+        f"{args.epochs} epochs, torch threads {args.threads}"
+    )
+
+
+if __name__ == "__main__":
+    main()
