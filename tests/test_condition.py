@@ -193,6 +193,9 @@ def test_errors() -> None:
         init_cs(model_state_dict(), iterations=0)
     with pytest.raises(UsageError, match="lr="):
         init_cs(model_state_dict(), lr=0.0)
+    for seed in (-1, 2**64):
+        with pytest.raises(UsageError, match=f"seed={seed}: torch seeds run from 0"):
+            init_cs(model_state_dict(), seed=seed)
     with pytest.raises(UsageError, match="optimizer='rmsprop'"):
         init_cs(model_state_dict(), optimizer="rmsprop")
     with pytest.raises(UsageError, match="does not divide"):

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from wcond import metrics
-from wcond.defaults import DEVICE, ITERATIONS, LR, OPTIMIZER, OPTIMIZERS, ProgressFn
+from wcond.defaults import DEVICE, ITERATIONS, LR, MAX_SEED, OPTIMIZER, OPTIMIZERS, ProgressFn
 from wcond.device import resolve_device
 from wcond.engine import Engine, Task, open_on_worker, plan_tasks
 from wcond.errors import CheckpointError, UsageError
@@ -149,6 +149,8 @@ def init_cs(
             f"optimizer={optimizer!r}: choose one of {', '.join(OPTIMIZERS)}",
             params=("optimizer",),
         )
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise UsageError(f"seed={seed}: torch seeds run from 0 to 2**64 - 1", params=("seed",))
     local = engine is None or engine.name == "local"
     # Here, an unusable device fails before anything is read; on an engine the workers resolve it.
     dev = resolve_device(device) if local else None
