@@ -208,7 +208,10 @@ def test_cs_gradient_matches_autograd_through_literal_definition() -> None:
     seed=st.integers(0, 2**16),
 )
 def test_invariants(out: int, cin: int, k: int, scale: float, seed: int) -> None:
-    w = seeded(out, cin, k, seed=seed)
+    # float64: CS = (|sum R|^2 - sum |R|^2) / 2 cancels, so in float32 its absolute error is
+    # ~1e-7 of (sum |K|^2)^2; a pair of a tiny and a large filter then has no correct digit
+    # (seed 1945, 2x1x1: 23% apart after scaling). The invariants are about the identity.
+    w = seeded(out, cin, k, seed=seed, dtype=torch.float64)
     # cosines are scale invariant; CS is homogeneous of degree 4; pair terms are non-negative
     a = metrics.pair_statistics(metrics.as_rows(w))
     b = metrics.pair_statistics(metrics.as_rows(w * scale))
