@@ -269,3 +269,24 @@ def test_ctrl_c_while_saving_leaves_no_partial_file(
     result = run(ckpt, "-o", tmp_path / "out.pt", "-n", 2, "--device", "cpu")
     assert result.exit_code == 130
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.ckpt"]
+
+
+def test_fp8_conv_is_left_unchanged_with_a_note(tmp_path: Path) -> None:
+    """FP8 kernels: a CS step would be rounded away when written back, so they are kept as is."""
+    g = torch.Generator().manual_seed(0)
+    src = tmp_path / "fp8.pt"
+    sd = {
+        "c8.weight": torch.randn(8, 3, 3, 3, generator=g).to(torch.float8_e4m3fn),
+        "c32.weight": torch.randn(8, 8, 3, 3, generator=g),
+    }
+    torch.save(sd, src)
+    out = tmp_path / "out.pt"
+    result = run(src, "-o", out, "-n", "5", "--device", "cpu", "-f", "json")
+    assert result.exit_code == 0, result.output
+    rows = {r["name"]: r for r in json.loads(result.stdout)["layers"]}
+    assert rows["c8.weight"]["optimized"] is False
+    assert any("FP8 weights: left unchanged" in n for n in rows["c8.weight"]["notes"])
+    assert rows["c32.weight"]["optimized"] is True
+    written = torch.load(out)
+    assert written["c8.weight"].dtype == torch.float8_e4m3fn
+    assert torch.equal(written["c8.weight"].view(torch.uint8), sd["c8.weight"].view(torch.uint8))

@@ -73,6 +73,8 @@ def assert_all_answered(results: list[dict], n: int) -> None:
         assert r["exc"] is None, f"{where}: {r['exc']}"
         assert r["code"] in OK_CODES, f"{where}: exit {r['code']}: {r['out'][-500:]}"
         assert "Traceback" not in r["out"], f"{where}: {r['out'][-800:]}"
+        # the CLI's last-resort line for a bug: hostile input must meet a named check instead
+        assert "internal error" not in r["out"], f"{where}: {r['out'][-800:]}"
         if r["code"] == 2:  # one line naming the problem
             errors = [ln for ln in r["out"].splitlines() if ln.startswith("error:")]
             assert len(errors) == 1, f"{where}: {r['out']}"
@@ -398,8 +400,8 @@ def test_odd_tensor_types(tmp_path: Path) -> None:
     cmds = [["inspect", str(p), "-f", "json"] for p in files.values()]
     cmds += [["diff", str(files["odd_torch"]), str(files["odd_safetensors"]), "-f", "json"]]
     cmds += [["init-cs", str(files["odd_torch"]), "-o", str(tmp_path / "o.pt")]]
-    # shrink on FP8 layers is left to shrink itself (see the README's Safety section)
-    cmds += [["shrink", str(files["odd_torch"]), "-o", str(tmp_path / "s.pt"), "--exclude", "e*"]]
+    cmds += [["shrink", str(files["odd_torch"]), "-o", str(tmp_path / "s.pt"), "-f", "json"]]
+    cmds += [["shrink", str(files["odd_torch"]), "-o", str(tmp_path / "s.safetensors")]]
     results = run_batch(cmds)
     assert_all_answered(results, len(cmds))
     torch_rep, st_rep = (json.loads(r["out"]) for r in results[:2])
@@ -419,6 +421,15 @@ def test_odd_tensor_types(tmp_path: Path) -> None:
     assert torch_rep["summary"]["skipped_tensors"] == 7  # the five above, ids and mask
     assert [x["name"] for x in st_rep["layers"]] == ["e4m3.weight", "e5m2.weight", "fc.weight"]
     assert list(st_rep["summary"]["skipped"]) == ["zero.weight"]
+    shrunk = json.loads(results[-2]["out"])
+    notes = {x["name"]: x["notes"] for x in shrunk["layers"]}
+    assert any("FP8 weights: not fused" in n for n in notes["e5m2.weight"])
+    # safetensors cannot hold the sparse tensors that a torch file can: one line, nothing written
+    assert (
+        results[-1]["code"] == 2
+        and "is sparse; safetensors holds dense tensors only" in (results[-1]["out"])
+    )
+    assert not (tmp_path / "s.safetensors").exists()
     assert digest(list(files.values())) == before
 
 

@@ -227,3 +227,22 @@ def test_sigterm_handler_is_restored_after_a_command(ckpt: Path) -> None:
     before = signal.getsignal(signal.SIGTERM)
     assert run("inspect", ckpt, "-f", "json").exit_code == 0
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_bug_met_on_some_input_is_one_line_not_a_traceback(
+    ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last resort: an exception no check names still ends as one line and exit 2."""
+    import wcond.analyze
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise ZeroDivisionError("\x1b[31mforged")
+
+    monkeypatch.setattr(wcond.analyze, "analyze_tensor", broken)
+    result = run("inspect", ckpt)
+    assert result.exit_code == 2
+    line = one_error_line(result.stderr)
+    assert line.startswith("error: internal error: ZeroDivisionError: \\x1b[31mforged")
+    assert "WCOND_DEBUG=1" in line
+    monkeypatch.setenv("WCOND_DEBUG", "1")
+    assert isinstance(run("inspect", ckpt).exception, ZeroDivisionError)

@@ -22,7 +22,7 @@ from wcond.device import resolve_device
 from wcond.engine import Engine, Task, open_on_worker, plan_tasks
 from wcond.errors import CheckpointError, UsageError, show_key
 from wcond.gates import Gate, evaluate_gates
-from wcond.layers import LayerSpec, find_layers, is_layer, layer_kind, selected, skip_note
+from wcond.layers import LayerSpec, find_layers, is_fp8, is_layer, layer_kind, selected, skip_note
 from wcond.load import Checkpoint, open_checkpoint, tensor_info
 from wcond.load_factorized import dense_view
 from wcond.module import module_view
@@ -80,7 +80,7 @@ def analyze_tensor(
         return fields is None or any(f in fields for f in part)
 
     w = w.to(device=resolve_device(device))
-    if w.dtype.is_floating_point and w.dtype.itemsize == 1:
+    if is_fp8(w.dtype):
         w = w.float()  # FP8 (e4m3fn, e5m2): few torch kernels take it; each value is exact in fp32
     with torch.no_grad():
         w = metrics.as_float(w)  # fp16/bf16/fp8 upcast once, for rows, cols and CS alike

@@ -29,13 +29,17 @@ from wcond.defaults import DEVICE, ITERATIONS, LR, MAX_SEED, OPTIMIZER, OPTIMIZE
 from wcond.device import resolve_device
 from wcond.engine import Engine, Task, open_on_worker, plan_tasks
 from wcond.errors import CheckpointError, UsageError
-from wcond.layers import LayerSpec, find_layers, is_layer
+from wcond.layers import LayerSpec, find_layers, is_fp8, is_layer
 from wcond.load import Checkpoint, TensorInfo, open_checkpoint, tensor_info
 from wcond.module import module_view
 
 __all__ = ["InitCSResult", "LayerResult", "init_cs"]
 
 
+_FP8 = (
+    "FP8 weights: left unchanged (written back in 8 bits, a CS step would be rounded away; "
+    "convert the layer to fp16/bf16/fp32 to condition it)"
+)
 _KEEP_NORM_1X1 = "1x1 kernel: its CS depends on the filter norms alone, which --keep-norm holds fixed; left unchanged"
 
 
@@ -261,7 +265,10 @@ def _condition(
         if spec.group_note:
             row.notes.append(spec.group_note)
         rows[spec.key] = row
-        if not bool(torch.isfinite(w).all()):
+        if is_fp8(w.dtype):
+            row.optimized = False
+            row.notes.append(_FP8)
+        elif not bool(torch.isfinite(w).all()):
             row.optimized = False
             row.notes.append("NaN/Inf values: left unchanged")
         elif keep_norm and math.prod(w.shape[2:]) == 1:
@@ -494,8 +501,10 @@ def _report(
 def _fill(row: LayerResult, old: torch.Tensor, new: torch.Tensor, keep_norm: bool) -> None:
     """Before/after numbers of one layer, each from the wcond.metrics function that defines it.
 
-    Computed on the stored tensors.
+    Computed on the stored tensors (FP8 upcast, as inspect reads it).
     """
+    if is_fp8(old.dtype):
+        old, new = old.float(), new.float()
     if not bool(torch.isfinite(old).all()):
         return
     g = row.groups

@@ -6,12 +6,15 @@ import fnmatch
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import torch
+
 from wcond.errors import UsageError
 from wcond.load import TensorInfo
 
 __all__ = [
     "LayerSpec",
     "find_layers",
+    "is_fp8",
     "is_layer",
     "layer_kind",
     "parse_groups",
@@ -25,6 +28,11 @@ _KINDS = {2: "matrix", 3: "conv1d", 4: "conv2d", 5: "conv3d"}
 def is_layer(info: TensorInfo) -> bool:
     """A dense floating-point tensor of 2 to 5 dims with at least 2 rows and no empty dimension."""
     return info.skip is None and _layer_shaped(info) and 0 not in info.shape
+
+
+def is_fp8(dtype: torch.dtype) -> bool:
+    """An 8-bit float (e4m3fn, e5m2, ...): few torch kernels take it, so it is upcast to be read."""
+    return dtype.is_floating_point and dtype.itemsize == 1
 
 
 def skip_note(info: TensorInfo) -> str | None:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from wcond.errors import OutputError, UsageError
+from wcond.errors import CheckpointError, OutputError, UsageError, show_key
 from wcond.load import SAFETENSORS_SUFFIXES, TORCH_SUFFIXES, Checkpoint
 
 __all__ = ["atomic_path", "check_output", "output_format", "save_checkpoint", "write_text"]
@@ -152,6 +152,12 @@ def save_checkpoint(
                     f"{path}: safetensors holds tensors only; the source's other entries "
                     "(epoch, optimizer state, ...) were not written"
                 )
+            for k, t in tensors.items():
+                if t.layout != torch.strided or t.is_meta:
+                    raise CheckpointError(
+                        f"{path}: tensor {show_key(k)} is {'meta' if t.is_meta else 'sparse'}; "
+                        "safetensors holds dense tensors only: write a torch file (.pt) instead"
+                    )
             save_file({k: _plain(t) for k, t in tensors.items()}, str(tmp), metadata=meta or None)
         else:
             obj: Any = dict(tensors)

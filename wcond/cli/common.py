@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Optional, TypeVar
 
+import click
 import typer
 from rich.console import Console, ConsoleDimensions
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
@@ -268,6 +269,18 @@ def handle_errors(func: F) -> F:
         except Terminated:
             _error("terminated (SIGTERM); nothing was written", prefix="")
             raise typer.Exit(EXIT_USAGE) from None
+        except (typer.Exit, typer.Abort, click.exceptions.ClickException):
+            raise
+        except (
+            Exception
+        ) as e:  # a bug in wcond, met on some input: still one line, never a traceback
+            if os.environ.get("WCOND_DEBUG"):
+                raise
+            _error(
+                f"internal error: {type(e).__name__}: {e} (a bug in wcond; rerun with "
+                "WCOND_DEBUG=1 for the traceback and report it)"
+            )
+            raise typer.Exit(EXIT_USAGE) from e
 
     return wrapper  # type: ignore[return-value]
 

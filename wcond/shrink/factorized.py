@@ -18,7 +18,7 @@ from wcond.defaults import AXES, AXIS, DEVICE, TAU_COS, TAU_EUC, ProgressFn
 from wcond.device import resolve_device
 from wcond.engine import Engine, Task, open_on_worker, plan_tasks
 from wcond.errors import CheckpointError, UsageError
-from wcond.layers import find_layers, is_layer
+from wcond.layers import find_layers, is_fp8, is_layer
 from wcond.load import Checkpoint, TensorInfo, open_checkpoint
 from wcond.load_factorized import (
     COL_COEF,
@@ -196,7 +196,7 @@ def shrink(
             s.key: _axes(s.key, list(s.info.shape), axis, first, last, _with_modules(protect), [])
             for s in specs
         }
-        work = [s for s in specs if axes_of[s.key]]
+        work = [s for s in specs if axes_of[s.key] and not is_fp8(s.info.dtype)]
         tasks = plan_tasks(str(Path(ck.path).resolve()), [(s.key, s.info.numel) for s in work])
         results = engine.map(
             _factorize_task,
@@ -229,6 +229,11 @@ def shrink(
         reports.append(rep)
         rep.axes = _axes(spec.key, shape, axis, first, last, _with_modules(protect), rep.notes)
         if not rep.axes:
+            continue
+        if is_fp8(spec.info.dtype):
+            rep.notes.append(
+                "FP8 weights: not fused (W' and its coefficients would be stored wider than 8 bits)"
+            )
             continue
         if spec.key in remote:
             f = remote[spec.key]
