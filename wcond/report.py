@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 __all__ = ["NUMERIC_FIELDS", "LayerReport", "Report", "Summary", "finite"]
 
 # Keys of LayerReport that hold one number each: the ones gates and diffs can name.
+# Columns describing a layer in a DataFrame, before its metrics.
+LAYER_COLUMNS = ("kind", "shape", "dtype", "groups")
 NUMERIC_FIELDS = (
     "acv_sum",
     "acv_mean",
@@ -126,9 +128,29 @@ class Report:
         Example:
             >>> wcond.inspect("model.pt").to_pandas().sort_values("acv_mean").tail(3)
         """
-        from wcond.frames import report_frame
+        from wcond.frames import require_pandas
 
-        return report_frame(self)
+        # Metric columns are float64 (counts too, so that a layer where a count does not apply
+        # holds NaN rather than turning the column into objects); shape reads "64x3x7x7".
+        pd = require_pandas()
+        nan = float("nan")
+        rows = []
+        for r in self.layers:
+            row: dict[str, Any] = {
+                "kind": r.kind,
+                "shape": "x".join(map(str, r.shape)),
+                "dtype": r.dtype,
+                "groups": r.groups,
+            }
+            for m in NUMERIC_FIELDS:
+                v = getattr(r, m)
+                row[m] = nan if v is None else float(v)
+            row["notes"] = "; ".join(r.notes)
+            rows.append(row)
+        columns = [*LAYER_COLUMNS, *NUMERIC_FIELDS, "notes"]
+        index = pd.Index([r.name for r in self.layers], name="layer")
+        frame = pd.DataFrame(rows, index=index, columns=columns)
+        return frame.astype({m: "float64" for m in NUMERIC_FIELDS} | {"groups": "int64"})
 
 
 def finite(obj: Any) -> Any:

@@ -146,9 +146,20 @@ class TrendReport:
         metric, value. Pivot it as needed, e.g. ``df.pivot_table("value", "x", ["layer", "metric"])``.
         Needs pandas (``pip install 'wcond[pandas]'``), imported only here.
         """
-        from wcond.frames import trend_frame
+        from wcond.frames import require_pandas
 
-        return trend_frame(self)
+        pd = require_pandas()
+        nan = float("nan")
+        rows = []
+        for i, (report, step, x) in enumerate(zip(self.reports, self.steps, self.x)):
+            for layer, by_metric in self.trend.items():
+                for metric, values in by_metric.items():
+                    v = values[i]
+                    step_value = nan if step is None else step
+                    value = nan if v is None else float(v)
+                    rows.append((i, step_value, x, report.checkpoint, layer, metric, value))
+        columns = ["checkpoint", "step", "x", "path", "layer", "metric", "value"]
+        return pd.DataFrame(rows, columns=columns).astype({"value": "float64", "step": "float64"})
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: {"checkpoints": [report + "step"], "steps", "trend", "failed"}."""
