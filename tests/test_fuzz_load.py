@@ -466,14 +466,14 @@ def test_index_size_limit(tmp_path: Path, monkeypatch) -> None:
 
 def test_many_small_tensors_read_once_each(tmp_path: Path, monkeypatch) -> None:
     """The header of a safetensors file is parsed once, not once per tensor (quadratic before)."""
-    import wcond.load
+    import wcond.checkpoint
 
     path = tmp_path / "moe.safetensors"
     save_file({f"experts.{i}.weight": torch.randn(3, 2) for i in range(300)}, str(path))
     expected = load_file(str(path))
     calls = []
-    real = wcond.load.read_header
-    monkeypatch.setattr(wcond.load, "read_header", lambda f: calls.append(f) or real(f))
+    real = wcond.checkpoint.read_header
+    monkeypatch.setattr(wcond.checkpoint, "read_header", lambda f: calls.append(f) or real(f))
     ck = open_checkpoint(path)
     assert ck.keys()[:3] == ["experts.0.weight", "experts.1.weight", "experts.2.weight"]
     assert all(torch.equal(t, expected[k]) for k, t in ck.items())

@@ -4,7 +4,7 @@ This is what ``torch.distributed.checkpoint.save`` writes (FSDP, torchtitan, ...
 read one at a time through torch's own DCP reader (``FileSystemReader`` and ``dcp.load``), which
 assembles each tensor from its chunks in whichever shards hold them; no process group is
 needed and the whole model is never in memory at once. A nested state such as
-``{"model": ..., "optim": ...}`` is unwrapped like a torch file's (:data:`wcond.load.WRAPPER_KEYS`).
+``{"model": ..., "optim": ...}`` is unwrapped like a torch file's (:data:`wcond.checkpoint.WRAPPER_KEYS`).
 
 The ``.metadata`` file is a pickle; torch unpickles it without restriction. wcond reads it with
 an unpickler that only builds DCP's own metadata classes, sizes, dtypes and paths, and refuses
@@ -23,8 +23,8 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
+from wcond.checkpoint import Checkpoint, TensorInfo, _state_dict_of
 from wcond.errors import CheckpointError, UnsafeCheckpointError, show_key, show_path
-from wcond.load import Checkpoint, TensorInfo, _state_dict_of
 
 __all__ = ["DCPCheckpoint", "is_dcp_directory", "open_dcp"]
 

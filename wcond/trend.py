@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from wcond.analyze import inspect_many
+from wcond.checkpoint import natural_key
 from wcond.defaults import ProgressFn
 from wcond.engine import Engine
 from wcond.errors import CheckpointError
@@ -31,11 +32,6 @@ _STEP_KEYS = ("global_step", "step")
 # A step number in a file or directory name: step_1000, epoch=3-step=1200, checkpoint-500, iter42.
 _STEP_NAME = re.compile(r"(?:step|steps|iter|iteration|checkpoint|ckpt)[=_\-]?(\d+)", re.IGNORECASE)
 _GLOB_CHARS = re.compile(r"[*?\[]")
-
-
-def natural_key(text: str) -> list[Any]:
-    """Sort key that puts step_2000 before step_10000."""
-    return [int(p) if p.isdigit() else p.lower() for p in re.split(r"(\d+)", text)]
 
 
 def expand_paths(args: Sequence[str | Path]) -> list[Path]:
@@ -55,7 +51,7 @@ def expand_paths(args: Sequence[str | Path]) -> list[Path]:
         else:
             found.append(Path(text))
     unique = list(dict.fromkeys(found))
-    return sorted(unique, key=lambda p: natural_key(str(p)))
+    return sorted(unique, key=lambda p: natural_key(str(p).lower()))  # step_2000 < step_10000
 
 
 def checkpoint_step(path: str | Path) -> int | None:
