@@ -218,6 +218,11 @@ def _plan(
     return _Plan(name, fmt, wrapper, path, len(dense), specs, get, factored, skipped, kinds)
 
 
+def _given(w: torch.Tensor) -> Callable[[str], torch.Tensor]:
+    """A getter that returns the tensor already read (by the prefetcher), whatever the key."""
+    return lambda _key: w
+
+
 def _analyze_spec(
     spec: LayerSpec,
     get: Callable[[str], torch.Tensor],
@@ -375,7 +380,7 @@ def _analyze_here(
             for spec, w in zip(plan.specs, tensors):
                 if progress:
                     progress(done, total, spec.key)
-                rep = _analyze_spec(spec, lambda _key, w=w: w, plan.factored, options)
+                rep = _analyze_spec(spec, _given(w), plan.factored, options)
                 rep.kind = plan.kinds.get(spec.key, rep.kind)
                 reports.append(rep)
                 del w  # at most two layers in memory: this one's and the next one's

@@ -238,7 +238,11 @@ def pair_statistics(
     on_host = u.device.type == "cpu"
     # D_euc < tau_euc  <=>  sqrt(2 - 2|cos|) < max(tau_euc / |w_i|, tau_euc / |w_j|); the per-vector
     # bounds are taken in float64 so that huge or tiny norms give 0 or inf, not NaN.
-    reach = (tau_euc / norms.detach().double()).to(u.dtype) if count_pairs else None
+    reach = (
+        (tau_euc / norms.detach().double()).to(u.dtype)
+        if tau_cos is not None and tau_euc is not None
+        else None
+    )
     want = max(top_k, _REFINE)
     v_live = (v if live_idx is None else v[live_idx]).detach()
     acv_parts: list[Tensor] = []

@@ -238,6 +238,7 @@ def shrink(
         if spec.key in remote:
             f = remote[spec.key]
         else:
+            assert dev is not None  # resolved above for every run that is not on an engine
             f = _factorize_layer(ck.get(spec.key), rep.axes, device=dev, **options)
         if f is None:
             rep.notes.append("NaN/Inf values: not fused")
