@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from wcond.analyze import NUMERIC_FIELDS, analyze_tensor
+from wcond.defaults import TAU_COS, TAU_EUC
 from wcond.errors import UsageError
 from wcond.layers import find_layers
 from wcond.load import tensor_info
@@ -39,8 +40,6 @@ __all__ = ["DEFAULT_EVERY_N_STEPS", "DEFAULT_METRICS", "WeightMonitor"]
 DEFAULT_METRICS = ("acv_mean", "conv_similarity_norm", "norm_loss", "rare_rows")
 DEFAULT_EVERY_N_STEPS = 200
 DEFAULT_PREFIX = "wcond/"
-# Near-parallel thresholds as inspect's (METRICS.md: the RaRe paper's defaults).
-_TAU_COS, _TAU_EUC = 1e-4, 0.1
 
 
 class WeightMonitor:
@@ -60,8 +59,8 @@ class WeightMonitor:
         metrics: Sequence[str] = DEFAULT_METRICS,
         layers: str | Sequence[str] = (),
         exclude: str | Sequence[str] = (),
-        tau_cos: float = _TAU_COS,
-        tau_euc: float = _TAU_EUC,
+        tau_cos: float = TAU_COS,
+        tau_euc: float = TAU_EUC,
         prefix: str = DEFAULT_PREFIX,
     ):
         if every_n_steps < 1:
@@ -165,8 +164,8 @@ def _lightning_callback() -> type:
             metrics: Sequence[str] = DEFAULT_METRICS,
             layers: str | Sequence[str] = (),
             exclude: str | Sequence[str] = (),
-            tau_cos: float = _TAU_COS,
-            tau_euc: float = _TAU_EUC,
+            tau_cos: float = TAU_COS,
+            tau_euc: float = TAU_EUC,
             prefix: str = DEFAULT_PREFIX,
         ):
             super().__init__()

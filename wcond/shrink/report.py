@@ -26,8 +26,29 @@ class LayerShrink:
     notes: list[str] = field(default_factory=list)
 
 
+class _Removed:
+    """What the shrink and fold reports share: parameters before/after, and their JSON form."""
+
+    params_before: int
+    params_after: int
+
+    @property
+    def params_removed(self) -> int:
+        return self.params_before - self.params_after
+
+    @property
+    def percent_removed(self) -> float:
+        return 100.0 * self.params_removed / self.params_before if self.params_before else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        doc = asdict(self)  # type: ignore[call-overload]  # each subclass is a dataclass
+        doc["params_removed"] = self.params_removed
+        doc["percent_removed"] = self.percent_removed
+        return doc
+
+
 @dataclass
-class ShrinkReport:
+class ShrinkReport(_Removed):
     """What `wcond shrink` did (or, for a dry run, would do)."""
 
     checkpoint: str
@@ -47,23 +68,9 @@ class ShrinkReport:
     resolved: dict[str, list[str]] = field(default_factory=dict)  # fold: chain name -> its tensors
     warnings: list[str] = field(default_factory=list)
 
-    @property
-    def params_removed(self) -> int:
-        return self.params_before - self.params_after
-
-    @property
-    def percent_removed(self) -> float:
-        return 100.0 * self.params_removed / self.params_before if self.params_before else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        doc = asdict(self)
-        doc["params_removed"] = self.params_removed
-        doc["percent_removed"] = self.percent_removed
-        return doc
-
 
 @dataclass
-class FoldReport:
+class FoldReport(_Removed):
     """What :func:`wcond.fold` did to a model."""
 
     model: str  # the model's class
@@ -82,17 +89,3 @@ class FoldReport:
     file_bytes_before: int = 0
     file_bytes_after: int | None = None
     warnings: list[str] = field(default_factory=list)
-
-    @property
-    def params_removed(self) -> int:
-        return self.params_before - self.params_after
-
-    @property
-    def percent_removed(self) -> float:
-        return 100.0 * self.params_removed / self.params_before if self.params_before else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        doc = asdict(self)
-        doc["params_removed"] = self.params_removed
-        doc["percent_removed"] = self.percent_removed
-        return doc
