@@ -15,7 +15,7 @@ try:
     app(args=sys.argv[1:], prog_name="wcond")
 except SystemExit as e:
     code = e.code
-heavy = sorted(m for m in ("torch", "numpy") if m in sys.modules)
+heavy = sorted(m for m in ("torch", "numpy", "pydantic") if m in sys.modules)
 print("\\n" + json.dumps({"code": code, "heavy": heavy}))
 """
 
@@ -52,3 +52,16 @@ def test_import_wcond_is_light_until_a_heavy_name_is_used() -> None:
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["True", "True", "True"]
+
+
+def test_the_cli_needs_no_click_where_typer_does_not() -> None:
+    """typer 0.26 and later vendor click: a plain install has no `click`, and wcond must not ask."""
+    import importlib.util
+
+    if importlib.util.find_spec("typer._click") is None:
+        pytest.skip("this typer still depends on click")
+    probe = "import sys; sys.modules['click'] = None\n" + _PROBE
+    for args in (["--help"], ["inspect"], ["inspect", "no/such/file.pt"]):
+        run = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True)
+        assert "Traceback" not in run.stderr, run.stderr
+        assert json.loads(run.stdout.strip().splitlines()[-1])["code"] in (0, 2)

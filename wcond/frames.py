@@ -30,12 +30,13 @@ def require_pandas() -> Any:
 
 def require_parquet(path: str | Path) -> None:
     """pandas and pyarrow are installed, or a UsageError with the install line."""
-    require_pandas()
     try:
+        import pandas  # noqa: F401
         import pyarrow  # noqa: F401  (pandas' Parquet engine)
     except ImportError as e:
         raise UsageError(
-            f"{path}: writing Parquet needs pyarrow, which is not installed: pip install 'wcond[parquet]'"
+            f"{path}: writing Parquet needs pandas and pyarrow ({e.name} is not installed): "
+            "pip install 'wcond[parquet]'"
         ) from e
 
 

@@ -15,7 +15,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Optional, TypeVar
 
-import click
 import typer
 from rich.console import Console, ConsoleDimensions
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
@@ -26,6 +25,12 @@ from wcond.hub import allow_downloads
 from wcond.text import markup, one_line
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+# typer's own exceptions pass through the error boundary. Its usage errors derive from click's
+# ClickException, which since typer 0.26 is a vendored copy (and click itself may be absent), so
+# the class is taken from typer rather than imported from click.
+_CLICK_EXCEPTION = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+_TYPER_EXCEPTIONS: tuple[type[BaseException], ...] = (typer.Exit, typer.Abort, _CLICK_EXCEPTION)
 
 # Exit codes: 0 fine, 1 a gate tripped, 2 unusable input or arguments.
 EXIT_GATE = 1
@@ -269,7 +274,7 @@ def handle_errors(func: F) -> F:
         except Terminated:
             _error("terminated (SIGTERM); nothing was written", prefix="")
             raise typer.Exit(EXIT_USAGE) from None
-        except (typer.Exit, typer.Abort, click.exceptions.ClickException):
+        except _TYPER_EXCEPTIONS:
             raise
         except (
             Exception
