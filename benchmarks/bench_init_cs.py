@@ -13,8 +13,8 @@
      iteration would take hours, so it is timed on a few filter pairs per distinct layer shape and
      extrapolated by the number of pairs (every pair of a layer costs the same).
 2. Wall time of ``wcond init-cs resnet18.pt -o out.pt --iterations 500`` as a whole process
-   (interpreter start, load, optimization, save), with torch's default threading and with
-   OMP_WAIT_POLICY=PASSIVE or OMP_NUM_THREADS=1.
+   (interpreter start, load, optimization, save), with wcond's default threading, libgomp's
+   default spin, OMP_WAIT_POLICY=PASSIVE and OMP_NUM_THREADS=1.
 
 The checkpoint is built in code (torchvision's ResNet-18 key names and shapes, Kaiming-normal
 fan_out convs as torchvision initializes them, BatchNorm at 1/0, a 1000-way fc) in a temporary
@@ -181,9 +181,15 @@ def run_cli(src: Path, iterations: int, env_extra: dict[str, str]) -> dict:
     }
 
 
-# The whole-process runs: torch's defaults, then the two settings that avoid OpenMP's busy-waiting
-# threads, which on a small shared machine can cost several times the work itself.
-CLI_ENVS = [{}, {"OMP_WAIT_POLICY": "PASSIVE"}, {"OMP_NUM_THREADS": "1"}]
+# The whole-process runs: wcond's default (a short OpenMP spin), libgomp's own default spin (long
+# busy-waiting, which on a small shared machine can cost several times the work itself), never
+# spinning, and one thread.
+CLI_ENVS = [
+    {},
+    {"GOMP_SPINCOUNT": "300000"},
+    {"OMP_WAIT_POLICY": "PASSIVE"},
+    {"OMP_NUM_THREADS": "1"},
+]
 
 
 def main() -> None:

@@ -28,9 +28,9 @@ from collections.abc import Callable, Iterator
 from fnmatch import fnmatch
 from pathlib import Path
 
-# As wcond itself does before torch loads: idle OpenMP threads sleep instead of spinning, so CPU
-# seconds count work (the in-process and GEMM-floor figures run in this process).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# wcond sets its OpenMP default (a short spin) before torch loads: importing it first gives the
+# in-process and GEMM-floor figures the threading of the whole-process runs, which inherit it.
+import wcond  # noqa: E402  # isort: skip
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -149,8 +149,6 @@ def resnet_checkpoint(name: str) -> Path:
 
 
 def bench_resnet50(repeat: int) -> None:
-    import wcond
-
     path = resnet_checkpoint("resnet50")
     rel = str(path.relative_to(ROOT))
     sd = torch.load(path)
@@ -168,7 +166,7 @@ def bench_resnet50(repeat: int) -> None:
         wcond_label: [*wcond_cmd(), "inspect", rel, "-f", "json"],
         one_thread_label: [*wcond_cmd(), "inspect", rel, "-f", "json"],
     }
-    # What the second core buys (wcond already sets OMP_WAIT_POLICY=PASSIVE unless the user chose).
+    # What the second core buys.
     whole = time_processes(
         runs, repeat, envs={one_thread_label: dict(os.environ, OMP_NUM_THREADS="1")}
     )
@@ -485,8 +483,6 @@ def ww_analyze(path: Path) -> object:
 def ww_inner(path: Path, repeat: int) -> None:
     """Run inside the venv: in-process timings of both tools on the same loaded weights."""
     import weightwatcher as ww
-
-    import wcond
 
     model = resnet("resnet18")
     model.load_state_dict(torch.load(path))

@@ -15,11 +15,14 @@ import sys as _sys
 from typing import TYPE_CHECKING, Any
 
 # OpenMP's default busy-waiting lets torch's idle worker threads spin between wcond's many small
-# operations; with anything else running on the machine that made `wcond init-cs` 6x slower
-# (benchmarks/README.md). Passive waiting costs nothing measurable on the large products. It only
-# takes effect before torch is first imported, and a value the user set wins.
-if "torch" not in _sys.modules:
-    _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# operations; with anything else running on the machine that made `wcond init-cs` 6x slower and
+# inspect 5x slower. Never spinning (OMP_WAIT_POLICY=PASSIVE) cured that but made inspect 1.4x
+# slower on a quiet machine, where each small operation then waits for its threads to wake. A short
+# spin (GOMP_SPINCOUNT=10000 rounds, where libgomp's default is 300,000) keeps both, as measured
+# in benchmarks/README.md. It only takes effect before torch is first imported, and a value the
+# user set for either variable wins.
+if "torch" not in _sys.modules and not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(_os.environ):
+    _os.environ["GOMP_SPINCOUNT"] = "10000"
 
 from wcond._version import __version__
 from wcond.errors import (

@@ -1,3 +1,3 @@
-from wcond.cli import app
+from wcond.cli import main
 
-app(prog_name="wcond")
+main()
