@@ -207,9 +207,12 @@ def bench_resnet50(repeat: int) -> None:
 
 
 _PHASES = """
-import sys, time, json
+import gc, sys, time, json
 t0 = time.perf_counter()
+gc.disable()  # as the CLI imports torch: the cycle collector paused, then torch's objects frozen
 import torch
+gc.enable()
+gc.freeze()
 t1 = time.perf_counter()
 import wcond.cli, wcond.render
 t2 = time.perf_counter()
