@@ -246,3 +246,17 @@ def test_a_bug_met_on_some_input_is_one_line_not_a_traceback(
     assert "WCOND_DEBUG=1" in line
     monkeypatch.setenv("WCOND_DEBUG", "1")
     assert isinstance(run("inspect", ckpt).exception, ZeroDivisionError)
+
+
+def test_a_reader_that_goes_away_ends_the_run_quietly(ckpt: Path) -> None:
+    """`wcond inspect x | head`: no error line for a closed pipe, and the shell's SIGPIPE code."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wcond", "inspect", str(ckpt), "-f", "json", "--device", "cpu"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # before wcond writes anything: its first write meets EPIPE
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141
+    assert err == ""

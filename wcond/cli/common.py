@@ -33,9 +33,15 @@ F = TypeVar("F", bound=Callable[..., Any])
 _CLICK_EXCEPTION = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 _TYPER_EXCEPTIONS: tuple[type[BaseException], ...] = (typer.Exit, typer.Abort, _CLICK_EXCEPTION)
 
-# Exit codes: 0 fine, 1 a gate tripped, 2 unusable input or arguments.
+# Exit codes: 0 fine, 1 a gate tripped, 2 unusable input or arguments; 141 (what a shell reports for
+# a process killed by SIGPIPE) when the reader of stdout went away, as `| head` does.
 EXIT_GATE = 1
 EXIT_USAGE = 2
+EXIT_PIPE = 141
+
+
+class _ReaderGone(OutputError):
+    """stdout's reader closed the pipe: not an error to report, since nobody reads any more."""
 
 
 class _GuardedStdout:
@@ -68,8 +74,9 @@ def _stdout_failed(e: OSError) -> OutputError:
         os.close(devnull)
     except (OSError, ValueError):  # no file descriptor (a test runner's buffer): nothing to silence
         pass
-    why = "the reader closed the pipe" if e.errno == errno.EPIPE else e.strerror or str(e)
-    return OutputError(f"cannot write to standard output: {why}")
+    if e.errno == errno.EPIPE:
+        return _ReaderGone("cannot write to standard output: the reader closed the pipe")
+    return OutputError(f"cannot write to standard output: {e.strerror or e}")
 
 
 STDOUT = _GuardedStdout()
@@ -282,6 +289,8 @@ def handle_errors(func: F) -> F:
                 gc.freeze()  # its objects live as long as the process: no collection need visit them
             with _sigterm_raises(), allow_downloads(bool(kwargs.get("download", False))):
                 return func(*args, **kwargs)
+        except _ReaderGone:
+            raise typer.Exit(EXIT_PIPE) from None  # quietly, as `cat` or `grep` would end
         except (WcondError, OSError) as e:
             if os.environ.get("WCOND_DEBUG"):
                 raise
