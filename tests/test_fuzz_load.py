@@ -162,6 +162,8 @@ def hostile_torch_files(d: Path) -> dict[str, Path]:
     raw = good.read_bytes()
     (d / "truncated_zip.pt").write_bytes(raw[: len(raw) // 2])
     out["truncated_zip"] = d / "truncated_zip.pt"
+    (d / "truncated_zip_tail.pt").write_bytes(raw[:-30])  # torch's reader says only EINVAL here
+    out["truncated_zip_tail"] = d / "truncated_zip_tail.pt"
     legacy = d / "legacy.pt"
     torch.save({"fc.weight": torch.randn(6, 5)}, legacy, _use_new_zipfile_serialization=False)
     (d / "truncated_legacy.pt").write_bytes(legacy.read_bytes()[:-40])
@@ -297,6 +299,8 @@ def test_hand_made_hostile_files(tmp_path: Path) -> None:
         "truncated_record": "holds 10",
         "missing_record": "corrupt or truncated torch checkpoint",
         "truncated_legacy": "unexpected EOF",
+        "truncated_zip": "its zip archive is incomplete or damaged",
+        "truncated_zip_tail": "its zip archive is incomplete or damaged",
         "duplicate_key": "names 'w' twice",
         "huge_header_len": "header says 4611686018427387904 bytes",
         "header_past_end": "truncated",

@@ -11,6 +11,7 @@ file becomes a CheckpointError naming the file; errors of wcond's own code are l
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import re
@@ -237,6 +238,9 @@ def _detail(e: BaseException) -> str:
         "(2)",
     )
     message = str(e)
+    # torch's zip reader on a cut archive: EINVAL, or miniz's words when the cut is early
+    if (isinstance(e, OSError) and e.errno == errno.EINVAL) or "central directory" in message:
+        return "its zip archive is incomplete or damaged"
     if "WeightsUnpickler error:" in message:  # torch's advice first, the fault after this marker
         message = message.split("WeightsUnpickler error:", 1)[1]
     lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
