@@ -211,6 +211,8 @@ def test_gates(pt_file: Path) -> None:
         ("acv_mean >> 1", "expected METRIC OP NUMBER"),
         ("nonsense>1", "unknown metric 'nonsense'"),
         ("acv_mean>", "expected METRIC OP NUMBER"),
+        ("acv_mean>inf", "the threshold must be a finite number"),
+        ("norm_loss<-inf", "the threshold must be a finite number"),
     ],
 )
 def test_bad_gate_expressions(pt_file: Path, expr: str, message: str) -> None:

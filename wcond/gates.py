@@ -55,7 +55,14 @@ class Gate:
                 f"fail_if={expr!r}: unknown metric {metric!r}; one of: {', '.join(metrics)}",
                 params=("fail_if",),
             )
-        return cls(metric, op, float(number))
+        threshold = float(number)
+        if math.isinf(threshold):  # reported metrics are finite or null: such a gate is constant
+            raise UsageError(
+                f"fail_if={expr!r}: the threshold must be a finite number (a gate against "
+                f"{number} would trip always or never)",
+                params=("fail_if",),
+            )
+        return cls(metric, op, threshold)
 
     def __str__(self) -> str:
         return f"{self.metric}{self.op}{self.threshold:g}"
