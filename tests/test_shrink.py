@@ -394,7 +394,7 @@ def test_refusals(mlp_file: Path, tmp_path: Path) -> None:
         shrink(mlp_file, mlp_file)
     existing = tmp_path / "exists.safetensors"
     existing.write_bytes(b"x")
-    with pytest.raises(UsageError, match="already exists; pass --force"):
+    with pytest.raises(UsageError, match="already exists; pass force=True"):
         shrink(mlp_file, existing)
     shrink(mlp_file, existing, force=True)
     with pytest.raises(UsageError, match="is already shrunk"):

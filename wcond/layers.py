@@ -67,7 +67,9 @@ def parse_groups(specs: Iterable[str]) -> dict[str, int]:
         key, sep, value = spec.rpartition("=")
         if not sep or not key or not value.isdigit() or int(value) < 1:
             raise UsageError(
-                f"--groups {spec!r}: expected KEY=G with G a positive integer, e.g. --groups 'layer1.conv2.weight=32'"
+                f"groups={spec!r}: expected KEY=G with G a positive integer, "
+                "e.g. 'layer1.conv2.weight=32'",
+                params=("groups",),
             )
         out[key] = int(value)
     return out
@@ -112,7 +114,8 @@ def find_layers(
             if g is not None:
                 if shape[0] % g:
                     raise UsageError(
-                        f"--groups {key}={g}: {g} does not divide the layer's {shape[0]} output filters"
+                        f"groups={key}={g}: {g} does not divide the layer's {shape[0]} output filters",
+                        params=("groups",),
                     )
             elif shape[1] == 1 and prev_out not in (None, 1):
                 note = f"may be depthwise (1 input channel per filter); pass --groups '{key}={shape[0]}' if so"

@@ -122,7 +122,9 @@ def check_output(src: str | Path, out: str | Path, force: bool) -> None:
             f"{out}: is a directory; give a file name such as {out_p / 'model.safetensors'}"
         )
     if out_p.exists() and not force:
-        raise UsageError(f"{out}: already exists; pass --force to overwrite it")
+        raise UsageError(
+            f"{out}: already exists; pass force=True to overwrite it", params=("force",)
+        )
     output_format(out_p)
 
 
