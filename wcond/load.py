@@ -181,7 +181,8 @@ def _open_directory(d: Path) -> Checkpoint:
         )
     names = ", ".join(show_path(f.name) for f in (st + pt)[:6])
     raise CheckpointError(
-        f"{show_path(d)}: directory holds several checkpoints ({names}); name one file"
+        f"{show_path(d)}: directory holds several checkpoints ({names}); name one file, "
+        "or several files (or a glob) for their trend"
     )
 
 

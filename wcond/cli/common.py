@@ -261,7 +261,7 @@ def _sigterm_raises() -> Iterator[None]:
 
 @contextmanager
 def collector_paused() -> Iterator[None]:
-    """Python's cycle collector off for a block (the import of torch, which creates about 150,000
+    """Python's cycle collector off for a block (the import of torch, which creates about 165,000
     objects and would otherwise trigger collection after collection over them: 0.2 s of a 1.5 s
     import on this project's machines), back to its previous state after it."""
     was_enabled = gc.isenabled()
