@@ -139,7 +139,6 @@ def plot_command(
     from wcond.plot import check_plot_output, plot_layer, plot_metrics, require_matplotlib
 
     check_plot_output(output)
-    require_matplotlib()  # before minutes of analysis, not after
     if (width is None) != (height is None):
         raise UsageError(
             "--width and --height go together: give both, or neither for the default size"
@@ -168,6 +167,13 @@ def plot_command(
             raise UsageError("--trend draws metrics over checkpoints; it takes no --layer or --vs")
         if len(paths) < 2:
             raise UsageError("--trend needs at least two checkpoints (or a glob matching several)")
+    elif len(paths) > 1:
+        raise UsageError(
+            f"{len(paths)} checkpoints given: plot draws one (with --vs OTHER beside it), "
+            "or several with --trend"
+        )
+    require_matplotlib()  # after the arguments, before minutes of analysis
+    if trend:
         from wcond.plot import plot_trend
         from wcond.trend import trend as trend_of
 
@@ -179,11 +185,6 @@ def plot_command(
         plot_trend(result, output, per_layer=bool(o["layers"]), size_px=size, dpi=dpi)
         stderr.print(f"wrote {output}", markup=False, highlight=False)
         return
-    if len(paths) > 1:
-        raise UsageError(
-            f"{len(paths)} checkpoints given: plot draws one (with --vs OTHER beside it), "
-            "or several with --trend"
-        )
     checkpoint = paths[0]
     if layer is not None:
         plot_layer(
