@@ -135,12 +135,13 @@ def analyze_tensor(
                 w if e == 0 else w * 2.0 ** (-e // 2) * 2.0 ** (-e - (-e // 2))
             )  # each factor fits float32
             cs = float(metrics.conv_similarity(ws, groups=groups))
-            pair_norms = float(metrics.pair_norm_products(ws, groups))
+            energies = metrics.filter_energies(ws, groups)  # one pass for both norm terms
+            pair_norms = float(metrics.pair_norm_products_of(energies))
             rep.conv_similarity = _rescaled(cs, 4 * e, "conv_similarity", rep.notes)
             rep.conv_similarity_norm = cs / pair_norms if pair_norms else None
             if fields is None or "conv_similarity_floor" in fields:
                 rep.conv_similarity_floor = _rescaled(
-                    metrics.conv_similarity_floor(ws, groups=groups),
+                    metrics.conv_similarity_floor_of(energies, shape[2:]),
                     4 * e,
                     "conv_similarity_floor",
                     rep.notes,

@@ -16,7 +16,7 @@ import contextlib
 import functools
 import math
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,11 +35,14 @@ __all__ = [
     "conv_similarity",
     "conv_similarity_batch",
     "conv_similarity_floor",
+    "conv_similarity_floor_of",
     "conv_similarity_norm",
+    "filter_energies",
     "near_parallel_pairs",
     "norm_dev_max",
     "norm_loss",
     "pair_norm_products",
+    "pair_norm_products_of",
     "norm_dev_max_of_norms",
     "norm_loss_of_norms",
     "pair_statistics",
@@ -558,10 +561,19 @@ def _group_sums(values: Tensor, groups: int) -> Tensor:
     return values.reshape(groups, out // groups, -1)
 
 
+def filter_energies(w: Tensor, groups: int = 1) -> Tensor:
+    """|K_i|^2 of every filter, as (groups, filters per group): what CS's norm terms are made of."""
+    return _group_sums(_compute_dtype(w).reshape(w.shape[0], -1).pow(2).sum(1), groups).squeeze(-1)
+
+
 def pair_norm_products(w: Tensor, groups: int) -> Tensor:
     """sum_{i<j, same group} |K_i|^2 |K_j|^2."""
-    n = _group_sums(_compute_dtype(w).reshape(w.shape[0], -1).pow(2).sum(1), groups).squeeze(-1)
-    return ((n.sum(1) ** 2 - (n**2).sum(1)) / 2).sum()
+    return pair_norm_products_of(filter_energies(w, groups))
+
+
+def pair_norm_products_of(energies: Tensor) -> Tensor:
+    """``pair_norm_products`` from ``filter_energies``: ((sum n)^2 - sum n^2) / 2 per group, summed."""
+    return ((energies.sum(1) ** 2 - (energies**2).sum(1)) / 2).sum()
 
 
 def _conv_similarity_tensor(w: Tensor, groups: int = 1) -> Tensor:
@@ -616,11 +628,13 @@ def conv_similarity_norm(w: Tensor, groups: int = 1) -> Tensor:
 
 def conv_similarity_floor(w: Tensor, groups: int = 1) -> float:
     """Lower bound on CS at the filters' current norms: ((sum n)^2 - L sum n^2) / 2 per group, clamped at 0."""
-    n = _group_sums(
-        _compute_dtype(w).detach().reshape(w.shape[0], -1).pow(2).sum(1), groups
-    ).squeeze(-1)
-    bins = math.prod(2 * k - 1 for k in w.shape[2:])
-    per_group = (n.sum(1) ** 2 - bins * (n**2).sum(1)) / 2
+    return conv_similarity_floor_of(filter_energies(w.detach(), groups), tuple(w.shape[2:]))
+
+
+def conv_similarity_floor_of(energies: Tensor, kernel: Sequence[int]) -> float:
+    """``conv_similarity_floor`` from ``filter_energies`` and the kernel's shape (L lag bins)."""
+    bins = math.prod(2 * k - 1 for k in kernel)
+    per_group = (energies.sum(1) ** 2 - bins * (energies**2).sum(1)) / 2
     return float(per_group.clamp_min(0).sum())
 
 
