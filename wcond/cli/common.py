@@ -377,4 +377,9 @@ def emit(text: str, output: Path | None) -> None:
         from wcond.save import write_text  # torch: only when writing
 
         write_text(output, text)
-        stderr.print(f"wrote {markup(output)}", highlight=False, soft_wrap=True)
+        say_written(output)
+
+
+def say_written(path: object) -> None:
+    """The `wrote PATH` line on stderr, the path escaped (one line, markup shown literally)."""
+    stderr.print(f"wrote {markup(path)}", highlight=False, soft_wrap=True)

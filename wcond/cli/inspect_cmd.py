@@ -25,7 +25,7 @@ from wcond.cli.common import (
     handle_errors,
     pick_format,
     progress_bar,
-    stderr,
+    say_written,
     stdout,
 )
 from wcond.cli.project_config import ConfigOpt, read_config, with_config
@@ -171,10 +171,8 @@ def _inspect_many(
 
 
 def _write_parquet(frame: Any, output: Optional[Path]) -> None:
-    from rich.markup import escape
-
     from wcond.frames import write_parquet
 
     assert output is not None  # checked before the analysis
     write_parquet(frame, output)
-    stderr.print(f"wrote {escape(str(output))}", soft_wrap=True)
+    say_written(output)

@@ -20,7 +20,7 @@ from wcond.cli.common import (
     engine_for,
     handle_errors,
     progress_bar,
-    stderr,
+    say_written,
 )
 from wcond.cli.project_config import ConfigOpt, read_config, with_config
 from wcond.defaults import (
@@ -34,7 +34,6 @@ from wcond.defaults import (
     TAU_EUC,
 )
 from wcond.errors import UsageError
-from wcond.text import one_line
 
 
 @app.command("plot")
@@ -183,12 +182,9 @@ def plot_command(
         ):
             result = trend_of(paths, progress=progress, engine=engine, **o)
         plot_trend(result, output, per_layer=bool(o["layers"]), size_px=size, dpi=dpi)
-        stderr.print(f"wrote {output}", markup=False, highlight=False)
-        return
-    checkpoint = paths[0]
-    if layer is not None:
+    elif layer is not None:
         plot_layer(
-            checkpoint,
+            paths[0],
             layer,
             output,
             vs=vs,
@@ -201,7 +197,7 @@ def plot_command(
         )
     else:
         with progress_bar("inspecting") as progress:
-            report = inspect_checkpoint(checkpoint, progress=progress, **o)
+            report = inspect_checkpoint(paths[0], progress=progress, **o)
             other = inspect_checkpoint(vs, progress=progress, **o) if vs is not None else None
         plot_metrics(report, output, vs=other, size_px=size, dpi=dpi)
-    stderr.print(f"wrote {one_line(output)}", markup=False, highlight=False, soft_wrap=True)
+    say_written(output)
