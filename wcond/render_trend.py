@@ -15,7 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from wcond._version import __version__
-from wcond.render_text import fmt_number
+from wcond.render_text import fmt_number, table_text
 from wcond.report import NUMERIC_FIELDS
 from wcond.text import csv_cell, md_cell, md_code, one_line
 from wcond.trend import TREND_METRICS, TrendReport
@@ -211,9 +211,7 @@ def trend_markdown(t: TrendReport, metrics: Sequence[str] = TREND_METRICS) -> st
 
 
 def _table_text(t: TrendReport) -> str:
-    console = Console(record=True, width=140, file=io.StringIO(), color_system=None)
-    render_trend_table(t, console)
-    return console.export_text()
+    return table_text(render_trend_table, t, width=140)
 
 
 TREND_FORMATS: dict[str, Callable[[TrendReport], str]] = {
