@@ -322,15 +322,21 @@ def gram_shapes(shapes: Iterator[tuple[str, tuple[int, ...]]]) -> dict[tuple[int
     return need
 
 
-def gemm_floor(need: dict[tuple[int, int], int], panel: int = 512) -> tuple[float, float, float]:
+def gemm_floor(
+    need: dict[tuple[int, int], int], panel: int = 512, whole: bool = False
+) -> tuple[float, float, float]:
     """(wall seconds, CPU seconds, GFLOP): the upper triangles of the Grams alone, at GEMM speed.
 
     The rate is measured on each Gram's own shape at torch's full thread count: a panel of
-    ``panel`` unit vectors times all N of them (the kernel a symmetric rank-k update runs), the
-    best of two after a warm-up. A triangle costs N^2 d / 2 multiply-adds (N vectors of length d),
-    so the floor is sum count * N^2 d / rate: what a perfect SYRK at GEMM speed would take, with
-    no reading, no normalization and no statistics. CPU seconds (all threads) are rated the same
-    way; on a shared machine they move less with other people's load than wall seconds do.
+    ``panel`` unit vectors times all N of them (the kernel a symmetric rank-k update runs). A
+    triangle costs N^2 d / 2 multiply-adds (N vectors of length d), so the floor is
+    sum count * N^2 d / rate: what a perfect SYRK at GEMM speed would take, with no reading, no
+    normalization and no statistics. CPU seconds (all threads) are rated the same way; on a shared
+    machine they move less with other people's load than wall seconds do.
+
+    By default each rate is the best of two panels after a warm-up: a burst. With ``whole``, the
+    panels are run for the whole volume (count * N / (2 * panel) of them per shape), so the floor
+    is timed at the rate the machine sustains over a run as long as the command's.
     """
     wall = cpu = total_flop = 0.0
     for (n_vec, d), count in need.items():
@@ -338,14 +344,21 @@ def gemm_floor(need: dict[tuple[int, int], int], panel: int = 512) -> tuple[floa
         rows = min(panel, n_vec)
         out = torch.empty(rows, n_vec)
         torch.matmul(x[:rows], x.T, out=out)  # warm-up
-        best_wall = best_cpu = math.inf
-        for _ in range(2):
-            t, c = time.perf_counter(), time.process_time()
-            torch.matmul(x[:rows], x.T, out=out)
-            best_wall = min(best_wall, time.perf_counter() - t)
-            best_cpu = min(best_cpu, time.process_time() - c)
         flop = count * n_vec * n_vec * d  # 2 * (N^2 d / 2) per triangle
         panel_flop = 2 * rows * n_vec * d
+        if whole:
+            reps = max(1, round(flop / panel_flop))
+            t, c = time.perf_counter(), time.process_time()
+            for _ in range(reps):
+                torch.matmul(x[:rows], x.T, out=out)
+            best_wall, best_cpu = (time.perf_counter() - t) / reps, (time.process_time() - c) / reps
+        else:
+            best_wall = best_cpu = math.inf
+            for _ in range(2):
+                t, c = time.perf_counter(), time.process_time()
+                torch.matmul(x[:rows], x.T, out=out)
+                best_wall = min(best_wall, time.perf_counter() - t)
+                best_cpu = min(best_cpu, time.process_time() - c)
         wall += flop / panel_flop * best_wall
         cpu += flop / panel_flop * best_cpu
         total_flop += flop
@@ -370,6 +383,7 @@ def bench_tinyllama(layers: list[str]) -> None:
     # The floor before and after the command, so that a change of load during it shows.
     load0 = load_average()
     f_wall0, f_cpu0, gflop = gemm_floor(need)
+    s_wall0, s_cpu0, _ = gemm_floor(need, whole=True)
     in_wall = in_cpu = math.nan
     if layers:  # a few layers: in process too, without interpreter start and imports
         import wcond
@@ -378,10 +392,12 @@ def bench_tinyllama(layers: list[str]) -> None:
         wcond.inspect(root, layers=layers, device="cpu")
         in_wall, in_cpu = time.perf_counter() - t, time.process_time() - c
     m = time_v(cmd)
+    s_wall1, s_cpu1, _ = gemm_floor(need, whole=True)
     f_wall1, f_cpu1, _ = gemm_floor(need)
     load1 = load_average()
     report = json.loads(out.read_text())
     f_wall, f_cpu = (f_wall0 + f_wall1) / 2, (f_cpu0 + f_cpu1) / 2
+    s_wall, s_cpu = (s_wall0 + s_wall1) / 2, (s_cpu0 + s_cpu1) / 2
     what = f"layers {' '.join(layers)}: " if layers else ""
     print(
         f"\n### TinyLlama-shaped fp16 checkpoint ({what}{params / 1e9:.3f}B params, {len(files)} "
@@ -400,20 +416,27 @@ def bench_tinyllama(layers: list[str]) -> None:
     print(table(["command", "wall (s)", "user + sys CPU (s)", "peak RSS (GiB)", "layers"], rows))
     print(
         f"\nGEMM floor ({gflop:.0f} GFLOP of Gram triangles at the float32 GEMM rate measured on "
-        f"the same shapes, {torch.get_num_threads()} threads): wall {f_wall0:.1f} s before, "
-        f"{f_wall1:.1f} s after; CPU {f_cpu0:.1f} s before, {f_cpu1:.1f} s after; "
-        f"load average {load0} -> {load1}"
+        f"the same shapes, {torch.get_num_threads()} threads), before and after the command:\n"
+        f"- from bursts (best of two panels per shape): wall {f_wall0:.1f} s, {f_wall1:.1f} s; "
+        f"CPU {f_cpu0:.1f} s, {f_cpu1:.1f} s\n"
+        f"- sustained (the whole volume of panels run): wall {s_wall0:.1f} s, {s_wall1:.1f} s; "
+        f"CPU {s_cpu0:.1f} s, {s_cpu1:.1f} s\n"
+        f"- load average {load0} -> {load1}"
     )
-    cpu_ratio = (m.user_s + m.sys_s) / f_cpu
-    print(
-        f"whole process / floor: wall {m.wall_s / f_wall:.2f}x, CPU {cpu_ratio:.2f}x "
-        f"(CPU {m.user_s + m.sys_s:.1f} s); target <= 1.25x: "
-        f"{'met' if max(cpu_ratio, m.wall_s / f_wall) <= 1.25 else 'MISSED'}"
-    )
-    print(
-        f"in process, `wcond.inspect(root, layers=..., device='cpu')`: wall {in_wall:.1f} s, "
-        f"CPU {in_cpu:.1f} s; / floor: wall {in_wall / f_wall:.2f}x, CPU {in_cpu / f_cpu:.2f}x"
-    )
+    cpu_s = m.user_s + m.sys_s
+    for what, fw, fc in (("burst", f_wall, f_cpu), ("sustained", s_wall, s_cpu)):
+        print(
+            f"whole process / {what} floor: wall {m.wall_s / fw:.2f}x, CPU {cpu_s / fc:.2f}x "
+            f"(CPU {cpu_s:.1f} s); target <= 1.25x: "
+            f"{'met' if max(cpu_s / fc, m.wall_s / fw) <= 1.25 else 'MISSED'}"
+        )
+    if layers:
+        print(
+            f"in process, `wcond.inspect(root, layers=..., device='cpu')`: wall {in_wall:.1f} s, "
+            f"CPU {in_cpu:.1f} s; / burst floor: wall {in_wall / f_wall:.2f}x, CPU "
+            f"{in_cpu / f_cpu:.2f}x; / sustained floor: wall {in_wall / s_wall:.2f}x, CPU "
+            f"{in_cpu / s_cpu:.2f}x"
+        )
 
 
 # --------------------------------------------------------------------------- c: one large embedding

@@ -41,6 +41,28 @@ def test_a_true_overflow_is_a_note_not_a_bare_null() -> None:
     assert rep.acv_sum == pytest.approx(literal.acv_sum(literal.rows(w)), rel=1e-9)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("shape", [(6, 5), (4, 2, 3, 3)], ids=["matrix", "conv"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_one_nonfinite_entry_is_found_and_nothing_computed(
+    bad: float, shape: tuple[int, ...], dtype: torch.dtype
+) -> None:
+    """The finite test rides on the row norms; one bad entry anywhere must still be caught."""
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+    w.view(-1)[7] = bad
+    rep = analyze_tensor("w", w)
+    assert rep.nonfinite == 1 and rep.acv_sum is None and rep.rare_cols is None
+    assert rep.notes == ["1 NaN/Inf values: metrics not computed"]
+
+
+def test_finite_weights_whose_squares_overflow_are_computed() -> None:
+    """Entries of 1e30 give float32 row norms of Inf: that alone must not count as Inf weights."""
+    w = torch.randn(6, 5, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * 1e30
+    rep = analyze_tensor("w", w.float())
+    rows = literal.rows(w.float())
+    assert rep.nonfinite == 0 and rep.acv_sum == pytest.approx(literal.acv_sum(rows), rel=1e-4)
+
+
 def test_ordinary_weights_are_not_rescaled() -> None:
     """The power-of-two rescaling is exact, and skipped for ordinary magnitudes: same bits."""
     w = conv(1.0)

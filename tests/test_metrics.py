@@ -132,6 +132,32 @@ def test_blocks_give_the_same_answer(monkeypatch: pytest.MonkeyPatch) -> None:
     assert [(p.i, p.j) for p in blocked.closest] == [(p.i, p.j) for p in whole.closest]
 
 
+@pytest.mark.parametrize("axis", ["rows", "cols"])
+def test_split_diagonal_squares_give_the_literal_answer(
+    monkeypatch: pytest.MonkeyPatch, axis: str
+) -> None:
+    """Blocks whose leading square is computed in halves, over a buffer left full of NaN."""
+    w = seeded(150, 90, seed=11)
+    w[40] = -2 * w[113]
+    if axis == "cols":
+        w[:, 7] = 0.5 * w[:, 66]
+    vectors = metrics.as_rows(w) if axis == "rows" else metrics.as_cols(w)
+    vecs = literal.rows(w) if axis == "rows" else literal.rows(w.T.contiguous())
+    whole = metrics.pair_statistics(vectors, tau_cos=1e-4, tau_euc=100.0, top_k=3)
+    monkeypatch.setattr(metrics, "_PANEL_ROWS", 64)  # blocks of 64, 64 and 22 rows
+    monkeypatch.setattr(metrics, "_SQUARE_TILE", 4)  # squares halved down to 4 to 7 rows
+    monkeypatch.setattr(metrics, "_SQUARE_SPLIT_WORK", 1)
+    with torch.no_grad(), metrics.reuse_buffers():
+        metrics._buffer("cosines", (64, 150), w.dtype, w.device).fill_(math.nan)
+        split = metrics.pair_statistics(vectors, tau_cos=1e-4, tau_euc=100.0, top_k=3)
+    assert close(split.acv_sum, literal.acv_sum(vecs), rel=1e-5)
+    assert float(split.acv_sum) == pytest.approx(float(whole.acv_sum), rel=1e-6)
+    assert float(split.max_abs_cos) == pytest.approx(float(whole.max_abs_cos))
+    assert split.near_parallel == whole.near_parallel == 1
+    assert [(p.i, p.j) for p in split.closest] == [(p.i, p.j) for p in whole.closest]
+    assert float(split.rare) == float(whole.rare)
+
+
 def test_fewer_than_two_live_vectors() -> None:
     w = torch.zeros(3, 4)
     w[0, 0] = 1.0

@@ -84,9 +84,11 @@ def analyze_tensor(
         w = w.float()  # FP8 (e4m3fn, e5m2): few torch kernels take it; each value is exact in fp32
     with torch.no_grad():
         w = metrics.as_float(w)  # fp16/bf16/fp8 upcast once, for rows, cols and CS alike
-        lo, hi = torch.aminmax(w.reshape(-1))  # one pass: NaN and Inf show in lo or hi
-        peak = max(-float(lo), float(hi))
-        if not math.isfinite(peak):
+        # The row norms the cosines need anyway are finite only if every entry is, so the entries
+        # are searched one by one only when a norm is not (NaN, Inf, or squares beyond float32).
+        row_norms = metrics.vector_norms(metrics.as_rows(w))
+        peak = None if bool(torch.isfinite(row_norms).all()) else _peak(w)
+        if peak is not None and not math.isfinite(peak):
             bad = int((~torch.isfinite(w)).sum())
             rep.nonfinite = bad
             rep.notes.append(f"{bad} NaN/Inf values: metrics not computed")
@@ -94,7 +96,7 @@ def analyze_tensor(
         rows = None
         if wanted(ROW_FIELDS):
             rows = metrics.pair_statistics(
-                metrics.as_rows(w), tau_cos=tau_cos, tau_euc=tau_euc, top_k=top
+                metrics.as_rows(w), tau_cos=tau_cos, tau_euc=tau_euc, top_k=top, norms=row_norms
             )
             rep.dead_rows = len(rows.dead)
             rep.acv_sum = float(rows.acv_sum)
@@ -130,6 +132,7 @@ def analyze_tensor(
             # 1 and scaled back in float64, so 1e37-sized or subnormal weights neither overflow nor
             # underflow float32. Scaling by a power of two is exact, so for ordinary weights (used
             # unscaled) nothing changes.
+            peak = _peak(w) if peak is None else peak
             e = math.frexp(peak)[1] if peak and not 2.0**-16 <= peak <= 2.0**16 else 0
             ws = (
                 w if e == 0 else w * 2.0 ** (-e // 2) * 2.0 ** (-e - (-e // 2))
@@ -150,6 +153,14 @@ def analyze_tensor(
             n = len(rows.dead)
             rep.notes.append(f"{n} all-zero row{'s' if n > 1 else ''} (left out of cosine metrics)")
     return rep
+
+
+def _peak(w: torch.Tensor) -> float:
+    """max |w| in one pass (NaN when w holds one); 0 for an empty tensor."""
+    if not w.numel():
+        return 0.0
+    lo, hi = torch.aminmax(w.reshape(-1))
+    return max(-float(lo), float(hi))
 
 
 @dataclass
