@@ -120,6 +120,23 @@ def test_tau_euc_rejects_long_parallel_vectors() -> None:
     assert loose.near_parallel == len(literal.near_parallel_pairs(vecs, 1e-4, 100.0)) == 1
 
 
+@pytest.mark.parametrize("tau_cos, tau_euc", [(0.9, 0.3), (1.0, 5.0), (0.05, 0.6)])
+def test_loose_thresholds_count_the_literal_pairs_in_chunks(
+    monkeypatch: pytest.MonkeyPatch, tau_cos: float, tau_euc: float
+) -> None:
+    """A loose tau_cos makes most pairs candidates: they are screened on D_euc and refined in
+    chunks (here of 3 pairs), and the count is still the literal one."""
+    w = seeded(40, 6, seed=12) * torch.linspace(0.05, 2.0, 40)[:, None]  # norms 0.1 to 5
+    vecs = literal.rows(w)
+    expected = literal.near_parallel_pairs(vecs, tau_cos, tau_euc)
+    assert 0 < len(expected) < 40 * 39 // 2  # D_euc decides for some pairs, not all
+    monkeypatch.setattr(metrics, "_REFINE_ELEMENTS", 3 * 6)
+    s = metrics.pair_statistics(w, tau_cos=tau_cos, tau_euc=tau_euc)
+    found = list(metrics.near_parallel_pairs(w, tau_cos=tau_cos, tau_euc=tau_euc))
+    assert s.near_parallel == len(found) == len(expected)
+    assert sorted((p.i, p.j) for p in found) == sorted((i, j) for i, j, _ in expected)
+
+
 def test_blocks_give_the_same_answer(monkeypatch: pytest.MonkeyPatch) -> None:
     w = seeded(300, 20, seed=7)
     w[17] = 3 * w[250]

@@ -242,13 +242,7 @@ def pair_statistics(
     count_pairs = tau_cos is not None and tau_euc is not None
     track = torch.is_grad_enabled() and u.requires_grad
     on_host = u.device.type == "cpu"
-    # D_euc < tau_euc  <=>  sqrt(2 - 2|cos|) < max(tau_euc / |w_i|, tau_euc / |w_j|); the per-vector
-    # bounds are taken in float64 so that huge or tiny norms give 0 or inf, not NaN.
-    reach = (
-        (tau_euc / norms.detach().double()).to(u.dtype)
-        if tau_cos is not None and tau_euc is not None
-        else None
-    )
+    reach = _reach(norms, tau_euc, u.dtype) if tau_euc is not None and count_pairs else None
     want = max(top_k, _REFINE)
     v_live = (v if live_idx is None else v[live_idx]).detach()
     acv_parts: list[Tensor] = []
@@ -268,7 +262,7 @@ def pair_statistics(
                 near = near + _near_count(start, a_d, reach, tau_cos)
             elif float(row_max.max()) > 1 - 2 * tau_cos:  # free on the host; usually rules all out
                 # The few candidates get D_euc in float64, exact even for rows of 1e37.
-                near = near + sum(1 for _ in _near_in_block(start, v_live, a_d, tau_cos, tau_euc))
+                near = near + _near_count_exact(start, v_live, a_d, reach, tau_cos, tau_euc)
         if not on_host:
             cand.append(_block_candidates(start, a_d, row_max, want))
         elif float(row_max.max()) >= kth:  # else no pair of this block can be among the best
@@ -366,30 +360,69 @@ def near_parallel_pairs(vectors: Tensor, *, tau_cos: float, tau_euc: float) -> I
     yields exactly that many pairs, without ever holding the N x N cosine matrix.
     """
     v = _compute_dtype(vectors).detach()
-    live_idx, _, u = _live_units(v)
+    live_idx, norms, u = _live_units(v)
     idx = live_idx.tolist() if live_idx is not None else list(range(u.shape[0]))
     v_live = v if live_idx is None else v[live_idx]
+    reach = _reach(norms, tau_euc, u.dtype)
     for start, c in _cosine_blocks(u):
-        for i, j, cos, d in _near_in_block(start, v_live, c.abs_(), tau_cos, tau_euc):
+        for i, j, cos, d in _near_in_block(start, v_live, c.abs_(), reach, tau_cos, tau_euc):
             yield Pair(idx[i], idx[j], cos, d, True)
 
 
-def _near_in_block(
-    start: int, v: Tensor, a: Tensor, tau_cos: float, tau_euc: float
-) -> Iterator[tuple[int, int, float, float]]:
-    """Near-parallel pairs of one block of |cos| of the live rows v, in live indexing: (i, j, cos, D_euc).
+def _reach(norms: Tensor, tau_euc: float, dtype: torch.dtype) -> Tensor:
+    """tau_euc / |w_i| per vector: D_euc < tau_euc <=> sqrt(2 - 2|cos|) < max(reach_i, reach_j).
 
-    The block's float32 |cos| only picks the few candidates; their cosine and D_euc are taken
-    again in float64 (``_refine_pairs``), which decides.
+    Taken in float64, so that huge or tiny norms give 0 or inf, not NaN.
     """
-    bi, bj = torch.nonzero((1 - a) < tau_cos, as_tuple=True)  # few: the rest is elementwise
+    return (tau_euc / norms.detach().double()).to(dtype)
+
+
+# Candidate pairs are re-evaluated in float64 in chunks of about this many entries of their vectors.
+_REFINE_ELEMENTS = 1 << 20
+
+
+def _near_in_block(
+    start: int, v: Tensor, a: Tensor, reach: Tensor, tau_cos: float, tau_euc: float
+) -> Iterator[tuple[int, int, float, float]]:
+    """Near-parallel pairs of one block of |cos| of the live rows v, in live indexing: (i, j, cos, D_euc)."""
+    for i, j, cos, d_euc in _near_chunks(start, v, a, reach, tau_cos, tau_euc):
+        yield from zip(i.tolist(), j.tolist(), cos.tolist(), d_euc.tolist())
+
+
+def _near_count_exact(
+    start: int, v: Tensor, a: Tensor, reach: Tensor, tau_cos: float, tau_euc: float
+) -> int:
+    """How many pairs ``_near_in_block`` yields, counted without a Python step per pair."""
+    return sum(len(c[0]) for c in _near_chunks(start, v, a, reach, tau_cos, tau_euc))
+
+
+def _near_chunks(
+    start: int, v: Tensor, a: Tensor, reach: Tensor, tau_cos: float, tau_euc: float
+) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """The near-parallel pairs of one block, as tensors (i, j, cos, D_euc) a chunk at a time.
+
+    The block's |cos| (float32 for float32 weights) only picks candidates; their cosine and D_euc
+    are taken again in float64 (``_refine_pairs``), which decides. A float32 |cos| of vectors of
+    length d is off by at most about d units in the last place, so the candidates are the pairs
+    within that of both thresholds: every pair float64 accepts, and with a loose tau_cos not the
+    whole block. They are refined in chunks, so memory stays bounded however many there are.
+    """
+    bi, bj = torch.nonzero((1 - a) < tau_cos, as_tuple=True)
     if not len(bi):
         return
     i, j = bi + start, bj + start
-    cos, _, d_euc = _refine_pairs(v[i], v[j])
-    for ii, jj, c, d in zip(i.tolist(), j.tolist(), cos.tolist(), d_euc.tolist()):
-        if 1 - abs(c) < tau_cos and d < tau_euc:
-            yield ii, jj, c, d
+    lim = torch.maximum(reach[i], reach[j]).double()
+    slack = 2 * (v.shape[1] + 2) * 2.0**-23  # on 2 - 2|cos|
+    chord2 = (2 - 2 * a[bi, bj].double()).clamp_min(0)
+    keep = chord2 < lim * lim * (1 + 2.0**-20) + slack
+    i, j = i[keep], j[keep]
+    step = max(1, _REFINE_ELEMENTS // max(1, v.shape[1]))
+    for k in range(0, len(i), step):
+        ii, jj = i[k : k + step], j[k : k + step]
+        cos, _, d_euc = _refine_pairs(v[ii], v[jj])
+        ok = ((1 - cos.abs()) < tau_cos) & (d_euc < tau_euc)
+        if bool(ok.any()):
+            yield ii[ok], jj[ok], cos[ok], d_euc[ok]
 
 
 def _live_units(v: Tensor, norms: Tensor | None = None) -> tuple[Tensor | None, Tensor, Tensor]:
