@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -65,3 +66,35 @@ def test_the_cli_needs_no_click_where_typer_does_not() -> None:
         run = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True)
         assert "Traceback" not in run.stderr, run.stderr
         assert json.loads(run.stdout.strip().splitlines()[-1])["code"] in (0, 2)
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["inspect", "no/such.pt"], "no/such.pt: no such file or directory"),
+        (["inspect", "org/not-cached"], "not in the Hugging Face cache"),
+        (["inspect", "a.pt", "--fail-if", "bogus"], "--fail-if 'bogus'"),
+        (["inspect", "a.pt", "-f", "parquet"], "give -o FILE.parquet"),
+        (["inspect", "a.pt", "--groups", "x"], "--groups 'x'"),
+        (["inspect", "a.pt", "b.pt", "-f", "html"], "--format html shows one checkpoint"),
+        (["diff", "a.pt", "no/such.pt"], "no/such.pt: no such file or directory"),
+        (["shrink", "a.pt"], "-o OUT is required"),
+        (["shrink", "a.pt", "-o", "c.pt", "--chain", "x"], "--chain goes with --fold"),
+        (["init-cs", "a.pt", "-o", "b.pt"], "b.pt: already exists; pass --force"),
+        (["expand", "a.pt", "-o", "c.txt"], "unknown output format '.txt'"),
+        (["plot", "a.pt", "-o", "c.gif"], "unknown image format '.gif'"),
+    ],
+)
+def test_usage_errors_met_in_a_command_import_no_torch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], says: str
+) -> None:
+    """Checks that need only the arguments and the filesystem run before torch is imported."""
+    for name in ("a.pt", "b.pt"):
+        (tmp_path / name).write_bytes(b"not read")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    run = subprocess.run(
+        [sys.executable, "-c", _PROBE, *args], capture_output=True, text=True, cwd=tmp_path
+    )
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["code"] == 2 and says in run.stderr, run.stderr
+    assert result["heavy"] == [], f"wcond {' '.join(args)} imported {result['heavy']}"

@@ -6,7 +6,6 @@ and wcond.load_dcp (DCP directories), both of which build a :class:`Checkpoint`.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 import torch
 
 from wcond.errors import CheckpointError, show_key, show_path
+from wcond.paths import natural_key  # re-exported
 from wcond.safetensors_header import SafetensorsHeader, read_header, read_tensor
 from wcond.torch_file import MAX_NESTING, load_torch, view_bytes
 
@@ -134,13 +134,6 @@ class Checkpoint:
             )
         self._infos[key] = info
         self._where[key] = file
-
-
-def natural_key(key: str) -> list[Any]:
-    """Sort key comparing digit runs as numbers: 'layers.2' < 'layers.10'."""
-    return [
-        (0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", key)
-    ]
 
 
 def _torch_load(file: Path) -> Any:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-__all__ = ["CONFIG_KEYS", "Config", "find_config", "load_config"]
+__all__ = ["CONFIG_KEYS", "Config", "find_config", "load_config", "parse_groups"]
 
 # Every key a config may hold, as written in the file (Python spells it with "_"), and what its value must be.
 CONFIG_KEYS: dict[str, str] = {
@@ -160,3 +160,18 @@ def _valid(key: str, v: Any) -> bool:
     if key == "format":
         return v in INSPECT_FORMATS
     return v in DEVICES  # device
+
+
+def parse_groups(specs: Iterable[str]) -> dict[str, int]:
+    """Parse ``KEY=G`` strings (KEY may be a glob) into a mapping."""
+    out: dict[str, int] = {}
+    for spec in specs:
+        key, sep, value = spec.rpartition("=")
+        if not sep or not key or not value.isdigit() or int(value) < 1:
+            raise UsageError(
+                f"groups={spec!r}: expected KEY=G with G a positive integer, "
+                "e.g. 'layer1.conv2.weight=32'",
+                params=("groups",),
+            )
+        out[key] = int(value)
+    return out

@@ -37,6 +37,7 @@ __all__ = [
     "TAU_COS",
     "TAU_EUC",
     "TOP",
+    "TREND_FORMAT_NAMES",
     "ProgressFn",
 ]
 
@@ -82,4 +83,6 @@ InspectFormat = Literal["table", "json", "markdown", "csv", "html", "junit", "pa
 INSPECT_FORMATS: tuple[str, ...] = get_args(InspectFormat)
 DiffFormat = Literal["table", "json", "markdown"]
 DIFF_FORMATS: tuple[str, ...] = get_args(DiffFormat)
+# inspect of several checkpoints shows their trend, in these (and parquet)
+TREND_FORMAT_NAMES = ("table", "json", "csv", "markdown")
 RewriteFormat = Literal["table", "json"]  # init-cs and shrink: a table, or JSON for scripts

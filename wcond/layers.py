@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from wcond.config import parse_groups  # re-exported: KEY=G specs, parsed without torch
 from wcond.errors import UsageError
 from wcond.load import TensorInfo
 
@@ -58,21 +59,6 @@ def selected(key: str, layers: Sequence[str] = (), exclude: Sequence[str] = ()) 
     if layers and not any(fnmatch.fnmatchcase(key, g) for g in layers):
         return False
     return not any(fnmatch.fnmatchcase(key, g) for g in exclude)
-
-
-def parse_groups(specs: Iterable[str]) -> dict[str, int]:
-    """Parse ``KEY=G`` strings (KEY may be a glob) into a mapping."""
-    out: dict[str, int] = {}
-    for spec in specs:
-        key, sep, value = spec.rpartition("=")
-        if not sep or not key or not value.isdigit() or int(value) < 1:
-            raise UsageError(
-                f"groups={spec!r}: expected KEY=G with G a positive integer, "
-                "e.g. 'layer1.conv2.weight=32'",
-                params=("groups",),
-            )
-        out[key] = int(value)
-    return out
 
 
 @dataclass(frozen=True)

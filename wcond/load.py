@@ -13,11 +13,9 @@ they are mapped (wcond.torch_file), and every string from a file is escaped befo
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
-import stat
 import struct
 from collections.abc import Iterator
 from itertools import accumulate
@@ -32,11 +30,10 @@ from wcond.checkpoint import (  # re-exported: wcond.load is where readers look 
     tensor_info,
 )
 from wcond.errors import CheckpointError, show_key, show_path
+from wcond.paths import SAFETENSORS_SUFFIXES, TORCH_SUFFIXES, check_path
 
 __all__ = ["Checkpoint", "TensorInfo", "load_checkpoint", "open_checkpoint", "tensor_info"]
 
-TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
-SAFETENSORS_SUFFIXES = (".safetensors",)
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 # A shard index is a few MB even for the largest models; its JSON is at most this deep.
@@ -82,40 +79,6 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """
     ck = open_checkpoint(path)
     return dict(ck.items())
-
-
-def check_path(path: str | os.PathLike[str]) -> str:
-    """'file' or 'directory'; CheckpointError for anything else, before anything is opened.
-
-    Opening a FIFO for reading blocks until a writer comes, a character device can stream
-    forever: only regular files and directories are read. A symlink loop is an error too.
-    """
-    try:
-        mode = os.stat(path).st_mode
-    except OSError as e:
-        if e.errno == errno.ENOENT:
-            raise CheckpointError(f"{show_path(path)}: no such file or directory") from e
-        if e.errno == errno.ELOOP:
-            raise CheckpointError(f"{show_path(path)}: symlink loop") from e
-        raise CheckpointError(f"{show_path(path)}: cannot read: {e.strerror}") from e
-    if stat.S_ISREG(mode):
-        return "file"
-    if stat.S_ISDIR(mode):
-        return "directory"
-    kind = next(
-        (name for test, name in _SPECIAL_FILES if test(mode)), "not a regular file or directory"
-    )
-    raise CheckpointError(
-        f"{show_path(path)}: is a {kind}; wcond reads checkpoints from regular files and directories only"
-    )
-
-
-_SPECIAL_FILES = (
-    (stat.S_ISFIFO, "FIFO (named pipe)"),
-    (stat.S_ISCHR, "character device"),
-    (stat.S_ISBLK, "block device"),
-    (stat.S_ISSOCK, "socket"),
-)
 
 
 def sniff(file: Path) -> str:

@@ -34,6 +34,7 @@ from wcond.errors import UsageError
 from wcond.layers import is_layer
 from wcond.load import Checkpoint, open_checkpoint
 from wcond.load_factorized import dense_view
+from wcond.paths import check_plot_output  # re-exported
 from wcond.save import atomic_path
 from wcond.text import visible
 
@@ -57,7 +58,6 @@ __all__ = [
 ]
 
 INSTALL_HINT = "pip install 'wcond[plot]'  (or: pip install 'matplotlib>=3.7')"
-SUFFIXES = (".png", ".svg")
 _DEFAULT_DPI = 100
 _COUNTS = {
     "near_parallel_rows",
@@ -246,16 +246,6 @@ def _save(plt: Any, fig: Figure, out: Path, dpi: int) -> None:
                 tmp.write_text(svg, encoding="utf-8")
     finally:
         plt.close(fig)
-
-
-def check_plot_output(out: str | Path) -> Path:
-    """The output path, if its extension is one we write."""
-    out = Path(out)
-    if out.suffix.lower() not in SUFFIXES:
-        raise UsageError(
-            f"{out}: unknown image format {out.suffix or '(no extension)'!r}; use .png or .svg"
-        )
-    return out
 
 
 def plot_layer(

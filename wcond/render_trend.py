@@ -15,6 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from wcond._version import __version__
+from wcond.defaults import TREND_FORMAT_NAMES
 from wcond.render_text import fmt_number, table_text
 from wcond.report import NUMERIC_FIELDS
 from wcond.text import csv_cell, md_cell, md_code, one_line
@@ -220,6 +221,7 @@ TREND_FORMATS: dict[str, Callable[[TrendReport], str]] = {
     "csv": trend_csv,
     "markdown": trend_markdown,
 }
+assert tuple(TREND_FORMATS) == TREND_FORMAT_NAMES  # the CLI checks --format by the names alone
 
 
 def render_trend(t: TrendReport, fmt: str) -> str:

@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import save_file
 
 from wcond.errors import CheckpointError, OutputError, UsageError, show_key
-from wcond.load import SAFETENSORS_SUFFIXES, TORCH_SUFFIXES, Checkpoint
+from wcond.load import Checkpoint
+from wcond.paths import check_output, output_format  # re-exported
 
 __all__ = ["atomic_path", "check_output", "output_format", "save_checkpoint", "write_text"]
 
@@ -96,38 +97,6 @@ def write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def output_format(path: str | Path) -> str:
-    """'safetensors' or 'torch' from the output's extension; UsageError otherwise."""
-    suffix = Path(path).suffix.lower()
-    if suffix in SAFETENSORS_SUFFIXES:
-        return "safetensors"
-    if suffix in TORCH_SUFFIXES:
-        return "torch"
-    raise UsageError(
-        f"{path}: unknown output format {suffix or '(no extension)'!r}; use .safetensors, .pt, .pth, .bin or .ckpt"
-    )
-
-
-def check_output(src: str | Path, out: str | Path, force: bool) -> None:
-    """Refuse to write over the input, or over an existing file without ``force``."""
-    src_p, out_p = Path(src), Path(out)
-    if out_p.exists() and (
-        src_p.resolve() == out_p.resolve() or _same_file(src_p, out_p) or _inside(out_p, src_p)
-    ):
-        raise UsageError(
-            f"{out}: refusing to write over the input checkpoint; choose another -o path"
-        )
-    if out_p.is_dir():
-        raise UsageError(
-            f"{out}: is a directory; give a file name such as {out_p / 'model.safetensors'}"
-        )
-    if out_p.exists() and not force:
-        raise UsageError(
-            f"{out}: already exists; pass force=True to overwrite it", params=("force",)
-        )
-    output_format(out_p)
-
-
 def save_checkpoint(
     path: str | Path,
     tensors: Mapping[str, torch.Tensor],
@@ -171,18 +140,6 @@ def save_checkpoint(
                 )
             torch.save(obj, tmp)
     return warnings
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
-def _inside(out: Path, src: Path) -> bool:
-    """An output that is one of a sharded input's files."""
-    return src.is_dir() and out.resolve().parent == src.resolve()
 
 
 def _plain(t: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,6 @@ this module orders the checkpoints, finds their step numbers, and lines the numb
 
 from __future__ import annotations
 
-import glob
 import json
 import math
 import re
@@ -16,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from wcond.analyze import inspect_many
-from wcond.checkpoint import natural_key
 from wcond.defaults import ProgressFn
 from wcond.engine import Engine
 from wcond.errors import CheckpointError
 from wcond.load import open_checkpoint
+from wcond.paths import expand_paths  # re-exported: trend() takes its result
 from wcond.report import NUMERIC_FIELDS, Report, finite
 
 __all__ = ["TREND_METRICS", "TrendReport", "checkpoint_step", "expand_paths", "trend"]
@@ -31,27 +30,6 @@ TREND_METRICS = ("acv_mean", "conv_similarity_norm", "norm_dev_max", "rare_rows"
 _STEP_KEYS = ("global_step", "step")
 # A step number in a file or directory name: step_1000, epoch=3-step=1200, checkpoint-500, iter42.
 _STEP_NAME = re.compile(r"(?:step|steps|iter|iteration|checkpoint|ckpt)[=_\-]?(\d+)", re.IGNORECASE)
-_GLOB_CHARS = re.compile(r"[*?\[]")
-
-
-def expand_paths(args: Sequence[str | Path]) -> list[Path]:
-    """Checkpoint paths from arguments (a quoted glob such as 'run/step_*.pt' is expanded), in natural order.
-
-    Raises:
-        CheckpointError: a glob that matches nothing.
-    """
-    found: list[Path] = []
-    for arg in args:
-        text = str(arg)
-        if not Path(text).exists() and _GLOB_CHARS.search(text):
-            matches = glob.glob(text)
-            if not matches:
-                raise CheckpointError(f"{text}: no file or directory matches this pattern")
-            found += [Path(m) for m in matches]
-        else:
-            found.append(Path(text))
-    unique = list(dict.fromkeys(found))
-    return sorted(unique, key=lambda p: natural_key(str(p).lower()))  # step_2000 < step_10000
 
 
 def checkpoint_step(path: str | Path) -> int | None:

@@ -273,6 +273,28 @@ def collector_paused() -> Iterator[None]:
             gc.enable()
 
 
+def check_gates(fail_if: Sequence[str]) -> None:
+    """Parse the --fail-if expressions as inspect will, so that a typo is reported before torch loads."""
+    from wcond.gates import Gate
+    from wcond.report import NUMERIC_FIELDS
+
+    for expr in fail_if:
+        Gate.parse(expr, NUMERIC_FIELDS)
+
+
+def load_torch() -> None:
+    """Import torch for a command's work: after its usage checks, so that a usage error never waits for it.
+
+    The cycle collector is paused during the import (its thousands of objects would trigger a
+    dozen collections) and the result frozen: they live as long as the process, so no later
+    collection need visit them.
+    """
+    if "torch" not in sys.modules:
+        with collector_paused():
+            import torch  # noqa: F401
+        gc.freeze()
+
+
 def handle_errors(func: F) -> F:
     """The one place errors become a line on stderr: exit 2, or 130 for Ctrl-C (WCOND_DEBUG=1 shows tracebacks).
 
@@ -283,10 +305,6 @@ def handle_errors(func: F) -> F:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            if "torch" not in sys.modules:  # every command computes with it
-                with collector_paused():
-                    import torch  # noqa: F401
-                gc.freeze()  # its objects live as long as the process: no collection need visit them
             with _sigterm_raises(), allow_downloads(bool(kwargs.get("download", False))):
                 return func(*args, **kwargs)
         except _ReaderGone:

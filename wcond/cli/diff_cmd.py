@@ -22,12 +22,14 @@ from wcond.cli.common import (
     emit,
     engine_for,
     handle_errors,
+    load_torch,
     pick_format,
     progress_bar,
     stdout,
 )
 from wcond.cli.project_config import ConfigOpt, read_config, with_config
 from wcond.defaults import DEVICE, DIFF_FORMATS, TAU_COS, TAU_EUC, DiffFormat
+from wcond.paths import check_source
 
 
 @app.command("diff")
@@ -63,9 +65,6 @@ def diff_command(
 
     Example: wcond diff model.pt model_cs.safetensors -f markdown -o diff.md
     """
-    from wcond.diff import diff
-    from wcond.render_diff import render_diff, render_diff_table
-
     cfg = read_config(config)
     o = with_config(
         ctx,
@@ -78,6 +77,12 @@ def diff_command(
         device=device,
     )
     fmt = pick_format(DIFF_FORMATS, format, output)
+    check_source(a)
+    check_source(b)
+    load_torch()
+    from wcond.diff import diff
+    from wcond.render_diff import render_diff, render_diff_table
+
     with (
         engine_for(ray, ray_address) as engine,
         progress_bar("inspecting A and B" + (" on Ray" if engine else "")) as progress,

@@ -25,10 +25,12 @@ from wcond.cli.common import (
     engine_for,
     finite,
     handle_errors,
+    load_torch,
     progress_bar,
     stderr,
     stdout,
 )
+from wcond.config import parse_groups
 from wcond.defaults import (
     DEVICE,
     ITERATIONS,
@@ -39,6 +41,7 @@ from wcond.defaults import (
     Optimizer,
 )
 from wcond.errors import UsageError
+from wcond.paths import check_output, check_source
 from wcond.text import markup
 
 
@@ -119,17 +122,19 @@ def init_cs_command(
 
     Example: wcond init-cs model.pt -o model_cs.pt --iterations 500 --keep-norm
     """
-    from wcond.condition import init_cs
-    from wcond.layers import parse_groups
-    from wcond.load import open_checkpoint
-    from wcond.render_init_cs import render_init_cs
-    from wcond.save import check_output, save_checkpoint, write_text
-
+    check_source(checkpoint)
     check_output(checkpoint, output, force)
     if history is not None and history.resolve() in (checkpoint.resolve(), output.resolve()):
         raise UsageError(
             f"--history {history}: would overwrite the input or output checkpoint; choose another file"
         )
+    group_sizes = parse_groups(groups or ())
+    load_torch()
+    from wcond.condition import init_cs
+    from wcond.load import open_checkpoint
+    from wcond.render_init_cs import render_init_cs
+    from wcond.save import save_checkpoint, write_text
+
     ck = open_checkpoint(checkpoint)
     with (
         engine_for(ray, ray_address) as engine,
@@ -143,7 +148,7 @@ def init_cs_command(
             device=device,
             layers=layers or (),
             exclude=exclude or (),
-            groups=parse_groups(groups or ()),
+            groups=group_sizes,
             keep_norm=keep_norm,
             seed=seed,
             progress=progress,

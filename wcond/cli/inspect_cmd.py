@@ -20,9 +20,11 @@ from wcond.cli.common import (
     RayOpt,
     TauCosOpt,
     TauEucOpt,
+    check_gates,
     emit,
     engine_for,
     handle_errors,
+    load_torch,
     pick_format,
     progress_bar,
     say_written,
@@ -36,9 +38,11 @@ from wcond.defaults import (
     TAU_COS,
     TAU_EUC,
     TOP,
+    TREND_FORMAT_NAMES,
     InspectFormat,
 )
 from wcond.errors import UsageError
+from wcond.paths import check_source, expand_paths
 
 
 @app.command("inspect")
@@ -96,10 +100,6 @@ def inspect_command(
 
     Example: wcond inspect model.safetensors --fail-if "near_parallel_rows>0" -f markdown
     """
-    from wcond.analyze import inspect as inspect_checkpoint
-    from wcond.render import render, render_table
-    from wcond.trend import expand_paths
-
     cfg = read_config(config)
     o = with_config(
         ctx,
@@ -113,15 +113,28 @@ def inspect_command(
         fail_if=fail_if,
         device=device,
     )
+    check_gates(o["fail_if"])
     # --format, then -o's extension, then the config's format, then the table.
     fmt = pick_format(INSPECT_FORMATS, format, output, cfg.values.get("format"))
+    if fmt == "parquet" and output is None:
+        raise UsageError("--format parquet writes a binary file: give -o FILE.parquet")
+    for c in checkpoints:
+        check_source(c)
+    paths = expand_paths(checkpoints)
+    if len(paths) > 1 and fmt not in (*TREND_FORMAT_NAMES, "parquet"):
+        raise UsageError(
+            f"--format {fmt} shows one checkpoint; with {len(paths)} checkpoints use "
+            + ", ".join([*TREND_FORMAT_NAMES, "parquet"])
+        )
+    load_torch()
+    from wcond.analyze import inspect as inspect_checkpoint
+    from wcond.render import render, render_table
+
     if fmt == "parquet":
         from wcond.frames import require_parquet
 
-        if output is None:
-            raise UsageError("--format parquet writes a binary file: give -o FILE.parquet")
+        assert output is not None  # checked above
         require_parquet(output)  # before the analysis, not after
-    paths = expand_paths(checkpoints)
     label = "inspecting on Ray" if ray or ray_address else "inspecting"
     if len(paths) > 1:
         _inspect_many(paths, fmt, output, {**o, "config": cfg.path}, ray, ray_address, label)
@@ -150,14 +163,9 @@ def _inspect_many(
     label: str,
 ) -> None:
     """Several checkpoints: their trend as a table, JSON, CSV or Markdown; exit 1 if any gate tripped."""
-    from wcond.render_trend import TREND_FORMATS, render_trend, render_trend_table
+    from wcond.render_trend import render_trend, render_trend_table
     from wcond.trend import trend
 
-    if fmt not in TREND_FORMATS and fmt != "parquet":
-        raise UsageError(
-            f"--format {fmt} shows one checkpoint; with {len(paths)} checkpoints use "
-            + ", ".join([*TREND_FORMATS, "parquet"])
-        )
     with engine_for(ray, ray_address) as engine, progress_bar(label) as progress:
         result = trend(paths, **options, progress=progress, engine=engine)
     if fmt == "parquet":

@@ -19,6 +19,7 @@ from wcond.cli.common import (
     TauEucOpt,
     engine_for,
     handle_errors,
+    load_torch,
     progress_bar,
     say_written,
 )
@@ -34,6 +35,7 @@ from wcond.defaults import (
     TAU_EUC,
 )
 from wcond.errors import UsageError
+from wcond.paths import check_plot_output, check_source, expand_paths
 
 
 @app.command("plot")
@@ -134,9 +136,6 @@ def plot_command(
 
     Example: wcond plot model.pt --layer conv1.weight --vs model_cs.pt -o conv1.png
     """
-    from wcond.analyze import inspect as inspect_checkpoint
-    from wcond.plot import check_plot_output, plot_layer, plot_metrics, require_matplotlib
-
     check_plot_output(output)
     if (width is None) != (height is None):
         raise UsageError(
@@ -158,8 +157,8 @@ def plot_command(
         tau_euc=tau_euc,
         device=device,
     )
-    from wcond.trend import expand_paths
-
+    for c in [*checkpoints, *([vs] if vs is not None else [])]:
+        check_source(c)
     paths = expand_paths(checkpoints)
     if trend:
         if layer is not None or vs is not None:
@@ -171,6 +170,10 @@ def plot_command(
             f"{len(paths)} checkpoints given: plot draws one (with --vs OTHER beside it), "
             "or several with --trend"
         )
+    load_torch()
+    from wcond.analyze import inspect as inspect_checkpoint
+    from wcond.plot import plot_layer, plot_metrics, require_matplotlib
+
     require_matplotlib()  # after the arguments, before minutes of analysis
     if trend:
         from wcond.plot import plot_trend

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from wcond.cli.common import stderr
-from wcond.config import Config, load_config
+from wcond.config import Config, load_config, parse_groups
 from wcond.text import one_line
 
 ConfigOpt = Annotated[
@@ -51,7 +51,5 @@ def with_config(ctx: typer.Context, config: Config, **values: Any) -> dict[str, 
         if key in out:
             out[key] = tuple(out[key] or ())
     if "groups" in out and not isinstance(out["groups"], dict):
-        from wcond.layers import parse_groups  # torch: only when a command runs
-
         out["groups"] = parse_groups(out["groups"] or ())
     return out

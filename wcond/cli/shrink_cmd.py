@@ -25,12 +25,14 @@ from wcond.cli.common import (
     emit,
     engine_for,
     handle_errors,
+    load_torch,
     progress_bar,
     stderr,
     stdout,
 )
 from wcond.defaults import AXIS, DEVICE, TAU_COS, TAU_EUC, Axis
 from wcond.errors import UsageError
+from wcond.paths import check_output, check_source
 from wcond.text import markup
 
 
@@ -126,10 +128,6 @@ def shrink_command(
 
     Example: wcond shrink model.pt --tau-cos 1e-4 -o small.safetensors
     """
-    from wcond.render_shrink import render_fold, render_shrink
-    from wcond.shrink import fold, shrink
-    from wcond.shrink.tracing import fold_checkpoint
-
     if output is None and not dry_run:
         raise UsageError("-o OUT is required (or pass --dry-run to report without writing)")
     target = None if dry_run else output
@@ -156,17 +154,30 @@ def shrink_command(
         raise UsageError(
             f"--fold takes its layers from --chain or --model; {', '.join(stray)} do not apply to it"
         )
+    if fold_units and model is not None and chain is not None:
+        raise UsageError("--fold takes --model (traced) or --chain (named), not both")
+    if fold_units and model is None and chain is None:
+        raise UsageError(
+            "--fold needs --chain NAME1,NAME2,... (the layers, in the order data flows) "
+            "or --model PKG.MODULE:FACTORY"
+        )
+    if chain is not None and not fold_units:
+        raise UsageError(
+            "--chain goes with --fold; without --fold, shrink stores factorized layers and needs no chain"
+        )
+    shape = None
+    if input_shape is not None:
+        try:
+            shape = [int(n) for n in input_shape.split(",")]
+        except ValueError:
+            raise UsageError(f"--input-shape {input_shape!r}: wants sizes like 1,3,32,32") from None
+    check_source(checkpoint)
+    load_torch()
+    from wcond.render_shrink import render_fold, render_shrink
+    from wcond.shrink import fold, shrink
+    from wcond.shrink.tracing import fold_checkpoint
+
     if fold_units and model is not None:
-        if chain is not None:
-            raise UsageError("--fold takes --model (traced) or --chain (named), not both")
-        shape = None
-        if input_shape is not None:
-            try:
-                shape = [int(n) for n in input_shape.split(",")]
-            except ValueError:
-                raise UsageError(
-                    f"--input-shape {input_shape!r}: wants sizes like 1,3,32,32"
-                ) from None
         folded = fold_checkpoint(
             checkpoint,
             target,
@@ -191,11 +202,7 @@ def shrink_command(
         progress_bar("shrinking on Ray" if engine else "shrinking") as progress,
     ):
         if fold_units:
-            if chain is None:
-                raise UsageError(
-                    "--fold needs --chain NAME1,NAME2,... (the layers, in the order data flows) "
-                    "or --model PKG.MODULE:FACTORY"
-                )
+            assert chain is not None  # checked above
             keys = [k.strip() for k in chain.split(",") if k.strip()]
             report = fold(
                 checkpoint,
@@ -208,10 +215,6 @@ def shrink_command(
                 progress=progress,
             )
         else:
-            if chain is not None:
-                raise UsageError(
-                    "--chain goes with --fold; without --fold, shrink stores factorized layers and needs no chain"
-                )
             report = shrink(
                 checkpoint,
                 target,
@@ -255,6 +258,9 @@ def expand_command(
 
     Example: wcond expand small.safetensors -o dense.safetensors
     """
+    check_source(checkpoint)
+    check_output(checkpoint, output, force)
+    load_torch()
     from wcond.shrink import expand
 
     result = expand(checkpoint, output, force=force)
