@@ -80,6 +80,7 @@ def test_the_cli_needs_no_click_where_typer_does_not() -> None:
         (["diff", "a.pt", "no/such.pt"], "no/such.pt: no such file or directory"),
         (["shrink", "a.pt"], "-o OUT is required"),
         (["shrink", "a.pt", "-o", "c.pt", "--chain", "x"], "--chain goes with --fold"),
+        (["shrink", "a.pt", "-o", "b.pt"], "b.pt: already exists; pass --force"),
         (["init-cs", "a.pt", "-o", "b.pt"], "b.pt: already exists; pass --force"),
         (["expand", "a.pt", "-o", "c.txt"], "unknown output format '.txt'"),
         (["plot", "a.pt", "-o", "c.gif"], "unknown image format '.gif'"),

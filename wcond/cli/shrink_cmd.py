@@ -172,6 +172,8 @@ def shrink_command(
         except ValueError:
             raise UsageError(f"--input-shape {input_shape!r}: wants sizes like 1,3,32,32") from None
     check_source(checkpoint)
+    if target is not None:
+        check_output(checkpoint, target, force)
     load_torch()
     from wcond.render_shrink import render_fold, render_shrink
     from wcond.shrink import fold, shrink
