@@ -411,10 +411,11 @@ def _near_chunks(
     if not len(bi):
         return
     i, j = bi + start, bj + start
-    lim = torch.maximum(reach[i], reach[j]).double()
-    slack = 2 * (v.shape[1] + 2) * 2.0**-23  # on 2 - 2|cos|
+    # Generous on both sides: this only spares the float64 pass the pairs that cannot pass it.
+    lim = torch.maximum(reach[i], reach[j]).double()  # from float32 norms: off by far below 2**-10
+    slack = 2 * (v.shape[1] + 2) * 2.0**-23  # on 2 - 2|cos|, twice the float32 dot's bound
     chord2 = (2 - 2 * a[bi, bj].double()).clamp_min(0)
-    keep = chord2 < lim * lim * (1 + 2.0**-20) + slack
+    keep = chord2 < lim * lim * (1 + 2.0**-10) + slack
     i, j = i[keep], j[keep]
     step = max(1, _REFINE_ELEMENTS // max(1, v.shape[1]))
     for k in range(0, len(i), step):
