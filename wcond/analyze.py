@@ -86,7 +86,8 @@ def analyze_tensor(
         w = metrics.as_float(w)  # fp16/bf16/fp8 upcast once, for rows, cols and CS alike
         # The row norms the cosines need anyway are finite only if every entry is, so the entries
         # are searched one by one only when a norm is not (NaN, Inf, or squares beyond float32).
-        row_norms = metrics.vector_norms(metrics.as_rows(w))
+        row_vectors = metrics.as_rows(w)
+        row_norms = metrics.vector_norms(row_vectors)
         peak = None if bool(torch.isfinite(row_norms).all()) else _peak(w)
         if peak is not None and not math.isfinite(peak):
             bad = int((~torch.isfinite(w)).sum())
@@ -96,7 +97,7 @@ def analyze_tensor(
         rows = None
         if wanted(ROW_FIELDS):
             rows = metrics.pair_statistics(
-                metrics.as_rows(w), tau_cos=tau_cos, tau_euc=tau_euc, top_k=top, norms=row_norms
+                row_vectors, tau_cos=tau_cos, tau_euc=tau_euc, top_k=top, norms=row_norms
             )
             rep.dead_rows = len(rows.dead)
             rep.acv_sum = float(rows.acv_sum)
