@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 from rich.console import Console
 
 from wcond.render_text import fmt_number, fmt_shape, print_layer_table
@@ -10,8 +13,15 @@ from wcond.text import markup
 
 __all__ = ["render_fold", "render_shrink"]
 
+T = TypeVar("T")
+
 # The columns that give way on a narrow console, least important first.
 _DROP_ORDER = ("max°", "shape", "error")
+
+
+def _change(before: T, after: T, show: Callable[[T], str]) -> str:
+    """``before``, then `` → after`` when it changed."""
+    return show(before) + ("" if after == before else f" → {show(after)}")
 
 
 def render_shrink(report: ShrinkReport, console: Console) -> None:
@@ -19,15 +29,9 @@ def render_shrink(report: ShrinkReport, console: Console) -> None:
     title = f"wcond shrink{' --fold' if report.mode == 'fold' else ''}: {report.checkpoint}"
     columns: dict[str, list[str]] = {h: [] for h in ("shape", "∥r/c", "params", "error", "max°")}
     for r in report.layers:
-        columns["shape"].append(
-            fmt_shape(r.shape_before)
-            + ("" if r.shape_after == r.shape_before else f" → {fmt_shape(r.shape_after)}")
-        )
+        columns["shape"].append(_change(r.shape_before, r.shape_after, fmt_shape))
         columns["∥r/c"].append(f"{r.fused_rows}/{r.fused_cols}")
-        columns["params"].append(
-            f"{r.params_before:,}"
-            + ("" if r.params_after == r.params_before else f" → {r.params_after:,}")
-        )
+        columns["params"].append(_change(r.params_before, r.params_after, "{:,}".format))
         columns["error"].append(fmt_number(r.reconstruction_error, 3))
         columns["max°"].append(fmt_number(r.max_angle_deg, 3))
     hidden = print_layer_table(
@@ -92,15 +96,9 @@ def render_fold(report: FoldReport, console: Console) -> None:
         title += f" with {report.checkpoint}"
     columns: dict[str, list[str]] = {h: [] for h in ("shape", "∥units", "params", "error")}
     for r in report.layers:
-        columns["shape"].append(
-            fmt_shape(r.shape_before)
-            + ("" if r.shape_after == r.shape_before else f" → {fmt_shape(r.shape_after)}")
-        )
+        columns["shape"].append(_change(r.shape_before, r.shape_after, fmt_shape))
         columns["∥units"].append(str(r.fused_rows))
-        columns["params"].append(
-            f"{r.params_before:,}"
-            + ("" if r.params_after == r.params_before else f" → {r.params_after:,}")
-        )
+        columns["params"].append(_change(r.params_before, r.params_after, "{:,}".format))
         columns["error"].append(fmt_number(r.reconstruction_error, 3))
     hidden = print_layer_table(
         console,
