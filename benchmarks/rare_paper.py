@@ -71,11 +71,15 @@ def make_mlp(widths: list[int], fn: bool) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def mlp_widths(model: nn.Sequential) -> list[int]:
+    """Input width of each Linear, then the last one's output width (what make_mlp takes)."""
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    return [m.in_features for m in linears] + [linears[-1].out_features]
+
+
 def bake(model: nn.Sequential) -> nn.Sequential:
     """The same function with plain nn.Linear layers (Frobenius normalisation multiplied in)."""
-    widths = [m.in_features for m in model if isinstance(m, nn.Linear)]
-    widths.append([m for m in model if isinstance(m, nn.Linear)][-1].out_features)
-    plain = make_mlp(widths, fn=False)
+    plain = make_mlp(mlp_widths(model), fn=False)
     with torch.no_grad():
         for src, dst in zip(model, plain):
             if isinstance(src, nn.Linear):
@@ -87,9 +91,7 @@ def bake(model: nn.Sequential) -> nn.Sequential:
 
 def unbake(plain: nn.Sequential) -> nn.Sequential:
     """Frobenius-normalised layers holding ``plain``'s weights (k = their norm, g = 1)."""
-    widths = [m.in_features for m in plain if isinstance(m, nn.Linear)]
-    widths.append([m for m in plain if isinstance(m, nn.Linear)][-1].out_features)
-    fn = make_mlp(widths, fn=True)
+    fn = make_mlp(mlp_widths(plain), fn=True)
     with torch.no_grad():
         for src, dst in zip(plain, fn):
             if isinstance(src, nn.Linear):
