@@ -30,7 +30,7 @@ from wcond.checkpoint import (  # re-exported: wcond.load is where readers look 
     tensor_info,
 )
 from wcond.errors import CheckpointError, show_key, show_path
-from wcond.paths import SAFETENSORS_SUFFIXES, TORCH_SUFFIXES, check_path
+from wcond.paths import SAFETENSORS_SUFFIXES, TORCH_SUFFIXES, check_path, resolve_source
 
 __all__ = ["Checkpoint", "TensorInfo", "load_checkpoint", "open_checkpoint", "tensor_info"]
 
@@ -48,9 +48,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         CheckpointError: missing path, unknown or corrupt format, nothing analyzable.
         UnsafeCheckpointError: a pickle that would construct arbitrary objects.
     """
-    p = Path(os.fsdecode(path))  # bytes on Linux: a name need not be UTF-8
-    if not os.path.lexists(p) and (repo := hub.parse_repo_id(str(p))) is not None:
-        p = hub.resolve(repo)  # org/name[@rev]: from the Hugging Face cache (wcond/hub.py)
+    p = resolve_source(path)  # org/name[@rev]: from the Hugging Face cache (wcond/hub.py)
     if check_path(p) == "directory":
         if (p / ".metadata").is_file():
             from wcond.load_dcp import open_dcp  # torch.distributed.checkpoint, only when needed

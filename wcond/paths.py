@@ -30,6 +30,7 @@ __all__ = [
     "expand_paths",
     "natural_key",
     "output_format",
+    "resolve_source",
 ]
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -72,21 +73,25 @@ def check_path(path: str | os.PathLike[str]) -> str:
     )
 
 
+def resolve_source(path: str | os.PathLike[str]) -> Path:
+    """The path a checkpoint argument names: itself, or for a missing ``org/name[@rev]`` the Hub
+    cache's copy (fetched where downloads are allowed; else a CheckpointError saying how)."""
+    p = Path(os.fsdecode(path))  # bytes on Linux: a name need not be UTF-8
+    if not os.path.lexists(p) and (repo := hub.parse_repo_id(str(p))) is not None:
+        return hub.resolve(repo)
+    return p
+
+
 def check_source(arg: str | os.PathLike[str]) -> None:
     """Refuse a checkpoint argument that can name nothing readable: the check the loader makes first.
 
-    A glob is left to :func:`expand_paths`; a missing path shaped like a Hub id
-    (``org/name[@rev]``) must be in the Hugging Face cache (or fetched, where downloads are
-    allowed); anything else must be a regular file or a directory.
+    A glob is left to :func:`expand_paths`; a Hub id must be in the Hugging Face cache; anything
+    else must be a regular file or a directory.
     """
     text = os.fsdecode(arg)
-    if not os.path.lexists(text):
-        if _GLOB_CHARS.search(text):
-            return
-        if (repo := hub.parse_repo_id(text)) is not None:
-            hub.resolve(repo)
-            return
-    check_path(text)
+    if not os.path.lexists(text) and _GLOB_CHARS.search(text):
+        return
+    check_path(resolve_source(text))
 
 
 def expand_paths(args: Sequence[str | Path]) -> list[Path]:
