@@ -25,6 +25,7 @@ from wcond.analyze import _inspect_task
 from wcond.cli import app
 from wcond.engine import RayEngine, Task, plan_tasks
 from wcond.errors import CheckpointError, EngineError
+from wcond.shrink import MANIFEST_KEY
 
 runner = CliRunner()
 
@@ -105,9 +106,9 @@ def test_inspect_two_checkpoints_on_ray_matches_the_local_json(
     on_ray = run(*args, "--ray")
     assert on_ray.exit_code == local.exit_code == 1, on_ray.output
     doc_local, doc_ray = json.loads(local.stdout), json.loads(on_ray.stdout)
-    for doc in (doc_local, doc_ray):
+    for doc, engine in ((doc_local, "local"), (doc_ray, "ray")):
         for ck in doc["checkpoints"]:
-            ck["settings"].pop("device")
+            assert ck["settings"].pop("engine") == engine and ck["settings"]["device"] == "cpu"
     assert [c["checkpoint"] for c in doc_ray["checkpoints"]] == [str(a), str(b)]
     assert_close(doc_ray, doc_local, rel=1e-6)
 
@@ -122,8 +123,8 @@ def test_diff_on_ray_matches_local(
     with RayEngine() as eng:
         on_ray = wcond.diff.diff(a, b, device="cpu", engine=eng).to_dict()
     assert ray_instance.is_initialized()  # an instance the engine did not start is left running
-    for doc in (local, on_ray):
-        doc["settings"].pop("device", None)
+    for doc, engine in ((local, "local"), (on_ray, "ray")):
+        assert doc["settings"].pop("engine") == engine and doc["settings"]["device"] == "cpu"
     assert_close(on_ray, local, rel=1e-6)
 
 
@@ -145,8 +146,8 @@ def test_init_cs_on_ray_writes_the_local_runs_tensors(
         moved += not torch.equal(a[k], torch.load(pt_file)[k])
     assert moved == 2  # conv1 and conv2 were optimized (the test is not comparing two copies)
     ha, hb = json.loads(hist_local.read_text()), json.loads(hist_ray.read_text())
-    for h in (ha, hb):
-        h["settings"].pop("device")
+    for h, engine in ((ha, "local"), (hb, "ray")):
+        assert h["settings"].pop("engine") == engine and h["settings"]["device"] == "cpu"
     assert_close(hb, ha, rel=1e-5)
 
 
@@ -215,14 +216,35 @@ def test_shrink_on_ray_writes_the_local_runs_tensors(
         result = run("shrink", pt_file, "-o", outs[name], "--device", "cpu", "-f", "json", *extra)
         assert result.exit_code == 0, result.output
         docs[name] = json.loads(result.stdout)
-        docs[name]["settings"].pop("device")
+        assert docs[name]["settings"].pop("engine") == name
         docs[name].pop("output")
+    # The file sizes differ only by the engine's name in the manifest, padded to 8 bytes with the
+    # rest of the header: compare them after accounting for the two headers' lengths.
+    headers = {name: _safetensors_header(path) for name, path in outs.items()}
+    sizes = {name: docs[name].pop("file_bytes_after") for name in outs}
+    assert sizes == {name: path.stat().st_size for name, path in outs.items()}
+    assert sizes["ray"] - sizes["local"] == headers["ray"][0] - headers["local"][0]
     assert_close(docs["ray"], docs["local"], rel=1e-6)
     assert any(layer["fused_rows"] for layer in docs["ray"]["layers"])  # something was fused
+    # Every manifest setting but the engine is the same; so are the tensors, bit for bit.
+    manifests = {
+        name: json.loads(header["__metadata__"][MANIFEST_KEY])
+        for name, (_, header) in headers.items()
+    }
+    engines = {name: m["settings"].pop("engine") for name, m in manifests.items()}
+    assert engines == {"local": "local", "ray": "ray"}
+    assert manifests["ray"] == manifests["local"]
     with safe_open(outs["local"], "pt") as a, safe_open(outs["ray"], "pt") as b:
         assert list(a.keys()) == list(b.keys())
         for key in a.keys():
             assert torch.equal(a.get_tensor(key), b.get_tensor(key)), key
+
+
+def _safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
+    """A safetensors file's header: its length in bytes (8-byte length field included) and its JSON."""
+    with path.open("rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return 8 + n, json.loads(f.read(n))
 
 
 def test_fold_refuses_ray(pt_file: Path, tmp_path: Path) -> None:

@@ -353,7 +353,7 @@ def inspect_many(
     else:
         options = {"tau_cos": tau_cos, "tau_euc": tau_euc, "top": top, "device": device}
         per_plan = _analyze_on(engine, plans, selection, options, progress)
-        device_used = f"{device} ({engine.name})"
+        device_used = str(device)
     reports = []
     for plan, layer_reports in zip(plans, per_plan):
         report = Report(
@@ -365,6 +365,7 @@ def inspect_many(
                 "tau_euc": tau_euc,
                 "top": top,
                 "device": device_used,
+                "engine": engine.name if engine is not None else "local",
                 "layers": list(layers),
                 "exclude": list(exclude),
                 "groups": dict(groups or {}),

@@ -205,7 +205,7 @@ def init_cs(
             progress=progress,
         )
         new, rows, curve = _merge_parts(parts, [s.key for s in specs])
-        device_used = f"{device} ({engine.name})"
+        device_used = str(device)
     seconds = time.perf_counter() - start
 
     out = dict(tensors)
@@ -219,6 +219,7 @@ def init_cs(
             "lr": lr,
             "optimizer": optimizer,
             "device": device_used,
+            "engine": engine.name if engine is not None else "local",
             "keep_norm": keep_norm,
             "seed": seed,
             "layers": list(layers),

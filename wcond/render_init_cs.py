@@ -68,11 +68,14 @@ def render_init_cs(result: InitCSResult, console: Console) -> None:
     console.print(f"[dim]{legend}[/]", soft_wrap=True)
     s = result.settings
     done = result.optimized
+    where = (
+        s["device"] if s.get("engine", "local") == "local" else f"{s['device']} on {s['engine']}"
+    )
     drop = (result.cs_before - result.cs_after) / result.cs_before if result.cs_before else None
     console.print(
         f"total CS {fmt_number(result.cs_before)} → {fmt_number(result.cs_after)} ({_pct(_neg(drop))}) over "
         f"{len(done)} of {len(result.layers)} conv layers; {s['iterations']} {s['optimizer']} steps, lr {s['lr']:g}, "
-        f"{'--keep-norm, ' if keep_norm else ''}{s['device']}, {result.seconds:.1f} s",
+        f"{'--keep-norm, ' if keep_norm else ''}{where}, {result.seconds:.1f} s",
         soft_wrap=True,
     )
     if not keep_norm and _norms_dominate(done):

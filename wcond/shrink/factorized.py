@@ -281,7 +281,11 @@ def shrink(
         "exclude": list(exclude),
         "protect": list(protect),
         "protect_ends": protect_ends,
-        "device": str(dev) if dev is not None else f"{device} ({engine.name if engine else ''})",
+        # Where the work ran is its own field: the tensors and every other setting are the same
+        # whichever engine wrote them, and the device is the one asked for (an engine's workers
+        # resolve "auto" themselves).
+        "device": str(dev) if dev is not None else str(device),
+        "engine": engine.name if engine is not None else "local",
     }
     manifest: dict[str, Any] = {
         "format": 1,
