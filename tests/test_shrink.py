@@ -18,17 +18,16 @@ import wcond
 from wcond import metrics
 from wcond.errors import CheckpointError, UsageError
 from wcond.shrink import (
-    COL_COEF,
-    COL_INDEX,
+    COL_FUSED,
+    COL_SCALE,
     MANIFEST_KEY,
-    ROW_COEF,
-    ROW_INDEX,
+    ROW_FUSED,
+    ROW_SCALE,
     W_SUFFIX,
     expand,
     factorize,
     fold,
     fuse_vectors,
-    rebuild_dense,
     shrink,
 )
 
@@ -37,12 +36,32 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def literal_rebuild(parts: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+    """docs/FACTORIZED.md's rebuild of format 2, one original at a time, in float64.
+
+    Along each fused axis, an original listed as [o, s] in ``fused`` is ``scale * W'[s]``; the
+    i-th original not listed is ``W'[i]``.
+    """
+    w = parts[key + W_SUFFIX].double()
+    for dim, (fused_key, scale_key) in enumerate(((ROW_FUSED, ROW_SCALE), (COL_FUSED, COL_SCALE))):
+        if key + fused_key not in parts:
+            continue
+        listed = {
+            int(o): (int(s), float(c))
+            for (o, s), c in zip(parts[key + fused_key].tolist(), parts[key + scale_key].tolist())
+        }
+        kept = iter(range(w.shape[dim]))
+        slices = []
+        for o in range(w.shape[dim] + len(listed)):
+            s, c = listed.get(o, (None, 1.0))
+            slices.append(c * w.select(dim, next(kept) if s is None else s))
+        w = torch.stack(slices, dim)
+    return w
+
+
 def _rebuild(f, key: str = "w") -> torch.Tensor:
-    """The dense weight from a Factorization's stored entries, exactly as a reader rebuilds it."""
-    parts = f.tensors(key)
-    rows = (parts[key + ROW_INDEX], parts[key + ROW_COEF]) if key + ROW_INDEX in parts else None
-    cols = (parts[key + COL_INDEX], parts[key + COL_COEF]) if key + COL_INDEX in parts else None
-    return rebuild_dense(parts[key + W_SUFFIX], rows, cols)
+    """The dense weight from a Factorization's stored entries, by the format's literal rule."""
+    return literal_rebuild(f.tensors(key), key).to(f.w.dtype)
 
 
 # --------------------------------------------------------------------------- the blocked pair search
@@ -287,20 +306,22 @@ def test_stored_layout_manifest_and_untouched_tensors(mlp_file: Path, tmp_path: 
         stored = {k: f.get_tensor(k) for k in keys}
     assert "fc1.weight" not in stored and "fc2.weight" not in stored
     assert (
-        stored["fc1.weight" + W_SUFFIX].shape == (48, 64) and "fc1.weight" + COL_INDEX not in stored
+        stored["fc1.weight" + W_SUFFIX].shape == (48, 64) and "fc1.weight" + COL_FUSED not in stored
     )
-    assert stored["fc1.weight" + ROW_INDEX].dtype == torch.int32 and stored[
-        "fc1.weight" + ROW_INDEX
-    ].shape == (64,)
-    assert stored["fc2.weight" + COL_COEF].dtype == torch.float32 and stored[
-        "fc2.weight" + COL_COEF
-    ].shape == (64,)
+    # one [original, stored] pair and one scale per fused row: 16 in fc1, 12 columns in fc2
+    assert stored["fc1.weight" + ROW_FUSED].dtype == torch.int32 and stored[
+        "fc1.weight" + ROW_FUSED
+    ].shape == (16, 2)
+    assert stored["fc2.weight" + COL_SCALE].dtype == torch.float32 and stored[
+        "fc2.weight" + COL_SCALE
+    ].shape == (12,)
     for key in ("fc1.bias", "fc2.bias", "fc3.weight", "fc3.bias"):  # untouched: bit-identical
         assert stored[key].dtype == original[key].dtype and torch.equal(stored[key], original[key])
     assert meta["layers"]["fc2.weight"]["shape"] == [64, 64] and meta["layers"]["fc2.weight"][
         "stored_shape"
     ] == [52, 52]
     assert meta["settings"]["tau_cos"] == 1e-4 and "fc3.weight" not in meta["layers"]
+    assert meta["format"] == 2 and meta["suffixes"]["row_fused"] == ROW_FUSED
 
 
 def test_no_protect_ends_and_protect(mlp_file: Path) -> None:
@@ -427,8 +448,8 @@ def test_torch_output_keeps_wrapper_entries_order_and_manifest(
     assert json.loads(obj[MANIFEST_KEY])["layers"]["model.fc1.weight"]["stored_shape"] == [48, 64]
     assert list(obj["state_dict"])[:4] == [
         "model.fc1.weight" + W_SUFFIX,
-        "model.fc1.weight" + ROW_INDEX,
-        "model.fc1.weight" + ROW_COEF,
+        "model.fc1.weight" + ROW_FUSED,
+        "model.fc1.weight" + ROW_SCALE,
         "model.fc1.bias",
     ]
     dense = tmp_path / "dense.ckpt"
@@ -487,10 +508,10 @@ def test_damaged_shrunk_checkpoints_are_clear_errors(mlp_file: Path, tmp_path: P
         save_file(sd, str(path))
         return path
 
-    no_coef = damaged("no_coef", lambda sd: sd.pop("fc1.weight" + ROW_COEF))
+    no_coef = damaged("no_coef", lambda sd: sd.pop("fc1.weight" + ROW_SCALE))
     with pytest.raises(
         CheckpointError,
-        match=r"'fc1.weight.__wcond_row_index' has no 'fc1.weight.__wcond_row_coef'",
+        match=r"'fc1.weight.__wcond_row_fused' has no 'fc1.weight.__wcond_row_scale'",
     ):
         wcond.load_state_dict(no_coef)
     orphan = damaged("orphan", lambda sd: sd.pop("fc1.weight" + W_SUFFIX))
@@ -499,8 +520,12 @@ def test_damaged_shrunk_checkpoints_are_clear_errors(mlp_file: Path, tmp_path: P
     both = damaged("both", lambda sd: sd.update({"fc1.weight": torch.zeros(64, 64)}))
     with pytest.raises(CheckpointError, match="stored both dense and factorized"):
         wcond.load_state_dict(both)
-    bad_index = damaged("bad_index", lambda sd: sd["fc1.weight" + ROW_INDEX].__setitem__(0, 99))
-    with pytest.raises(CheckpointError, match="points outside the 48 stored"):
+    bad_index = damaged(
+        "bad_index", lambda sd: sd["fc1.weight" + ROW_FUSED].__setitem__((0, 1), 48)
+    )
+    with pytest.raises(
+        CheckpointError, match=r"stored indices \d+ to 48; they must lie in 0 to 47"
+    ):
         wcond.load_state_dict(bad_index)
 
 

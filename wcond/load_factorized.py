@@ -1,7 +1,9 @@
 """Reading the factorized format that `wcond shrink` writes (specified in docs/FACTORIZED.md).
 
-A shrunk checkpoint stores a layer as W' plus one index and one coefficient per original row
-and column; this module turns it back into the dense checkpoint it stands for. It sits beside
+A shrunk checkpoint stores a layer as W' plus, per fused axis, the original rows (columns) that
+have no stored row of their own, each as [original, stored] and a scale (format 2; format 1
+stored an index and a coefficient for every original row and column, and still loads); this
+module turns it back into the dense checkpoint it stands for. It sits beside
 wcond.load (below analyze, plot and shrink), so reading a shrunk file runs one way.
 """
 
@@ -19,12 +21,27 @@ from torch import Tensor
 from wcond.errors import CheckpointError
 from wcond.load import TensorInfo, open_checkpoint
 
-__all__ = ["Factored", "dense_view", "load_state_dict", "rebuild_dense"]
+__all__ = [
+    "Factored",
+    "dense_view",
+    "fused_to_index",
+    "load_state_dict",
+    "rebuild_dense",
+    "rebuild_fused",
+]
 
 W_SUFFIX = ".__wcond_w"
 ROW_INDEX, ROW_COEF = ".__wcond_row_index", ".__wcond_row_coef"
 COL_INDEX, COL_COEF = ".__wcond_col_index", ".__wcond_col_coef"
-_PARTS = (ROW_INDEX, ROW_COEF, COL_INDEX, COL_COEF)
+# format 2 (written since): only the originals without a stored row/column of their own
+ROW_FUSED, ROW_SCALE = ".__wcond_row_fused", ".__wcond_row_scale"
+COL_FUSED, COL_SCALE = ".__wcond_col_fused", ".__wcond_col_scale"
+_PARTS = (ROW_INDEX, ROW_COEF, COL_INDEX, COL_COEF, ROW_FUSED, ROW_SCALE, COL_FUSED, COL_SCALE)
+# per axis (rows, then columns): format 1's (index, coef) and format 2's (fused, scale) suffixes
+_AXES = (
+    ((ROW_INDEX, ROW_COEF), (ROW_FUSED, ROW_SCALE)),
+    ((COL_INDEX, COL_COEF), (COL_FUSED, COL_SCALE)),
+)
 MANIFEST_KEY = "wcond.shrink"
 FOLD_MANIFEST_KEY = "wcond.fold"
 _INDEX_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
@@ -62,6 +79,44 @@ def rebuild_dense(
     if cols is not None:
         out = _spread(out, cols[0], cols[1], 1)
     return out
+
+
+def fused_to_index(fused: Tensor, scale: Tensor, stored: int) -> tuple[Tensor, Tensor]:
+    """Format 2's entries of one axis as format 1's: an index and a coefficient per original.
+
+    ``fused`` (F, 2) holds [original, stored] for the originals without a stored row of their own
+    and ``scale`` (F,) their coefficients; the i-th original not listed is stored row i, with
+    coefficient 1. ``stored`` is W''s size along the axis, so there are stored + F originals.
+    The entries must already be checked (distinct originals below stored + F, stored rows below
+    ``stored``).
+    """
+    n = stored + fused.shape[0]
+    original = fused[:, 0].to(torch.int64)
+    listed = torch.zeros(n, dtype=torch.bool, device=fused.device)
+    listed[original] = True
+    index = torch.empty(n, dtype=torch.int64, device=fused.device)
+    index[~listed] = torch.arange(stored, device=fused.device)
+    index[original] = fused[:, 1].to(torch.int64)
+    coef = torch.ones(n, dtype=scale.dtype, device=scale.device)
+    coef[original] = scale
+    return index, coef
+
+
+def rebuild_fused(
+    w: Tensor,
+    rows: tuple[Tensor, Tensor] | None = None,
+    cols: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
+    """The dense weight from format 2's (fused, scale) per axis: W[o] = scale * W'[s] for each
+    listed [o, s], and the i-th unlisted original is W'[i] (rows along dim 0, columns along dim 1).
+
+    Computed as :func:`rebuild_dense` is; the caller casts to the stored dtype.
+    """
+    parts = [
+        None if p is None else fused_to_index(p[0], p[1], w.shape[dim])
+        for dim, p in enumerate((rows, cols))
+    ]
+    return rebuild_dense(w, parts[0], parts[1])
 
 
 @dataclass(frozen=True)
@@ -131,11 +186,14 @@ def dense_view(
             return get(key)
         w = get(key + W_SUFFIX)
         parts = [
-            _axis_parts(source, key, get, suffixes, w.shape[dim]) if on else None
-            for on, suffixes, dim in (
-                (f.rows, (ROW_INDEX, ROW_COEF), 0),
-                (f.cols, (COL_INDEX, COL_COEF), 1),
+            (
+                None
+                if not on
+                else _fused_parts(source, key, get, new, w.shape[dim])
+                if key + new[0] in infos
+                else _axis_parts(source, key, get, old, w.shape[dim])
             )
+            for on, (old, new), dim in zip((f.rows, f.cols), _AXES, (0, 1))
         ]
         return rebuild_dense(w, parts[0], parts[1]).to(w.dtype)
 
@@ -157,15 +215,16 @@ def _factored(base: str, infos: Mapping[str, TensorInfo], source: str) -> Factor
         )
     shape = list(w.shape)
     on = []
-    for dim, (idx, coef) in enumerate(((ROW_INDEX, ROW_COEF), (COL_INDEX, COL_COEF))):
-        i, c = infos.get(base + idx), infos.get(base + coef)
-        if (i is None) != (c is None):
-            have, missing = (idx, coef) if i is not None else (coef, idx)
+    for dim, ((idx, coef), (fused, scale)) in enumerate(_AXES):
+        old, new = _pair(source, base, infos, idx, coef), _pair(source, base, infos, fused, scale)
+        if old is not None and new is not None:
             raise CheckpointError(
-                f"{source}: {base + have!r} has no {base + missing!r} beside it: the shrunk "
-                "checkpoint is incomplete"
+                f"{source}: {base!r} gives its {('rows', 'columns')[dim]} both as "
+                f"{base + idx!r} (format 1) and as {base + fused!r} (format 2); the checkpoint "
+                "is inconsistent"
             )
-        if i is not None and c is not None:
+        if old is not None:
+            i, c = old
             if (
                 len(i.shape) != 1
                 or i.shape != c.shape
@@ -174,8 +233,7 @@ def _factored(base: str, infos: Mapping[str, TensorInfo], source: str) -> Factor
             ):
                 raise CheckpointError(
                     f"{source}: {base + idx!r} and {base + coef!r} must be an integer and a float "
-                    f"vector of the same length (got {list(i.shape)} {_dtype_name(i.dtype)} and "
-                    f"{list(c.shape)} {_dtype_name(c.dtype)})"
+                    f"vector of the same length (got {_described(i)} and {_described(c)})"
                 )
             if i.shape[0] < w.shape[dim]:
                 raise CheckpointError(
@@ -184,7 +242,23 @@ def _factored(base: str, infos: Mapping[str, TensorInfo], source: str) -> Factor
                     "never stores more than it stands for"
                 )
             shape[dim] = i.shape[0]
-        on.append(i is not None)
+        if new is not None:
+            f, c = new
+            if (
+                len(f.shape) != 2
+                or f.shape[1] != 2
+                or f.dtype not in _INDEX_DTYPES
+                or len(c.shape) != 1
+                or c.shape[0] != f.shape[0]
+                or not c.dtype.is_floating_point
+            ):
+                raise CheckpointError(
+                    f"{source}: {base + fused!r} and {base + scale!r} must be an (F, 2) integer "
+                    f"tensor and a float vector of length F (got {_described(f)} and "
+                    f"{_described(c)})"
+                )
+            shape[dim] = w.shape[dim] + f.shape[0]
+        on.append(old is not None or new is not None)
     dense = math.prod(shape)
     if dense > MAX_DENSE_ELEMENTS:
         raise CheckpointError(
@@ -192,6 +266,20 @@ def _factored(base: str, infos: Mapping[str, TensorInfo], source: str) -> Factor
             f"{math.prod(w.shape):,} stored; refused above {MAX_DENSE_ELEMENTS:,} values"
         )
     return Factored(base, tuple(w.shape), tuple(shape), on[0], on[1])
+
+
+def _pair(
+    source: str, base: str, infos: Mapping[str, TensorInfo], first: str, second: str
+) -> tuple[TensorInfo, TensorInfo] | None:
+    """Two entries that go together (index and coef, fused and scale): both, or neither."""
+    a, b = infos.get(base + first), infos.get(base + second)
+    if (a is None) != (b is None):
+        have, missing = (first, second) if a is not None else (second, first)
+        raise CheckpointError(
+            f"{source}: {base + have!r} has no {base + missing!r} beside it: the shrunk "
+            "checkpoint is incomplete"
+        )
+    return None if a is None or b is None else (a, b)
 
 
 def _axis_parts(
@@ -207,6 +295,35 @@ def _axis_parts(
     return index, coef
 
 
+def _fused_parts(
+    source: str, base: str, get: Callable[[str], Tensor], suffixes: tuple[str, str], size: int
+) -> tuple[Tensor, Tensor]:
+    """One format-2 axis as an index and a coefficient per original, its entries checked first.
+
+    ``size`` is W''s size along the axis: stored rows must lie below it, originals below
+    ``size`` + F, each listed once.
+    """
+    fused, scale = get(base + suffixes[0]), get(base + suffixes[1])
+    key = base + suffixes[0]
+    n = size + fused.shape[0]
+    for col, what, bound in ((0, "original", n), (1, "stored", size)):
+        v = fused[:, col]
+        if v.numel() and (int(v.min()) < 0 or int(v.max()) >= bound):
+            raise CheckpointError(
+                f"{source}: {key!r} has {what} indices {int(v.min())} to {int(v.max())}; "
+                f"they must lie in 0 to {bound - 1} ({size} stored rows/columns of "
+                f"{base + W_SUFFIX!r}, {n} original)"
+            )
+    values, counts = torch.unique(fused[:, 0], return_counts=True)
+    if bool((counts > 1).any()):
+        twice = int(values[counts > 1][0])
+        raise CheckpointError(
+            f"{source}: {key!r} lists original row/column {twice} more than once; each is "
+            "rebuilt from one stored row/column"
+        )
+    return fused_to_index(fused, scale, size)
+
+
 def load_state_dict(path: str | Path) -> dict[str, Tensor]:
     """Dense tensors of the original shapes by key, for any checkpoint wcond reads.
 
@@ -219,6 +336,10 @@ def load_state_dict(path: str | Path) -> dict[str, Tensor]:
     ck = open_checkpoint(path)
     infos, get, _ = dense_view({k: ck.info(k) for k in ck.keys()}, ck.get, str(ck.path))
     return {k: get(k) for k in infos}
+
+
+def _described(info: TensorInfo | Tensor) -> str:
+    return f"{list(info.shape)} {_dtype_name(info.dtype)}"
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -118,7 +118,7 @@ def shrink_command(
 ) -> None:
     """Fuse near-parallel rows/columns (RaRe merging) into a smaller checkpoint.
 
-    Each shrunk layer is stored as W' plus one index and one coefficient per original row/column.
+    Each shrunk layer is stored as W' plus an [original, stored] pair and a scale per fused row/column.
     Load it with wcond.load_state_dict(OUT), or write it dense with `wcond expand`.
     With --fold --chain, parallel units of ReLU-joined layers are removed outright instead;
     with --fold --model, the chains are found by tracing your model (its factory is imported).

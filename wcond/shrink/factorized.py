@@ -21,14 +21,15 @@ from wcond.errors import CheckpointError, UsageError
 from wcond.layers import find_layers, is_fp8, is_layer
 from wcond.load import Checkpoint, TensorInfo, open_checkpoint
 from wcond.load_factorized import (
-    COL_COEF,
-    COL_INDEX,
+    COL_FUSED,
+    COL_SCALE,
     MANIFEST_KEY,
-    ROW_COEF,
-    ROW_INDEX,
+    ROW_FUSED,
+    ROW_SCALE,
     W_SUFFIX,
+    _along,
     _dtype_name,
-    rebuild_dense,
+    rebuild_fused,
 )
 from wcond.save import output_format
 from wcond.shrink.output import (
@@ -42,9 +43,15 @@ from wcond.shrink.pairs import Grouping, _compress, fuse_vectors
 from wcond.shrink.report import LayerShrink, ShrinkReport
 from wcond.shrink.sizing import entry_bytes, file_bytes, manifest_bytes, safetensors_bytes
 
-__all__ = ["Factorization", "factorize", "shrink"]
+__all__ = ["Factorization", "factorize", "owner_scaled", "shrink"]
 
 _INDEX_BYTES = 4  # int32
+# the manifest's statement of the rebuild (docs/FACTORIZED.md)
+REBUILD = (
+    "rows (dim 0; columns, dim 1, likewise with col_fused and col_scale): for each [o, s] in "
+    "row_fused at position f, W[o] = row_scale[f] * W'[s]; the i-th original row not listed "
+    "is W'[i]"
+)
 
 
 @dataclass
@@ -69,29 +76,71 @@ class Factorization:
         angles = [g.max_angle for g in (self.rows, self.cols) if g and g.max_angle is not None]
         return max(angles) if angles else None
 
-    def stored(self, g: Grouping | None) -> tuple[Tensor, Tensor] | None:
-        """One axis as written: int32 indices and float32 (float64 for float64 layers) coefficients."""
-        return (
-            None if g is None else (g.index.to(torch.int32), g.coef.to(_coef_dtype(self.w.dtype)))
-        )
-
     def tensors(self, key: str) -> dict[str, Tensor]:
-        """The entries that replace ``key`` in a shrunk checkpoint."""
-        out = {key + W_SUFFIX: self.w}
-        for g, (idx_key, coef_key) in (
-            (self.rows, (ROW_INDEX, ROW_COEF)),
-            (self.cols, (COL_INDEX, COL_COEF)),
+        """The entries that replace ``key`` in a shrunk checkpoint (format 2, docs/FACTORIZED.md).
+
+        W' comes with each stored row/column rescaled so that the original owning it has
+        coefficient 1 (:func:`owner_scaled`); per fused axis, the originals without a stored
+        row/column of their own as int32 [original, stored] pairs and their scales, float32
+        (float64 for float64 layers).
+        """
+        w = self.w if self.w.dtype == torch.float64 else self.w.float()
+        axes: dict[str, Tensor] = {}
+        for g, dim, (fused_key, scale_key) in (
+            (self.rows, 0, (ROW_FUSED, ROW_SCALE)),
+            (self.cols, 1, (COL_FUSED, COL_SCALE)),
         ):
-            part = self.stored(g)
-            if part is not None:
-                out[key + idx_key], out[key + coef_key] = part
-        return out
+            if g is not None:
+                w, fused, scale = owner_scaled(w, g, dim)
+                axes[key + fused_key] = fused
+                axes[key + scale_key] = scale.to(_coef_dtype(self.w.dtype))
+        return {key + W_SUFFIX: w.to(self.w.dtype), **axes}
+
+    def rebuilt(self, device: torch.device | str = "cpu") -> Tensor:
+        """The dense weight a reader rebuilds from :meth:`tensors` (float32; float64 for float64 layers)."""
+        parts = {k: t.to(device) for k, t in self.tensors("").items()}
+        return rebuild_fused(
+            parts[W_SUFFIX],
+            *((parts[f], parts[c]) if f in parts else None for f, c in _FORMAT_2_AXES),
+        )
 
     @property
     def stored_bytes(self) -> int:
-        per = _INDEX_BYTES + _coef_dtype(self.w.dtype).itemsize
-        n = sum(g.index.numel() for g in (self.rows, self.cols) if g is not None)
+        """The data bytes of :meth:`tensors`: W', and per fused pair an int32 pair and a scale."""
+        per = 2 * _INDEX_BYTES + _coef_dtype(self.w.dtype).itemsize
+        n = sum(g.index.numel() - g.kept for g in (self.rows, self.cols) if g is not None)
         return self.w.numel() * self.w.element_size() + n * per
+
+
+_FORMAT_2_AXES = ((ROW_FUSED, ROW_SCALE), (COL_FUSED, COL_SCALE))
+
+
+def owner_scaled(w: Tensor, g: Grouping, dim: int) -> tuple[Tensor, Tensor, Tensor]:
+    """One fused axis in format 2: ``w`` (W') rescaled, the (F, 2) [original, stored] pairs, the scales.
+
+    A grouping rebuilds original k as ``coef[k] * w[index[k]]`` along ``dim``. The original that
+    owns stored slot p (``kept_indices[p]``) has coefficient c_p = coef[kept_indices[p]] (1/s
+    after fusing, not 1): slot p is multiplied by c_p, so its owner needs no entry, and each
+    original without a slot of its own is listed, in increasing order, as [original, p] with
+    scale coef[original] / c_p. The rebuild is unchanged up to rounding. ``w`` is computed in as
+    given; the scales come in float64.
+
+    Raises:
+        ValueError: a grouping format 2 cannot hold: a kept original not in its own slot
+            (slots follow the kept originals' order), or an owner with coefficient 0.
+    """
+    index, coef = g.index.cpu().to(torch.int64), g.coef.cpu().to(torch.float64)
+    kept = torch.tensor(g.kept_indices, dtype=torch.int64)
+    if not torch.equal(index[kept], torch.arange(kept.numel())):
+        raise ValueError("kept_indices[p] must be the original in slot p, in increasing order")
+    owner = coef[kept]
+    if not bool((owner != 0).all()):
+        raise ValueError("an original that owns a slot has coefficient 0")
+    removed = torch.tensor(g.removed, dtype=torch.int64)
+    slot = index[removed]
+    scaled = w * owner.to(w.device, w.dtype).view(_along(w.ndim, dim))
+    fused = torch.stack([removed, slot], dim=1).to(torch.int32)
+    return scaled, fused, coef[removed] / owner[slot]
 
 
 def _coef_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -127,9 +176,9 @@ def factorize(
         small = _compress(small, cols, 1) if cols.fused else small
     rows = rows if rows and rows.fused else None
     cols = cols if cols and cols.fused else None
-    stored = small.to(w.dtype).cpu()
-    f = Factorization(stored, rows, cols, None)
-    rebuilt = rebuild_dense(stored.to(x.device), f.stored(rows), f.stored(cols)).to(x.dtype)
+    f = Factorization(small.to(w.dtype).cpu(), rows, cols, None)
+    # the error of the values as written: W' rescaled and cast, the scales cast
+    rebuilt = f.rebuilt(x.device).to(x.dtype)
     total = float(x.norm())
     f.error = float((x - rebuilt).norm()) / total if total > 0 else None
     return f
@@ -167,8 +216,9 @@ def shrink(
             :class:`wcond.engine.RayEngine` whose tasks read their layers from ``source`` (a path
             its workers see); the checkpoint is still written here. Progress then counts tasks.
 
-    A layer is stored factorized only when that makes the file smaller: W', the index and the
-    coefficient per row/column and their index entries in the file, counted from above, against
+    A layer is stored factorized only when that makes the file smaller: W', the [original,
+    stored] pair and the scale per fused row/column and their entries in the file, counted from
+    above, against
     the dense layer and its entry, counted from below; and only when the layers that pay save
     more than the manifest costs. So OUT is never larger than IN in the same format (a torch
     file stores its own name in each record: compare files of equal name length). Untouched
@@ -264,9 +314,9 @@ def shrink(
         ) + len(json.dumps(json.dumps({spec.key: entry}), ensure_ascii=False).encode())
         if factored >= dense:
             rep.notes.append(
-                f"{f.fused_rows} row and {f.fused_cols} column pairs would fuse, but W' with an index "
-                f"and a coefficient per row/column takes up to {factored:,} bytes of the file, "
-                f"dense at least {dense:,}: left dense"
+                f"{f.fused_rows} row and {f.fused_cols} column pairs would fuse, but W' with its "
+                f"fused pairs and scales takes up to {factored:,} bytes of the file, dense at "
+                f"least {dense:,}: left dense"
             )
             continue
         candidates.append(_Candidate(rep, f, parts, entry, dense - factored))
@@ -288,17 +338,17 @@ def shrink(
         "engine": engine.name if engine is not None else "local",
     }
     manifest: dict[str, Any] = {
-        "format": 1,
+        "format": 2,
         "wcond_version": __version__,
         "settings": settings,
         "layers": {},
-        "rebuild": "W[o, c] = row_coef[o] * col_coef[c] * W'[row_index[o], col_index[c]]",
+        "rebuild": REBUILD,
         "suffixes": {
             "w": W_SUFFIX,
-            "row_index": ROW_INDEX,
-            "row_coef": ROW_COEF,
-            "col_index": COL_INDEX,
-            "col_coef": COL_COEF,
+            "row_fused": ROW_FUSED,
+            "row_scale": ROW_SCALE,
+            "col_fused": COL_FUSED,
+            "col_scale": COL_SCALE,
         },
     }
     if fmt == "safetensors":
