@@ -223,3 +223,50 @@ def test_bad_input(tmp_path: Path) -> None:
     assert missing.exit_code == 2 and "no such file or directory" in missing.stderr
     no_out = run("expand", text)
     assert no_out.exit_code == 2 and "--output" in no_out.output
+
+
+def _two_pairs() -> dict[str, torch.Tensor]:
+    """fc1 (256, 16) -> fc2 (300, 256) -> fc3 (10, 300); fc2 has two planted row pairs.
+
+    Rows are fc2's longer axis, so `--axis auto` fuses them. Row 150 = 0.5 row 0 (150 is the
+    shorter and keeps its row) and row 151 = -2 row 1 (1 keeps its row). Format 1 stored an index
+    and a coefficient for each of the 300 rows (2,400 bytes) against 2,048 saved: left dense.
+    """
+    g = torch.Generator().manual_seed(5)
+    sd = {
+        "fc1.weight": torch.randn(256, 16, generator=g),
+        "fc2.weight": torch.randn(300, 256, generator=g),
+        "fc3.weight": torch.randn(10, 300, generator=g),
+    }
+    sd["fc2.weight"][150] = 0.5 * sd["fc2.weight"][0]
+    sd["fc2.weight"][151] = -2.0 * sd["fc2.weight"][1]
+    return sd
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_two_fused_pairs_pay_whatever_the_layer_height(tmp_path: Path, suffix: str) -> None:
+    sd = _two_pairs()
+    src, out = tmp_path / f"in{suffix}", tmp_path / f"ou{suffix}"  # names of equal length
+    if suffix == ".pt":
+        torch.save(sd, src)
+    else:
+        from safetensors.torch import save_file
+
+        save_file(sd, str(src))
+    result = run("shrink", src, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "300x256 → 298x256" in result.stdout and "2/0" in result.stdout
+    assert out.stat().st_size < src.stat().st_size
+    stored = wcond.load_checkpoint(out)
+    key = "fc2.weight.__wcond_row"
+    # originals 0 and 151 have no row of their own: 0 = 2 x original 150 (stored row 149, after
+    # original 0 is gone), 151 = -2 x original 1 (stored row 0)
+    assert stored[key + "_fused"].tolist() == [[0, 149], [151, 0]]
+    assert stored[key + "_scale"].tolist() == pytest.approx([2.0, -2.0], rel=1e-6)
+    kept = [r for r in range(300) if r not in (0, 151)]
+    torch.testing.assert_close(
+        stored["fc2.weight.__wcond_w"], sd["fc2.weight"][kept], rtol=1e-6, atol=1e-7
+    )
+    back = wcond.load_state_dict(out)
+    for k, t in sd.items():
+        torch.testing.assert_close(back[k], t, rtol=1e-6, atol=1e-6)

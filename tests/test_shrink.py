@@ -18,10 +18,14 @@ import wcond
 from wcond import metrics
 from wcond.errors import CheckpointError, UsageError
 from wcond.shrink import (
+    COL_COEF,
     COL_FUSED,
+    COL_INDEX,
     COL_SCALE,
     MANIFEST_KEY,
+    ROW_COEF,
     ROW_FUSED,
+    ROW_INDEX,
     ROW_SCALE,
     W_SUFFIX,
     expand,
@@ -218,6 +222,95 @@ def test_near_parallel_error_within_what_tau_cos_allows(seed: int) -> None:
     assert err2 == pytest.approx(a * a * b * b * (1 - c * c) / (a * a + b * b * c * c), rel=1e-6)
     assert err2 <= min(b * b, a * a / (c * c)) * (1 - c * c) * (1 + 1e-9)
     assert err2 < 2 * tau * a * a / (1 - tau) ** 2
+
+
+def _planted(case: str) -> tuple[torch.Tensor, list[str]]:
+    """A weight with exactly (anti-)parallel vectors planted, and the axes to fuse."""
+    dtype = torch.float64 if case == "float64" else torch.float32
+    shape = (10, 7, 3, 3) if case == "conv" else (12, 9)
+    w = torch.randn(*shape, generator=_gen(40), dtype=dtype)
+    if case in ("cols", "both", "conv"):
+        w[:, 6] = 0.5 * w[:, 2]  # columns first, so that planting rows keeps them parallel
+    if case in ("rows", "both", "conv", "float64"):
+        w[8] = 3.0 * w[1]
+    if case in ("antiparallel", "both", "conv"):
+        w[9] = -0.25 * w[4]
+    if case == "three":
+        w[7], w[9] = -2.5 * w[2], 0.5 * w[2]
+    axes = {"cols": ["cols"], "both": ["rows", "cols"], "conv": ["rows", "cols"]}
+    return w, axes.get(case, ["rows"])
+
+
+@pytest.mark.parametrize(
+    "case", ["rows", "cols", "both", "conv", "antiparallel", "three", "float64"]
+)
+def test_format_2_round_trips_through_a_file(case: str, tmp_path: Path) -> None:
+    w, axes = _planted(case)
+    f = factorize(w, axes)
+    assert f.fused_rows + f.fused_cols > 0
+    parts = f.tensors("fc.weight")
+    path = tmp_path / "f.safetensors"
+    save_file({**parts, "fc.bias": torch.zeros(w.shape[0])}, str(path))
+    back = wcond.load_state_dict(path)
+    assert back["fc.weight"].dtype == w.dtype and back["fc.weight"].shape == w.shape
+    torch.testing.assert_close(back["fc.weight"], w, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        literal_rebuild(parts, "fc.weight"), w.double(), rtol=1e-6, atol=1e-6
+    )
+    scale = parts.get("fc.weight" + ROW_SCALE, parts.get("fc.weight" + COL_SCALE))
+    assert scale is not None and scale.dtype == (
+        torch.float64 if w.dtype == torch.float64 else torch.float32
+    )
+
+
+def test_format_2_stores_the_kept_vectors_and_the_planted_ratios() -> None:
+    """Exact pairs: W' holds the kept originals themselves, each removed one its ratio to its owner."""
+    w, _ = _planted("three")  # 9 = 0.5 x 2 is the shortest of 2, 7, 9 and keeps its row
+    w[11] = -4.0 * w[5]  # 5 is shorter and keeps its row
+    parts = factorize(w, ["rows"]).tensors("k")
+    kept = [r for r in range(12) if r not in (2, 7, 11)]
+    # stored rows are the kept originals in order: 9 is stored row 7, 5 is stored row 4
+    assert parts["k" + ROW_FUSED].tolist() == [[2, 7], [7, 7], [11, 4]]
+    assert parts["k" + ROW_SCALE].tolist() == pytest.approx([2.0, -5.0, -4.0], rel=1e-6)
+    torch.testing.assert_close(parts["k" + W_SUFFIX], w[kept], rtol=1e-6, atol=1e-7)
+    assert set(parts) == {"k" + W_SUFFIX, "k" + ROW_FUSED, "k" + ROW_SCALE}
+
+
+def test_stored_bytes_count_twelve_bytes_a_fused_pair() -> None:
+    w, axes = _planted("both")  # 2 row pairs, 1 column pair: W' 10 x 8
+    f = factorize(w, axes)
+    assert f.stored_bytes == 10 * 8 * 4 + 3 * 12
+    assert f.stored_bytes == sum(t.numel() * t.element_size() for t in f.tensors("k").values())
+
+
+def test_a_format_1_file_still_loads_inspects_and_expands(tmp_path: Path) -> None:
+    """Written by hand with the old suffixes: an index and a coefficient per original row and column."""
+    wp = torch.randn(3, 2, generator=_gen(41))
+    sd = {
+        "fc.weight" + W_SUFFIX: wp,
+        "fc.weight" + ROW_INDEX: torch.tensor([0, 1, 2, 0], dtype=torch.int32),
+        "fc.weight" + ROW_COEF: torch.tensor([1.0, 1.0, 1.0, -2.0]),
+        "fc.weight" + COL_INDEX: torch.tensor([0, 1, 1], dtype=torch.int32),
+        "fc.weight" + COL_COEF: torch.tensor([1.0, 0.5, 0.5]),
+        "fc.bias": torch.arange(4.0),
+        "head.weight": torch.randn(2, 4, generator=_gen(42)),
+    }
+    manifest = {"format": 1, "layers": {"fc.weight": {"shape": [4, 3], "stored_shape": [3, 2]}}}
+    path = tmp_path / "old.safetensors"
+    save_file(sd, str(path), metadata={MANIFEST_KEY: json.dumps(manifest)})
+    want = torch.empty(4, 3)
+    for o, (i, a) in enumerate([(0, 1.0), (1, 1.0), (2, 1.0), (0, -2.0)]):
+        for c, (j, b) in enumerate([(0, 1.0), (1, 0.5), (1, 0.5)]):
+            want[o, c] = a * b * wp[i, j]
+    back = wcond.load_state_dict(path)
+    assert set(back) == {"fc.weight", "fc.bias", "head.weight"}
+    torch.testing.assert_close(back["fc.weight"], want)
+    (fc,) = [r for r in wcond.inspect(path).layers if r.name == "fc.weight"]
+    assert fc.shape == [4, 3] and fc.factorized == {"params_stored": 6, "params_dense": 12}
+    assert any(n.startswith("factorized (rows and columns fused): stored as 3x2") for n in fc.notes)
+    dense = tmp_path / "dense.pt"
+    assert expand(path, dense).expanded == ["fc.weight"]
+    torch.testing.assert_close(torch.load(dense, weights_only=True)["fc.weight"], want)
 
 
 # --------------------------------------------------------------------------- checkpoints
