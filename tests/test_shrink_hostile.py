@@ -13,7 +13,18 @@ from typer.testing import CliRunner
 import wcond
 from wcond.cli import app
 from wcond.errors import CheckpointError
-from wcond.shrink import COL_COEF, COL_INDEX, MANIFEST_KEY, ROW_COEF, ROW_INDEX, W_SUFFIX
+from wcond.shrink import (
+    COL_COEF,
+    COL_FUSED,
+    COL_INDEX,
+    COL_SCALE,
+    MANIFEST_KEY,
+    ROW_COEF,
+    ROW_FUSED,
+    ROW_INDEX,
+    ROW_SCALE,
+    W_SUFFIX,
+)
 
 runner = CliRunner()
 K = "fc.weight"
@@ -145,3 +156,161 @@ def test_a_manifest_that_disagrees_never_drives_an_allocation(tmp_path: Path) ->
     bad = tmp_path / "garbage.safetensors"  # a manifest that is not even JSON is ignored too
     save_file(sd, str(bad), metadata={MANIFEST_KEY: "{not json"})
     assert wcond.load_state_dict(bad)[K].shape == (6, 4)
+
+
+# --------------------------------------------------------------------------- format 2
+
+_SUFFIXES = {
+    "w": W_SUFFIX,
+    "rf": ROW_FUSED,
+    "rs": ROW_SCALE,
+    "cf": COL_FUSED,
+    "cs": COL_SCALE,
+    "ri": ROW_INDEX,
+    "rc": ROW_COEF,
+}
+
+
+def _good2() -> dict[str, torch.Tensor]:
+    """fc.weight (6, 5) stored as 4 x 4: originals 1 and 4 are 2 x stored row 0 and -0.5 x stored
+    row 2, the others stored rows 0 to 3 in order; original column 3 is 3 x stored column 1."""
+    g = torch.Generator().manual_seed(1)
+    return {
+        K + W_SUFFIX: torch.randn(4, 4, generator=g),
+        K + ROW_FUSED: torch.tensor([[1, 0], [4, 2]], dtype=torch.int32),
+        K + ROW_SCALE: torch.tensor([2.0, -0.5]),
+        K + COL_FUSED: torch.tensor([[3, 1]], dtype=torch.int32),
+        K + COL_SCALE: torch.tensor([3.0]),
+        "fc.bias": torch.zeros(6),
+        "out.weight": torch.randn(3, 6, generator=g),
+    }
+
+
+def _forge2(tmp_path: Path, **changes: torch.Tensor | None) -> Path:
+    sd = _good2()
+    for suffix, t in changes.items():
+        if suffix == "dense":
+            sd[K] = t  # type: ignore[assignment]
+        elif t is None:
+            del sd[K + _SUFFIXES[suffix]]
+        else:
+            sd[K + _SUFFIXES[suffix]] = t
+    path = tmp_path / "forged.safetensors"
+    save_file(sd, str(path))
+    return path
+
+
+def test_the_good_format_2_file_reads(tmp_path: Path) -> None:
+    path = _forge2(tmp_path)
+    wp = _good2()[K + W_SUFFIX]
+    rows = [(0, 1.0), (0, 2.0), (1, 1.0), (2, 1.0), (2, -0.5), (3, 1.0)]  # (stored row, scale)
+    cols = [(0, 1.0), (1, 1.0), (2, 1.0), (1, 3.0), (3, 1.0)]
+    want = torch.tensor([[a * b * float(wp[i, j]) for j, b in cols] for i, a in rows])
+    torch.testing.assert_close(wcond.load_state_dict(path)[K], want)
+    assert runner.invoke(app, ["inspect", str(path)]).exit_code == 0
+
+
+def _i32(*rows: list[int]) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.int32)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"rs": None}, "'fc.weight.__wcond_row_fused' has no 'fc.weight.__wcond_row_scale' beside"),
+        ({"rf": None}, "'fc.weight.__wcond_row_scale' has no 'fc.weight.__wcond_row_fused' beside"),
+        ({"w": None}, "has no 'fc.weight.__wcond_w' beside it"),
+        ({"dense": torch.zeros(6, 5)}, "'fc.weight' is stored both dense and factorized"),
+        (
+            {"ri": torch.arange(6, dtype=torch.int32), "rc": torch.ones(6)},
+            "gives its rows both as 'fc.weight.__wcond_row_index' (format 1) and as "
+            "'fc.weight.__wcond_row_fused'",
+        ),
+        ({"rf": torch.tensor([1, 4], dtype=torch.int32)}, "must be an (F, 2) integer tensor"),
+        ({"rf": torch.zeros(2, 3, dtype=torch.int32)}, "must be an (F, 2) integer tensor"),
+        (
+            {"rf": torch.zeros(2, 2)},
+            "integer tensor and a float vector of length F (got [2, 2] float32",
+        ),
+        ({"rf": torch.zeros(2, 2, dtype=torch.bool)}, "must be an (F, 2) integer tensor"),
+        ({"rs": torch.ones(2, dtype=torch.int32)}, "and a float vector of length F"),
+        ({"rs": torch.ones(2, 1)}, "and a float vector of length F"),
+        (
+            {"rs": torch.ones(3)},
+            "and a float vector of length F (got [2, 2] int32 and [3] float32)",
+        ),
+        (
+            {"rf": _i32([1, 0], [-1, 2])},
+            "'fc.weight.__wcond_row_fused' has original indices -1 to 1; they must lie in 0 to 5",
+        ),
+        (
+            {"rf": _i32([1, 0], [6, 2])},
+            "'fc.weight.__wcond_row_fused' has original indices 1 to 6; they must lie in 0 to 5",
+        ),
+        (
+            {"rf": _i32([4, 0], [4, 2])},
+            "'fc.weight.__wcond_row_fused' lists original row/column 4 more than once",
+        ),
+        (
+            {"rf": _i32([1, -1], [4, 2])},
+            "'fc.weight.__wcond_row_fused' has stored indices -1 to 2; they must lie in 0 to 3",
+        ),
+        (
+            {"rf": _i32([1, 0], [4, 4])},
+            "'fc.weight.__wcond_row_fused' has stored indices 0 to 4; they must lie in 0 to 3",
+        ),
+        (
+            {"rf": _i32([1, 0], [4, 2**31 - 1])},
+            "has stored indices 0 to 2147483647; they must lie in 0 to 3",
+        ),
+        (
+            {"cf": _i32([3, 4])},
+            "'fc.weight.__wcond_col_fused' has stored indices 4 to 4; they must lie in 0 to 3",
+        ),
+        (
+            {"cf": _i32([5, 1])},
+            "'fc.weight.__wcond_col_fused' has original indices 5 to 5; they must lie in 0 to 4",
+        ),
+    ],
+    ids=[
+        "missing-scale",
+        "missing-fused",
+        "missing-w",
+        "dense-and-factorized",
+        "both-forms",
+        "1d-fused",
+        "fused-3-wide",
+        "float-fused",
+        "bool-fused",
+        "int-scale",
+        "2d-scale",
+        "lengths-differ",
+        "negative-original",
+        "original-past-the-end",
+        "original-twice",
+        "negative-stored",
+        "stored-past-the-end",
+        "stored-int32-max",
+        "col-stored-past-the-end",
+        "col-original-past-the-end",
+    ],
+)
+def test_forged_format_2_factors_are_refused(tmp_path: Path, changes: dict, message: str) -> None:
+    _refused(_forge2(tmp_path, **changes), tmp_path, message)
+
+
+def test_format_2_shapes_alone_cannot_ask_for_terabytes(tmp_path: Path) -> None:
+    """1x1 W' with 2^16 fused rows and columns stands for (2^16 + 1)^2 > 2^31 values: refused from
+    the shapes alone (every entry here is a duplicate, which is only seen once values are read)."""
+    n = 2**16
+    path = _forge2(
+        tmp_path,
+        w=torch.ones(1, 1),
+        rf=torch.zeros(n, 2, dtype=torch.int32),
+        rs=torch.ones(n),
+        cf=torch.zeros(n, 2, dtype=torch.int32),
+        cs=torch.ones(n),
+    )
+    _refused(path, tmp_path, "would rebuild to shape [65537, 65537]")
+    with pytest.raises(CheckpointError, match="refused above 2,147,483,648 values"):
+        wcond.load_state_dict(path)

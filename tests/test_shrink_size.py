@@ -114,6 +114,12 @@ def test_torch_entry_bounds_hold_for_real_files(tmp_path: Path) -> None:
         ),
         ("ü" * 40, torch.zeros(2, 3, 4, 5, dtype=torch.float16)),
         ("fc.weight.__wcond_row_coef", torch.zeros(513, dtype=torch.float64)),
+        ("fc.weight.__wcond_row_fused", torch.zeros(2, 2, dtype=torch.int32)),
+        (
+            "model.layers.3.mlp.up_proj.weight.__wcond_col_fused",
+            torch.zeros(700, 2, dtype=torch.int32),
+        ),
+        ("fc.weight.__wcond_col_scale", torch.zeros(1)),
     ]:
         a = _save(base, tmp_path / f"aa{suffix}")
         b = _save({**base, key: t}, tmp_path / f"ab{suffix}")
@@ -150,6 +156,8 @@ def test_safetensors_bytes_is_exact(tmp_path: Path) -> None:
         "b.weight": torch.randn(33, 17, generator=g),
         "a.weight.__wcond_row_index": torch.zeros(1000, dtype=torch.int32),
         "a.weight.__wcond_row_coef": torch.zeros(1000, dtype=torch.float64),
+        "c.weight.__wcond_row_fused": torch.zeros(17, 2, dtype=torch.int32),
+        "c.weight.__wcond_row_scale": torch.zeros(17),
         "ü.bias": torch.zeros(3, dtype=torch.bfloat16),
         'q"\n': torch.zeros(2, 2, dtype=torch.int64),
         "m": torch.zeros(5, dtype=torch.uint8),
