@@ -29,6 +29,7 @@ from wcond.analyze import NUMERIC_FIELDS, analyze_tensor
 from wcond.defaults import TAU_COS, TAU_EUC
 from wcond.errors import UsageError
 from wcond.layers import find_layers
+from wcond.lightning_import import import_lightning
 from wcond.load import tensor_info
 from wcond.module import module_view
 
@@ -134,16 +135,7 @@ def __getattr__(name: str) -> Any:
 
 
 def _lightning_callback() -> type:
-    try:
-        import lightning.pytorch as pl
-    except ImportError:
-        try:
-            import pytorch_lightning as pl  # type: ignore[no-redef]
-        except ImportError as e:
-            raise UsageError(
-                "wcond.monitor.WeightMetrics is a Lightning callback and needs Lightning: "
-                "pip install 'wcond[lightning]' (without Lightning, use wcond.monitor.WeightMonitor)"
-            ) from e
+    pl = import_lightning("wcond.monitor.WeightMetrics", "wcond.monitor.WeightMonitor")
 
     class WeightMetrics(pl.Callback):  # type: ignore[misc,name-defined]
         """Lightning callback logging inspect metrics of the module's weights to the trainer's loggers.

@@ -1,0 +1,712 @@
+"""Fusing near-parallel rows and columns while a model trains: the RaRe paper's Algorithm 1.
+
+Lee et al., "Rank redundancy" (papers/rank-redundancy.txt), Section 3: each weight is kept as
+``P W' Q`` where only W' trains and P, Q are fixed sparse maps (one entry per original row and
+column). After every update, each W' whose rows or columns hold a near-parallel pair (either
+sign, the test of METRICS.md) has that pair fused by the least-squares rule of
+:func:`wcond.shrink.fuse_vectors`, and P or Q absorbs the coefficients, so the layer computes the
+same function up to float rounding for an exactly (anti-)parallel pair. The optimizer keeps its
+state for the rows and columns that stay. A checkpoint exported from it is in wcond's factorized
+format: ``wcond.load_state_dict`` gives back the original architecture's state dict.
+
+Example:
+    >>> fusion = wcond.rare.DynamicFusion(model, optimizer, frobenius=True)
+    >>> for x, y in data:
+    ...     loss = loss_fn(model(x), y) + fusion.regularizer()
+    ...     optimizer.zero_grad(); loss.backward(); optimizer.step()
+    ...     fusion.step()
+    >>> fusion.export("small.safetensors")
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from wcond import metrics
+from wcond._version import __version__
+from wcond.defaults import AXES, AXIS, TAU_COS, TAU_EUC
+from wcond.errors import UsageError
+from wcond.lightning_import import import_lightning
+from wcond.load import TensorInfo
+from wcond.load_factorized import MANIFEST_KEY, _dtype_name, dense_view
+from wcond.save import atomic_path, output_format, save_checkpoint
+from wcond.shrink.factorized import Factorization
+from wcond.shrink.pairs import Grouping, _compress, fuse_vectors
+
+# DynamicFusionCallback (a Lightning callback, built on first use) is left out of __all__, so
+# that `import *` does not need Lightning.
+__all__ = ["LAMBDA_L2", "LAMBDA_RARE", "DynamicFusion", "FusedLayer", "FusionReport"]
+
+# The paper's loss weights (Section 5: lambda1 = 20, lambda2 = 0.1).
+LAMBDA_RARE = 20.0
+LAMBDA_L2 = 0.1
+_COVERED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class _Factorized(nn.Module):
+    """The parametrization ``weight = P W' Q`` (times ``k g / |W'|_F`` with Frobenius normalisation).
+
+    P and Q are stored as one index and one coefficient per original row / column (buffers, so
+    ``state_dict()`` carries them); an axis with nothing fused is the identity and costs nothing.
+    """
+
+    row_index: Tensor
+    row_coef: Tensor
+    col_index: Tensor
+    col_coef: Tensor
+    k: Tensor
+
+    def __init__(self, w: Tensor, frobenius: bool) -> None:
+        super().__init__()
+        rows, cols = w.shape[0], w.shape[1]
+        for axis, n in (("row", rows), ("col", cols)):
+            self.register_buffer(f"{axis}_index", torch.arange(n, device=w.device))
+            self.register_buffer(f"{axis}_coef", torch.ones(n, dtype=w.dtype, device=w.device))
+        self.fused = [False, False]
+        self.frobenius = frobenius
+        if frobenius:
+            # eq. 16: FN(W) = k W / |W|_F * g, k the initial norm, g trainable (starts at 1)
+            self.register_buffer("k", w.detach().norm())
+            self.gain = nn.Parameter(torch.ones((), dtype=w.dtype, device=w.device))
+
+    def forward(self, w: Tensor) -> Tensor:
+        out = w
+        for dim, (index, coef) in enumerate(
+            ((self.row_index, self.row_coef), (self.col_index, self.col_coef))
+        ):
+            if self.fused[dim]:
+                shape = [1] * out.ndim
+                shape[dim] = -1
+                out = out.index_select(dim, index) * coef.view(shape)
+        if self.frobenius:
+            # |P W' Q|_F = |W'|_F: the coefficients of a group form a unit vector
+            out = out * (self.k * self.gain / w.norm())
+        return out
+
+    def scale(self, w: Tensor) -> Tensor | float:
+        """The factor Frobenius normalisation multiplies W' by (1 without it)."""
+        return self.k * self.gain / w.norm() if self.frobenius else 1.0
+
+
+@dataclass
+class FusedLayer:
+    """One layer under :class:`DynamicFusion`: where it is, what it may fuse, what it fused."""
+
+    name: str  # the module's name in the model
+    key: str  # its weight's key in the model's state dict
+    shape: tuple[int, ...]  # the original (dense) weight shape
+    axes: tuple[str, ...]  # the axes it may fuse after the protections: "rows", "cols"
+    module: nn.Module = field(repr=False)
+    # P and Q as composed so far: original k -> coef[k] * W'[index[k]]; roots[p] owns slot p
+    rows: Grouping = field(repr=False)
+    cols: Grouping = field(repr=False)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def param(self) -> nn.Parameter:
+        """W', the trainable stored weight."""
+        return self.module.parametrizations.weight.original  # type: ignore[union-attr,return-value]
+
+    @property
+    def parametrization(self) -> _Factorized:
+        return self.module.parametrizations.weight[0]  # type: ignore[union-attr,index,return-value]
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        return tuple(self.param.shape)
+
+    @property
+    def fused_rows(self) -> int:
+        return self.rows.fused
+
+    @property
+    def fused_cols(self) -> int:
+        return self.cols.fused
+
+    @property
+    def params_dense(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def params_stored(self) -> int:
+        return self.param.numel()
+
+
+@dataclass
+class FusionReport:
+    """What :class:`DynamicFusion` has done so far, per layer and in total."""
+
+    layers: list[dict[str, Any]]
+    steps: int  # calls to step()
+    checks: int  # of them, the ones that looked for pairs (every_n_steps)
+    fusions: int  # pairs fused, all layers and axes
+    seconds: float  # spent checking and fusing
+    params_dense: int
+    params_stored: int
+    settings: dict[str, Any]
+
+    @property
+    def removed_fraction(self) -> float:
+        """Share of the covered layers' weight parameters no longer stored."""
+        return 1 - self.params_stored / self.params_dense if self.params_dense else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "settings": self.settings,
+            "steps": self.steps,
+            "checks": self.checks,
+            "fusions": self.fusions,
+            "seconds": self.seconds,
+            "params_dense": self.params_dense,
+            "params_stored": self.params_stored,
+            "removed_fraction": self.removed_fraction,
+            "layers": self.layers,
+        }
+
+
+class DynamicFusion:
+    """Keep a model's Linear and Conv weights as P W' Q and fuse near-parallel vectors as it trains.
+
+    Args:
+        model: any ``nn.Module``; its ``nn.Linear`` and ``nn.Conv1d/2d/3d`` (groups=1) layers
+            are covered (``layers``/``exclude`` globs of module names or weight keys narrow that).
+            Their forward and ``state_dict()`` keep working; each weight becomes a
+            ``torch.nn.utils.parametrize`` parametrization whose trainable tensor is W'.
+        optimizer: the optimizer over ``model.parameters()``, made before or after this wrapper
+            (until the first fusion W' is the very Parameter the weight was). A fusion makes W'
+            a new, smaller Parameter: it takes the old one's place in this optimizer, with its
+            state (Adam's moments, SGD's momentum, ...) sliced to the rows/columns that stay.
+            Other references to the old Parameter (an EMA copy, a list of your own) go stale.
+            With ``frobenius=True`` the new scalars g join it as one more parameter group.
+        tau_cos, tau_euc: the near-parallel test (METRICS.md), the paper's defaults.
+        axis: "auto" fuses the longer of the axes a layer may fuse (both while it is square,
+            which keeps W' near square, as in the paper); or "rows", "cols", "both".
+        protect: globs of layers never fused. With ``protect_ends`` (default) the first covered
+            layer's columns (the network's inputs) and the last one's rows (its outputs, the
+            classes) are never fused, "first" and "last" in the model's module order.
+        frobenius: the paper's Frobenius normalisation (eq. 16), ``W = k g P W' Q / |W'|_F``; g
+            is rescaled at each fusion so that the function does not change.
+        every_n_steps: look for pairs at every n-th ``step()`` (1: after every update, as the
+            paper does); a check costs about one matrix product per fusable axis.
+
+    The model must not be wrapped in another parametrization of ``weight`` already.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        tau_cos: float = TAU_COS,
+        tau_euc: float = TAU_EUC,
+        axis: str = AXIS,
+        layers: str | Sequence[str] = (),
+        exclude: str | Sequence[str] = (),
+        protect: str | Sequence[str] = (),
+        protect_ends: bool = True,
+        frobenius: bool = False,
+        every_n_steps: int = 1,
+    ) -> None:
+        if axis not in AXES:
+            raise UsageError(f"axis={axis!r}: use one of {', '.join(AXES)}", params=("axis",))
+        for name, value in (("tau_cos", tau_cos), ("tau_euc", tau_euc)):
+            if not (math.isfinite(value) and value >= 0):
+                raise UsageError(f"{name}={value!r}: must be finite and not negative")
+        if every_n_steps < 1:
+            raise UsageError(f"every_n_steps={every_n_steps!r}: must be at least 1")
+        self.model = model
+        self.tau_cos, self.tau_euc, self.axis = tau_cos, tau_euc, axis
+        self.frobenius = frobenius
+        self.every_n_steps = every_n_steps
+        self.steps = self.checks = self.fusions = 0
+        self._warned = False
+        self.seconds = 0.0
+        self.layers = self._wrap(_globs(layers), _globs(exclude), _globs(protect), protect_ends)
+        self.optimizer: torch.optim.Optimizer | None = None
+        if optimizer is not None:
+            self.attach(optimizer)
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        """Use ``optimizer`` from now on: the one made over ``model.parameters()`` after this wrapper.
+
+        With Frobenius normalisation, the scalars g it does not hold yet join it as one more
+        parameter group (with the optimizer's defaults).
+        """
+        self.optimizer = optimizer
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        gains = [
+            layer.parametrization.gain
+            for layer in self.layers
+            if self.frobenius and id(layer.parametrization.gain) not in held
+        ]
+        if gains:
+            optimizer.add_param_group({"params": gains})
+
+    # ------------------------------------------------------------------ wrapping
+
+    def _wrap(
+        self, layers: list[str], exclude: list[str], protect: list[str], protect_ends: bool
+    ) -> list[FusedLayer]:
+        chosen: list[tuple[str, nn.Module]] = []
+        for name, module in self.model.named_modules():
+            if not isinstance(module, _COVERED):
+                continue
+            key = f"{name}.weight" if name else "weight"
+            if layers and not _matches(name, key, layers):
+                continue
+            if _matches(name, key, exclude):
+                continue
+            if parametrize.is_parametrized(module, "weight"):
+                raise UsageError(
+                    f"layer {name!r}: its weight is already parametrized (weight norm, spectral "
+                    "norm, or a DynamicFusion): remove that first or exclude the layer",
+                    params=("exclude",),
+                )
+            if isinstance(module, nn.modules.conv._ConvNd) and module.groups != 1:
+                continue  # a grouped conv's columns do not span its filters
+            chosen.append((name, module))
+        if not chosen:
+            raise UsageError(
+                f"no nn.Linear or nn.Conv1d/2d/3d layer (groups=1) in {type(self.model).__name__} "
+                f"matches layers={layers!r}, exclude={exclude!r}",
+                params=("layers", "exclude"),
+            )
+        out = []
+        for i, (name, module) in enumerate(chosen):
+            key = f"{name}.weight" if name else "weight"
+            w = _weight(module)
+            notes: list[str] = []
+            axes = ["rows", "cols"] if self.axis in ("auto", "both") else [self.axis]
+            if _matches(name, key, protect):
+                axes = []
+                notes.append("protected: not fused")
+            if protect_ends and i == 0 and "cols" in axes:
+                axes.remove("cols")
+                notes.append("columns protected: the first layer reads the network's inputs")
+            if protect_ends and i == len(chosen) - 1 and "rows" in axes:
+                axes.remove("rows")
+                notes.append("rows protected: the last layer's rows are the outputs")
+            parametrize.register_parametrization(
+                module, "weight", _Factorized(w.detach(), self.frobenius), unsafe=True
+            )
+            rows, cols = (_identity(n) for n in w.shape[:2])
+            out.append(
+                FusedLayer(name, key, tuple(w.shape), tuple(axes), module, rows, cols, notes)
+            )
+        return out
+
+    # ------------------------------------------------------------------ fusing
+
+    def step(self) -> int:
+        """Call after ``optimizer.step()``: fuse near-parallel pairs at every n-th call.
+
+        Returns the number of pairs fused by this call.
+        """
+        self.steps += 1
+        if (self.steps - 1) % self.every_n_steps:
+            return 0
+        return self._fuse_all()
+
+    def fuse(self) -> int:
+        """Look for near-parallel rows and columns in every covered W' now and fuse them."""
+        return self._fuse_all()
+
+    def _fuse_all(self) -> int:
+        start = time.perf_counter()
+        self.checks += 1
+        fused = 0
+        with torch.no_grad():
+            for layer in self.layers:
+                for axis in self._due_axes(layer):
+                    fused += self._fuse_axis(layer, axis)
+        self.fusions += fused
+        self.seconds += time.perf_counter() - start
+        if fused and self.optimizer is None and not self._warned:
+            self._warned = True
+            warnings.warn(
+                "DynamicFusion has no optimizer: a fused W' is a new Parameter, which an optimizer "
+                "made earlier from model.parameters() does not update; pass optimizer= or call "
+                "attach(optimizer)",
+                stacklevel=3,  # the caller of step() or fuse()
+            )
+        return fused
+
+    def _due_axes(self, layer: FusedLayer) -> list[str]:
+        """The axes to look at now: with "auto", the longer allowed axis (both when square)."""
+        axes = list(layer.axes)
+        if self.axis == "auto" and len(axes) == 2:
+            rows, cols = layer.param.shape[:2]
+            if rows != cols:
+                axes = ["rows"] if rows > cols else ["cols"]
+        return axes
+
+    def _fuse_axis(self, layer: FusedLayer, axis: str) -> int:
+        """Fuse the near-parallel vectors of one axis of one W'; the pairs fused."""
+        param = layer.param
+        dim = 0 if axis == "rows" else 1
+        if param.shape[dim] < 2 or not bool(torch.isfinite(param).all()):
+            return 0
+        w = param.detach().double()
+        vectors = metrics.as_rows(w) if dim == 0 else metrics.as_cols(w)
+        if not _may_hold_pair(vectors, self.tau_cos):
+            return 0
+        g = fuse_vectors(vectors, tau_cos=self.tau_cos, tau_euc=self.tau_euc)
+        if not g.fused:
+            return 0
+        new = _compress(w, g, dim)
+        fn = layer.parametrization
+        if fn.frobenius:
+            # k g W'/|W'|: keep the factor the fused W' is multiplied by (the fused W' is W' Q^T,
+            # a projection, whose norm is |W'| for an exactly parallel pair and a little less else)
+            old_norm, new_norm = float(w.norm()), float(new.norm())
+            if old_norm > 0 and new_norm > 0:
+                fn.gain.mul_(new_norm / old_norm)
+        kept = torch.tensor(g.kept_indices, device=param.device)
+        param = self._replace(layer, new.to(param.dtype), dim, kept)
+        composed = layer.rows if dim == 0 else layer.cols
+        composed = _compose(composed, g)
+        if dim == 0:
+            layer.rows = composed
+        else:
+            layer.cols = composed
+        prefix = "row" if dim == 0 else "col"
+        getattr(fn, f"{prefix}_index").data = composed.index.to(param.device)
+        getattr(fn, f"{prefix}_coef").data = composed.coef.to(param.device, param.dtype)
+        fn.fused[dim] = True
+        return g.fused
+
+    def _replace(self, layer: FusedLayer, data: Tensor, dim: int, kept: Tensor) -> nn.Parameter:
+        """Install the fused W' as a new Parameter, in the module and in the optimizer.
+
+        A new Parameter, not new ``.data`` in the old one: a graph still alive from the last
+        step (the previous ``loss``) holds the old one's gradient accumulator, which would expect
+        the old shape. Its gradient and optimizer state are those of the rows/columns that stay
+        (every state tensor shaped like W' is sliced, scalars such as Adam's step are kept).
+        """
+        old = layer.param
+        new = nn.Parameter(data, requires_grad=old.requires_grad)
+        if old.grad is not None:
+            new.grad = old.grad.index_select(dim, kept)
+        layer.module.parametrizations.weight.original = new  # type: ignore[union-attr]
+        if self.optimizer is not None:
+            for group in self.optimizer.param_groups:
+                group["params"] = [new if p is old else p for p in group["params"]]
+            if old in self.optimizer.state:
+                state = self.optimizer.state.pop(old)
+                self.optimizer.state[new] = {
+                    name: value.index_select(dim, kept.to(value.device))
+                    if isinstance(value, Tensor) and value.shape == old.shape
+                    else value
+                    for name, value in state.items()
+                }
+        return new
+
+    # ------------------------------------------------------------------ losses
+
+    def rare_loss(self) -> Tensor:
+        """The paper's eq. 15: sum_i m'n' [RaRe(W'_i) + RaRe(W'_i^T)] / (2c), c = sum_i m'n'.
+
+        Built from :func:`wcond.metrics.rare`, the number ``wcond inspect`` reports as
+        ``rare_rows``/``rare_cols``; differentiable in W'.
+        """
+        ws = [layer.param for layer in self.layers]
+        c = sum(w.numel() for w in ws)
+        terms = [w.numel() * (metrics.rare(w, "rows") + metrics.rare(w, "cols")) for w in ws]
+        return torch.stack(terms).sum() / (2 * c)
+
+    def l2_loss(self) -> Tensor:
+        """The paper's eq. 17: the mean over covered layers of |W'|^2 (counters growth by fusing)."""
+        return torch.stack([layer.param.pow(2).sum() for layer in self.layers]).mean()
+
+    def regularizer(self, rare: float = LAMBDA_RARE, l2: float = LAMBDA_L2) -> Tensor:
+        """``rare * rare_loss() + l2 * l2_loss()``, the paper's eq. 18 without the task loss."""
+        return rare * self.rare_loss() + l2 * self.l2_loss()
+
+    # ------------------------------------------------------------------ results
+
+    def report(self) -> FusionReport:
+        """Per layer: shapes, pairs fused, parameters stored; and the totals."""
+        layers = [
+            {
+                "name": layer.key,
+                "shape": list(layer.shape),
+                "stored_shape": list(layer.stored_shape),
+                "fused_rows": layer.fused_rows,
+                "fused_cols": layer.fused_cols,
+                "params_dense": layer.params_dense,
+                "params_stored": layer.params_stored,
+                "notes": list(layer.notes),
+            }
+            for layer in self.layers
+        ]
+        return FusionReport(
+            layers=layers,
+            steps=self.steps,
+            checks=self.checks,
+            fusions=self.fusions,
+            seconds=self.seconds,
+            params_dense=sum(layer.params_dense for layer in self.layers),
+            params_stored=sum(layer.params_stored for layer in self.layers),
+            settings=self.settings,
+        )
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return {
+            "tau_cos": self.tau_cos,
+            "tau_euc": self.tau_euc,
+            "axis": self.axis,
+            "frobenius": self.frobenius,
+            "every_n_steps": self.every_n_steps,
+        }
+
+    @torch.no_grad()
+    def dense_state_dict(self) -> dict[str, Tensor]:
+        """The model's state dict under its original keys and shapes (weights rebuilt, detached).
+
+        What ``model.load_state_dict`` of an unwrapped copy of the model takes.
+        """
+        return dict(_original_state(self.model, {layer.key: layer for layer in self.layers}))
+
+    @torch.no_grad()
+    def factorized_tensors(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """The model's state dict in wcond's factorized format, and its manifest's layer entries.
+
+        A layer with fused rows or columns is stored as W' (Frobenius normalisation multiplied
+        in) and its fused pairs (docs/FACTORIZED.md); every other tensor as it is.
+        """
+        by_key = {layer.key: layer for layer in self.layers}
+        tensors: dict[str, Tensor] = {}
+        entries: dict[str, Any] = {}
+        for key, value in _original_state(self.model, by_key):
+            layer = by_key.get(key)
+            if layer is None or not (layer.fused_rows or layer.fused_cols):
+                tensors[key] = value
+                continue
+            w = layer.param.detach()
+            stored = (w * layer.parametrization.scale(w)).to(w.dtype).cpu()
+            f = Factorization(
+                stored,
+                layer.rows if layer.fused_rows else None,
+                layer.cols if layer.fused_cols else None,
+                None,
+            )
+            dense = _weight(layer.module).detach().double().cpu()
+            parts = f.tensors(key)
+            tensors.update(parts)
+            total = float(dense.norm())
+            entries[key] = {
+                "shape": list(layer.shape),
+                "stored_shape": list(stored.shape),
+                "dtype": _dtype_name(w.dtype),
+                "fused_rows": layer.fused_rows,
+                "fused_cols": layer.fused_cols,
+                "reconstruction_error": _rebuild_error(parts, key, dense, total),
+            }
+        return tensors, entries
+
+    def export(self, path: str | Path, *, force: bool = False) -> Path:
+        """Write the model as a factorized checkpoint (.safetensors or a torch extension), atomically.
+
+        ``wcond.load_state_dict(path)`` then gives the original architecture's state dict, and
+        ``wcond inspect`` / ``wcond expand`` read it.
+
+        Example:
+            >>> fusion.export("small.safetensors")
+            >>> plain_model.load_state_dict(wcond.load_state_dict("small.safetensors"))
+        """
+        path = Path(path)
+        output_format(path)  # a known extension, before any work
+        if path.is_dir():
+            raise UsageError(
+                f"{path}: is a directory; give a file name such as {path / 'model.safetensors'}"
+            )
+        if path.exists() and not force:
+            raise UsageError(
+                f"{path}: already exists; pass force=True to overwrite it", params=("force",)
+            )
+        tensors, entries = self.factorized_tensors()
+        manifest = {
+            "format": 2,
+            "wcond_version": __version__,
+            "settings": {**self.settings, "source": "wcond.rare.DynamicFusion"},
+            "layers": entries,
+        }
+        text = json.dumps(manifest)
+        if not entries:
+            save_checkpoint(path, tensors)
+        elif output_format(path) == "safetensors":
+            save_checkpoint(path, tensors, metadata={MANIFEST_KEY: text})
+        else:
+            with atomic_path(path) as tmp:
+                torch.save(
+                    {**{k: v.contiguous() for k, v in tensors.items()}, MANIFEST_KEY: text}, tmp
+                )
+        return path
+
+    def remove(self) -> nn.Module:
+        """Turn every covered layer back into a plain dense weight (P W' Q multiplied out); the model.
+
+        The model then trains and saves as an ordinary one; this wrapper is done.
+        """
+        for layer in self.layers:
+            parametrize.remove_parametrizations(layer.module, "weight", leave_parametrized=True)
+        self.layers = []
+        return self.model
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _weight(module: nn.Module) -> Tensor:
+    """A covered module's weight as its forward sees it (P W' Q once wrapped)."""
+    w = module.weight
+    assert isinstance(w, Tensor)
+    return w
+
+
+def _globs(value: str | Sequence[str]) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _matches(name: str, key: str, globs: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, g) or fnmatch.fnmatchcase(key, g) for g in globs)
+
+
+def _identity(n: int) -> Grouping:
+    return Grouping(
+        torch.arange(n, dtype=torch.int64), torch.ones(n, dtype=torch.float64), list(range(n)), 0
+    )
+
+
+def _compose(old: Grouping, new: Grouping) -> Grouping:
+    """P_old then this step's fusion: original k -> old.coef[k] new.coef[j] W''[new.index[j]], j = old.index[k]."""
+    j = old.index
+    return Grouping(
+        new.index[j],
+        old.coef * new.coef[j],
+        [old.kept_indices[p] for p in new.kept_indices],
+        old.fused + new.fused,
+        max((a for a in (old.max_angle, new.max_angle) if a is not None), default=None),
+    )
+
+
+def _may_hold_pair(vectors: Tensor, tau_cos: float) -> bool:
+    """A cheap screen: could any two vectors have 1 - |cos| < tau_cos? (float32, with slack)."""
+    v = vectors.float()
+    norms = v.norm(dim=1, keepdim=True)
+    u = v / norms.clamp_min(torch.finfo(torch.float32).tiny)
+    cos = u @ u.T
+    cos.fill_diagonal_(0)
+    # float32 cosines of unit vectors of length d are off by at most about d * eps
+    slack = 4 * v.shape[1] * torch.finfo(torch.float32).eps
+    return bool(cos.abs().max() > 1 - tau_cos - slack)
+
+
+def _original_state(
+    model: nn.Module, layers: dict[str, FusedLayer]
+) -> Iterator[tuple[str, Tensor]]:
+    """The model's state dict entries under their original keys, in order.
+
+    A covered layer's ``parametrizations.weight.original`` and its parametrization's buffers
+    become one ``weight``: the dense weight its forward uses.
+    """
+    seen: set[str] = set()
+    for key, value in model.state_dict(keep_vars=False).items():
+        head, sep, tail = key.partition("parametrizations.weight.")
+        if sep:
+            base = head + "weight"
+            if base in layers and base not in seen:
+                seen.add(base)
+                layer = layers[base]
+                yield base, _weight(layer.module).detach()
+            continue
+        yield key, value.detach()
+
+
+def _rebuild_error(parts: dict[str, Tensor], key: str, dense: Tensor, total: float) -> float | None:
+    """|W - rebuilt|_F / |W|_F of the parts as written, against the model's weight."""
+    infos = {k: TensorInfo(tuple(t.shape), t.dtype) for k, t in parts.items()}
+    _, get, _ = dense_view(infos, parts.__getitem__)
+    rebuilt = get(key).double()
+    return float((rebuilt - dense).norm()) / total if total > 0 else None
+
+
+def __getattr__(name: str) -> Any:
+    # The Lightning callback is built on first use, so that wcond needs Lightning only for it.
+    if name == "DynamicFusionCallback":
+        cls = _lightning_callback()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module 'wcond.rare' has no attribute {name!r}")
+
+
+def _lightning_callback() -> type:
+    pl = import_lightning("wcond.rare.DynamicFusionCallback", "wcond.rare.DynamicFusion")
+
+    class DynamicFusionCallback(pl.Callback):  # type: ignore[misc,name-defined]
+        """Lightning callback: :class:`DynamicFusion` on the LightningModule, with the paper's loss.
+
+        At the start of fitting it wraps the module's layers (keyword arguments as
+        DynamicFusion's) with the trainer's optimizer (one optimizer); after each backward pass
+        it adds the gradient of ``rare * rare_loss() + l2 * l2_loss()`` (0 and 0 leave the loss
+        alone), scaled as the trainer scales the task loss (gradient accumulation, a 16-bit
+        mixed-precision scaler); after each optimizer step it calls ``step()``. The wrapper is
+        ``self.fusion``: ``callback.fusion.export("small.safetensors")`` after ``trainer.fit``.
+
+        Example:
+            >>> fusion = DynamicFusionCallback(frobenius=True)
+            >>> lightning.Trainer(callbacks=[fusion]).fit(module, data)
+            >>> fusion.fusion.export("small.safetensors")
+        """
+
+        def __init__(
+            self, *, rare: float = LAMBDA_RARE, l2: float = LAMBDA_L2, **fusion_kwargs: Any
+        ) -> None:
+            super().__init__()
+            self.rare, self.l2 = rare, l2
+            self.fusion_kwargs = fusion_kwargs
+            self.fusion: DynamicFusion | None = None
+            self._stepped: int | None = None
+
+        def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+            if self.fusion is not None:
+                return  # a second fit() on the same module goes on with the same factorization
+            if len(trainer.optimizers) != 1:
+                raise UsageError(
+                    f"DynamicFusionCallback needs exactly one optimizer; the trainer has "
+                    f"{len(trainer.optimizers)}"
+                )
+            self.fusion = DynamicFusion(pl_module, trainer.optimizers[0], **self.fusion_kwargs)
+            self._stepped = trainer.global_step
+
+        def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
+            if self.fusion is None or not (self.rare or self.l2):
+                return
+            scaler = getattr(trainer.precision_plugin, "scaler", None)
+            scale = float(scaler.get_scale()) if scaler is not None else 1.0
+            reg = self.fusion.regularizer(self.rare, self.l2)
+            (reg * (scale / trainer.accumulate_grad_batches)).backward()
+
+        def on_train_batch_end(
+            self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+        ) -> None:
+            # global_step counts optimizer steps; with gradient accumulation several batches share one.
+            if self.fusion is not None and trainer.global_step != self._stepped:
+                self._stepped = trainer.global_step
+                self.fusion.step()
+
+    DynamicFusionCallback.__module__ = __name__
+    return DynamicFusionCallback
