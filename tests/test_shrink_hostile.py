@@ -125,22 +125,6 @@ def test_forged_factors_are_refused(tmp_path: Path, changes: dict, message: str)
     _refused(_forge(tmp_path, **changes), tmp_path, message)
 
 
-def test_a_few_kilobytes_cannot_ask_for_terabytes(tmp_path: Path) -> None:
-    """1x1 W' with 2^20 row and column entries stands for 2^40 values: refused from shapes alone."""
-    n = 2**20
-    path = _forge(
-        tmp_path,
-        w=torch.ones(1, 1),
-        ri=torch.zeros(n, dtype=torch.int32),
-        rc=torch.ones(n),
-        ci=torch.zeros(n, dtype=torch.int32),
-        cc=torch.ones(n),
-    )
-    _refused(path, tmp_path, "refused above 2,147,483,648 values")
-    with pytest.raises(CheckpointError, match="forged.safetensors"):
-        wcond.load_state_dict(path)
-
-
 def test_a_manifest_that_disagrees_never_drives_an_allocation(tmp_path: Path) -> None:
     sd = _good()
     path = tmp_path / "lying.safetensors"
@@ -299,18 +283,24 @@ def test_forged_format_2_factors_are_refused(tmp_path: Path, changes: dict, mess
     _refused(_forge2(tmp_path, **changes), tmp_path, message)
 
 
-def test_format_2_shapes_alone_cannot_ask_for_terabytes(tmp_path: Path) -> None:
-    """1x1 W' with 2^16 fused rows and columns stands for (2^16 + 1)^2 > 2^31 values: refused from
-    the shapes alone (every entry here is a duplicate, which is only seen once values are read)."""
-    n = 2**16
-    path = _forge2(
-        tmp_path,
-        w=torch.ones(1, 1),
-        rf=torch.zeros(n, 2, dtype=torch.int32),
-        rs=torch.ones(n),
-        cf=torch.zeros(n, 2, dtype=torch.int32),
-        cs=torch.ones(n),
+def _huge(form: int) -> dict[str, torch.Tensor]:
+    """A 1x1 W' whose row and column entries stand for more than 2^31 values, in format 1 or 2.
+
+    Format 1: 2^20 entries an axis, 2^40 values. Format 2: 2^16 fused rows and columns,
+    (2^16 + 1)^2 values, every entry a duplicate, which is only seen once values are read.
+    """
+    n = 2**20 if form == 1 else 2**16
+    index = torch.zeros(n, dtype=torch.int32) if form == 1 else torch.zeros(n, 2, dtype=torch.int32)
+    names = ("ri", "rc", "ci", "cc") if form == 1 else ("rf", "rs", "cf", "cs")
+    return dict(
+        zip(names, (index, torch.ones(n), index.clone(), torch.ones(n))), w=torch.ones(1, 1)
     )
-    _refused(path, tmp_path, "would rebuild to shape [65537, 65537]")
-    with pytest.raises(CheckpointError, match="refused above 2,147,483,648 values"):
+
+
+@pytest.mark.parametrize("form", [1, 2])
+def test_a_few_kilobytes_cannot_ask_for_terabytes(tmp_path: Path, form: int) -> None:
+    """Refused from the shapes alone, before any value is read."""
+    path = (_forge if form == 1 else _forge2)(tmp_path, **_huge(form))
+    _refused(path, tmp_path, "refused above 2,147,483,648 values")
+    with pytest.raises(CheckpointError, match="forged.safetensors"):
         wcond.load_state_dict(path)
