@@ -28,10 +28,12 @@ from wcond.shrink import (
     ROW_INDEX,
     ROW_SCALE,
     W_SUFFIX,
+    Grouping,
     expand,
     factorize,
     fold,
     fuse_vectors,
+    owner_scaled,
     shrink,
 )
 
@@ -281,6 +283,23 @@ def test_stored_bytes_count_twelve_bytes_a_fused_pair() -> None:
     f = factorize(w, axes)
     assert f.stored_bytes == 10 * 8 * 4 + 3 * 12
     assert f.stored_bytes == sum(t.numel() * t.element_size() for t in f.tensors("k").values())
+
+
+def test_owner_scaled_refuses_groupings_format_2_cannot_hold() -> None:
+    w = torch.ones(2, 3)
+
+    def grouping(index: list[int], coef: list[float], kept: list[int]) -> Grouping:
+        return Grouping(torch.tensor(index), torch.tensor(coef, dtype=torch.float64), kept, 1)
+
+    with pytest.raises(ValueError, match="original in slot p"):  # original 0 is not in slot 0
+        owner_scaled(w, grouping([1, 0, 0], [1.0, 1.0, 0.5], [0, 1]), 0)
+    with pytest.raises(ValueError, match="original in slot p"):  # slots out of original order
+        owner_scaled(w, grouping([1, 0, 1], [1.0, 1.0, 0.5], [1, 0]), 0)
+    with pytest.raises(ValueError, match="coefficient 0"):
+        owner_scaled(w, grouping([0, 1, 1], [0.0, 1.0, 0.5], [0, 1]), 0)
+    scaled, fused, scale = owner_scaled(w, grouping([0, 1, 1], [1.0, 0.25, 0.5], [0, 1]), 0)
+    assert scaled.tolist() == [[1.0] * 3, [0.25] * 3] and fused.tolist() == [[2, 1]]
+    assert scale.tolist() == [2.0]
 
 
 def test_a_format_1_file_still_loads_inspects_and_expands(tmp_path: Path) -> None:

@@ -107,10 +107,10 @@ def rebuild_fused(
     rows: tuple[Tensor, Tensor] | None = None,
     cols: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
-    """The dense weight from format 2's (fused, scale) per axis: W[o] = scale * W'[s] for each
-    listed [o, s], and the i-th unlisted original is W'[i] (rows along dim 0, columns along dim 1).
+    """The dense weight from format 2's (fused, scale) of the rows (dim 0) and columns (dim 1).
 
-    Computed as :func:`rebuild_dense` is; the caller casts to the stored dtype.
+    Along each axis, W[o] = scale * W'[s] for each listed [o, s], and the i-th original not
+    listed is W'[i]. Computed as :func:`rebuild_dense` is; the caller casts to the stored dtype.
     """
     parts = [
         None if p is None else fused_to_index(p[0], p[1], w.shape[dim])
@@ -185,16 +185,14 @@ def dense_view(
         if f is None:
             return get(key)
         w = get(key + W_SUFFIX)
-        parts = [
-            (
-                None
-                if not on
-                else _fused_parts(source, key, get, new, w.shape[dim])
-                if key + new[0] in infos
-                else _axis_parts(source, key, get, old, w.shape[dim])
-            )
-            for on, (old, new), dim in zip((f.rows, f.cols), _AXES, (0, 1))
-        ]
+        parts: list[tuple[Tensor, Tensor] | None] = []
+        for on, (old, new), dim in zip((f.rows, f.cols), _AXES, (0, 1)):
+            if not on:
+                parts.append(None)
+            elif key + new[0] in infos:  # format 2
+                parts.append(_fused_parts(source, key, get, new, w.shape[dim]))
+            else:
+                parts.append(_axis_parts(source, key, get, old, w.shape[dim]))
         return rebuild_dense(w, parts[0], parts[1]).to(w.dtype)
 
     return out, view_get, factored

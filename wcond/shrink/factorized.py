@@ -47,11 +47,12 @@ __all__ = ["Factorization", "factorize", "owner_scaled", "shrink"]
 
 _INDEX_BYTES = 4  # int32
 # the manifest's statement of the rebuild (docs/FACTORIZED.md)
-REBUILD = (
+_REBUILD = (
     "rows (dim 0; columns, dim 1, likewise with col_fused and col_scale): for each [o, s] in "
     "row_fused at position f, W[o] = row_scale[f] * W'[s]; the i-th original row not listed "
     "is W'[i]"
 )
+_FORMAT_2_AXES = ((ROW_FUSED, ROW_SCALE), (COL_FUSED, COL_SCALE))  # (fused, scale): rows, columns
 
 
 @dataclass
@@ -86,9 +87,8 @@ class Factorization:
         """
         w = self.w if self.w.dtype == torch.float64 else self.w.float()
         axes: dict[str, Tensor] = {}
-        for g, dim, (fused_key, scale_key) in (
-            (self.rows, 0, (ROW_FUSED, ROW_SCALE)),
-            (self.cols, 1, (COL_FUSED, COL_SCALE)),
+        for dim, (g, (fused_key, scale_key)) in enumerate(
+            zip((self.rows, self.cols), _FORMAT_2_AXES)
         ):
             if g is not None:
                 w, fused, scale = owner_scaled(w, g, dim)
@@ -112,9 +112,6 @@ class Factorization:
         return self.w.numel() * self.w.element_size() + n * per
 
 
-_FORMAT_2_AXES = ((ROW_FUSED, ROW_SCALE), (COL_FUSED, COL_SCALE))
-
-
 def owner_scaled(w: Tensor, g: Grouping, dim: int) -> tuple[Tensor, Tensor, Tensor]:
     """One fused axis in format 2: ``w`` (W') rescaled, the (F, 2) [original, stored] pairs, the scales.
 
@@ -122,8 +119,8 @@ def owner_scaled(w: Tensor, g: Grouping, dim: int) -> tuple[Tensor, Tensor, Tens
     owns stored slot p (``kept_indices[p]``) has coefficient c_p = coef[kept_indices[p]] (1/s
     after fusing, not 1): slot p is multiplied by c_p, so its owner needs no entry, and each
     original without a slot of its own is listed, in increasing order, as [original, p] with
-    scale coef[original] / c_p. The rebuild is unchanged up to rounding. ``w`` is computed in as
-    given; the scales come in float64.
+    scale coef[original] / c_p. The rebuild is unchanged up to rounding. ``w`` is computed in the
+    dtype given; the scales come in float64.
 
     Raises:
         ValueError: a grouping format 2 cannot hold: a kept original not in its own slot
@@ -131,7 +128,7 @@ def owner_scaled(w: Tensor, g: Grouping, dim: int) -> tuple[Tensor, Tensor, Tens
     """
     index, coef = g.index.cpu().to(torch.int64), g.coef.cpu().to(torch.float64)
     kept = torch.tensor(g.kept_indices, dtype=torch.int64)
-    if not torch.equal(index[kept], torch.arange(kept.numel())):
+    if not torch.equal(index[kept], torch.arange(kept.numel())) or bool((kept.diff() <= 0).any()):
         raise ValueError("kept_indices[p] must be the original in slot p, in increasing order")
     owner = coef[kept]
     if not bool((owner != 0).all()):
@@ -342,7 +339,7 @@ def shrink(
         "wcond_version": __version__,
         "settings": settings,
         "layers": {},
-        "rebuild": REBUILD,
+        "rebuild": _REBUILD,
         "suffixes": {
             "w": W_SUFFIX,
             "row_fused": ROW_FUSED,
