@@ -18,9 +18,15 @@ Benchmark-only dependency: `pip install scikit-learn`. Arms, each over --seeds s
   rare+FN+fold    the same loss, with wcond.fold applied during training whenever a hidden
                   layer holds a positively near-parallel pair after an update (the paper fuses
                   after every update), the optimizer rebuilt for the narrower model
+  rare+FN+DLRA    the paper's Algorithm 1 through wcond.rare.DynamicFusion: each Linear kept as
+                  P W' Q, the same loss on W', pairs of either sign fused in place after every
+                  update with the Adam moments carried over; exported in wcond's factorized
+                  format (DynamicFusion.export)
 
-    python benchmarks/rare_paper.py                  # 5 seeds, about 4 minutes on 2 busy cores
-    python benchmarks/rare_paper.py --seeds 1 --epochs 30   # a smoke run
+    python benchmarks/rare_paper.py --epochs 40 --batch 64              # 64-64x5-10, 5 seeds
+    python benchmarks/rare_paper.py --epochs 40 --batch 64 --width 256 --depth 4
+    python benchmarks/rare_paper.py --seeds 1 --epochs 15   # a smoke run
+    python benchmarks/rare_paper.py --cost --width 256 --depth 4   # the helper's cost per step
 """
 
 from __future__ import annotations
@@ -41,9 +47,11 @@ if str(REPO_ROOT) not in sys.path:
 
 import wcond  # noqa: E402
 from wcond import metrics  # noqa: E402
+from wcond.rare import DynamicFusion  # noqa: E402
+from wcond.save import save_checkpoint  # noqa: E402
 from wcond.shrink import shrink  # noqa: E402
 
-WIDTH, DEPTH = 64, 5
+DLRA = "rare+FN+DLRA"
 
 
 class FNLinear(nn.Linear):
@@ -144,60 +152,93 @@ def train(
     data: tuple[torch.Tensor, ...],
     seed: int,
     args: argparse.Namespace,
-) -> tuple[nn.Sequential, int]:
-    """Train one arm; returns the plain (baked) model and how many units folding removed in training."""
+) -> tuple[nn.Sequential, int, DynamicFusion | None]:
+    """Train one arm; returns the model (baked, except DLRA's), units folding removed, the fusion."""
     x_tr, y_tr, _, _ = data
     torch.manual_seed(seed)
-    fn = arm.startswith("rare")
-    model = make_mlp([64] + [WIDTH] * DEPTH + [10], fn=fn)
+    fn = arm.startswith("rare") and arm != DLRA  # DLRA: Frobenius normalisation in DynamicFusion
+    model = make_mlp(widths(args), fn=fn)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    fusion = None
+    if arm == DLRA:
+        fusion = DynamicFusion(
+            model, opt, tau_cos=args.tau_cos, tau_euc=args.tau_euc, frobenius=True
+        )
     gen = torch.Generator().manual_seed(seed)
     removed = 0
     for _ in range(args.epochs):
         model.train()
         for idx in torch.randperm(len(x_tr), generator=gen).split(args.batch):
             loss = nn.functional.cross_entropy(model(x_tr[idx]), y_tr[idx])
-            if fn:
+            if fusion is not None:
+                loss = loss + fusion.regularizer(args.lambda1, args.lambda2)
+            elif fn:
                 loss = loss + args.lambda1 * rare_loss(model) + args.lambda2 * l2_loss(model)
             opt.zero_grad()
             loss.backward()
             opt.step()
+            if fusion is not None:
+                fusion.step()  # the paper's fusion after every update
             # The paper fuses after every update: check cheaply, fold only when a pair is there.
-            if arm == "rare+FN+fold" and has_pair(model, args):
+            elif arm == "rare+FN+fold" and has_pair(model, args):
                 before = params(model)
                 plain, _ = wcond.fold(bake(model), tau_cos=args.tau_cos, tau_euc=args.tau_euc)
                 if params(plain) < before:
                     removed += before - params(plain)
                     model = unbake(plain)
                     opt = torch.optim.Adam(model.parameters(), lr=1e-3)  # new shapes: fresh state
-    return bake(model), removed
+    return (model if fusion is not None else bake(model)), removed, fusion
 
 
 def evaluate(
-    model: nn.Sequential, data: tuple[torch.Tensor, ...], args: argparse.Namespace, tmp: Path
+    model: nn.Sequential,
+    data: tuple[torch.Tensor, ...],
+    args: argparse.Namespace,
+    tmp: Path,
+    fusion: DynamicFusion | None,
 ) -> dict:
-    """Accuracy, then wcond.fold and wcond.shrink on the checkpoint: parameters and file bytes."""
-    _, _, x_te, y_te = data
-    base = params(model)
-    folded, report = wcond.fold(model, x_te, tau_cos=args.tau_cos, tau_euc=args.tau_euc)
-    src = tmp / "model.safetensors"
-    from safetensors.torch import save_file
+    """Accuracy; the file each arm ships and what it stores, against the dense checkpoint.
 
-    save_file({k: v.contiguous() for k, v in folded.state_dict().items()}, str(src))
-    small = tmp / "small.safetensors"
-    shrunk = shrink(src, small, tau_cos=args.tau_cos, tau_euc=args.tau_euc, force=True)
+    DLRA ships ``fusion.export``; the other arms ship ``wcond.fold`` then ``wcond.shrink`` of the
+    trained model. "acc_file" is the accuracy of the original architecture loaded from that file.
+    """
+    _, _, x_te, y_te = data
     dense = tmp / "dense.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(dense))
+    small = tmp / "small.safetensors"
+    plain = make_mlp(widths(args), fn=False)
+    if fusion is not None:
+        save_checkpoint(dense, fusion.dense_state_dict())
+        fusion.export(small, force=True)
+        plain.load_state_dict(wcond.load_state_dict(small))
+        acc_file, diff = accuracy(plain, x_te, y_te), 0.0
+        report = fusion.report()
+        stored = report.params_stored + sum(
+            m.bias.numel() for m in model.modules() if isinstance(m, nn.Linear)
+        )
+        w_removed = report.removed_fraction
+    else:
+        save_checkpoint(dense, {k: v.contiguous() for k, v in model.state_dict().items()})
+        folded, fold_report = wcond.fold(model, x_te, tau_cos=args.tau_cos, tau_euc=args.tau_euc)
+        folded_file = tmp / "folded.safetensors"
+        save_checkpoint(folded_file, {k: v.contiguous() for k, v in folded.state_dict().items()})
+        shrunk = shrink(folded_file, small, tau_cos=args.tau_cos, tau_euc=args.tau_euc, force=True)
+        acc_file, diff, stored = (
+            accuracy(folded, x_te, y_te),
+            fold_report.max_abs_diff or 0.0,
+            shrunk.params_after,
+        )
+        weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+        w_removed = (params(model) - stored) / weights
     return {
         "acc": accuracy(model, x_te, y_te),
-        "acc_folded": accuracy(folded, x_te, y_te),
-        "params": base,
-        "params_folded": params(folded),
-        "params_shrunk": shrunk.params_after,
-        "diff": report.max_abs_diff or 0.0,
+        "acc_file": acc_file,
+        "params": params(model),
+        "params_stored": stored,
+        "w_removed": 100.0 * w_removed,
+        "diff": diff,
         "bytes_dense": dense.stat().st_size,
-        "bytes_folded": src.stat().st_size,
-        "bytes_shrunk": small.stat().st_size,
+        "bytes_file": small.stat().st_size,
+        "fusion_seconds": fusion.seconds if fusion is not None else 0.0,
     }
 
 
@@ -220,19 +261,76 @@ def ms(values: list[float], fmt: str = "{:.2f}") -> str:
     return f"{fmt.format(mean)} ± {fmt.format(std)}"
 
 
+def widths(args: argparse.Namespace) -> list[int]:
+    return [64] + [args.width] * args.depth + [10]
+
+
+def step_cost(args: argparse.Namespace) -> None:
+    """Seconds per plain training step against DynamicFusion.step() after it (RaRe loss aside)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(args.batch, 64), torch.randint(0, 10, (args.batch,))
+
+    def run(fused: bool, every: int = 1) -> tuple[float, float]:
+        """Mean seconds of a training step and of the fusion.step() after it, interleaved."""
+        model = make_mlp(widths(args), fn=False)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        fusion = DynamicFusion(model, opt, frobenius=True, every_n_steps=every) if fused else None
+        train = fuse = 0.0
+        for i in range(args.cost_steps + 50):
+            t0 = time.perf_counter()
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            t1 = time.perf_counter()
+            if fusion is not None:
+                fusion.step()
+            if i >= 50:  # warm-up steps left out
+                train += t1 - t0
+                fuse += time.perf_counter() - t1
+        return train / args.cost_steps, fuse / args.cost_steps
+
+    plain, _ = run(False)
+    wrapped, fuse = run(True)
+    _, fuse10 = run(True, every=10)
+    print(
+        f"network {'-'.join(map(str, widths(args)))}, batch {args.batch}, {args.cost_steps} steps"
+    )
+    print(f"plain step (forward, backward, Adam):           {1e3 * plain:.3f} ms")
+    print(
+        f"the same step, layers kept as P W' Q:           {1e3 * wrapped:.3f} ms ({wrapped / plain:.2f}x)"
+    )
+    print(
+        f"DynamicFusion.step() after it (check + fuse):   {1e3 * fuse:.3f} ms ({fuse / plain:.2f}x a plain step)"
+    )
+    print(
+        f"step() with every_n_steps=10, per call:          {1e3 * fuse10:.3f} ms ({fuse10 / plain:.2f}x)"
+    )
+    print(
+        f"a DLRA step without the RaRe loss, all told:     {(wrapped + fuse) / plain:.2f}x a plain step"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=5)
-    ap.add_argument("--epochs", type=int, default=150)
-    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--width", type=int, default=64, help="hidden units per layer")
+    ap.add_argument("--depth", type=int, default=5, help="hidden layers")
     ap.add_argument("--lambda1", type=float, default=20.0)
     ap.add_argument("--lambda2", type=float, default=0.1)
     ap.add_argument("--tau-cos", type=float, default=1e-4)
     ap.add_argument("--tau-euc", type=float, default=0.1)
-    ap.add_argument("--arms", default="baseline,rare+FN,rare+FN+fold")
+    ap.add_argument("--arms", default=f"baseline,rare+FN,rare+FN+fold,{DLRA}")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cost", action="store_true", help="only time a step against the helper")
+    ap.add_argument("--cost-steps", type=int, default=500)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.cost:
+        step_cost(args)
+        return
     arms = args.arms.split(",")
     results: dict[str, list[dict]] = {a: [] for a in arms}
     start = time.perf_counter()
@@ -241,43 +339,45 @@ def main() -> None:
             data = load_data(seed)
             for arm in arms:
                 t0 = time.perf_counter()
-                model, removed_in_training = train(arm, data, seed, args)
-                r = evaluate(model, data, args, Path(d))
+                model, removed_in_training, fusion = train(arm, data, seed, args)
+                train_seconds = time.perf_counter() - t0
+                r = evaluate(model, data, args, Path(d), fusion)
                 r["removed_in_training"] = removed_in_training
-                r["seconds"] = time.perf_counter() - t0
+                r["seconds_per_epoch"] = train_seconds / args.epochs
                 results[arm].append(r)
                 print(
-                    f"seed {seed} {arm:13s} acc {r['acc']:.2f} params {r['params']:,} "
-                    f"-> folded {r['params_folded']:,} / shrunk {r['params_shrunk']:,} "
-                    f"(max|diff| {r['diff']:.1e}) {r['seconds']:.0f} s",
+                    f"seed {seed} {arm:13s} acc {r['acc']:.2f} (file {r['acc_file']:.2f}) params "
+                    f"{r['params']:,} -> stored {r['params_stored']:,} (W' -{r['w_removed']:.1f}%) "
+                    f"bytes {r['bytes_dense']:,} -> {r['bytes_file']:,} (max|diff| {r['diff']:.1e}) "
+                    f"{r['seconds_per_epoch']:.2f} s/epoch, fusing {r['fusion_seconds'] / args.epochs:.3f} s/epoch",
                     file=sys.stderr,
                     flush=True,
                 )
-    full = 64 * WIDTH + WIDTH + (DEPTH - 1) * (WIDTH * WIDTH + WIDTH) + WIDTH * 10 + 10
+    full = sum(a * b + b for a, b in zip(widths(args), widths(args)[1:]))
+    print(f"network {'-'.join(map(str, widths(args)))}: {full:,} parameters")
     print(
-        "| arm | accuracy (%) | after wcond.fold (%) | params removed (%) | stored params "
-        "after wcond.shrink | file bytes: trained / folded / shrunk |"
+        "| arm | accuracy (%) | accuracy from the file (%) | weights removed (%) | params stored "
+        "| file bytes: dense → shipped | file vs dense | s/epoch (fusing) |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for arm in arms:
         rs = results[arm]
-        removed = [100.0 * (full - r["params_folded"]) / full for r in rs]
-        files = " / ".join(
-            ms([float(r[k]) for r in rs], "{:,.0f}")
-            for k in ("bytes_dense", "bytes_folded", "bytes_shrunk")
+        ratio = [100.0 * (r["bytes_file"] / r["bytes_dense"] - 1) for r in rs]
+        files = " → ".join(
+            ms([float(r[k]) for r in rs], "{:,.0f}") for k in ("bytes_dense", "bytes_file")
         )
         print(
-            f"| {arm} | {ms([r['acc'] for r in rs])} | {ms([r['acc_folded'] for r in rs])} "
-            f"| {ms(removed)} | {ms([float(r['params_shrunk']) for r in rs], '{:,.0f}')} "
-            f"| {files} |"
+            f"| {arm} | {ms([r['acc'] for r in rs])} | {ms([r['acc_file'] for r in rs])} "
+            f"| {ms([r['w_removed'] for r in rs])} "
+            f"| {ms([float(r['params_stored']) for r in rs], '{:,.0f}')} | {files} | {ms(ratio, '{:+.1f}')}% "
+            f"| {ms([r['seconds_per_epoch'] for r in rs])} "
+            f"({ms([r['fusion_seconds'] / args.epochs for r in rs], '{:.3f}')}) |"
         )
     worst = max(r["diff"] for rs in results.values() for r in rs)
-    print(
-        f"\nparameters of the full network: {full:,}; largest |output change| from folding: {worst:.1e}"
-    )
+    print(f"\nlargest |output change| from folding: {worst:.1e}")
     print(
         f"wall time: {time.perf_counter() - start:.0f} s, {args.seeds} seeds, "
-        f"{args.epochs} epochs, torch threads {args.threads}"
+        f"{args.epochs} epochs, batch {args.batch}, torch threads {args.threads}"
     )
 
 

@@ -113,6 +113,7 @@ class FusedLayer:
     rows: Grouping = field(repr=False)
     cols: Grouping = field(repr=False)
     notes: list[str] = field(default_factory=list)
+    screens: dict[str, _Screen] = field(default_factory=dict, repr=False)
 
     @property
     def param(self) -> nn.Parameter:
@@ -356,13 +357,11 @@ class DynamicFusion:
         """Fuse the near-parallel vectors of one axis of one W'; the pairs fused."""
         param = layer.param
         dim = 0 if axis == "rows" else 1
-        if param.shape[dim] < 2 or not bool(torch.isfinite(param).all()):
-            return 0
+        screen = layer.screens.setdefault(axis, _Screen(self.tau_cos))
+        if param.shape[dim] < 2 or not screen.may_hold_pair(_vectors(param.detach(), dim)):
+            return 0  # most calls end here, at a bound or one float32 Gram matrix
         w = param.detach().double()
-        vectors = metrics.as_rows(w) if dim == 0 else metrics.as_cols(w)
-        if not _may_hold_pair(vectors, self.tau_cos):
-            return 0
-        g = fuse_vectors(vectors, tau_cos=self.tau_cos, tau_euc=self.tau_euc)
+        g = fuse_vectors(_vectors(w, dim), tau_cos=self.tau_cos, tau_euc=self.tau_euc)
         if not g.fused:
             return 0
         new = _compress(w, g, dim)
@@ -603,16 +602,50 @@ def _compose(old: Grouping, new: Grouping) -> Grouping:
     )
 
 
-def _may_hold_pair(vectors: Tensor, tau_cos: float) -> bool:
-    """A cheap screen: could any two vectors have 1 - |cos| < tau_cos? (float32, with slack)."""
-    v = vectors.float()
-    norms = v.norm(dim=1, keepdim=True)
-    u = v / norms.clamp_min(torch.finfo(torch.float32).tiny)
-    cos = u @ u.T
-    cos.fill_diagonal_(0)
-    # float32 cosines of unit vectors of length d are off by at most about d * eps
-    slack = 4 * v.shape[1] * torch.finfo(torch.float32).eps
-    return bool(cos.abs().max() > 1 - tau_cos - slack)
+def _vectors(w: Tensor, dim: int) -> Tensor:
+    """One axis of a weight as vectors, a view where it can be: rows (dim 0) or columns (dim 1)."""
+    return w.reshape(w.shape[0], -1) if dim == 0 else w.transpose(0, 1).reshape(w.shape[1], -1)
+
+
+class _Screen:
+    """Whether one axis of a W' may hold a near-parallel pair: float32, never misses one.
+
+    A full look takes the vectors' Gram matrix: cosines of unit vectors of length d in float32
+    are off by at most about d * eps (the dot product's rounding in any summation order, and
+    the normalisation's), so everything within that slack of the threshold passes to the exact
+    float64 test. It also keeps the vectors as a snapshot and the closest pair's angle. Until
+    the next full look, a bound costs one pass over the vectors: angles between lines obey the
+    triangle inequality, so no pair can have come closer than that angle less the two largest
+    angles any vector has turned since the snapshot. While that stays above the threshold's
+    angle, nothing can fuse. NaN or Inf makes the cosines NaN: such a weight never fuses.
+    """
+
+    def __init__(self, tau_cos: float) -> None:
+        self.tau_cos = tau_cos
+        self.snapshot: Tensor | None = None
+        self.closest = 0.0  # a lower bound on the smallest angle between two snapshot vectors
+
+    def may_hold_pair(self, vectors: Tensor) -> bool:
+        v = vectors if vectors.dtype == torch.float32 else vectors.float()
+        slack = (v.shape[1] + 8) * torch.finfo(torch.float32).eps
+        limit = 1 - self.tau_cos - slack
+        if self.snapshot is not None and self.snapshot.shape == v.shape:
+            turned = _angles(v, self.snapshot, slack)
+            if self.closest - float(turned.topk(2).values.sum()) > math.acos(max(-1.0, limit)):
+                return False  # (NaN, from a zero or non-finite vector, fails this test)
+        u = v / v.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        cos = u @ u.T
+        cos.fill_diagonal_(0)
+        largest = float(cos.abs().max())
+        self.snapshot = v.clone() if math.isfinite(largest) else None
+        self.closest = math.acos(min(1.0, largest + slack)) if math.isfinite(largest) else 0.0
+        return largest > limit
+
+
+def _angles(v: Tensor, w: Tensor, slack: float) -> Tensor:
+    """Per row, an upper bound on the angle between ``v[i]`` and ``w[i]`` (radians; NaN for a zero row)."""
+    cos = (v * w).sum(dim=1) / (v.norm(dim=1) * w.norm(dim=1))
+    return torch.acos((cos - slack).clamp(-1.0, 1.0))
 
 
 def _original_state(
