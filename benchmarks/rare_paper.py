@@ -197,17 +197,20 @@ def evaluate(
     tmp: Path,
     fusion: DynamicFusion | None,
 ) -> dict:
-    """Accuracy; the file each arm ships and what it stores, against the dense checkpoint.
+    """Accuracy; the file each arm ships and what it stores, against the full network's checkpoint.
 
     DLRA ships ``fusion.export``; the other arms ship ``wcond.fold`` then ``wcond.shrink`` of the
-    trained model. "acc_file" is the accuracy of the original architecture loaded from that file.
+    trained model. "acc_file" is the accuracy of the model loaded from that file (the original
+    architecture for DLRA, the folded one otherwise). Removed weights and bytes are counted
+    against the full-width network and its safetensors file, the same for every arm.
     """
     _, _, x_te, y_te = data
     dense = tmp / "dense.safetensors"
     small = tmp / "small.safetensors"
     plain = make_mlp(widths(args), fn=False)
+    save_checkpoint(dense, {k: v.contiguous() for k, v in plain.state_dict().items()})
+    full_weights = sum(m.weight.numel() for m in plain.modules() if isinstance(m, nn.Linear))
     if fusion is not None:
-        save_checkpoint(dense, fusion.dense_state_dict())
         fusion.export(small, force=True)
         plain.load_state_dict(wcond.load_state_dict(small))
         acc_file, diff = accuracy(plain, x_te, y_te), 0.0
@@ -217,7 +220,6 @@ def evaluate(
         )
         w_removed = report.removed_fraction
     else:
-        save_checkpoint(dense, {k: v.contiguous() for k, v in model.state_dict().items()})
         folded, fold_report = wcond.fold(model, x_te, tau_cos=args.tau_cos, tau_euc=args.tau_euc)
         folded_file = tmp / "folded.safetensors"
         save_checkpoint(folded_file, {k: v.contiguous() for k, v in folded.state_dict().items()})
@@ -227,12 +229,11 @@ def evaluate(
             fold_report.max_abs_diff or 0.0,
             shrunk.params_after,
         )
-        weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
-        w_removed = (params(model) - stored) / weights
+        w_removed = (params(plain) - stored) / full_weights
     return {
         "acc": accuracy(model, x_te, y_te),
         "acc_file": acc_file,
-        "params": params(model),
+        "params": params(plain),
         "params_stored": stored,
         "w_removed": 100.0 * w_removed,
         "diff": diff,

@@ -270,3 +270,31 @@ def test_two_fused_pairs_pay_whatever_the_layer_height(tmp_path: Path, suffix: s
     back = wcond.load_state_dict(out)
     for k, t in sd.items():
         torch.testing.assert_close(back[k], t, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(("shape", "axis"), [((40, 48), "rows"), ((48, 40), "auto")])
+def test_two_pairs_in_a_40x48_layer_pay_in_a_safetensors_file(
+    tmp_path: Path, shape: tuple[int, int], axis: str
+) -> None:
+    """The layer a user tried: two planted row pairs (384 bytes) in 40x48 fp32, once left dense."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    out_dim, in_dim = shape
+    sd = {
+        "fc1.weight": torch.randn(in_dim, 16, generator=g),
+        "fc2.weight": torch.randn(out_dim, in_dim, generator=g),
+        "fc3.weight": torch.randn(10, out_dim, generator=g),
+    }
+    sd["fc2.weight"][20] = 0.5 * sd["fc2.weight"][0]
+    sd["fc2.weight"][21] = -2.0 * sd["fc2.weight"][1]
+    src, out = tmp_path / "in.safetensors", tmp_path / "ou.safetensors"
+    save_file(sd, str(src))
+    result = run("shrink", src, "-o", out, "--axis", axis, "-f", "json")
+    assert result.exit_code == 0, result.output
+    fc2 = json.loads(result.stdout)["layers"][1]
+    assert fc2["fused_rows"] == 2 and fc2["shape_after"] == [out_dim - 2, in_dim], fc2["notes"]
+    assert out.stat().st_size < src.stat().st_size
+    back = wcond.load_state_dict(out)
+    for key, want in sd.items():
+        torch.testing.assert_close(back[key], want, rtol=1e-6, atol=1e-6)

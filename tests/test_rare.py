@@ -280,16 +280,16 @@ def test_rare_loss_is_the_papers_weighted_sum_of_metrics_rare() -> None:
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
 def test_the_exported_file_loads_into_the_original_class(tmp_path: Path, suffix: str) -> None:
-    model = _mlp()
+    model = _mlp(widths=(8, 64, 64, 4))  # wide enough that four fused rows pay for their entries
     plain = copy.deepcopy(model)
     fusion = DynamicFusion(model, axis="both", frobenius=True)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     fusion.attach(opt)
     x = torch.randn(32, 8)
     _step(model, opt, x)
-    _plant(fusion.layers[1].param, 0, 3, 11, 0.5)
-    _plant(fusion.layers[1].param, 0, 4, 12, -0.25)
-    assert fusion.fuse() == 2
+    for k, ratio in enumerate((0.5, -0.25, 2.0, -1.5)):  # a torch file's entries cost more
+        _plant(fusion.layers[1].param, 0, 3 + k, 11 + k, ratio)
+    assert fusion.fuse() == 4
     out = fusion.export(tmp_path / f"small{suffix}")
     plain.load_state_dict(wcond.load_state_dict(out))
     torch.testing.assert_close(plain(x), model(x), rtol=0, atol=1e-5)
@@ -299,7 +299,7 @@ def test_the_exported_file_loads_into_the_original_class(tmp_path: Path, suffix:
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     layer = next(layer for layer in doc["layers"] if layer["name"] == "2.weight")
-    assert layer["shape"] == [16, 16] and layer["factorized"]["params_stored"] == 14 * 16
+    assert layer["shape"] == [64, 64] and layer["factorized"]["params_stored"] == 60 * 64
 
 
 def test_the_exported_file_pays_per_fused_pair(tmp_path: Path) -> None:
@@ -319,8 +319,24 @@ def test_the_exported_file_pays_per_fused_pair(tmp_path: Path) -> None:
     saved = 8 * 64 * 4
     assert dense.stat().st_size - saved < small.stat().st_size < dense.stat().st_size - saved + 1024
     meta = json.loads(wcond.open_checkpoint(small).metadata[wcond.shrink.MANIFEST_KEY])
-    assert meta["layers"]["2.weight"]["fused_cols"] == 8
-    assert meta["layers"]["2.weight"]["reconstruction_error"] < 1e-6
+    assert meta == {"format": 2, "wcond_version": wcond.__version__}
+    stored = wcond.load_checkpoint(small)
+    assert stored["2.weight.__wcond_col_fused"].shape == (8, 2)
+    assert stored["2.weight.__wcond_w"].shape == (64, 248)
+    for key, want in fusion.dense_state_dict().items():
+        torch.testing.assert_close(wcond.load_state_dict(small)[key], want, rtol=0, atol=1e-6)
+
+
+def test_a_layer_whose_pairs_do_not_pay_is_exported_dense_with_a_note(tmp_path: Path) -> None:
+    model = _mlp()  # 16 x 16: one fused row saves 64 bytes, less than its two extra entries
+    fusion = DynamicFusion(model, axis="rows")
+    _plant(fusion.layers[1].param, 0, 3, 11, 0.5)
+    assert fusion.fuse() == 1
+    out = fusion.export(tmp_path / "small.safetensors")
+    assert not wcond.open_checkpoint(out).metadata  # a plain checkpoint
+    assert "left dense" in fusion.layers[1].notes[-1]
+    for key, want in fusion.dense_state_dict().items():
+        torch.testing.assert_close(wcond.load_state_dict(out)[key], want, rtol=0, atol=0)
 
 
 def test_a_model_without_fusions_exports_a_plain_checkpoint(tmp_path: Path) -> None:
@@ -428,3 +444,52 @@ def test_fusing_without_an_optimizer_warns_once() -> None:
     assert len(caught) == 1 and caught[0].filename == __file__  # points at the caller's line
     _plant(fusion.layers[1].param, 0, 4, 12, 0.5)
     assert fusion.fuse() == 1  # no second warning (filterwarnings("error") would raise it)
+
+
+def _pair_at(base: torch.Tensor, gap: float, scale: float, g: torch.Generator) -> torch.Tensor:
+    """A float64 vector at 1 - |cos| = ``gap`` from ``base`` (``scale`` times as long)."""
+    noise = torch.randn(base.numel(), dtype=torch.float64, generator=g)
+    noise -= (noise @ base) / (base @ base) * base
+    angle = math.acos(1 - gap)
+    return scale * (math.cos(angle) * base + math.sin(angle) * base.norm() * noise / noise.norm())
+
+
+def test_the_float32_screen_never_hides_a_pair_just_inside_the_threshold() -> None:
+    """Pairs a hair inside tau_cos, in 512 dims, where float32 cosines alone would miss some."""
+    tau_cos = 1e-4
+    g = torch.Generator().manual_seed(7)
+    for trial in range(30):
+        model = _mlp(seed=trial, widths=(8, 512, 24, 4))  # the middle layer: 24 rows of length 512
+        w = model[2].weight
+        with torch.no_grad():
+            gap = tau_cos * (1 - 3e-3 * (trial + 1) / 30)
+            w[7] = _pair_at(w[3].double(), gap, -0.8, g).float()
+        exact = list(
+            metrics.near_parallel_pairs(w.detach().double(), tau_cos=tau_cos, tau_euc=10.0)
+        )
+        fusion = DynamicFusion(model, axis="rows", layers="2", tau_cos=tau_cos, tau_euc=10.0)
+        assert fusion.layers[0].axes == ("rows",)
+        assert fusion.fuse() == len(exact), (trial, gap)
+
+
+def test_between_full_looks_the_angle_bound_never_hides_a_pair() -> None:
+    """Two rows turn towards each other step by step; the fusion comes at the first step the exact test passes."""
+    g = torch.Generator().manual_seed(3)
+    model = _mlp(widths=(8, 32, 64, 4))
+    fusion = DynamicFusion(model, axis="rows", layers="2", tau_cos=1e-4, tau_euc=10.0)
+    w = fusion.layers[0].param
+    a, b = w[5].detach().double().clone(), w[9].detach().double().clone()
+    mid = (a / a.norm() + b / b.norm()) / 2
+    for step in range(200):
+        t = 1 - 0.97**step  # both turn, ever more slowly, towards the bisector
+        with torch.no_grad():
+            w[5] = ((1 - t) * a / a.norm() + t * mid).float()
+            w[9] = (-2 * ((1 - t) * b / b.norm() + t * mid)).float()
+            w[20:] += 1e-3 * torch.randn(w[20:].shape, generator=g)  # the others drift a little
+        exact = list(metrics.near_parallel_pairs(w.detach().double(), tau_cos=1e-4, tau_euc=10.0))
+        assert fusion.step() == len(exact), step
+        if exact:
+            break
+    else:
+        pytest.fail("the rows never came within tau_cos")
+    assert fusion.checks == step + 1 and 0 < step

@@ -429,11 +429,9 @@ def test_stored_layout_manifest_and_untouched_tensors(mlp_file: Path, tmp_path: 
     ].shape == (12,)
     for key in ("fc1.bias", "fc2.bias", "fc3.weight", "fc3.bias"):  # untouched: bit-identical
         assert stored[key].dtype == original[key].dtype and torch.equal(stored[key], original[key])
-    assert meta["layers"]["fc2.weight"]["shape"] == [64, 64] and meta["layers"]["fc2.weight"][
-        "stored_shape"
-    ] == [52, 52]
-    assert meta["settings"]["tau_cos"] == 1e-4 and "fc3.weight" not in meta["layers"]
-    assert meta["format"] == 2 and meta["suffixes"]["row_fused"] == ROW_FUSED
+    assert stored["fc2.weight" + W_SUFFIX].shape == (52, 52)
+    # the manifest says which format and which writer, no more: the keys say how to rebuild
+    assert meta == {"format": 2, "wcond_version": wcond.__version__}
 
 
 def test_no_protect_ends_and_protect(mlp_file: Path) -> None:
@@ -557,7 +555,8 @@ def test_torch_output_keeps_wrapper_entries_order_and_manifest(
     shrink(src, out)
     obj = torch.load(out, weights_only=True)
     assert obj["epoch"] == 3 and obj["hyper_parameters"] == {"lr": 0.1}
-    assert json.loads(obj[MANIFEST_KEY])["layers"]["model.fc1.weight"]["stored_shape"] == [48, 64]
+    assert json.loads(obj[MANIFEST_KEY])["format"] == 2
+    assert obj["state_dict"]["model.fc1.weight" + W_SUFFIX].shape == (48, 64)
     assert list(obj["state_dict"])[:4] == [
         "model.fc1.weight" + W_SUFFIX,
         "model.fc1.weight" + ROW_FUSED,

@@ -21,7 +21,6 @@ Example:
 from __future__ import annotations
 
 import fnmatch
-import json
 import math
 import time
 import warnings
@@ -35,14 +34,13 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from wcond import metrics
-from wcond._version import __version__
 from wcond.defaults import AXES, AXIS, TAU_COS, TAU_EUC
 from wcond.errors import UsageError
 from wcond.lightning_import import import_lightning
-from wcond.load import TensorInfo
-from wcond.load_factorized import MANIFEST_KEY, _dtype_name, dense_view
+from wcond.load import tensor_info
+from wcond.load_factorized import MANIFEST_KEY, W_SUFFIX
 from wcond.save import atomic_path, output_format, save_checkpoint
-from wcond.shrink.factorized import Factorization
+from wcond.shrink.factorized import MANIFEST, Factorization, paying_parts
 from wcond.shrink.pairs import Grouping, _compress, fuse_vectors
 
 # DynamicFusionCallback (a Lightning callback, built on first use) is left out of __all__, so
@@ -194,9 +192,10 @@ class DynamicFusion:
         tau_cos, tau_euc: the near-parallel test (METRICS.md), the paper's defaults.
         axis: "auto" fuses the longer of the axes a layer may fuse (both while it is square,
             which keeps W' near square, as in the paper); or "rows", "cols", "both".
-        protect: globs of layers never fused. With ``protect_ends`` (default) the first covered
-            layer's columns (the network's inputs) and the last one's rows (its outputs, the
-            classes) are never fused, "first" and "last" in the model's module order.
+        protect: globs of layers never fused. With ``protect_ends`` (default) the columns of the
+            model's first Linear/Conv (the network's inputs) and the rows of its last (its
+            outputs, the classes) are never fused, "first" and "last" in the model's module
+            order, whatever ``layers`` selects.
         frobenius: the paper's Frobenius normalisation (eq. 16), ``W = k g P W' Q / |W'|_F``; g
             is rescaled at each fusion so that the function does not change.
         every_n_steps: look for pairs at every n-th ``step()`` (1: after every update, as the
@@ -260,10 +259,13 @@ class DynamicFusion:
     def _wrap(
         self, layers: list[str], exclude: list[str], protect: list[str], protect_ends: bool
     ) -> list[FusedLayer]:
+        covered: list[tuple[str, nn.Module]] = [
+            (n, m) for n, m in self.model.named_modules() if isinstance(m, _COVERED)
+        ]
+        # The network's ends are its own first and last layers, whichever layers are selected.
+        first, last = (covered[0][0], covered[-1][0]) if covered else (None, None)
         chosen: list[tuple[str, nn.Module]] = []
-        for name, module in self.model.named_modules():
-            if not isinstance(module, _COVERED):
-                continue
+        for name, module in covered:
             key = f"{name}.weight" if name else "weight"
             if layers and not _matches(name, key, layers):
                 continue
@@ -285,7 +287,7 @@ class DynamicFusion:
                 params=("layers", "exclude"),
             )
         out = []
-        for i, (name, module) in enumerate(chosen):
+        for name, module in chosen:
             key = f"{name}.weight" if name else "weight"
             w = _weight(module)
             notes: list[str] = []
@@ -293,10 +295,10 @@ class DynamicFusion:
             if _matches(name, key, protect):
                 axes = []
                 notes.append("protected: not fused")
-            if protect_ends and i == 0 and "cols" in axes:
+            if protect_ends and name == first and "cols" in axes:
                 axes.remove("cols")
                 notes.append("columns protected: the first layer reads the network's inputs")
-            if protect_ends and i == len(chosen) - 1 and "rows" in axes:
+            if protect_ends and name == last and "rows" in axes:
                 axes.remove("rows")
                 notes.append("rows protected: the last layer's rows are the outputs")
             parametrize.register_parametrization(
@@ -480,54 +482,49 @@ class DynamicFusion:
         return dict(_original_state(self.model, {layer.key: layer for layer in self.layers}))
 
     @torch.no_grad()
-    def factorized_tensors(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        """The model's state dict in wcond's factorized format, and its manifest's layer entries.
+    def factorized_tensors(self, fmt: str = "safetensors") -> dict[str, Tensor]:
+        """The model's state dict in wcond's factorized format, for a file of format ``fmt``.
 
         A layer with fused rows or columns is stored as W' (Frobenius normalisation multiplied
-        in) and its fused pairs (docs/FACTORIZED.md); every other tensor as it is.
+        in) and its fused pairs (docs/FACTORIZED.md) when that makes the file smaller, by the
+        size rule ``wcond shrink`` follows; every other tensor as its forward sees it. A layer
+        left dense says why in its ``notes``.
         """
         by_key = {layer.key: layer for layer in self.layers}
+        dense = dict(_original_state(self.model, by_key))
+        factorizations = {}
+        for layer in self.layers:
+            if layer.fused_rows or layer.fused_cols:
+                w = layer.param.detach()
+                stored = (w * layer.parametrization.scale(w)).to(w.dtype).cpu()
+                rows = layer.rows if layer.fused_rows else None
+                cols = layer.cols if layer.fused_cols else None
+                factorizations[layer.key] = Factorization(stored, rows, cols, None)
+        infos = {k: tensor_info(t) for k, t in dense.items()}
+        notes: dict[str, list[str]] = {k: [] for k in factorizations}
+        size = sum(i.numel * i.dtype.itemsize for i in infos.values())
+        parts, _ = paying_parts(
+            fmt, infos, factorizations, notes, metadata={}, archive="model", size_before=size
+        )
+        for key, lines in notes.items():
+            by_key[key].notes += [line for line in lines if line not in by_key[key].notes]
         tensors: dict[str, Tensor] = {}
-        entries: dict[str, Any] = {}
-        for key, value in _original_state(self.model, by_key):
-            layer = by_key.get(key)
-            if layer is None or not (layer.fused_rows or layer.fused_cols):
-                tensors[key] = value
-                continue
-            w = layer.param.detach()
-            stored = (w * layer.parametrization.scale(w)).to(w.dtype).cpu()
-            f = Factorization(
-                stored,
-                layer.rows if layer.fused_rows else None,
-                layer.cols if layer.fused_cols else None,
-                None,
-            )
-            dense = _weight(layer.module).detach().double().cpu()
-            parts = f.tensors(key)
-            tensors.update(parts)
-            total = float(dense.norm())
-            entries[key] = {
-                "shape": list(layer.shape),
-                "stored_shape": list(stored.shape),
-                "dtype": _dtype_name(w.dtype),
-                "fused_rows": layer.fused_rows,
-                "fused_cols": layer.fused_cols,
-                "reconstruction_error": _rebuild_error(parts, key, dense, total),
-            }
-        return tensors, entries
+        for key, value in dense.items():
+            tensors.update(parts.get(key, {key: value}))
+        return tensors
 
     def export(self, path: str | Path, *, force: bool = False) -> Path:
         """Write the model as a factorized checkpoint (.safetensors or a torch extension), atomically.
 
         ``wcond.load_state_dict(path)`` then gives the original architecture's state dict, and
-        ``wcond inspect`` / ``wcond expand`` read it.
+        ``wcond inspect`` / ``wcond expand`` read it. See :meth:`factorized_tensors`.
 
         Example:
             >>> fusion.export("small.safetensors")
             >>> plain_model.load_state_dict(wcond.load_state_dict("small.safetensors"))
         """
         path = Path(path)
-        output_format(path)  # a known extension, before any work
+        fmt = output_format(path)  # a known extension, before any work
         if path.is_dir():
             raise UsageError(
                 f"{path}: is a directory; give a file name such as {path / 'model.safetensors'}"
@@ -536,23 +533,15 @@ class DynamicFusion:
             raise UsageError(
                 f"{path}: already exists; pass force=True to overwrite it", params=("force",)
             )
-        tensors, entries = self.factorized_tensors()
-        manifest = {
-            "format": 2,
-            "wcond_version": __version__,
-            "settings": {**self.settings, "source": "wcond.rare.DynamicFusion"},
-            "layers": entries,
-        }
-        text = json.dumps(manifest)
-        if not entries:
+        tensors = self.factorized_tensors(fmt)
+        factorized = any(k.endswith(W_SUFFIX) for k in tensors)
+        if not factorized:
             save_checkpoint(path, tensors)
-        elif output_format(path) == "safetensors":
-            save_checkpoint(path, tensors, metadata={MANIFEST_KEY: text})
+        elif fmt == "safetensors":
+            save_checkpoint(path, tensors, metadata={MANIFEST_KEY: MANIFEST})
         else:
             with atomic_path(path) as tmp:
-                torch.save(
-                    {**{k: v.contiguous() for k, v in tensors.items()}, MANIFEST_KEY: text}, tmp
-                )
+                torch.save({**tensors, MANIFEST_KEY: MANIFEST}, tmp)
         return path
 
     def remove(self) -> nn.Module:
@@ -667,14 +656,6 @@ def _original_state(
                 yield base, _weight(layer.module).detach()
             continue
         yield key, value.detach()
-
-
-def _rebuild_error(parts: dict[str, Tensor], key: str, dense: Tensor, total: float) -> float | None:
-    """|W - rebuilt|_F / |W|_F of the parts as written, against the model's weight."""
-    infos = {k: TensorInfo(tuple(t.shape), t.dtype) for k, t in parts.items()}
-    _, get, _ = dense_view(infos, parts.__getitem__)
-    rebuilt = get(key).double()
-    return float((rebuilt - dense).norm()) / total if total > 0 else None
 
 
 def __getattr__(name: str) -> Any:

@@ -28,7 +28,6 @@ from wcond.load_factorized import (
     ROW_SCALE,
     W_SUFFIX,
     _along,
-    _dtype_name,
     rebuild_fused,
 )
 from wcond.save import output_format
@@ -43,15 +42,13 @@ from wcond.shrink.pairs import Grouping, _compress, fuse_vectors
 from wcond.shrink.report import LayerShrink, ShrinkReport
 from wcond.shrink.sizing import entry_bytes, file_bytes, manifest_bytes, safetensors_bytes
 
-__all__ = ["Factorization", "factorize", "owner_scaled", "shrink"]
+__all__ = ["MANIFEST", "Factorization", "factorize", "owner_scaled", "paying_parts", "shrink"]
 
 _INDEX_BYTES = 4  # int32
-# the manifest's statement of the rebuild (docs/FACTORIZED.md)
-_REBUILD = (
-    "rows (dim 0; columns, dim 1, likewise with col_fused and col_scale): for each [o, s] in "
-    "row_fused at position f, W[o] = row_scale[f] * W'[s]; the i-th original row not listed "
-    "is W'[i]"
-)
+# The manifest a factorized file carries (docs/FACTORIZED.md): the format and the writer, no
+# more. The keys alone say how to rebuild, and a small manifest lets a layer pay from its first
+# fused pairs; settings and per-layer figures are in the shrink report.
+MANIFEST = json.dumps({"format": 2, "wcond_version": __version__}, separators=(",", ":"))
 _FORMAT_2_AXES = ((ROW_FUSED, ROW_SCALE), (COL_FUSED, COL_SCALE))  # (fused, scale): rows, columns
 
 
@@ -258,13 +255,11 @@ def shrink(
         progress = None  # the engine reported progress by tasks
 
     fmt = _size_format(ck, output)
-    archive = Path(output if output is not None else ck.path).stem
     size_before = file_bytes(ck.files)
-    offsets = 2 * max(size_before, ck.num_bytes)  # bounds every data offset OUT can hold
     total = sum(s.info.numel for s in specs)
     done = 0
     reports: list[LayerShrink] = []
-    candidates: list[_Candidate] = []
+    factorizations: dict[str, Factorization] = {}
     for spec in specs:
         if progress:
             progress(done, total, spec.key)
@@ -293,30 +288,7 @@ def shrink(
             continue
         if not (f.fused_rows or f.fused_cols):
             continue
-        parts = f.tensors(spec.key)
-        entry = {
-            "shape": shape,
-            "stored_shape": list(f.w.shape),
-            "dtype": _dtype_name(spec.info.dtype),
-            "fused_rows": f.fused_rows,
-            "fused_cols": f.fused_cols,
-            "reconstruction_error": f.error,
-        }
-        dense = entry_bytes(
-            fmt, spec.key, shape, spec.info.dtype, file_size=offsets, archive=archive, upper=False
-        )
-        factored = sum(
-            entry_bytes(fmt, k, t.shape, t.dtype, file_size=offsets, archive=archive, upper=True)
-            for k, t in parts.items()
-        ) + len(json.dumps(json.dumps({spec.key: entry}), ensure_ascii=False).encode())
-        if factored >= dense:
-            rep.notes.append(
-                f"{f.fused_rows} row and {f.fused_cols} column pairs would fuse, but W' with its "
-                f"fused pairs and scales takes up to {factored:,} bytes of the file, dense at "
-                f"least {dense:,}: left dense"
-            )
-            continue
-        candidates.append(_Candidate(rep, f, parts, entry, dense - factored))
+        factorizations[spec.key] = f
     if progress:
         progress(total, total, "")
 
@@ -334,35 +306,23 @@ def shrink(
         "device": str(dev) if dev is not None else str(device),
         "engine": engine.name if engine is not None else "local",
     }
-    manifest: dict[str, Any] = {
-        "format": 2,
-        "wcond_version": __version__,
-        "settings": settings,
-        "layers": {},
-        "rebuild": _REBUILD,
-        "suffixes": {
-            "w": W_SUFFIX,
-            "row_fused": ROW_FUSED,
-            "row_scale": ROW_SCALE,
-            "col_fused": COL_FUSED,
-            "col_scale": COL_SCALE,
-        },
-    }
-    if fmt == "safetensors":
-        kept, estimate = _pay_exactly(ck, infos, candidates, manifest)
-    else:
-        kept, estimate = _pay_within_bounds(candidates, manifest, size_before)
-    candidates = [c for c in candidates if c in kept]
-    replaced: dict[str, dict[str, Tensor]] = {}
-    for c in candidates:
-        rep, f = c.rep, c.f
-        rep.fused_rows, rep.fused_cols = f.fused_rows, f.fused_cols
-        rep.shape_after = list(f.w.shape)
-        rep.params_after = f.w.numel()
-        rep.reconstruction_error, rep.max_angle_deg = f.error, f.max_angle
-        rep.changed = True
-        replaced[rep.name] = c.parts
-        manifest["layers"][rep.name] = c.entry
+    replaced, estimate = paying_parts(
+        fmt,
+        infos,
+        factorizations,
+        {r.name: r.notes for r in reports},
+        metadata={k: v for k, v in ck.metadata.items() if k not in _MANIFESTS},
+        archive=Path(output if output is not None else ck.path).stem,
+        size_before=size_before,
+    )
+    for rep in reports:
+        if rep.name in replaced:
+            f = factorizations[rep.name]
+            rep.fused_rows, rep.fused_cols = f.fused_rows, f.fused_cols
+            rep.shape_after = list(f.w.shape)
+            rep.params_after = f.w.numel()
+            rep.reconstruction_error, rep.max_angle_deg = f.error, f.max_angle
+            rep.changed = True
 
     new_bytes = {
         k: sum(t.numel() * t.element_size() for t in parts.values())
@@ -390,76 +350,129 @@ def shrink(
     tensors: dict[str, Tensor] = {}
     for key in infos:
         tensors.update(replaced[key] if key in replaced else {key: ck.get(key)})
-    entries = {MANIFEST_KEY: json.dumps(manifest)} if replaced else {}
+    entries = {MANIFEST_KEY: MANIFEST} if replaced else {}
     report.warnings += _write(ck, output, tensors, entries)
     report.file_bytes_after = _written_bytes(output)
     report.formats = _formats(ck, output)
     return report
 
 
+def paying_parts(
+    fmt: str,
+    infos: Mapping[str, TensorInfo],
+    factorizations: Mapping[str, Factorization],
+    notes: Mapping[str, list[str]],
+    *,
+    metadata: Mapping[str, str],
+    archive: str,
+    size_before: int,
+) -> tuple[dict[str, dict[str, Tensor]], int]:
+    """The layers worth storing factorized in a file of format ``fmt``, with their parts, and its size.
+
+    A layer is stored factorized only when that makes the file smaller: W', its fused pairs and
+    scales and their entries in the file, counted from above, against the dense layer and its
+    entry, counted from below; and only when the layers that pay also pay for the manifest.
+    Safetensors files are counted exactly, torch files within bounds (``archive``: the file's
+    stem, which names its zip records). Each layer left dense gets a line in ``notes[key]``.
+
+    Args:
+        infos: every tensor of the dense checkpoint, in order; ``metadata``: its safetensors
+            metadata (without wcond's manifests); ``size_before``: its file's size.
+
+    Returns:
+        The parts by key of the layers kept, and the size of the file they make (exact for
+        safetensors, a bound from above for torch; ``size_before`` when none is kept).
+    """
+    offsets = 2 * max(size_before, sum(i.numel * i.dtype.itemsize for i in infos.values()))
+    candidates = []
+    for key, f in factorizations.items():
+        info = infos[key]
+        parts = f.tensors(key)
+        dense = entry_bytes(
+            fmt, key, info.shape, info.dtype, file_size=offsets, archive=archive, upper=False
+        )
+        factored = sum(
+            entry_bytes(fmt, k, t.shape, t.dtype, file_size=offsets, archive=archive, upper=True)
+            for k, t in parts.items()
+        )
+        if factored >= dense:
+            notes[key].append(
+                f"{f.fused_rows} row and {f.fused_cols} column pairs would fuse, but W' with its "
+                f"fused pairs and scales takes up to {factored:,} bytes of the file, dense at "
+                f"least {dense:,}: left dense"
+            )
+            continue
+        candidates.append(_Candidate(key, f, parts, dense - factored, notes[key]))
+    if fmt == "safetensors":
+        kept, size = _pay_exactly(metadata, infos, candidates)
+    else:
+        kept, size = _pay_within_bounds(candidates, size_before)
+    return {c.key: c.parts for c in kept}, size
+
+
 @dataclass
 class _Candidate:
-    """A layer that pays on its own: its factors, its manifest entry and the bytes it saves at least."""
+    """A layer that pays on its own: its factors, their tensors and the bytes it saves at least."""
 
-    rep: LayerShrink
+    key: str
     f: Factorization
     parts: dict[str, Tensor]
-    entry: dict[str, Any]
     gain: int
+    notes: list[str]
+
+    def left_dense(self, why: str) -> None:
+        self.notes.append(
+            f"{self.f.fused_rows} row and {self.f.fused_cols} column pairs would fuse, but {why}: "
+            "left dense"
+        )
 
 
 def _pay_within_bounds(
-    candidates: list[_Candidate], manifest: dict[str, Any], size_before: int
+    candidates: list[_Candidate], size_before: int
 ) -> tuple[list[_Candidate], int]:
     """Torch files: keep the layers that pay only if together they also pay for the manifest.
 
     Returns the layers kept and a bound from above on the file's size (the source's when none).
     """
-    fixed = manifest_bytes("torch", MANIFEST_KEY, json.dumps(manifest))
+    fixed = manifest_bytes("torch", MANIFEST_KEY, MANIFEST)
     gain = sum(c.gain for c in candidates)
     if candidates and gain <= fixed:
         for c in candidates:
-            c.rep.notes.append(
-                f"{c.f.fused_rows} row and {c.f.fused_cols} column pairs would fuse, but all the "
-                f"factorized layers together save at most {gain:,} bytes and the manifest a "
-                f"factorized file carries takes up to {fixed:,}: left dense"
+            c.left_dense(
+                f"all the factorized layers together save at most {gain:,} bytes and the "
+                f"manifest a factorized file carries takes up to {fixed:,}"
             )
         return [], size_before
     return candidates, size_before - gain + fixed if candidates else size_before
 
 
 def _pay_exactly(
-    ck: Checkpoint,
+    metadata: Mapping[str, str],
     infos: Mapping[str, TensorInfo],
     candidates: list[_Candidate],
-    manifest: dict[str, Any],
 ) -> tuple[list[_Candidate], int]:
     """Safetensors: drop the layers that gain least until the exact file size is below the dense one.
 
     Returns the layers kept and the exact size of the file they make.
     """
-    base = {k: v for k, v in ck.metadata.items() if k not in _MANIFESTS}
-    dense = safetensors_bytes(((k, i.shape, i.dtype) for k, i in infos.items()), base or None)
+    dense = safetensors_bytes(((k, i.shape, i.dtype) for k, i in infos.items()), metadata or None)
     kept = sorted(candidates, key=lambda c: -c.gain)
     while kept:
-        parts = {c.rep.name: c.parts for c in kept}
-        manifest["layers"] = {c.rep.name: c.entry for c in kept}
+        parts = {c.key: c.parts for c in kept}
         entries: list[tuple[str, Sequence[int], torch.dtype]] = []
         for key, info in infos.items():
             if key in parts:
                 entries += [(k, t.shape, t.dtype) for k, t in parts[key].items()]
             else:
                 entries.append((key, info.shape, info.dtype))
-        size = safetensors_bytes(entries, {**base, MANIFEST_KEY: json.dumps(manifest)})
+        size = safetensors_bytes(entries, {**metadata, MANIFEST_KEY: MANIFEST})
         if size < dense:
             return kept, size
         c = kept.pop()
-        c.rep.notes.append(
-            f"{c.f.fused_rows} row and {c.f.fused_cols} column pairs would fuse, but with the "
-            f"manifest a factorized file carries the file would take {size:,} bytes, dense "
-            f"{dense:,}: left dense"
+        c.left_dense(
+            f"with the manifest a factorized file carries the file would take {size:,} bytes, "
+            f"dense {dense:,}"
         )
-    manifest["layers"] = {}
     return [], dense
 
 
