@@ -23,6 +23,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "SAFETENSORS_SUFFIXES",
     "TORCH_SUFFIXES",
+    "check_new_file",
     "check_output",
     "check_path",
     "check_plot_output",
@@ -145,6 +146,12 @@ def check_output(src: str | Path, out: str | Path, force: bool) -> None:
         raise UsageError(
             f"{out}: refusing to write over the input checkpoint; choose another -o path"
         )
+    check_new_file(out, force)
+
+
+def check_new_file(out: str | Path, force: bool) -> str:
+    """Refuse a directory, or an existing file without ``force``; the format from the extension."""
+    out_p = Path(out)
     if out_p.is_dir():
         raise UsageError(
             f"{out}: is a directory; give a file name such as {out_p / 'model.safetensors'}"
@@ -153,7 +160,7 @@ def check_output(src: str | Path, out: str | Path, force: bool) -> None:
         raise UsageError(
             f"{out}: already exists; pass force=True to overwrite it", params=("force",)
         )
-    output_format(out_p)
+    return output_format(out_p)
 
 
 def _same_file(a: Path, b: Path) -> bool:

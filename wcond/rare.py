@@ -39,7 +39,8 @@ from wcond.errors import UsageError
 from wcond.lightning_import import import_lightning
 from wcond.load import tensor_info
 from wcond.load_factorized import MANIFEST_KEY, W_SUFFIX
-from wcond.save import atomic_path, output_format, save_checkpoint
+from wcond.paths import check_new_file
+from wcond.save import atomic_path, save_checkpoint
 from wcond.shrink.factorized import MANIFEST, Factorization, paying_parts
 from wcond.shrink.pairs import Grouping, _compress, fuse_vectors
 
@@ -524,15 +525,7 @@ class DynamicFusion:
             >>> plain_model.load_state_dict(wcond.load_state_dict("small.safetensors"))
         """
         path = Path(path)
-        fmt = output_format(path)  # a known extension, before any work
-        if path.is_dir():
-            raise UsageError(
-                f"{path}: is a directory; give a file name such as {path / 'model.safetensors'}"
-            )
-        if path.exists() and not force:
-            raise UsageError(
-                f"{path}: already exists; pass force=True to overwrite it", params=("force",)
-            )
+        fmt = check_new_file(path, force)  # before any work
         tensors = self.factorized_tensors(fmt)
         factorized = any(k.endswith(W_SUFFIX) for k in tensors)
         if not factorized:
