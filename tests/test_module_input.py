@@ -111,3 +111,27 @@ def test_transposed_conv_kind() -> None:
     view = module_view(model)
     assert view.kinds == {"0.weight": "conv_transpose2d", "1.weight": "conv1d"}
     assert view.groups == {"0.weight": 2, "1.weight": 1}
+
+
+def test_a_parametrized_weight_is_reported_as_the_module_computes_it() -> None:
+    """Weight norm and DynamicFusion's P W' Q: the layer is `X.weight`, the tensor forward uses."""
+    from wcond.rare import DynamicFusion
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.utils.parametrizations.weight_norm(nn.Linear(8, 16)), nn.ReLU(), nn.Linear(16, 16)
+    )
+    fusion = DynamicFusion(model, layers="2", axis="cols")  # its rows are the model's outputs
+    with torch.no_grad():
+        fusion.layers[0].param[:, 5] = 0.5 * fusion.layers[0].param[:, 2]
+    assert fusion.fuse() == 1
+    report = wcond.inspect(model)
+    assert [(r.name, r.kind, r.shape) for r in report.layers] == [
+        ("0.weight", "linear", [16, 8]),
+        ("2.weight", "linear", [16, 16]),
+    ]
+    dense = {"0.weight": model[0].weight.detach(), "2.weight": model[2].weight.detach()}
+    want = wcond.inspect(dense)
+    for got, ref in zip(report.layers, want.layers):
+        assert got.acv_sum == pytest.approx(ref.acv_sum) and got.rare_rows == ref.rare_rows
+    assert report.layers[1].near_parallel_cols == 1  # the fused pair, rebuilt from P W' Q
