@@ -493,3 +493,33 @@ def test_between_full_looks_the_angle_bound_never_hides_a_pair() -> None:
     else:
         pytest.fail("the rows never came within tau_cos")
     assert fusion.checks == step + 1 and 0 < step
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_screen_never_misses_a_pair_as_vectors_drift(seed: int) -> None:
+    """Rows turning at different rates, pairs closing in and drifting apart, some rows shrinking
+    to nearly nothing: at every step every near-parallel pair (float64, the test of metrics) is
+    among the screen's candidates, whether it looked afresh, refreshed some rows or bounded."""
+    from wcond.rare import _Screen
+
+    g = torch.Generator().manual_seed(seed)
+    n, d, tau_cos = 48, 24, 1e-3
+    v = torch.randn(n, d, dtype=torch.float64, generator=g)
+    target = v.clone()
+    for k in range(0, 12, 2):  # six pairs that close in, each from its own side and at its own rate
+        target[k + 1] = (-1.0) ** k * (1 + k / 10) * v[k]
+    rates = torch.rand(n, 1, dtype=torch.float64, generator=g) * 0.08
+    screen = _Screen(tau_cos)
+    hits = 0
+    for step in range(150):
+        noise = 0.02 * torch.randn(n, d, dtype=torch.float64, generator=g) * rates.sqrt()
+        v = v + rates * (target - v) + noise
+        if step % 37 == 36:
+            v[40:44] *= 0.05  # rows that shrink turn fast
+        i, j = screen.candidates(v.float())
+        got = set(zip(i.tolist(), j.tolist()))
+        exact = metrics.near_parallel_pairs(v.float().double(), tau_cos=tau_cos, tau_euc=1e9)
+        want = {(p.i, p.j) for p in exact}
+        assert want <= got, (step, want - got)
+        hits += len(want)
+    assert hits > 0  # pairs did come within tau_cos

@@ -38,6 +38,7 @@ __all__ = [
     "conv_similarity_floor_of",
     "conv_similarity_norm",
     "filter_energies",
+    "near_parallel_among",
     "near_parallel_pairs",
     "norm_dev_max",
     "norm_loss",
@@ -367,6 +368,21 @@ def near_parallel_pairs(vectors: Tensor, *, tau_cos: float, tau_euc: float) -> I
     for start, c in _cosine_blocks(u):
         for i, j, cos, d in _near_in_block(start, v_live, c.abs_(), reach, tau_cos, tau_euc):
             yield Pair(idx[i], idx[j], cos, d, True)
+
+
+def near_parallel_among(
+    vectors: Tensor, i: Tensor, j: Tensor, *, tau_cos: float, tau_euc: float
+) -> list[Pair]:
+    """The pairs (i[k], j[k]) of rows of ``vectors`` that are near-parallel, decided in float64.
+
+    The test and the float64 evaluation of :func:`near_parallel_pairs`, for candidate pairs a
+    caller has already narrowed down (zero rows never pass).
+    """
+    v = vectors.detach()
+    cos, _, d_euc = _refine_pairs(v[i], v[j])
+    ok = ((1 - cos.abs()) < tau_cos) & (d_euc < tau_euc)
+    found = torch.stack([i[ok].double(), j[ok].double(), cos[ok], d_euc[ok]]).tolist()
+    return [Pair(int(a), int(b), c, d, True) for a, b, c, d in zip(*found)]
 
 
 def _reach(norms: Tensor, tau_euc: float, dtype: torch.dtype) -> Tensor:

@@ -360,11 +360,19 @@ class DynamicFusion:
         """Fuse the near-parallel vectors of one axis of one W'; the pairs fused."""
         param = layer.param
         dim = 0 if axis == "rows" else 1
+        if param.shape[dim] < 2:
+            return 0
         screen = layer.screens.setdefault(axis, _Screen(self.tau_cos))
-        if param.shape[dim] < 2 or not screen.may_hold_pair(_vectors(param.detach(), dim)):
-            return 0  # most calls end here, at a bound or one float32 Gram matrix
+        i, j = screen.candidates(_vectors(param.detach(), dim))
+        if not len(i):
+            return 0  # most calls end here
+        tau_cos, tau_euc = self.tau_cos, self.tau_euc
+        vectors = _vectors(param.detach(), dim)
+        pairs = metrics.near_parallel_among(vectors, i, j, tau_cos=tau_cos, tau_euc=tau_euc)
+        if not pairs:
+            return 0
         w = param.detach().double()
-        g = fuse_vectors(_vectors(w, dim), tau_cos=self.tau_cos, tau_euc=self.tau_euc)
+        g = fuse_vectors(_vectors(w, dim), pairs=pairs, tau_cos=tau_cos, tau_euc=tau_euc)
         if not g.fused:
             return 0
         new = _compress(w, g, dim)
@@ -590,44 +598,61 @@ def _vectors(w: Tensor, dim: int) -> Tensor:
 
 
 class _Screen:
-    """Whether one axis of a W' may hold a near-parallel pair: float32, never misses one.
+    """The pairs of one axis of a W' that may be near-parallel now, in float32, never missing one.
 
-    A full look takes the vectors' Gram matrix: cosines of unit vectors of length d in float32
-    are off by at most about d * eps (the dot product's rounding in any summation order, and
-    the normalisation's), so everything within that slack of the threshold passes to the exact
-    float64 test. It also keeps the vectors as a snapshot and the closest pair's angle. Until
-    the next full look, a bound costs one pass over the vectors: angles between lines obey the
-    triangle inequality, so no pair can have come closer than that angle less the two largest
-    angles any vector has turned since the snapshot. While that stays above the threshold's
-    angle, nothing can fuse. NaN or Inf makes the cosines NaN: such a weight never fuses.
+    A full look takes the vectors' Gram matrix. Cosines of unit vectors of length d in float32
+    are off by at most about d * eps (the dot product's rounding in any summation order, and the
+    normalisation's), so each pair's angle is taken as a lower bound. The look keeps the unit
+    vectors as a snapshot, the pairs within ``_MARGIN`` of the threshold's angle, and for each
+    vector a budget: half the gap between the threshold and its closest other partner. Angles
+    between lines obey the triangle inequality, so a pair has come no closer than its snapshot
+    angle less the angles its two vectors have turned since. Until a vector turns past its
+    budget, no pair outside the kept ones can have reached the threshold, and a call costs one
+    pass over the vectors: the kept pairs that the bound does not rule out are the candidates
+    for the caller's float64 test. Past a budget, the call looks afresh. NaN or Inf never passes
+    a comparison: such vectors end up candidates that the float64 test refuses.
     """
 
     def __init__(self, tau_cos: float) -> None:
-        self.tau_cos = tau_cos
-        self.snapshot: Tensor | None = None
-        self.closest = 0.0  # a lower bound on the smallest angle between two snapshot vectors
+        # a near-parallel pair is within this angle (radians) of parallel or anti-parallel
+        self.reach = math.acos(1 - tau_cos) if tau_cos < 2 else math.pi
+        self.units: Tensor | None = None  # the snapshot, unit rows
+        self.budget: Tensor | None = None  # per vector, radians
+        self.near: tuple[Tensor, Tensor, Tensor] | None = None  # i < j, angle lower bound
+        self.looks = 0  # full looks taken
 
-    def may_hold_pair(self, vectors: Tensor) -> bool:
+    def candidates(self, vectors: Tensor) -> tuple[Tensor, Tensor]:
+        """Index pairs (i, j), i < j, that may pass the near-parallel test now."""
         v = vectors if vectors.dtype == torch.float32 else vectors.float()
         slack = (v.shape[1] + 8) * torch.finfo(torch.float32).eps
-        limit = 1 - self.tau_cos - slack
-        if self.snapshot is not None and self.snapshot.shape == v.shape:
-            turned = _angles(v, self.snapshot, slack)
-            if self.closest - float(turned.topk(2).values.sum()) > math.acos(max(-1.0, limit)):
-                return False  # (NaN, from a zero or non-finite vector, fails this test)
+        if self.units is not None and self.units.shape == v.shape:
+            assert self.budget is not None and self.near is not None
+            cos = (v * self.units).sum(dim=1) / v.norm(dim=1) - slack
+            turned = cos.clamp_(-1.0, 1.0).acos_().nan_to_num_(nan=math.pi)
+            if bool((turned < self.budget).all()):
+                i, j, angle = self.near
+                left = angle - turned[i] - turned[j] <= self.reach
+                return i[left], j[left]
+        self.looks += 1
         u = v / v.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-        cos = u @ u.T
-        cos.fill_diagonal_(0)
-        largest = float(cos.abs().max())
-        self.snapshot = v.clone() if math.isfinite(largest) else None
-        self.closest = math.acos(min(1.0, largest + slack)) if math.isfinite(largest) else 0.0
-        return largest > limit
+        cos = (u @ u.T).abs_().fill_diagonal_(0.0)
+        # angle lower bound = acos(min(1, |cos| + slack)); near: within reach + _MARGIN
+        near = cos >= math.cos(min(math.pi, self.reach + _MARGIN)) - slack
+        i, j = torch.nonzero(near.triu_(1), as_tuple=True)
+        pair_angle = (cos[i, j] + slack).clamp_(max=1.0).acos_()
+        near |= near.T.clone()
+        closest_far = (cos.masked_fill_(near, 0.0).amax(dim=1) + slack).clamp_(max=1.0).acos_()
+        self.units, self.near = u, (i, j, pair_angle)
+        # NaN (a non-finite vector): no budget, so every call looks afresh, and no pair is near
+        self.budget = ((closest_far - self.reach) / 2).nan_to_num_(nan=0.0)
+        close = pair_angle <= self.reach
+        return i[close], j[close]
 
 
-def _angles(v: Tensor, w: Tensor, slack: float) -> Tensor:
-    """Per row, an upper bound on the angle between ``v[i]`` and ``w[i]`` (radians; NaN for a zero row)."""
-    cos = (v * w).sum(dim=1) / (v.norm(dim=1) * w.norm(dim=1))
-    return torch.acos((cos - slack).clamp(-1.0, 1.0))
+# How far (radians) beyond the threshold's angle a full look keeps pairs, to follow them with
+# the bound; every other pair gives its vectors at least half of this to turn before the next
+# full look (Adam at lr 1e-3 turns a row of unit norm in a 256-wide layer by about 0.02 a step).
+_MARGIN = 0.2
 
 
 def _original_state(

@@ -42,7 +42,12 @@ class Grouping:
 
 
 def fuse_vectors(
-    vectors: Tensor, *, tau_cos: float, tau_euc: float, positive: bool = False
+    vectors: Tensor,
+    *,
+    tau_cos: float,
+    tau_euc: float,
+    positive: bool = False,
+    pairs: Iterable[metrics.Pair] | None = None,
 ) -> Grouping:
     """Greedy RaRe merging of the near-parallel rows of ``vectors`` (N, d), closest pair first.
 
@@ -50,13 +55,18 @@ def fuse_vectors(
     fusion keeps the shorter (group) vector, and the fused vector, the best fit of its group, is
     re-tested against every vector that remains, so groups of three or more form when they
     pass the same test. ``positive`` fuses only pairs with cos > 0 (what folding through a ReLU
-    needs). Zero vectors are never fused.
+    needs). Zero vectors are never fused. ``pairs``: the near-parallel pairs, when the caller has
+    found them already (``wcond.metrics.near_parallel_among`` on its candidates).
     """
     v = vectors.detach()
     n = v.shape[0]
     heap = [
         (1 - abs(p.cos), p.i, p.j, 0, 0)
-        for p in metrics.near_parallel_pairs(v, tau_cos=tau_cos, tau_euc=tau_euc)
+        for p in (
+            metrics.near_parallel_pairs(v, tau_cos=tau_cos, tau_euc=tau_euc)
+            if pairs is None
+            else pairs
+        )
         if not positive or p.cos > 0
     ]
     groups: dict[
