@@ -22,9 +22,11 @@ Benchmark-only dependency: `pip install scikit-learn`. Arms, each over --seeds s
                   P W' Q, the same loss on W', pairs of either sign fused in place after every
                   update with the Adam moments carried over; exported in wcond's factorized
                   format (DynamicFusion.export)
+  rare+FN+DLRA/N  the same, checking for pairs every N updates (every_n_steps=N)
 
-    python benchmarks/rare_paper.py --epochs 40 --batch 64              # 64-64x5-10, 5 seeds
+    python benchmarks/rare_paper.py --epochs 40 --batch 64 --arms baseline,rare+FN,rare+FN+fold,rare+FN+DLRA,rare+FN+DLRA/10
     python benchmarks/rare_paper.py --epochs 40 --batch 64 --width 256 --depth 4
+    python benchmarks/rare_paper.py --epochs 150 --batch 64 --width 256 --depth 4 --arms baseline,rare+FN+DLRA
     python benchmarks/rare_paper.py --seeds 1 --epochs 15   # a smoke run
     python benchmarks/rare_paper.py --cost --width 256 --depth 4   # the helper's cost per step
 """
@@ -156,13 +158,20 @@ def train(
     """Train one arm; returns the model (baked, except DLRA's), units folding removed, the fusion."""
     x_tr, y_tr, _, _ = data
     torch.manual_seed(seed)
-    fn = arm.startswith("rare") and arm != DLRA  # DLRA: Frobenius normalisation in DynamicFusion
+    dlra = arm.startswith(DLRA)  # DLRA/N: checking every N steps
+    fn = arm.startswith("rare") and not dlra  # DLRA: Frobenius normalisation in DynamicFusion
     model = make_mlp(widths(args), fn=fn)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     fusion = None
-    if arm == DLRA:
+    if dlra:
+        every = int(arm.partition("/")[2] or 1)
         fusion = DynamicFusion(
-            model, opt, tau_cos=args.tau_cos, tau_euc=args.tau_euc, frobenius=True
+            model,
+            opt,
+            tau_cos=args.tau_cos,
+            tau_euc=args.tau_euc,
+            frobenius=True,
+            every_n_steps=every,
         )
     gen = torch.Generator().manual_seed(seed)
     removed = 0
