@@ -24,7 +24,8 @@ Benchmark-only dependency: `pip install scikit-learn`. Arms, each over --seeds s
                   format (DynamicFusion.export)
   rare+FN+DLRA/N  the same, checking for pairs every N updates (every_n_steps=N)
 
-    python benchmarks/rare_paper.py --epochs 40 --batch 64 --arms baseline,rare+FN,rare+FN+fold,rare+FN+DLRA,rare+FN+DLRA/10
+    python benchmarks/rare_paper.py --epochs 40 --batch 64 \
+        --arms baseline,rare+FN,rare+FN+fold,rare+FN+DLRA,rare+FN+DLRA/10
     python benchmarks/rare_paper.py --epochs 40 --batch 64 --width 256 --depth 4
     python benchmarks/rare_paper.py --epochs 150 --batch 64 --width 256 --depth 4 --arms baseline,rare+FN+DLRA
     python benchmarks/rare_paper.py --seeds 1 --epochs 15   # a smoke run
