@@ -337,3 +337,24 @@ def test_dead_means_exactly_zero() -> None:
     s = metrics.pair_statistics(w)
     assert s.dead == [2] and s.live == 2
     assert literal.dead_indices(literal.rows(w)) == [2]
+
+
+def test_float32_pairs_just_inside_tau_cos_are_found_as_in_float64() -> None:
+    """Pairs within 0.3% of tau_cos in 512 dims: float32 cosines alone would drop about a quarter
+    of them (the float32 |cos| is off by up to d units in the last place); the float64 test decides."""
+    g = torch.Generator().manual_seed(7)
+    found = 0
+    for trial in range(60):
+        w = torch.randn(24, 512, generator=g, dtype=torch.float64)
+        base, noise = w[3], torch.randn(512, generator=g, dtype=torch.float64)
+        noise -= (noise @ base) / (base @ base) * base
+        angle = math.acos(1 - 1e-4 * (1 - 1e-4 * (trial + 1)))
+        w[7] = -0.8 * (math.cos(angle) * base + math.sin(angle) * base.norm() * noise / noise.norm())
+        w32 = w.float()
+        want = literal.near_parallel_pairs(w32.double(), 1e-4, 10.0)
+        got = [(p.i, p.j) for p in metrics.near_parallel_pairs(w32, tau_cos=1e-4, tau_euc=10.0)]
+        assert got == [(i, j) for i, j, *_ in want], trial
+        stats = metrics.pair_statistics(w32, tau_cos=1e-4, tau_euc=10.0)
+        assert stats.near_parallel == len(want), trial
+        found += len(want)
+    assert found > 30  # most of them are inside after float32 rounding of the vectors

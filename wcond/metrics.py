@@ -423,13 +423,15 @@ def _near_chunks(
     within that of both thresholds: every pair float64 accepts, and with a loose tau_cos not the
     whole block. They are refined in chunks, so memory stays bounded however many there are.
     """
-    bi, bj = torch.nonzero((1 - a) < tau_cos, as_tuple=True)
+    # Generous on both sides: this only spares the float64 pass the pairs that cannot pass it.
+    slack = 2 * (v.shape[1] + 2) * 2.0**-23  # on 2 - 2|cos|, twice the float32 dot's bound
+    bi, bj = torch.nonzero((1 - a) < tau_cos + slack / 2, as_tuple=True)
     if not len(bi):
         return
     i, j = bi + start, bj + start
-    # Generous on both sides: this only spares the float64 pass the pairs that cannot pass it.
+    upper = j > i  # entries on or below the diagonal are masked zeros, not pairs
+    bi, bj, i, j = bi[upper], bj[upper], i[upper], j[upper]
     lim = torch.maximum(reach[i], reach[j]).double()  # from float32 norms: off by far below 2**-10
-    slack = 2 * (v.shape[1] + 2) * 2.0**-23  # on 2 - 2|cos|, twice the float32 dot's bound
     chord2 = (2 - 2 * a[bi, bj].double()).clamp_min(0)
     keep = chord2 < lim * lim * (1 + 2.0**-10) + slack
     i, j = i[keep], j[keep]
