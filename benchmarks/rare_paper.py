@@ -23,6 +23,8 @@ Benchmark-only dependency: `pip install scikit-learn`. Arms, each over --seeds s
                   update with the Adam moments carried over; exported in wcond's factorized
                   format (DynamicFusion.export)
   rare+FN+DLRA/N  the same, checking for pairs every N updates (every_n_steps=N)
+  rare+FN+DLRA-fresh, rare+FN+DLRA+pos   ablations: a fresh Adam after each fusion (as the fold
+                  arm has), or positively parallel pairs only (as folding through a ReLU needs)
 
     python benchmarks/rare_paper.py --epochs 40 --batch 64 \
         --arms baseline,rare+FN,rare+FN+fold,rare+FN+DLRA,rare+FN+DLRA/10
@@ -39,6 +41,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -50,9 +53,10 @@ if str(REPO_ROOT) not in sys.path:
 
 import wcond  # noqa: E402
 from wcond import metrics  # noqa: E402
+from wcond import rare as rare_module  # noqa: E402
 from wcond.rare import DynamicFusion  # noqa: E402
 from wcond.save import save_checkpoint  # noqa: E402
-from wcond.shrink import shrink  # noqa: E402
+from wcond.shrink import fuse_vectors, shrink  # noqa: E402
 
 DLRA = "rare+FN+DLRA"
 
@@ -159,13 +163,15 @@ def train(
     """Train one arm; returns the model (baked, except DLRA's), units folding removed, the fusion."""
     x_tr, y_tr, _, _ = data
     torch.manual_seed(seed)
-    dlra = arm.startswith(DLRA)  # DLRA/N: checking every N steps
+    dlra = arm.startswith(DLRA)  # DLRA/N: checking every N steps; -fresh, +pos: ablations
     fn = arm.startswith("rare") and not dlra  # DLRA: Frobenius normalisation in DynamicFusion
     model = make_mlp(widths(args), fn=fn)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     fusion = None
     if dlra:
         every = int(arm.partition("/")[2] or 1)
+        # +pos fuses positively parallel pairs only, as folding through a ReLU must
+        rare_module.fuse_vectors = partial(fuse_vectors, positive=arm == DLRA + "+pos")
         fusion = DynamicFusion(
             model,
             opt,
@@ -188,7 +194,9 @@ def train(
             loss.backward()
             opt.step()
             if fusion is not None:
-                fusion.step()  # the paper's fusion after every update
+                if fusion.step() and arm == DLRA + "-fresh":  # ablation: state dropped, as fold
+                    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+                    fusion.attach(opt)
             # The paper fuses after every update: check cheaply, fold only when a pair is there.
             elif arm == "rare+FN+fold" and has_pair(model, args):
                 before = params(model)
