@@ -294,13 +294,13 @@ def step_cost(args: argparse.Namespace) -> None:
     """
     x_tr, y_tr, _, _ = load_data(0)
 
-    def run(dlra: bool, every: int = 1) -> tuple[float, float, int]:
+    def run(dlra: bool, every: int = 1, frobenius: bool = True) -> tuple[float, float, int]:
         torch.manual_seed(0)
         model = make_mlp(widths(args), fn=False)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         fusion = None
         if dlra:
-            fusion = DynamicFusion(model, opt, frobenius=True, every_n_steps=every)
+            fusion = DynamicFusion(model, opt, frobenius=frobenius, every_n_steps=every)
         gen = torch.Generator().manual_seed(0)
         steps, train, fuse = 0, 0.0, 0.0
         for _ in range(args.cost_epochs):
@@ -326,6 +326,7 @@ def step_cost(args: argparse.Namespace) -> None:
 
     plain, _, _ = run(False)
     wrapped, fuse, fused = run(True)
+    bare, _, _ = run(True, frobenius=False)
     _, fuse10, fused10 = run(True, every=10)
     print(
         f"network {'-'.join(map(str, widths(args)))}, batch {args.batch}, "
@@ -335,6 +336,10 @@ def step_cost(args: argparse.Namespace) -> None:
     print(
         f"the DLRA arm's step without its RaRe loss (P W' Q, FN): {1e3 * wrapped:.3f} ms "
         f"({wrapped / plain:.2f}x)"
+    )
+    print(
+        f"the same without Frobenius normalisation (P W' Q):   {1e3 * bare:.3f} ms "
+        f"({bare / plain:.2f}x)"
     )
     print(
         f"DynamicFusion.step() after it, every step:          {1e3 * fuse:.3f} ms "

@@ -113,6 +113,7 @@ def test_transposed_conv_kind() -> None:
     assert view.groups == {"0.weight": 2, "1.weight": 1}
 
 
+@pytest.mark.filterwarnings("ignore:DynamicFusion has no optimizer")
 def test_a_parametrized_weight_is_reported_as_the_module_computes_it() -> None:
     """Weight norm and DynamicFusion's P W' Q: the layer is `X.weight`, the tensor forward uses."""
     from wcond.rare import DynamicFusion
