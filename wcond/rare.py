@@ -637,11 +637,22 @@ class _Screen:
         u = v / v.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
         cos = (u @ u.T).abs_().fill_diagonal_(0.0)
         # angle lower bound = acos(min(1, |cos| + slack)); near: within reach + _MARGIN
-        near = cos >= math.cos(min(math.pi, self.reach + _MARGIN)) - slack
-        i, j = torch.nonzero(near.triu_(1), as_tuple=True)
-        pair_angle = (cos[i, j] + slack).clamp_(max=1.0).acos_()
-        near |= near.T.clone()
-        closest_far = (cos.masked_fill_(near, 0.0).amax(dim=1) + slack).clamp_(max=1.0).acos_()
+        limit = math.cos(min(math.pi, self.reach + _MARGIN)) - slack
+        closest = cos.amax(dim=1)
+        # Only rows with a near partner need more than their largest cosine. (u @ u.T is
+        # symmetric only up to rounding: a pair may be near from one of its rows alone. It is
+        # kept once all the same, and the other row's budget counts it as far, which is safe.)
+        rows = torch.nonzero(closest >= limit).flatten()
+        sub = cos[rows]
+        near = sub >= limit
+        r, c = torch.nonzero(near, as_tuple=True)
+        n = v.shape[0]
+        key = torch.unique(torch.minimum(rows[r], c) * n + torch.maximum(rows[r], c))
+        i, j = key // n, key % n  # each near pair once, from whichever row (or both) saw it
+        dot = (u[i] * u[j]).sum(dim=1).abs_()  # within the same float32 bound as the Gram's
+        pair_angle = (dot + slack).clamp_(max=1.0).acos_().nan_to_num_(nan=0.0)
+        closest[rows] = sub.masked_fill_(near, 0.0).amax(dim=1)
+        closest_far = (closest + slack).clamp_(max=1.0).acos_()
         self.units, self.near = u, (i, j, pair_angle)
         # NaN (a non-finite vector): no budget, so every call looks afresh, and no pair is near
         self.budget = ((closest_far - self.reach) / 2).nan_to_num_(nan=0.0)
