@@ -349,7 +349,9 @@ def test_float32_pairs_just_inside_tau_cos_are_found_as_in_float64() -> None:
         base, noise = w[3], torch.randn(512, generator=g, dtype=torch.float64)
         noise -= (noise @ base) / (base @ base) * base
         angle = math.acos(1 - 1e-4 * (1 - 1e-4 * (trial + 1)))
-        w[7] = -0.8 * (math.cos(angle) * base + math.sin(angle) * base.norm() * noise / noise.norm())
+        w[7] = -0.8 * (
+            math.cos(angle) * base + math.sin(angle) * base.norm() * noise / noise.norm()
+        )
         w32 = w.float()
         want = literal.near_parallel_pairs(w32.double(), 1e-4, 10.0)
         got = [(p.i, p.j) for p in metrics.near_parallel_pairs(w32, tau_cos=1e-4, tau_euc=10.0)]
