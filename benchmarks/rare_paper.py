@@ -53,8 +53,8 @@ if str(REPO_ROOT) not in sys.path:
 
 import wcond  # noqa: E402
 from wcond import metrics  # noqa: E402
-from wcond import rare as rare_module  # noqa: E402
 from wcond.rare import DynamicFusion  # noqa: E402
+from wcond.rare import fusion as fusion_module  # noqa: E402
 from wcond.save import save_checkpoint  # noqa: E402
 from wcond.shrink import fuse_vectors, shrink  # noqa: E402
 
@@ -171,7 +171,7 @@ def train(
     if dlra:
         every = int(arm.partition("/")[2] or 1)
         # +pos fuses positively parallel pairs only, as folding through a ReLU must
-        rare_module.fuse_vectors = partial(fuse_vectors, positive=arm == DLRA + "+pos")
+        fusion_module.fuse_vectors = partial(fuse_vectors, positive=arm == DLRA + "+pos")
         fusion = DynamicFusion(
             model,
             opt,

@@ -500,7 +500,7 @@ def test_the_screen_never_misses_a_pair_as_vectors_drift(seed: int) -> None:
     """Rows turning at different rates, pairs closing in and drifting apart, some rows shrinking
     to nearly nothing: at every step every near-parallel pair (float64, the test of metrics) is
     among the screen's candidates, whether it looked afresh, refreshed some rows or bounded."""
-    from wcond.rare import _Screen
+    from wcond.rare.screen import PairScreen
 
     g = torch.Generator().manual_seed(seed)
     n, d, tau_cos = 48, 24, 1e-3
@@ -509,7 +509,7 @@ def test_the_screen_never_misses_a_pair_as_vectors_drift(seed: int) -> None:
     for k in range(0, 12, 2):  # six pairs that close in, each from its own side and at its own rate
         target[k + 1] = (-1.0) ** k * (1 + k / 10) * v[k]
     rates = torch.rand(n, 1, dtype=torch.float64, generator=g) * 0.08
-    screen = _Screen(tau_cos)
+    screen = PairScreen(tau_cos)
     hits = 0
     for step in range(150):
         noise = 0.02 * torch.randn(n, d, dtype=torch.float64, generator=g) * rates.sqrt()

@@ -1,22 +1,4 @@
-"""Fusing near-parallel rows and columns while a model trains: the RaRe paper's Algorithm 1.
-
-Lee et al., "Rank redundancy" (papers/rank-redundancy.txt), Section 3: each weight is kept as
-``P W' Q`` where only W' trains and P, Q are fixed sparse maps (one entry per original row and
-column). After every update, each W' whose rows or columns hold a near-parallel pair (either
-sign, the test of METRICS.md) has that pair fused by the least-squares rule of
-:func:`wcond.shrink.fuse_vectors`, and P or Q absorbs the coefficients, so the layer computes the
-same function up to float rounding for an exactly (anti-)parallel pair. The optimizer keeps its
-state for the rows and columns that stay. A checkpoint exported from it is in wcond's factorized
-format: ``wcond.load_state_dict`` gives back the original architecture's state dict.
-
-Example:
-    >>> fusion = wcond.rare.DynamicFusion(model, optimizer, frobenius=True)
-    >>> for x, y in data:
-    ...     loss = loss_fn(model(x), y) + fusion.regularizer()
-    ...     optimizer.zero_grad(); loss.backward(); optimizer.step()
-    ...     fusion.step()
-    >>> fusion.export("small.safetensors")
-"""
+"""DynamicFusion: wrap a model's layers, fuse their near-parallel vectors after each update, export."""
 
 from __future__ import annotations
 
@@ -36,67 +18,21 @@ from torch.nn.utils import parametrize
 from wcond import metrics
 from wcond.defaults import AXES, AXIS, TAU_COS, TAU_EUC
 from wcond.errors import UsageError
-from wcond.lightning_import import import_lightning
 from wcond.load import tensor_info
 from wcond.load_factorized import MANIFEST_KEY, W_SUFFIX
 from wcond.paths import check_new_file
+from wcond.rare.screen import PairScreen
+from wcond.rare.weight import FactorizedWeight
 from wcond.save import atomic_path, save_checkpoint
 from wcond.shrink.factorized import MANIFEST, Factorization, paying_parts
 from wcond.shrink.pairs import Grouping, _compress, fuse_vectors
 
-# DynamicFusionCallback (a Lightning callback, built on first use) is left out of __all__, so
-# that `import *` does not need Lightning.
 __all__ = ["LAMBDA_L2", "LAMBDA_RARE", "DynamicFusion", "FusedLayer", "FusionReport"]
 
 # The paper's loss weights (Section 5: lambda1 = 20, lambda2 = 0.1).
 LAMBDA_RARE = 20.0
 LAMBDA_L2 = 0.1
 _COVERED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-class _Factorized(nn.Module):
-    """The parametrization ``weight = P W' Q`` (times ``k g / |W'|_F`` with Frobenius normalisation).
-
-    P and Q are stored as one index and one coefficient per original row / column (buffers, so
-    ``state_dict()`` carries them); an axis with nothing fused is the identity and costs nothing.
-    """
-
-    row_index: Tensor
-    row_coef: Tensor
-    col_index: Tensor
-    col_coef: Tensor
-    k: Tensor
-
-    def __init__(self, w: Tensor, frobenius: bool) -> None:
-        super().__init__()
-        rows, cols = w.shape[0], w.shape[1]
-        for axis, n in (("row", rows), ("col", cols)):
-            self.register_buffer(f"{axis}_index", torch.arange(n, device=w.device))
-            self.register_buffer(f"{axis}_coef", torch.ones(n, dtype=w.dtype, device=w.device))
-        self.fused = [False, False]
-        self.frobenius = frobenius
-        if frobenius:
-            # eq. 16: FN(W) = k W / |W|_F * g, k the initial norm, g trainable (starts at 1)
-            self.register_buffer("k", w.detach().norm())
-            self.gain = nn.Parameter(torch.ones((), dtype=w.dtype, device=w.device))
-
-    def forward(self, w: Tensor) -> Tensor:
-        out = w
-        for dim, (index, coef) in enumerate(
-            ((self.row_index, self.row_coef), (self.col_index, self.col_coef))
-        ):
-            if self.fused[dim]:
-                shape = [1] * out.ndim
-                shape[dim] = -1
-                out = out.index_select(dim, index) * coef.view(shape)
-        if self.frobenius:
-            # |P W' Q|_F = |W'|_F: the coefficients of a group form a unit vector
-            out = out * (self.k * self.gain / w.norm())
-        return out
-
-    def scale(self, w: Tensor) -> Tensor | float:
-        """The factor Frobenius normalisation multiplies W' by (1 without it)."""
-        return self.k * self.gain / w.norm() if self.frobenius else 1.0
 
 
 @dataclass
@@ -112,7 +48,7 @@ class FusedLayer:
     rows: Grouping = field(repr=False)
     cols: Grouping = field(repr=False)
     notes: list[str] = field(default_factory=list)
-    screens: dict[str, _Screen] = field(default_factory=dict, repr=False)
+    screens: dict[str, PairScreen] = field(default_factory=dict, repr=False)
 
     @property
     def param(self) -> nn.Parameter:
@@ -120,7 +56,7 @@ class FusedLayer:
         return self.module.parametrizations.weight.original  # type: ignore[union-attr,return-value]
 
     @property
-    def parametrization(self) -> _Factorized:
+    def parametrization(self) -> FactorizedWeight:
         return self.module.parametrizations.weight[0]  # type: ignore[union-attr,index,return-value]
 
     @property
@@ -200,7 +136,8 @@ class DynamicFusion:
         frobenius: the paper's Frobenius normalisation (eq. 16), ``W = k g P W' Q / |W'|_F``; g
             is rescaled at each fusion so that the function does not change.
         every_n_steps: look for pairs at every n-th ``step()`` (1: after every update, as the
-            paper does); a check costs about one matrix product per fusable axis.
+            paper does). A check after every update cost about one plain training step on
+            the 256-wide MLP of benchmarks/RARE_PAPER.md, every 10th a fifth of one.
 
     The model must not be wrapped in another parametrization of ``weight`` already.
     """
@@ -303,7 +240,7 @@ class DynamicFusion:
                 axes.remove("rows")
                 notes.append("rows protected: the last layer's rows are the outputs")
             parametrize.register_parametrization(
-                module, "weight", _Factorized(w.detach(), self.frobenius), unsafe=True
+                module, "weight", FactorizedWeight(w.detach(), self.frobenius), unsafe=True
             )
             rows, cols = (_identity(n) for n in w.shape[:2])
             out.append(
@@ -362,7 +299,7 @@ class DynamicFusion:
         dim = 0 if axis == "rows" else 1
         if param.shape[dim] < 2:
             return 0
-        screen = layer.screens.setdefault(axis, _Screen(self.tau_cos))
+        screen = layer.screens.setdefault(axis, PairScreen(self.tau_cos))
         i, j = screen.candidates(_vectors(param.detach(), dim))
         if not len(i):
             return 0  # most calls end here
@@ -597,75 +534,6 @@ def _vectors(w: Tensor, dim: int) -> Tensor:
     return w.reshape(w.shape[0], -1) if dim == 0 else w.transpose(0, 1).reshape(w.shape[1], -1)
 
 
-class _Screen:
-    """The pairs of one axis of a W' that may be near-parallel now, in float32, never missing one.
-
-    A full look takes the vectors' Gram matrix. Cosines of unit vectors of length d in float32
-    are off by at most about d * eps (the dot product's rounding in any summation order, and the
-    normalisation's), so each pair's angle is taken as a lower bound. The look keeps the unit
-    vectors as a snapshot, the pairs within ``_MARGIN`` of the threshold's angle, and for each
-    vector a budget: half the gap between the threshold and its closest other partner. Angles
-    between lines obey the triangle inequality, so a pair has come no closer than its snapshot
-    angle less the angles its two vectors have turned since. Until a vector turns past its
-    budget, no pair outside the kept ones can have reached the threshold, and a call costs one
-    pass over the vectors: the kept pairs that the bound does not rule out are the candidates
-    for the caller's float64 test. Past a budget, the call looks afresh. NaN or Inf never passes
-    a comparison: such vectors end up candidates that the float64 test refuses.
-    """
-
-    def __init__(self, tau_cos: float) -> None:
-        # a near-parallel pair is within this angle (radians) of parallel or anti-parallel
-        self.reach = math.acos(1 - tau_cos) if tau_cos < 2 else math.pi
-        self.units: Tensor | None = None  # the snapshot, unit rows
-        self.budget: Tensor | None = None  # per vector, radians
-        self.near: tuple[Tensor, Tensor, Tensor] | None = None  # i < j, angle lower bound
-        self.looks = 0  # full looks taken
-
-    def candidates(self, vectors: Tensor) -> tuple[Tensor, Tensor]:
-        """Index pairs (i, j), i < j, that may pass the near-parallel test now."""
-        v = vectors if vectors.dtype == torch.float32 else vectors.float()
-        slack = (v.shape[1] + 8) * torch.finfo(torch.float32).eps
-        if self.units is not None and self.units.shape == v.shape:
-            assert self.budget is not None and self.near is not None
-            cos = (v * self.units).sum(dim=1) / v.norm(dim=1) - slack
-            turned = cos.clamp_(-1.0, 1.0).acos_().nan_to_num_(nan=math.pi)
-            if bool((turned < self.budget).all()):
-                i, j, angle = self.near
-                left = angle - turned[i] - turned[j] <= self.reach
-                return i[left], j[left]
-        self.looks += 1
-        u = v / v.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-        cos = (u @ u.T).abs_().fill_diagonal_(0.0)
-        # angle lower bound = acos(min(1, |cos| + slack)); near: within reach + _MARGIN
-        limit = math.cos(min(math.pi, self.reach + _MARGIN)) - slack
-        closest = cos.amax(dim=1)
-        # Only rows with a near partner need more than their largest cosine. (u @ u.T is
-        # symmetric only up to rounding: a pair may be near from one of its rows alone. It is
-        # kept once all the same, and the other row's budget counts it as far, which is safe.)
-        rows = torch.nonzero(closest >= limit).flatten()
-        sub = cos[rows]
-        near = sub >= limit
-        r, c = torch.nonzero(near, as_tuple=True)
-        n = v.shape[0]
-        key = torch.unique(torch.minimum(rows[r], c) * n + torch.maximum(rows[r], c))
-        i, j = key // n, key % n  # each near pair once, from whichever row (or both) saw it
-        dot = (u[i] * u[j]).sum(dim=1).abs_()  # within the same float32 bound as the Gram's
-        pair_angle = (dot + slack).clamp_(max=1.0).acos_().nan_to_num_(nan=0.0)
-        closest[rows] = sub.masked_fill_(near, 0.0).amax(dim=1)
-        closest_far = (closest + slack).clamp_(max=1.0).acos_()
-        self.units, self.near = u, (i, j, pair_angle)
-        # NaN (a non-finite vector): no budget, so every call looks afresh, and no pair is near
-        self.budget = ((closest_far - self.reach) / 2).nan_to_num_(nan=0.0)
-        close = pair_angle <= self.reach
-        return i[close], j[close]
-
-
-# How far (radians) beyond the threshold's angle a full look keeps pairs, to follow them with
-# the bound; every other pair gives its vectors at least half of this to turn before the next
-# full look (Adam at lr 1e-3 turns a row of unit norm in a 256-wide layer by about 0.02 a step).
-_MARGIN = 0.2
-
-
 def _original_state(
     model: nn.Module, layers: dict[str, FusedLayer]
 ) -> Iterator[tuple[str, Tensor]]:
@@ -685,71 +553,3 @@ def _original_state(
                 yield base, _weight(layer.module).detach()
             continue
         yield key, value.detach()
-
-
-def __getattr__(name: str) -> Any:
-    # The Lightning callback is built on first use, so that wcond needs Lightning only for it.
-    if name == "DynamicFusionCallback":
-        cls = _lightning_callback()
-        globals()[name] = cls
-        return cls
-    raise AttributeError(f"module 'wcond.rare' has no attribute {name!r}")
-
-
-def _lightning_callback() -> type:
-    pl = import_lightning("wcond.rare.DynamicFusionCallback", "wcond.rare.DynamicFusion")
-
-    class DynamicFusionCallback(pl.Callback):  # type: ignore[misc,name-defined]
-        """Lightning callback: :class:`DynamicFusion` on the LightningModule, with the paper's loss.
-
-        At the start of fitting it wraps the module's layers (keyword arguments as
-        DynamicFusion's) with the trainer's optimizer (one optimizer); after each backward pass
-        it adds the gradient of ``rare * rare_loss() + l2 * l2_loss()`` (0 and 0 leave the loss
-        alone), scaled as the trainer scales the task loss (gradient accumulation, a 16-bit
-        mixed-precision scaler); after each optimizer step it calls ``step()``. The wrapper is
-        ``self.fusion``: ``callback.fusion.export("small.safetensors")`` after ``trainer.fit``.
-
-        Example:
-            >>> fusion = DynamicFusionCallback(frobenius=True)
-            >>> lightning.Trainer(callbacks=[fusion]).fit(module, data)
-            >>> fusion.fusion.export("small.safetensors")
-        """
-
-        def __init__(
-            self, *, rare: float = LAMBDA_RARE, l2: float = LAMBDA_L2, **fusion_kwargs: Any
-        ) -> None:
-            super().__init__()
-            self.rare, self.l2 = rare, l2
-            self.fusion_kwargs = fusion_kwargs
-            self.fusion: DynamicFusion | None = None
-            self._stepped: int | None = None
-
-        def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-            if self.fusion is not None:
-                return  # a second fit() on the same module goes on with the same factorization
-            if len(trainer.optimizers) != 1:
-                raise UsageError(
-                    f"DynamicFusionCallback needs exactly one optimizer; the trainer has "
-                    f"{len(trainer.optimizers)}"
-                )
-            self.fusion = DynamicFusion(pl_module, trainer.optimizers[0], **self.fusion_kwargs)
-            self._stepped = trainer.global_step
-
-        def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
-            if self.fusion is None or not (self.rare or self.l2):
-                return
-            scaler = getattr(trainer.precision_plugin, "scaler", None)
-            scale = float(scaler.get_scale()) if scaler is not None else 1.0
-            reg = self.fusion.regularizer(self.rare, self.l2)
-            (reg * (scale / trainer.accumulate_grad_batches)).backward()
-
-        def on_train_batch_end(
-            self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
-        ) -> None:
-            # global_step counts optimizer steps; with gradient accumulation several batches share one.
-            if self.fusion is not None and trainer.global_step != self._stepped:
-                self._stepped = trainer.global_step
-                self.fusion.step()
-
-    DynamicFusionCallback.__module__ = __name__
-    return DynamicFusionCallback
