@@ -523,3 +523,50 @@ def test_the_screen_never_misses_a_pair_as_vectors_drift(seed: int) -> None:
         assert want <= got, (step, want - got)
         hits += len(want)
     assert hits > 0  # pairs did come within tau_cos
+
+
+@pytest.mark.parametrize("frobenius", [False, True])
+def test_a_run_saved_mid_training_resumes_where_it_was(tmp_path: Path, frobenius: bool) -> None:
+    """Save model and optimizer after fusions; a fresh wrapper loads both; the two runs then agree."""
+
+    def run() -> tuple[nn.Sequential, torch.optim.Optimizer, DynamicFusion]:
+        model = _mlp(widths=(8, 32, 32, 4))
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        return model, opt, DynamicFusion(model, opt, axis="both", frobenius=frobenius)
+
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 8), torch.randint(0, 4, (64,))
+
+    def train(model: nn.Module, opt: torch.optim.Optimizer, fusion: DynamicFusion) -> None:
+        loss = nn.functional.cross_entropy(model(x), y) + fusion.regularizer(rare=5.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        fusion.step()
+
+    model, opt, fusion = run()
+    train(model, opt, fusion)  # the optimizer has state
+    _plant(fusion.layers[1].param, 0, 3, 11, 0.5)
+    _plant(fusion.layers[1].param, 1, 2, 9, -2.0)
+    assert fusion.fuse() == 2
+    for _ in range(3):
+        train(model, opt, fusion)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+
+    model2, opt2, fusion2 = run()
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    fusion2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    assert [f.stored_shape for f in fusion2.layers] == [f.stored_shape for f in fusion.layers]
+    assert fusion2.layers[1].fused_rows == fusion.layers[1].fused_rows
+    for _ in range(5):
+        train(model, opt, fusion)
+        train(model2, opt2, fusion2)
+        torch.testing.assert_close(model2(x), model(x), rtol=0, atol=1e-6)
+    assert [f.stored_shape for f in fusion2.layers] == [f.stored_shape for f in fusion.layers]
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    fusion.export(a)
+    fusion2.export(b)
+    assert a.read_bytes() == b.read_bytes()
+    with pytest.raises(UsageError, match="was not saved from a model wrapped by DynamicFusion"):
+        run()[2].load_state_dict(_mlp(widths=(8, 32, 32, 4)).state_dict())

@@ -6,7 +6,7 @@ import fnmatch
 import math
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -328,10 +328,7 @@ class DynamicFusion:
             layer.rows = composed
         else:
             layer.cols = composed
-        prefix = "row" if dim == 0 else "col"
-        getattr(fn, f"{prefix}_index").data = composed.index.to(param.device)
-        getattr(fn, f"{prefix}_coef").data = composed.coef.to(param.device, param.dtype)
-        fn.fused[dim] = True
+        fn.set_axis(dim, composed.index, composed.coef, torch.tensor(composed.kept_indices))
         return g.fused
 
     def _replace(self, layer: FusedLayer, data: Tensor, dim: int, kept: Tensor) -> nn.Parameter:
@@ -346,19 +343,80 @@ class DynamicFusion:
         new = nn.Parameter(data, requires_grad=old.requires_grad)
         if old.grad is not None:
             new.grad = old.grad.index_select(dim, kept)
+        state = None
+        if self.optimizer is not None and old in self.optimizer.state:
+            state = {
+                name: value.index_select(dim, kept.to(value.device))
+                if isinstance(value, Tensor) and value.shape == old.shape
+                else value
+                for name, value in self.optimizer.state[old].items()
+            }
+        self._install(layer, new, state)
+        return new
+
+    def _install(self, layer: FusedLayer, new: nn.Parameter, state: dict[str, Any] | None) -> None:
+        """``new`` in the old W''s place: in the module, the optimizer's groups, with ``state``."""
+        old = layer.param
         layer.module.parametrizations.weight.original = new  # type: ignore[union-attr]
         if self.optimizer is not None:
             for group in self.optimizer.param_groups:
                 group["params"] = [new if p is old else p for p in group["params"]]
-            if old in self.optimizer.state:
-                state = self.optimizer.state.pop(old)
-                self.optimizer.state[new] = {
-                    name: value.index_select(dim, kept.to(value.device))
-                    if isinstance(value, Tensor) and value.shape == old.shape
-                    else value
-                    for name, value in state.items()
-                }
-        return new
+            self.optimizer.state.pop(old, None)
+            if state is not None:
+                self.optimizer.state[new] = state
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        """Resume: give the model the factorization and weights of its ``state_dict()`` saved mid-training.
+
+        Each covered layer's W' and P, Q take the saved shapes (W' as a new Parameter in the
+        optimizer, as a fusion would install it), then ``model.load_state_dict(state)`` fills in
+        every value. Load the optimizer's own state dict after this.
+
+        Example:
+            >>> torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, "ckpt.pt")
+            >>> fusion = DynamicFusion(new_model, new_opt, frobenius=True)
+            >>> ckpt = torch.load("ckpt.pt")
+            >>> fusion.load_state_dict(ckpt["model"]); new_opt.load_state_dict(ckpt["opt"])
+        """
+        for layer in self.layers:
+            head = (
+                f"{layer.name}.parametrizations.weight."
+                if layer.name
+                else "parametrizations.weight."
+            )
+            saved = state.get(head + "original")
+            if saved is None:
+                raise UsageError(
+                    f"the state dict has no {head + 'original'!r}: it was not saved from a model "
+                    "wrapped by DynamicFusion with the same layers",
+                    params=("state",),
+                )
+            if tuple(saved.shape) != layer.stored_shape:
+                self._resize(layer, tuple(saved.shape))
+            fn = layer.parametrization
+            groupings = []
+            for dim, prefix in enumerate(("row", "col")):
+                index, coef = state[f"{head}0.{prefix}_index"], state[f"{head}0.{prefix}_coef"]
+                roots = state[f"{head}0.{prefix}_roots"]
+                fn.set_axis(dim, index, coef, roots)
+                groupings.append(
+                    Grouping(
+                        index.cpu().to(torch.int64),
+                        coef.cpu().double(),
+                        roots.tolist(),
+                        len(index) - len(roots),
+                    )
+                )
+            layer.rows, layer.cols = groupings
+            layer.screens.clear()
+        self.model.load_state_dict(state)
+
+    def _resize(self, layer: FusedLayer, shape: tuple[int, ...]) -> None:
+        """W' as a new Parameter of ``shape`` (values to be loaded), in the module and optimizer."""
+        old = layer.param
+        self._install(
+            layer, nn.Parameter(old.new_empty(shape), requires_grad=old.requires_grad), None
+        )
 
     # ------------------------------------------------------------------ losses
 

@@ -11,14 +11,17 @@ __all__ = ["FactorizedWeight"]
 class FactorizedWeight(nn.Module):
     """The parametrization ``weight = P W' Q`` (times ``k g / |W'|_F`` with Frobenius normalisation).
 
-    P and Q are stored as one index and one coefficient per original row / column (buffers, so
-    ``state_dict()`` carries them); an axis with nothing fused is the identity and costs nothing.
+    P and Q are stored as one index and one coefficient per original row / column, and the
+    original row / column that owns each stored one (buffers, so ``state_dict()`` carries them);
+    an axis with nothing fused is the identity and costs nothing.
     """
 
     row_index: Tensor
     row_coef: Tensor
+    row_roots: Tensor
     col_index: Tensor
     col_coef: Tensor
+    col_roots: Tensor
     k: Tensor
 
     def __init__(self, w: Tensor, frobenius: bool) -> None:
@@ -27,6 +30,7 @@ class FactorizedWeight(nn.Module):
         for axis, n in (("row", rows), ("col", cols)):
             self.register_buffer(f"{axis}_index", torch.arange(n, device=w.device))
             self.register_buffer(f"{axis}_coef", torch.ones(n, dtype=w.dtype, device=w.device))
+            self.register_buffer(f"{axis}_roots", torch.arange(n, device=w.device))
         self.fused = [False, False]
         self.frobenius = frobenius
         if frobenius:
@@ -47,6 +51,15 @@ class FactorizedWeight(nn.Module):
             # |P W' Q|_F = |W'|_F: the coefficients of a group form a unit vector
             out = out * (self.k * self.gain / w.norm())
         return out
+
+    def set_axis(self, dim: int, index: Tensor, coef: Tensor, roots: Tensor) -> None:
+        """Install one axis's map: original k -> ``coef[k] * W'[index[k]]``; ``roots[p]`` owns slot p."""
+        prefix = ("row", "col")[dim]
+        like = getattr(self, f"{prefix}_coef")
+        setattr(self, f"{prefix}_index", index.to(like.device, torch.int64))
+        setattr(self, f"{prefix}_coef", coef.to(like.device, like.dtype))
+        setattr(self, f"{prefix}_roots", roots.to(like.device, torch.int64))
+        self.fused[dim] = len(roots) < len(index)
 
     def scale(self, w: Tensor) -> Tensor | float:
         """The factor Frobenius normalisation multiplies W' by (1 without it)."""
