@@ -378,3 +378,44 @@ def test_library_words_become_flags_at_the_cli_boundary() -> None:
         "--tau-cos -1.0: must be >= 0; pass --force, or --no-protect-ends; lower --lr (it diverged)"
     )
     assert in_flags(UsageError("layers=['x'] names nothing")) == "layers=['x'] names nothing"
+
+
+@pytest.mark.parametrize("where", [("-o", "gate.html"), ("-f", "json"), ("-o", "gate.xml")])
+def test_a_tripped_gate_says_why_on_stderr_whatever_the_output(
+    pt_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: tuple[str, str]
+) -> None:
+    """The README's CI step writes a file or JSON: the log still names gate, checkpoint, layer, value."""
+    monkeypatch.chdir(tmp_path)
+    gates = ("--fail-if", "near_parallel_rows>0", "--fail-if", "acv_mean>10")
+    result = run("inspect", pt_file, *where, *gates)
+    assert result.exit_code == 1
+    lines = result.stderr.splitlines()
+    assert f"FAIL near_parallel_rows>0: {pt_file} conv2.weight = 1" in lines
+    assert "1 gate violation: exit 1" in lines
+    assert not any("acv_mean>10" in line for line in lines)  # a gate that passed is not a failure
+
+
+def test_gate_lines_on_stderr_for_several_checkpoints_and_hostile_names(tmp_path: Path) -> None:
+    w = torch.randn(8, 12)
+    w[5] = -w[1]
+    evil = "x\n::error::forged"
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_file({evil: w.contiguous(), "fc.weight": torch.randn(4, 8)}, str(a))
+    save_file({evil: torch.randn(8, 12), "fc.weight": torch.randn(4, 8)}, str(b))
+    result = run("inspect", a, b, "-f", "json", "--fail-if", "near_parallel_rows>0")
+    assert result.exit_code == 1
+    lines = result.stderr.splitlines()
+    assert f"FAIL near_parallel_rows>0: {a} x\\n:\\x3aerror:\\x3aforged = 1" in lines
+    assert "1 gate violation in 1 of 2 checkpoints: exit 1" in lines
+    assert not any(line.startswith("::") for line in lines)
+
+
+def test_a_table_on_a_terminal_shows_its_fail_lines_once(
+    pt_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from wcond.cli import common
+
+    monkeypatch.setattr(common._GuardedStdout, "isatty", lambda self: True, raising=False)
+    result = run("inspect", pt_file, "--fail-if", "near_parallel_rows>0")
+    assert result.exit_code == 1 and "FAIL near_parallel_rows>0: conv2.weight (1)" in result.stdout
+    assert "FAIL" not in result.stderr

@@ -398,6 +398,36 @@ def emit(text: str, output: Path | None) -> None:
         say_written(output)
 
 
+def say_gates(reports: Sequence[Any], shown_on_terminal: bool) -> None:
+    """One stderr line per gate violation (gate, checkpoint, layer, value), then their count.
+
+    Whatever the format or destination of the report, a job log then says why it failed; only
+    a table printed on a terminal, which shows its FAIL lines itself, goes without them.
+    """
+    from wcond.render_text import fmt_number
+
+    if shown_on_terminal and STDOUT.isatty():
+        return
+    count, tripped = 0, 0
+    for report in reports:
+        bad = [(g.expr, v) for g in report.gates if not g.passed for v in g.violations]
+        tripped += bool(bad)
+        count += len(bad)
+        for expr, v in bad:
+            stderr.print(
+                f"FAIL {markup(expr)}: {markup(report.checkpoint)} {markup(v.layer)} = "
+                f"{fmt_number(v.value)}",
+                highlight=False,
+                soft_wrap=True,
+            )
+    if count:
+        checkpoints = f" in {tripped} of {len(reports)} checkpoints" if len(reports) > 1 else ""
+        stderr.print(
+            f"{count} gate violation{'s' if count != 1 else ''}{checkpoints}: exit 1",
+            highlight=False,
+        )
+
+
 def say_written(path: object) -> None:
     """The `wrote PATH` line on stderr, the path escaped (one line, markup shown literally)."""
     stderr.print(f"wrote {markup(path)}", highlight=False, soft_wrap=True)

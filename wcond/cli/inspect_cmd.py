@@ -27,6 +27,7 @@ from wcond.cli.common import (
     load_torch,
     pick_format,
     progress_bar,
+    say_gates,
     say_written,
     stdout,
 )
@@ -150,6 +151,7 @@ def inspect_command(
     else:
         emit(render(report, fmt), output)
     if report.failed:
+        say_gates([report], shown_on_terminal=fmt == "table" and output is None)
         raise typer.Exit(EXIT_GATE)
 
 
@@ -175,6 +177,7 @@ def _inspect_many(
     else:
         emit(render_trend(result, fmt), output)
     if result.failed:
+        say_gates(result.reports, shown_on_terminal=fmt == "table" and output is None)
         raise typer.Exit(EXIT_GATE)
 
 
