@@ -210,3 +210,53 @@ def test_config_applies_to_diff(tmp_path: Path, pt_file: Path) -> None:
     doc = json.loads(result.stdout)
     assert [layer["name"] for layer in doc["layers"]] == ["conv2.weight"]
     assert doc["settings"]["tau_cos"] == 0.03 and doc["settings"]["config"] == str(cfg)
+
+
+README_TABLE = (
+    '[tool.wcond]\ntau-cos = 1e-4\nexclude = ["fc.*"]\nfail-if = ["near_parallel_rows>0"]\n'
+)
+WANT = {"tau_cos": 1e-4, "exclude": ["fc.*"], "fail_if": ["near_parallel_rows>0"]}
+
+
+@pytest.mark.parametrize("name", ["wcond.toml", "ci-policy.toml"])
+def test_the_readme_table_works_in_any_config_file(tmp_path: Path, name: str) -> None:
+    """[tool.wcond], as the README shows it, in a wcond.toml or a file named by --config."""
+    cfg = write(tmp_path / name, README_TABLE)
+    assert load_config(cfg).values == WANT
+    if name == "wcond.toml":
+        assert find_config(tmp_path) == cfg and load_config(start=tmp_path).values == WANT
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "top = 3\n" + README_TABLE,
+            "holds both [tool.wcond] and top-level keys (top); use one form",
+        ),
+        ("[tool.ruff]\nline-length = 9\n", "has a [tool] table but no [tool.wcond]"),
+        (
+            "[tool.wcond]\ntau_cos = 1\n",
+            "[tool.wcond]: unknown key 'tau_cos' (did you mean 'tau-cos'?)",
+        ),
+    ],
+)
+def test_a_config_file_says_which_form_is_wrong(tmp_path: Path, text: str, message: str) -> None:
+    cfg = write(tmp_path / "wcond.toml", text)
+    with pytest.raises(UsageError) as e:
+        load_config(cfg)
+    assert str(e.value).startswith(f"{cfg}: ") and message in str(e.value)
+
+
+def test_discovery_stops_at_the_repository_root(tmp_path: Path) -> None:
+    """A stray wcond.toml above a clone never sets the clone's gates."""
+    write(tmp_path / "wcond.toml", 'fail-if = ["acv_mean>0"]\n')
+    repo = tmp_path / "clone"
+    (repo / ".git").mkdir(parents=True)
+    (repo / "src").mkdir()
+    assert find_config(repo / "src") is None
+    inside = write(repo / "wcond.toml", "top = 2\n")
+    assert find_config(repo / "src") == inside
+    worktree = tmp_path / "worktree"  # a linked worktree or submodule: .git is a file
+    write(worktree / ".git", "gitdir: /elsewhere\n")
+    assert find_config(worktree) is None

@@ -1,10 +1,12 @@
 """Project configuration: a repo pins its wcond policy once, in ``[tool.wcond]`` of pyproject.toml.
 
-Found like ruff and pytest find theirs: walking up from the current directory, the first
-directory holding a ``wcond.toml`` (top-level keys) or a ``pyproject.toml`` with a
-``[tool.wcond]`` table wins (``wcond.toml`` first when a directory has both). ``--config FILE``
-names one explicitly. Command-line flags override every key; list keys (``layers``, ``exclude``,
-``fail-if``) are replaced by the flag, not extended.
+Found like ruff and pytest find theirs: walking up from the current directory to the root of
+the repository (the first directory holding ``.git``; the filesystem's root outside one), the
+first directory holding a ``wcond.toml`` or a ``pyproject.toml`` with a ``[tool.wcond]`` table
+wins (``wcond.toml`` first when a directory has both). ``--config FILE`` names one explicitly.
+A ``wcond.toml`` or ``--config`` file holds either the keys at top level or a ``[tool.wcond]``
+table, as pyproject.toml does. Command-line flags override every key; list keys (``layers``,
+``exclude``, ``fail-if``) are replaced by the flag, not extended.
 
 Example pyproject.toml::
 
@@ -59,7 +61,11 @@ class Config:
 
 
 def find_config(start: str | Path | None = None) -> Path | None:
-    """The first wcond.toml, or pyproject.toml with a [tool.wcond] table, from ``start`` (cwd) upward."""
+    """The first wcond.toml, or pyproject.toml with a [tool.wcond] table, from ``start`` (cwd) upward.
+
+    The walk ends at the repository's root (a directory holding ``.git``), so a stray file
+    above a clone never sets its policy.
+    """
     here = Path(start or Path.cwd()).resolve()
     for directory in (here, *here.parents):
         own = directory / "wcond.toml"
@@ -68,6 +74,8 @@ def find_config(start: str | Path | None = None) -> Path | None:
         pyproject = directory / "pyproject.toml"
         if pyproject.is_file() and _wcond_table(_read(pyproject), pyproject) is not None:
             return pyproject
+        if (directory / ".git").exists():
+            break
     return None
 
 
@@ -93,9 +101,19 @@ def load_config(path: str | Path | None = None, start: str | Path | None = None)
             raise UsageError(
                 f"{path}: has no [tool.wcond] table; add one, or name a wcond.toml instead"
             )
-    else:
-        table = doc
-    return Config(path, _check(table, path))
+        return Config(path, _check(table, f"{path}: [tool.wcond]"))
+    if "tool" not in doc:
+        return Config(path, _check(doc, str(path)))  # the keys at top level
+    table = _wcond_table(doc, path)
+    if table is None:
+        raise UsageError(f"{path}: has a [tool] table but no [tool.wcond]; put wcond's keys there")
+    others = sorted(k for k in doc if k != "tool")
+    if others:
+        raise UsageError(
+            f"{path}: holds both [tool.wcond] and top-level keys ({', '.join(others)}); "
+            "use one form"
+        )
+    return Config(path, _check(table, f"{path}: [tool.wcond]"))
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -119,9 +137,9 @@ def _wcond_table(doc: Mapping[str, Any], path: Path) -> Mapping[str, Any] | None
     return table
 
 
-def _check(table: Mapping[str, Any], path: Path) -> dict[str, Any]:
+def _check(table: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The table's keys checked, in Python spelling; ``where`` names the file (and table) in errors."""
     values: dict[str, Any] = {}
-    where = f"{path}: [tool.wcond]" if path.name == "pyproject.toml" else str(path)
     for key, value in table.items():
         if key not in CONFIG_KEYS:
             hint = (
