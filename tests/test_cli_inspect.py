@@ -142,6 +142,26 @@ def test_layer_selection(pt_file: Path) -> None:
     assert names == ["conv2.weight"]
     result = run("inspect", pt_file, "--layers", "nothing*")
     assert result.exit_code == 2 and "no layer matches" in result.stderr
+    assert "did you mean" not in result.stderr  # nothing close
+
+
+@pytest.mark.parametrize("command", ["inspect", "shrink", "diff"])
+def test_layers_by_module_name_in_every_command_with_a_did_you_mean(
+    pt_file: Path, command: str
+) -> None:
+    """`conv1` selects conv1.weight as shrink always did; a near miss names the closest layers."""
+    extra = {"inspect": [], "shrink": ["--dry-run"], "diff": [str(pt_file)]}[command]
+    doc = json.loads(
+        run(command, pt_file, *extra, "--layers", "conv1", "--exclude", "fc", "-f", "json").stdout
+    )
+    names = [layer["name"] for layer in doc["layers"]]
+    assert names == ["conv1.weight"]
+    miss = run(command, pt_file, *extra, "--layers", "cnv2")
+    assert miss.exit_code == 2
+    assert miss.stderr.rstrip().endswith(
+        "no layer matches the patterns --layers ['cnv2'], --exclude []; "
+        "did you mean 'conv2', 'conv1'?"
+    ), miss.stderr
 
 
 def test_groups_option_and_depthwise_hint(tmp_path: Path) -> None:

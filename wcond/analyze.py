@@ -22,7 +22,16 @@ from wcond.device import resolve_device
 from wcond.engine import Engine, Task, open_on_worker, plan_tasks
 from wcond.errors import CheckpointError, UsageError, show_key
 from wcond.gates import Gate, evaluate_gates
-from wcond.layers import LayerSpec, find_layers, is_fp8, is_layer, layer_kind, selected, skip_note
+from wcond.layers import (
+    LayerSpec,
+    find_layers,
+    is_fp8,
+    is_layer,
+    layer_kind,
+    no_match_message,
+    selected,
+    skip_note,
+)
 from wcond.load import Checkpoint, open_checkpoint, tensor_info
 from wcond.load_factorized import dense_view
 from wcond.module import module_view
@@ -217,7 +226,9 @@ def _plan(
     if not specs:
         if any(is_layer(i) for i in dense.values()):
             raise CheckpointError(
-                f"{name}: no layer matches the patterns layers={list(layers)!r}, exclude={list(exclude)!r}",
+                no_match_message(
+                    name, [k for k, i in dense.items() if is_layer(i)], layers, exclude
+                ),
                 params=("layers", "exclude"),
             )
         why = ""

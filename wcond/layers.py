@@ -54,11 +54,40 @@ def layer_kind(shape: Sequence[int]) -> str:
     return _KINDS.get(len(shape), f"{len(shape)}d")
 
 
+def matches(key: str, globs: Sequence[str]) -> bool:
+    """True when a glob matches the tensor key, or the module that owns it (``conv1``: ``conv1.weight``)."""
+    module = key.removesuffix(".weight") if key.endswith(".weight") else None
+    return any(
+        fnmatch.fnmatchcase(key, g) or (module is not None and fnmatch.fnmatchcase(module, g))
+        for g in globs
+    )
+
+
 def selected(key: str, layers: Sequence[str] = (), exclude: Sequence[str] = ()) -> bool:
-    """True when ``key`` matches one of the ``layers`` globs (or none are given) and no ``exclude`` glob."""
-    if layers and not any(fnmatch.fnmatchcase(key, g) for g in layers):
+    """True when ``key`` matches one of the ``layers`` globs (or none are given) and no ``exclude`` glob.
+
+    A glob matches a tensor key or its module's name (see :func:`matches`).
+    """
+    if layers and not matches(key, layers):
         return False
-    return not any(fnmatch.fnmatchcase(key, g) for g in exclude)
+    return not matches(key, exclude)
+
+
+def no_match_message(
+    source: str, keys: Sequence[str], layers: Sequence[str], exclude: Sequence[str]
+) -> str:
+    """``SOURCE: no layer matches the patterns ...``, with the closest layer names when there are any."""
+    import difflib
+
+    names = [*keys, *(k.removesuffix(".weight") for k in keys if k.endswith(".weight"))]
+    close: list[str] = []
+    for g in layers:
+        close += [c for c in difflib.get_close_matches(g, names, n=3) if c not in close]
+    hint = f"; did you mean {', '.join(repr(c) for c in close[:3])}?" if close else ""
+    return (
+        f"{source}: no layer matches the patterns layers={list(layers)!r}, "
+        f"exclude={list(exclude)!r}{hint}"
+    )
 
 
 @dataclass(frozen=True)

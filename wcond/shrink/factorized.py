@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from wcond.defaults import AXES, AXIS, DEVICE, TAU_COS, TAU_EUC, ProgressFn
 from wcond.device import resolve_device
 from wcond.engine import Engine, Task, open_on_worker, plan_tasks
 from wcond.errors import CheckpointError, UsageError
-from wcond.layers import find_layers, is_fp8, is_layer
+from wcond.layers import find_layers, is_fp8, is_layer, matches, no_match_message
 from wcond.load import Checkpoint, TensorInfo, open_checkpoint
 from wcond.load_factorized import (
     COL_FUSED,
@@ -228,7 +227,7 @@ def shrink(
     local = engine is None or engine.name == "local"
     # Here, an unusable device fails before anything is read; on an engine the workers resolve it.
     dev = resolve_device(device) if local else None
-    specs = find_layers(infos, _with_modules(layers), _with_modules(exclude))
+    specs = find_layers(infos, layers, exclude)
     if not specs:
         _no_layers(ck, infos, layers, exclude)
     analyzable = [k for k, i in infos.items() if is_layer(i)]
@@ -237,8 +236,7 @@ def shrink(
     remote: dict[str, Factorization | None] = {}
     if engine is not None and not local:
         axes_of = {
-            s.key: _axes(s.key, list(s.info.shape), axis, first, last, _with_modules(protect), [])
-            for s in specs
+            s.key: _axes(s.key, list(s.info.shape), axis, first, last, protect, []) for s in specs
         }
         work = [s for s in specs if axes_of[s.key] and not is_fp8(s.info.dtype)]
         tasks = plan_tasks(str(Path(ck.path).resolve()), [(s.key, s.info.numel) for s in work])
@@ -269,7 +267,7 @@ def shrink(
             spec.key, shape, shape, params_before=spec.info.numel, params_after=spec.info.numel
         )
         reports.append(rep)
-        rep.axes = _axes(spec.key, shape, axis, first, last, _with_modules(protect), rep.notes)
+        rep.axes = _axes(spec.key, shape, axis, first, last, protect, rep.notes)
         if not rep.axes:
             continue
         if is_fp8(spec.info.dtype):
@@ -483,11 +481,6 @@ def _size_format(ck: Checkpoint, output: str | Path | None) -> str:
     return "safetensors" if all(p.suffix == ".safetensors" for p in ck.files) else "torch"
 
 
-def _with_modules(globs: Sequence[str]) -> list[str]:
-    """Globs that match a weight key directly, or through its module's name (net.0: net.0.weight)."""
-    return [*globs, *(g + ".weight" for g in globs if not g.endswith(".weight"))]
-
-
 def _factorize_layer(
     w: Tensor, axes: Sequence[str], *, tau_cos: float, tau_euc: float, device: torch.device | str
 ) -> Factorization | None:
@@ -535,7 +528,7 @@ def _axes(
         )
     else:
         want = ["rows", "cols"] if axis == "both" else [axis]
-    if any(fnmatch.fnmatchcase(key, g) for g in protect):
+    if matches(key, protect):
         notes.append("protected (--protect): not fused")
         return []
     if key == first and "cols" in want:
@@ -558,10 +551,9 @@ def _no_layers(
     exclude: Sequence[str],
 ) -> None:
     if any(is_layer(i) for i in infos.values()):
+        keys = [k for k, i in infos.items() if is_layer(i)]
         raise CheckpointError(
-            f"{ck.path}: no layer matches the patterns layers={list(layers)!r}, "
-            f"exclude={list(exclude)!r}",
-            params=("layers", "exclude"),
+            no_match_message(str(ck.path), keys, layers, exclude), params=("layers", "exclude")
         )
     raise CheckpointError(
         f"{ck.path}: no weight matrices or conv kernels to shrink (need floating-point tensors with 2 to 5 dims)"
