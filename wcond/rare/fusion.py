@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import time
 import warnings
@@ -18,6 +17,7 @@ from torch.nn.utils import parametrize
 from wcond import metrics
 from wcond.defaults import AXES, AXIS, TAU_COS, TAU_EUC
 from wcond.errors import UsageError
+from wcond.layers import matches
 from wcond.load import tensor_info
 from wcond.load_factorized import MANIFEST_KEY, W_SUFFIX
 from wcond.paths import check_new_file
@@ -205,9 +205,9 @@ class DynamicFusion:
         chosen: list[tuple[str, nn.Module]] = []
         for name, module in covered:
             key = f"{name}.weight" if name else "weight"
-            if layers and not _matches(name, key, layers):
+            if layers and not matches(key, layers):
                 continue
-            if _matches(name, key, exclude):
+            if matches(key, exclude):
                 continue
             if parametrize.is_parametrized(module, "weight"):
                 raise UsageError(
@@ -230,7 +230,7 @@ class DynamicFusion:
             w = _weight(module)
             notes: list[str] = []
             axes = ["rows", "cols"] if self.axis in ("auto", "both") else [self.axis]
-            if _matches(name, key, protect):
+            if matches(key, protect):
                 axes = []
                 notes.append("protected: not fused")
             if protect_ends and name == first and "cols" in axes:
@@ -563,10 +563,6 @@ def _weight(module: nn.Module) -> Tensor:
 
 def _globs(value: str | Sequence[str]) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
-
-
-def _matches(name: str, key: str, globs: Sequence[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, g) or fnmatch.fnmatchcase(key, g) for g in globs)
 
 
 def _identity(n: int) -> Grouping:
