@@ -439,3 +439,22 @@ def test_a_table_on_a_terminal_shows_its_fail_lines_once(
     result = run("inspect", pt_file, "--fail-if", "near_parallel_rows>0")
     assert result.exit_code == 1 and "FAIL near_parallel_rows>0: conv2.weight (1)" in result.stdout
     assert "FAIL" not in result.stderr
+
+
+def test_the_tables_labels_name_metrics_in_gates(pt_file: Path, tmp_path: Path) -> None:
+    """`--fail-if "rare_r<0.5"` (the table's header) is `rare_rows<0.5`, reported by its full name."""
+    short = run("inspect", pt_file, "-f", "json", "--fail-if", "rare_r<0.5", "--fail-if", "acv>10")
+    full = run(
+        "inspect", pt_file, "-f", "json", "--fail-if", "rare_rows<0.5", "--fail-if", "acv_mean>10"
+    )
+    assert short.exit_code == full.exit_code == 1
+    assert json.loads(short.stdout)["gates"] == json.loads(full.stdout)["gates"]
+    assert [g["expr"] for g in json.loads(short.stdout)["gates"]] == [
+        "rare_rows<0.5",
+        "acv_mean>10",
+    ]
+    cfg = tmp_path / "wcond.toml"
+    cfg.write_text('fail-if = ["cs_n>100"]\n', encoding="utf-8")
+    assert run("inspect", pt_file, "--config", cfg).exit_code == 0
+    bad = run("inspect", pt_file, "--fail-if", "acvx>1")
+    assert bad.exit_code == 2 and "(or the table's labels acv, cs_n, normdev" in bad.stderr

@@ -40,8 +40,16 @@ class Gate:
     threshold: float
 
     @classmethod
-    def parse(cls, expr: str, metrics: Collection[str] | None = None) -> Gate:
-        """Parse ``expr``; with ``metrics``, the metric must be one of them."""
+    def parse(
+        cls,
+        expr: str,
+        metrics: Collection[str] | None = None,
+        aliases: Mapping[str, str] | None = None,
+    ) -> Gate:
+        """Parse ``expr``; with ``metrics``, the metric must be one of them or one of ``aliases``.
+
+        An alias is replaced by the metric it stands for (``acv>0.3`` is ``acv_mean>0.3``).
+        """
         m = _EXPR.match(expr)
         if not m:
             raise UsageError(
@@ -50,9 +58,11 @@ class Gate:
                 params=("fail_if",),
             )
         metric, op, number = m.groups()
+        metric = (aliases or {}).get(metric, metric)
         if metrics is not None and metric not in metrics:
+            also = f" (or the table's labels {', '.join(aliases)})" if aliases else ""
             raise UsageError(
-                f"fail_if={expr!r}: unknown metric {metric!r}; one of: {', '.join(metrics)}",
+                f"fail_if={expr!r}: unknown metric {metric!r}; one of: {', '.join(metrics)}{also}",
                 params=("fail_if",),
             )
         threshold = float(number)

@@ -14,7 +14,7 @@ from wcond._version import __version__
 from wcond.render_html import to_html
 from wcond.render_junit import to_junit
 from wcond.render_text import fmt_number, fmt_shape, print_layer_table, ratio, table_text
-from wcond.report import NUMERIC_FIELDS, LayerReport, Report
+from wcond.report import METRIC_ALIASES, NUMERIC_FIELDS, LayerReport, Report
 from wcond.text import csv_cell, markup, md_cell, md_code, md_text
 
 __all__ = ["FORMATS", "fmt_number", "render", "render_table", "to_csv", "to_json", "to_markdown"]
@@ -61,15 +61,10 @@ def _worst(report: Report, rank: _Cell, higher_worse: bool) -> LayerReport | Non
 
 # Legend of the short headers, and the order in which columns give way on a narrow terminal.
 _LEGEND = {
-    "acv": "acv_mean",
+    **METRIC_ALIASES,
     "acv/fl": "acv_sum / acv_floor",
-    "cs_n": "conv_similarity_norm",
     "cs/fl": "conv_similarity / its floor",
-    "normdev": "norm_dev_max",
-    "rare_r": "rare_rows",
-    "rare_c": "rare_cols",
     "∥r/c": "near-parallel row/col pairs",
-    "dead": "dead_rows",
 }
 _DROP_ORDER = ("cs/fl", "acv/fl", "dead", "rare_c", "normdev", "shape")
 

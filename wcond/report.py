@@ -37,6 +37,16 @@ NUMERIC_FIELDS = (
     "nonfinite",
     "params",
 )
+# The terminal table's short column labels, accepted wherever a metric is named (gates): each
+# stands for exactly one of NUMERIC_FIELDS, which reports always show.
+METRIC_ALIASES = {
+    "acv": "acv_mean",
+    "cs_n": "conv_similarity_norm",
+    "normdev": "norm_dev_max",
+    "rare_r": "rare_rows",
+    "rare_c": "rare_cols",
+    "dead": "dead_rows",
+}
 
 
 @dataclass
