@@ -378,11 +378,18 @@ def near_parallel_among(
     The test and the float64 evaluation of :func:`near_parallel_pairs`, for candidate pairs a
     caller has already narrowed down (zero rows never pass).
     """
-    v = vectors.detach()
+    i, j, cos, d_euc = _passing(vectors.detach(), i, j, tau_cos, tau_euc)
+    found = torch.stack([i.double(), j.double(), cos, d_euc]).tolist()
+    return [Pair(int(a), int(b), c, d, True) for a, b, c, d in zip(*found)]
+
+
+def _passing(
+    v: Tensor, i: Tensor, j: Tensor, tau_cos: float, tau_euc: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The row pairs (i[k], j[k]) of v that pass the near-parallel test in float64: (i, j, cos, D_euc)."""
     cos, _, d_euc = _refine_pairs(v[i], v[j])
     ok = ((1 - cos.abs()) < tau_cos) & (d_euc < tau_euc)
-    found = torch.stack([i[ok].double(), j[ok].double(), cos[ok], d_euc[ok]]).tolist()
-    return [Pair(int(a), int(b), c, d, True) for a, b, c, d in zip(*found)]
+    return i[ok], j[ok], cos[ok], d_euc[ok]
 
 
 def _reach(norms: Tensor, tau_euc: float, dtype: torch.dtype) -> Tensor:
@@ -437,11 +444,9 @@ def _near_chunks(
     i, j = i[keep], j[keep]
     step = max(1, _REFINE_ELEMENTS // max(1, v.shape[1]))
     for k in range(0, len(i), step):
-        ii, jj = i[k : k + step], j[k : k + step]
-        cos, _, d_euc = _refine_pairs(v[ii], v[jj])
-        ok = ((1 - cos.abs()) < tau_cos) & (d_euc < tau_euc)
-        if bool(ok.any()):
-            yield ii[ok], jj[ok], cos[ok], d_euc[ok]
+        found = _passing(v, i[k : k + step], j[k : k + step], tau_cos, tau_euc)
+        if len(found[0]):
+            yield found
 
 
 def _live_units(v: Tensor, norms: Tensor | None = None) -> tuple[Tensor | None, Tensor, Tensor]:

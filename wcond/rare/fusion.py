@@ -300,11 +300,11 @@ class DynamicFusion:
         if param.shape[dim] < 2:
             return 0
         screen = layer.screens.setdefault(axis, PairScreen(self.tau_cos))
-        i, j = screen.candidates(_vectors(param.detach(), dim))
+        vectors = _vectors(param.detach(), dim)
+        i, j = screen.candidates(vectors)
         if not len(i):
             return 0  # most calls end here
         tau_cos, tau_euc = self.tau_cos, self.tau_euc
-        vectors = _vectors(param.detach(), dim)
         pairs = metrics.near_parallel_among(vectors, i, j, tau_cos=tau_cos, tau_euc=tau_euc)
         if not pairs:
             return 0

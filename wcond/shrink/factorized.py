@@ -393,14 +393,14 @@ def paying_parts(
             entry_bytes(fmt, k, t.shape, t.dtype, file_size=offsets, archive=archive, upper=True)
             for k, t in parts.items()
         )
+        c = _Candidate(key, f, parts, dense - factored, notes[key])
         if factored >= dense:
-            notes[key].append(
-                f"{f.fused_rows} row and {f.fused_cols} column pairs would fuse, but W' with its "
-                f"fused pairs and scales takes up to {factored:,} bytes of the file, dense at "
-                f"least {dense:,}: left dense"
+            c.left_dense(
+                f"W' with its fused pairs and scales takes up to {factored:,} bytes of the file, "
+                f"dense at least {dense:,}"
             )
             continue
-        candidates.append(_Candidate(key, f, parts, dense - factored, notes[key]))
+        candidates.append(c)
     if fmt == "safetensors":
         kept, size = _pay_exactly(metadata, infos, candidates)
     else:
