@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-import wcond.save
+import wcond.checkpoint.write
 from wcond.analyze import inspect
 from wcond.cli import app
 from wcond.condition import init_cs
@@ -265,7 +265,7 @@ def test_ctrl_c_while_saving_leaves_no_partial_file(
         Path(path).write_bytes(b"PK\x03\x04 partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(wcond.save.torch, "save", half_written)
+    monkeypatch.setattr(wcond.checkpoint.write.torch, "save", half_written)
     result = run(ckpt, "-o", tmp_path / "out.pt", "-n", 2, "--device", "cpu")
     assert result.exit_code == 130
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.ckpt"]

@@ -16,7 +16,7 @@ import wcond
 from wcond.cli import app
 
 dcp = pytest.importorskip("torch.distributed.checkpoint")
-from wcond import load_dcp  # noqa: E402
+from wcond.checkpoint import dcp as load_dcp  # noqa: E402
 
 
 def _model() -> nn.Module:

@@ -315,7 +315,7 @@ def test_the_exported_file_pays_per_fused_pair(tmp_path: Path) -> None:
     assert fusion.fuse() == 8
     small = fusion.export(tmp_path / "small.safetensors")
     dense = tmp_path / "dense.safetensors"
-    wcond.save.save_checkpoint(dense, fusion.dense_state_dict())
+    wcond.checkpoint.write.save_checkpoint(dense, fusion.dense_state_dict())
     saved = 8 * 64 * 4
     assert dense.stat().st_size - saved < small.stat().st_size < dense.stat().st_size - saved + 1024
     meta = json.loads(wcond.open_checkpoint(small).metadata[wcond.shrink.MANIFEST_KEY])

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-import wcond.save
+import wcond.checkpoint.write
 from wcond.cli import app
 
 runner = CliRunner()
@@ -69,7 +69,7 @@ def test_full_disk_while_saving_a_checkpoint(ckpt: Path, tmp_path: Path, monkeyp
         Path(path).write_bytes(b"partial")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
 
-    monkeypatch.setattr(wcond.save, "save_file", half_then_full)
+    monkeypatch.setattr(wcond.checkpoint.write, "save_file", half_then_full)
     out = tmp_path / "cs.safetensors"
     result = run("init-cs", ckpt, "-o", out, "-n", 1, "--device", "cpu")
     assert result.exit_code == 2
@@ -99,7 +99,7 @@ def test_unwritable_directory(ckpt: Path, tmp_path: Path, monkeypatch) -> None:
     def refused(*args: object, **kwargs: object) -> str:
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(tmp_path))
 
-    monkeypatch.setattr(wcond.save.tempfile, "mkdtemp", refused)
+    monkeypatch.setattr(wcond.checkpoint.write.tempfile, "mkdtemp", refused)
     result = run("inspect", ckpt, "-o", tmp_path / "report.csv")
     assert result.exit_code == 2
     line = one_error_line(result.stderr)
@@ -168,7 +168,7 @@ def test_full_disk_on_stdout(ckpt: Path, fmt: str) -> None:
 _DRIVER = textwrap.dedent(
     """
     import sys, time
-    import torch, wcond.save
+    import torch, wcond.checkpoint.write
     from wcond.cli import app
 
     phase = sys.argv[1]
@@ -183,7 +183,7 @@ _DRIVER = textwrap.dedent(
         def half_written(tensors, path, metadata=None):
             open(path, "wb").write(b"partial")
             wait_here()
-        wcond.save.save_file = half_written
+        wcond.checkpoint.write.save_file = half_written
     app(sys.argv[2:], prog_name="wcond")
     """
 )

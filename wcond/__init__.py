@@ -44,19 +44,19 @@ _LAZY = {
     "inspect": "wcond.analyze",
     "inspect_many": "wcond.analyze",
     "init_cs": "wcond.condition",
-    "Checkpoint": "wcond.load",
-    "load_checkpoint": "wcond.load",
-    "open_checkpoint": "wcond.load",
-    "load_state_dict": "wcond.load_factorized",
+    "Checkpoint": "wcond.checkpoint.open",
+    "load_checkpoint": "wcond.checkpoint.open",
+    "open_checkpoint": "wcond.checkpoint.open",
+    "load_state_dict": "wcond.checkpoint.factorized",
     "fold": "wcond.shrink.tracing",
 }
 
 if TYPE_CHECKING:
     from wcond import metrics
     from wcond.analyze import analyze_tensor, inspect, inspect_many
+    from wcond.checkpoint.factorized import load_state_dict
+    from wcond.checkpoint.open import Checkpoint, load_checkpoint, open_checkpoint
     from wcond.condition import init_cs
-    from wcond.load import Checkpoint, load_checkpoint, open_checkpoint
-    from wcond.load_factorized import load_state_dict
     from wcond.report import LayerReport, Report, Summary
     from wcond.shrink.tracing import fold
 

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 
 from wcond import metrics
+from wcond.checkpoint.factorized import dense_view
+from wcond.checkpoint.open import Checkpoint, open_checkpoint, tensor_info
 from wcond.defaults import DEVICE, TAU_COS, TAU_EUC, TOP, ProgressFn
 from wcond.device import resolve_device
 from wcond.engine import Engine, Task, open_on_worker, plan_tasks
@@ -32,8 +34,6 @@ from wcond.layers import (
     selected,
     skip_note,
 )
-from wcond.load import Checkpoint, open_checkpoint, tensor_info
-from wcond.load_factorized import dense_view
 from wcond.module import module_view
 from wcond.report import METRIC_ALIASES, NUMERIC_FIELDS, LayerReport, Report, Summary
 

@@ -25,12 +25,12 @@ from typing import Any
 import torch
 
 from wcond import metrics
+from wcond.checkpoint.open import Checkpoint, TensorInfo, open_checkpoint, tensor_info
 from wcond.defaults import DEVICE, ITERATIONS, LR, MAX_SEED, OPTIMIZER, OPTIMIZERS, ProgressFn
 from wcond.device import resolve_device
 from wcond.engine import Engine, Task, open_on_worker, plan_tasks
 from wcond.errors import CheckpointError, UsageError
 from wcond.layers import LayerSpec, find_layers, is_fp8, is_layer
-from wcond.load import Checkpoint, TensorInfo, open_checkpoint, tensor_info
 from wcond.module import module_view
 
 __all__ = ["InitCSResult", "LayerResult", "init_cs"]

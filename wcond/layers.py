@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
+from wcond.checkpoint.open import TensorInfo
 from wcond.config import parse_groups  # re-exported: KEY=G specs, parsed without torch
 from wcond.errors import UsageError
-from wcond.load import TensorInfo
 
 __all__ = [
     "LayerSpec",

@@ -26,11 +26,11 @@ import torch
 from torch import nn
 
 from wcond.analyze import NUMERIC_FIELDS, analyze_tensor
+from wcond.checkpoint.open import tensor_info
 from wcond.defaults import TAU_COS, TAU_EUC
 from wcond.errors import UsageError
 from wcond.layers import find_layers
 from wcond.lightning_import import import_lightning
-from wcond.load import tensor_info
 from wcond.module import module_view
 
 # WeightMetrics (the Lightning callback) is public too, but built on first access: not in

@@ -21,6 +21,10 @@ import torch
 
 from wcond import metrics
 from wcond.analyze import NUMERIC_FIELDS, Report
+from wcond.checkpoint.factorized import dense_view
+from wcond.checkpoint.open import Checkpoint, open_checkpoint
+from wcond.checkpoint.source import check_plot_output  # re-exported
+from wcond.checkpoint.write import atomic_path
 from wcond.defaults import (
     MAX_DPI,
     MAX_PIXELS,
@@ -32,10 +36,6 @@ from wcond.defaults import (
 )
 from wcond.errors import UsageError
 from wcond.layers import is_layer
-from wcond.load import Checkpoint, open_checkpoint
-from wcond.load_factorized import dense_view
-from wcond.paths import check_plot_output  # re-exported
-from wcond.save import atomic_path
 from wcond.text import visible
 
 if TYPE_CHECKING:

@@ -15,9 +15,9 @@ from typing import Callable
 import torch
 
 from wcond._version import __version__
+from wcond.checkpoint.open import Checkpoint, open_checkpoint
 from wcond.defaults import TAU_COS, TAU_EUC
 from wcond.errors import WcondError
-from wcond.load import Checkpoint, open_checkpoint
 from wcond.render_text import fmt_number, fmt_shape, ratio
 from wcond.report import LayerReport, Report
 from wcond.text import html_text

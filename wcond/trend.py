@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from wcond.analyze import inspect_many
+from wcond.checkpoint.open import open_checkpoint
+from wcond.checkpoint.source import expand_paths  # re-exported: trend() takes its result
 from wcond.defaults import ProgressFn
 from wcond.engine import Engine
 from wcond.errors import CheckpointError
-from wcond.load import open_checkpoint
-from wcond.paths import expand_paths  # re-exported: trend() takes its result
 from wcond.report import NUMERIC_FIELDS, Report, finite
 
 __all__ = ["TREND_METRICS", "TrendReport", "checkpoint_step", "expand_paths", "trend"]

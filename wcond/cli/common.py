@@ -392,7 +392,7 @@ def emit(text: str, output: Path | None) -> None:
         STDOUT.write(text)
         STDOUT.flush()
     else:
-        from wcond.save import write_text  # torch: only when writing
+        from wcond.checkpoint.write import write_text  # torch: only when writing
 
         write_text(output, text)
         say_written(output)

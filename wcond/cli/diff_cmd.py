@@ -6,6 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from wcond.checkpoint.source import check_source
 from wcond.cli import app
 from wcond.cli.common import (
     CheckpointArg,
@@ -29,7 +30,6 @@ from wcond.cli.common import (
 )
 from wcond.cli.project_config import ConfigOpt, read_config, with_config
 from wcond.defaults import DEVICE, DIFF_FORMATS, TAU_COS, TAU_EUC, DiffFormat
-from wcond.paths import check_source
 
 
 @app.command("diff")

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from wcond._version import __version__
+from wcond.checkpoint.source import check_output, check_source
 from wcond.cli import app
 from wcond.cli.common import (
     CheckpointArg,
@@ -41,7 +42,6 @@ from wcond.defaults import (
     Optimizer,
 )
 from wcond.errors import UsageError
-from wcond.paths import check_output, check_source
 from wcond.text import markup
 
 
@@ -130,10 +130,10 @@ def init_cs_command(
         )
     group_sizes = parse_groups(groups or ())
     load_torch()
+    from wcond.checkpoint.open import open_checkpoint
+    from wcond.checkpoint.write import save_checkpoint, write_text
     from wcond.condition import init_cs
-    from wcond.load import open_checkpoint
     from wcond.render_init_cs import render_init_cs
-    from wcond.save import save_checkpoint, write_text
 
     ck = open_checkpoint(checkpoint)
     with (

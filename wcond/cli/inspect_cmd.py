@@ -7,6 +7,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from wcond.checkpoint.source import check_source, expand_paths
 from wcond.cli import app
 from wcond.cli.common import (
     EXIT_GATE,
@@ -43,7 +44,6 @@ from wcond.defaults import (
     InspectFormat,
 )
 from wcond.errors import UsageError
-from wcond.paths import check_source, expand_paths
 
 
 @app.command("inspect")

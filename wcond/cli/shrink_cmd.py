@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from wcond._version import __version__
+from wcond.checkpoint.source import check_output, check_source
 from wcond.cli import app
 from wcond.cli.common import (
     CheckpointArg,
@@ -32,7 +33,6 @@ from wcond.cli.common import (
 )
 from wcond.defaults import AXIS, DEVICE, TAU_COS, TAU_EUC, Axis
 from wcond.errors import UsageError
-from wcond.paths import check_output, check_source
 from wcond.text import markup
 
 

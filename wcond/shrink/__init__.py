@@ -17,12 +17,12 @@ The modules follow the steps: :mod:`.pairs` finds and fuses near-parallel vector
 :mod:`.factorized` writes the factorized format (:mod:`.sizing` counts its bytes),
 :mod:`.folding` removes units along links, :mod:`.tracing` finds the links of a whole model,
 :mod:`.output` writes checkpoints and expands them; reading the format lives with loading, in
-:mod:`wcond.load_factorized`.
+:mod:`wcond.checkpoint.factorized`.
 """
 
 from __future__ import annotations
 
-from wcond.load_factorized import (
+from wcond.checkpoint.factorized import (
     COL_COEF,
     COL_FUSED,
     COL_INDEX,

@@ -13,13 +13,7 @@ from torch import Tensor
 
 from wcond import metrics
 from wcond._version import __version__
-from wcond.defaults import AXES, AXIS, DEVICE, TAU_COS, TAU_EUC, ProgressFn
-from wcond.device import resolve_device
-from wcond.engine import Engine, Task, open_on_worker, plan_tasks
-from wcond.errors import CheckpointError, UsageError
-from wcond.layers import find_layers, is_fp8, is_layer, matches, no_match_message
-from wcond.load import Checkpoint, TensorInfo, open_checkpoint
-from wcond.load_factorized import (
+from wcond.checkpoint.factorized import (
     COL_FUSED,
     COL_SCALE,
     MANIFEST_KEY,
@@ -29,7 +23,13 @@ from wcond.load_factorized import (
     _along,
     rebuild_fused,
 )
-from wcond.save import output_format
+from wcond.checkpoint.open import Checkpoint, TensorInfo, open_checkpoint
+from wcond.checkpoint.write import output_format
+from wcond.defaults import AXES, AXIS, DEVICE, TAU_COS, TAU_EUC, ProgressFn
+from wcond.device import resolve_device
+from wcond.engine import Engine, Task, open_on_worker, plan_tasks
+from wcond.errors import CheckpointError, UsageError
+from wcond.layers import find_layers, is_fp8, is_layer, matches, no_match_message
 from wcond.shrink.output import (
     _MANIFESTS,
     _formats,

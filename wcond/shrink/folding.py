@@ -20,13 +20,13 @@ from torch import Tensor
 
 from wcond import metrics
 from wcond._version import __version__
+from wcond.checkpoint.factorized import FOLD_MANIFEST_KEY, _spread
+from wcond.checkpoint.open import Checkpoint, TensorInfo
+from wcond.checkpoint.write import output_format
 from wcond.defaults import DEVICE, TAU_COS, TAU_EUC, ProgressFn
 from wcond.device import resolve_device
 from wcond.errors import CheckpointError, UsageError
 from wcond.layers import is_layer
-from wcond.load import Checkpoint, TensorInfo
-from wcond.load_factorized import FOLD_MANIFEST_KEY, _spread
-from wcond.save import output_format
 from wcond.shrink.output import _formats, _open_source, _write, _written_bytes
 from wcond.shrink.pairs import Grouping, _compress, fuse_vectors
 from wcond.shrink.report import LayerShrink, ShrinkReport

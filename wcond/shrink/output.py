@@ -9,10 +9,10 @@ from typing import Any
 
 from torch import Tensor
 
+from wcond.checkpoint.factorized import FOLD_MANIFEST_KEY, MANIFEST_KEY, W_SUFFIX, dense_view
+from wcond.checkpoint.open import Checkpoint, TensorInfo, open_checkpoint
+from wcond.checkpoint.write import check_output, output_format, save_checkpoint
 from wcond.errors import UsageError
-from wcond.load import Checkpoint, TensorInfo, open_checkpoint
-from wcond.load_factorized import FOLD_MANIFEST_KEY, MANIFEST_KEY, W_SUFFIX, dense_view
-from wcond.save import check_output, output_format, save_checkpoint
 
 __all__ = ["ExpandResult", "expand"]
 
@@ -77,7 +77,7 @@ _MANIFESTS = (MANIFEST_KEY, FOLD_MANIFEST_KEY)
 def _write(
     ck: Checkpoint, output: str | Path, tensors: dict[str, Tensor], entries: Mapping[str, str]
 ) -> list[str]:
-    """Save ``tensors`` in their given order through wcond.save with the source's layout.
+    """Save ``tensors`` in their given order through wcond.checkpoint.write with the source's layout.
 
     ``entries`` (the manifest) go to the safetensors metadata, or to the top level of a torch
     file; stale wcond manifests of the source are dropped.

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from wcond import metrics
-from wcond.load_factorized import _along
+from wcond.checkpoint.factorized import _along
 
 __all__ = ["Grouping", "fuse_vectors"]
 

@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from wcond.checkpoint.factorized import load_state_dict
+from wcond.checkpoint.write import check_output, save_checkpoint
 from wcond.defaults import TAU_COS, TAU_EUC
 from wcond.errors import CheckpointError, UsageError
-from wcond.load_factorized import load_state_dict
-from wcond.save import check_output, save_checkpoint
 from wcond.shrink.folding import Link, fold_links
 from wcond.shrink.output import _written_bytes
 from wcond.shrink.report import FoldReport, LayerShrink

@@ -4,7 +4,7 @@ A shrunk checkpoint stores a layer as W' plus, per fused axis, the original rows
 have no stored row of their own, each as [original, stored] and a scale (format 2; format 1
 stored an index and a coefficient for every original row and column, and still loads); this
 module turns it back into the dense checkpoint it stands for. It sits beside
-wcond.load (below analyze, plot and shrink), so reading a shrunk file runs one way.
+wcond.checkpoint.open (below analyze, plot and shrink), so reading a shrunk file runs one way.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from wcond.checkpoint.open import TensorInfo, open_checkpoint
 from wcond.errors import CheckpointError
-from wcond.load import TensorInfo, open_checkpoint
 
 __all__ = [
     "Factored",

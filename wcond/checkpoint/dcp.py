@@ -23,7 +23,7 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
-from wcond.checkpoint import Checkpoint, TensorInfo, _state_dict_of
+from wcond.checkpoint.base import Checkpoint, TensorInfo, _state_dict_of
 from wcond.errors import CheckpointError, UnsafeCheckpointError, show_key, show_path
 
 __all__ = ["DCPCheckpoint", "is_dcp_directory", "open_dcp"]

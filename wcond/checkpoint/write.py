@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from wcond.checkpoint.open import Checkpoint
+from wcond.checkpoint.source import check_output, output_format  # re-exported
 from wcond.errors import CheckpointError, OutputError, UsageError, show_key
-from wcond.load import Checkpoint
-from wcond.paths import check_output, output_format  # re-exported
 
 __all__ = ["atomic_path", "check_output", "output_format", "save_checkpoint", "write_text"]
 

@@ -1,7 +1,7 @@
 """An opened checkpoint: its tensors by key, read on demand, and how a state dict is found.
 
-Below wcond.load (which checks paths, sniffs formats and opens files, indexes and directories)
-and wcond.load_dcp (DCP directories), both of which build a :class:`Checkpoint`.
+Below wcond.checkpoint.open (which checks paths, sniffs formats and opens files, indexes and directories)
+and wcond.checkpoint.dcp (DCP directories), both of which build a :class:`Checkpoint`.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 
+from wcond.checkpoint.safetensors_file import SafetensorsHeader, read_header, read_tensor
+from wcond.checkpoint.source import natural_key  # re-exported
+from wcond.checkpoint.torch_file import MAX_NESTING, load_torch, view_bytes
 from wcond.errors import CheckpointError, show_key, show_path
-from wcond.paths import natural_key  # re-exported
-from wcond.safetensors_header import SafetensorsHeader, read_header, read_tensor
-from wcond.torch_file import MAX_NESTING, load_torch, view_bytes
 
 __all__ = ["WRAPPER_KEYS", "Checkpoint", "TensorInfo", "natural_key", "tensor_info"]
 

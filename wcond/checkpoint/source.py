@@ -2,7 +2,7 @@
 
 What a path names (a regular file, a directory, a glob, a Hub id) is known from the filesystem
 alone, so a wrong path is reported in a blink, without waiting for torch. The readers in
-``wcond.load`` use the same checks.
+``wcond.checkpoint.open`` use the same checks.
 """
 
 from __future__ import annotations

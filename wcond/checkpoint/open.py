@@ -7,8 +7,8 @@ memory-mapped, so a checkpoint is never held in memory twice.
 
 Inputs are hostile until checked: only regular files and directories are opened (a FIFO would
 block forever), safetensors headers and shard indexes are validated before anything they claim is
-allocated (wcond.safetensors_header), torch files are checked against their own zip records before
-they are mapped (wcond.torch_file), and every string from a file is escaped before it reaches a message.
+allocated (wcond.checkpoint.safetensors_file), torch files are checked against their own zip records before
+they are mapped (wcond.checkpoint.torch_file), and every string from a file is escaped before it reaches a message.
 """
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ from pathlib import Path
 import torch
 
 from wcond import hub
-from wcond.checkpoint import (  # re-exported: wcond.load is where readers look for them
+from wcond.checkpoint.base import (  # re-exported: wcond.checkpoint.open is where readers look for them
     Checkpoint,
     TensorInfo,
     tensor_info,
 )
+from wcond.checkpoint.source import SAFETENSORS_SUFFIXES, TORCH_SUFFIXES, check_path, resolve_source
 from wcond.errors import CheckpointError, show_key, show_path
-from wcond.paths import SAFETENSORS_SUFFIXES, TORCH_SUFFIXES, check_path, resolve_source
 
 __all__ = ["Checkpoint", "TensorInfo", "load_checkpoint", "open_checkpoint", "tensor_info"]
 
@@ -51,7 +51,9 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     p = resolve_source(path)  # org/name[@rev]: from the Hugging Face cache (wcond/hub.py)
     if check_path(p) == "directory":
         if (p / ".metadata").is_file():
-            from wcond.load_dcp import open_dcp  # torch.distributed.checkpoint, only when needed
+            from wcond.checkpoint.dcp import (
+                open_dcp,  # torch.distributed.checkpoint, only when needed
+            )
 
             return open_dcp(p)
         return _open_directory(p)
