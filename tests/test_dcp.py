@@ -16,7 +16,7 @@ import wcond
 from wcond.cli import app
 
 dcp = pytest.importorskip("torch.distributed.checkpoint")
-from wcond.checkpoint import dcp as load_dcp  # noqa: E402
+from wcond.checkpoint import dcp_storage  # noqa: E402
 
 
 def _model() -> nn.Module:
@@ -66,13 +66,13 @@ def test_reads_one_tensor_per_get(
     """Each get reads exactly its own chunk through torch's FileSystemReader; nothing else is loaded."""
     d, sd = nested
     seen: list[list[str]] = []
-    original = load_dcp.FileSystemReader.read_data
+    original = dcp_storage.FileSystemReader.read_data
 
     def spy(self, plan, planner):  # type: ignore[no-untyped-def]
         seen.append([item.storage_index.fqn for item in plan.items])
         return original(self, plan, planner)
 
-    monkeypatch.setattr(load_dcp.FileSystemReader, "read_data", spy)
+    monkeypatch.setattr(dcp_storage.FileSystemReader, "read_data", spy)
     ck = wcond.open_checkpoint(d)
     assert seen == []  # opening reads metadata only
     ck.get("2.weight")
@@ -141,7 +141,7 @@ def test_metadata_pointing_outside_the_directory_is_refused(
     nested: tuple[Path, dict[str, torch.Tensor]],
 ) -> None:
     d, _ = nested
-    md = load_dcp._read_metadata(d / ".metadata")
+    md = dcp_storage.read_metadata(d / ".metadata")
     for info in md.storage_data.values():
         info.relative_path = "../elsewhere.distcp"
     buf = io.BytesIO()

@@ -463,25 +463,27 @@ def test_header_length_limit_checked_before_reading(tmp_path: Path) -> None:
 
 
 def test_index_size_limit(tmp_path: Path, monkeypatch) -> None:
-    import wcond.checkpoint.open
+    import wcond.checkpoint.index
 
     index = tmp_path / "model.safetensors.index.json"
     index.write_text(json.dumps({"weight_map": {"w": "a.safetensors"}}) + " " * 200)
-    monkeypatch.setattr(wcond.checkpoint.open, "MAX_INDEX_BYTES", 100)
+    monkeypatch.setattr(wcond.checkpoint.index, "MAX_INDEX_BYTES", 100)
     with pytest.raises(CheckpointError, match="larger than 100 bytes"):
         open_checkpoint(tmp_path)
 
 
 def test_many_small_tensors_read_once_each(tmp_path: Path, monkeypatch) -> None:
     """The header of a safetensors file is parsed once, not once per tensor (quadratic before)."""
-    import wcond.checkpoint.base
+    import wcond.checkpoint.safetensors_file
 
     path = tmp_path / "moe.safetensors"
     save_file({f"experts.{i}.weight": torch.randn(3, 2) for i in range(300)}, str(path))
     expected = load_file(str(path))
     calls = []
-    real = wcond.checkpoint.base.read_header
-    monkeypatch.setattr(wcond.checkpoint.base, "read_header", lambda f: calls.append(f) or real(f))
+    real = wcond.checkpoint.safetensors_file.read_header
+    monkeypatch.setattr(
+        wcond.checkpoint.safetensors_file, "read_header", lambda f: calls.append(f) or real(f)
+    )
     ck = open_checkpoint(path)
     assert ck.keys()[:3] == ["experts.0.weight", "experts.1.weight", "experts.2.weight"]
     assert all(torch.equal(t, expected[k]) for k, t in ck.items())

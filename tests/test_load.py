@@ -1,4 +1,4 @@
-"""wcond.checkpoint.open: every layout wcond reads, and every way a file can be bad."""
+"""wcond.checkpoint: every layout wcond reads, and every way a file can be bad."""
 
 from __future__ import annotations
 

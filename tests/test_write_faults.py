@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import wcond.checkpoint.write
+import wcond.output
 from wcond.cli import app
 
 runner = CliRunner()
@@ -99,7 +100,7 @@ def test_unwritable_directory(ckpt: Path, tmp_path: Path, monkeypatch) -> None:
     def refused(*args: object, **kwargs: object) -> str:
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(tmp_path))
 
-    monkeypatch.setattr(wcond.checkpoint.write.tempfile, "mkdtemp", refused)
+    monkeypatch.setattr(wcond.output.tempfile, "mkdtemp", refused)
     result = run("inspect", ckpt, "-o", tmp_path / "report.csv")
     assert result.exit_code == 2
     line = one_error_line(result.stderr)

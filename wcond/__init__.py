@@ -44,7 +44,7 @@ _LAZY = {
     "inspect": "wcond.analyze",
     "inspect_many": "wcond.analyze",
     "init_cs": "wcond.condition",
-    "Checkpoint": "wcond.checkpoint.open",
+    "Checkpoint": "wcond.checkpoint.base",
     "load_checkpoint": "wcond.checkpoint.open",
     "open_checkpoint": "wcond.checkpoint.open",
     "load_state_dict": "wcond.checkpoint.factorized",
@@ -54,8 +54,9 @@ _LAZY = {
 if TYPE_CHECKING:
     from wcond import metrics
     from wcond.analyze import analyze_tensor, inspect, inspect_many
+    from wcond.checkpoint.base import Checkpoint
     from wcond.checkpoint.factorized import load_state_dict
-    from wcond.checkpoint.open import Checkpoint, load_checkpoint, open_checkpoint
+    from wcond.checkpoint.open import load_checkpoint, open_checkpoint
     from wcond.condition import init_cs
     from wcond.report import LayerReport, Report, Summary
     from wcond.shrink.tracing import fold

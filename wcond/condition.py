@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from wcond import metrics
-from wcond.checkpoint.open import Checkpoint, TensorInfo, open_checkpoint, tensor_info
+from wcond.checkpoint import Checkpoint, TensorInfo, open_checkpoint, tensor_info
 from wcond.defaults import DEVICE, ITERATIONS, LR, MAX_SEED, OPTIMIZER, OPTIMIZERS, ProgressFn
 from wcond.device import resolve_device
 from wcond.engine import Engine, Task, open_on_worker, plan_tasks

@@ -8,8 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from wcond.checkpoint.write import atomic_path
 from wcond.errors import UsageError
+from wcond.output import atomic_path
 
 if TYPE_CHECKING:
     import pandas as pd

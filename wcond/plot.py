@@ -21,10 +21,8 @@ import torch
 
 from wcond import metrics
 from wcond.analyze import NUMERIC_FIELDS, Report
+from wcond.checkpoint import Checkpoint, open_checkpoint
 from wcond.checkpoint.factorized import dense_view
-from wcond.checkpoint.open import Checkpoint, open_checkpoint
-from wcond.checkpoint.source import check_plot_output  # re-exported
-from wcond.checkpoint.write import atomic_path
 from wcond.defaults import (
     MAX_DPI,
     MAX_PIXELS,
@@ -36,6 +34,7 @@ from wcond.defaults import (
 )
 from wcond.errors import UsageError
 from wcond.layers import is_layer
+from wcond.output import atomic_path, check_plot_output  # check_plot_output re-exported
 from wcond.text import visible
 
 if TYPE_CHECKING:

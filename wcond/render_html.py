@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from wcond._version import __version__
-from wcond.checkpoint.open import Checkpoint, open_checkpoint
+from wcond.checkpoint import Checkpoint, open_checkpoint
 from wcond.defaults import TAU_COS, TAU_EUC
 from wcond.errors import WcondError
 from wcond.render_text import fmt_number, fmt_shape, ratio

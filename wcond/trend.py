@@ -6,7 +6,6 @@ this module orders the checkpoints, finds their step numbers, and lines the numb
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Sequence
@@ -15,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from wcond.analyze import inspect_many
-from wcond.checkpoint.open import open_checkpoint
+from wcond.checkpoint import open_checkpoint
+from wcond.checkpoint.bounded_json import read_json
 from wcond.checkpoint.source import expand_paths  # re-exported: trend() takes its result
 from wcond.defaults import ProgressFn
 from wcond.engine import Engine
@@ -28,6 +28,9 @@ __all__ = ["TREND_METRICS", "TrendReport", "checkpoint_step", "expand_paths", "t
 TREND_METRICS = ("acv_mean", "conv_similarity_norm", "norm_dev_max", "rare_rows")
 # Keys under which training code stores its step (Lightning and most loops: global_step).
 _STEP_KEYS = ("global_step", "step")
+# A Hugging Face trainer_state.json: its log history is a list of flat dicts, a few MB at most.
+MAX_STATE_BYTES = 64_000_000
+MAX_STATE_DEPTH = 16
 # A step number in a file or directory name: step_1000, epoch=3-step=1200, checkpoint-500, iter42.
 _STEP_NAME = re.compile(r"(?:step|steps|iter|iteration|checkpoint|ckpt)[=_\-]?(\d+)", re.IGNORECASE)
 
@@ -56,9 +59,10 @@ def _stored_step(p: Path) -> int | None:
     state = (p if p.is_dir() else p.parent) / "trainer_state.json"
     if state.is_file():
         try:
-            step = json.loads(state.read_text()).get("global_step")
-        except (OSError, ValueError, AttributeError):
-            step = None
+            doc = read_json(state, max_bytes=MAX_STATE_BYTES, max_depth=MAX_STATE_DEPTH)
+        except (OSError, ValueError):  # unreadable, too large, too deep or not JSON: not a step
+            doc = None
+        step = doc.get("global_step") if isinstance(doc, dict) else None
         if isinstance(step, int) and not isinstance(step, bool):
             return step
     try:

@@ -1,7 +1,8 @@
-"""An opened checkpoint: its tensors by key, read on demand, and how a state dict is found.
+"""What every opened checkpoint offers: its tensors by key, described without reading them, read on demand.
 
-Below wcond.checkpoint.open (which checks paths, sniffs formats and opens files, indexes and directories)
-and wcond.checkpoint.dcp (DCP directories), both of which build a :class:`Checkpoint`.
+Each format has its reader, a subclass in a module of its own (torch_file, safetensors_file,
+sharded, dcp) that owns its state, says from a path and the file's first bytes whether the file is
+its format (``probe``), and opens it (``open``). wcond.checkpoint.open asks them in order.
 """
 
 from __future__ import annotations
@@ -9,19 +10,13 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from wcond.checkpoint.safetensors_file import SafetensorsHeader, read_header, read_tensor
-from wcond.checkpoint.source import natural_key  # re-exported
-from wcond.checkpoint.torch_file import MAX_NESTING, load_torch, view_bytes
 from wcond.errors import CheckpointError, show_key, show_path
 
-__all__ = ["WRAPPER_KEYS", "Checkpoint", "TensorInfo", "natural_key", "tensor_info"]
-
-# Keys under which training code nests the state dict (Lightning uses "state_dict").
-WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network")
+__all__ = ["Checkpoint", "TensorInfo", "tensor_info"]
 
 
 @dataclass(frozen=True)
@@ -49,25 +44,43 @@ class Checkpoint:
 
     Attributes:
         path: the file or directory opened.
-        format: "torch", "safetensors", or "sharded" (several files behind an index).
+        format: "torch", "safetensors", "sharded" (several files behind an index) or "dcp".
         wrapper: the key path to the state dict inside a torch file, e.g. ("state_dict",) for Lightning.
         metadata: safetensors metadata (the first shard's for a sharded checkpoint).
         files: the files the tensors live in.
+        obj: the whole unpickled object of a single torch file (its non-tensor entries); else None.
     """
 
-    def __init__(self, path: Path, fmt: str, files: list[Path]):
-        self.path = path
-        self.format = fmt
-        self.files = files
-        self.wrapper: tuple[str, ...] = ()
-        self.metadata: dict[str, str] = {}
-        self.obj: Any = None  # the whole unpickled object of a single torch file
-        self._infos: dict[str, TensorInfo] = {}
-        self._where: dict[str, Path] = {}
-        self._headers: dict[Path, SafetensorsHeader] = {}
-        self._torch_cache: tuple[Path, dict[str, torch.Tensor]] | None = None
+    format: ClassVar[str] = ""
 
-    # -- public API
+    def __init__(
+        self,
+        path: Path,
+        files: list[Path],
+        infos: dict[str, TensorInfo],
+        *,
+        wrapper: tuple[str, ...] = (),
+        metadata: Mapping[str, str] | None = None,
+        obj: Any = None,
+    ):
+        self.path = path
+        self.files = files
+        self.wrapper = wrapper
+        self.metadata: dict[str, str] = dict(metadata or {})
+        self.obj = obj
+        self._infos = infos
+
+    @classmethod
+    def probe(cls, path: Path, head: bytes = b"", size: int = 0) -> bool:
+        """Whether ``path`` (checked to be a regular file or a directory; for a file, its first
+        bytes ``head`` and its ``size``) is this reader's format."""
+        return False
+
+    @classmethod
+    def open(cls, path: Path) -> Checkpoint:
+        """Open ``path``, reading what describes its tensors but not their data."""
+        raise NotImplementedError
+
     def keys(self) -> list[str]:
         """Tensor keys in stored order."""
         return list(self._infos)
@@ -77,67 +90,22 @@ class Checkpoint:
 
     def get(self, key: str) -> torch.Tensor:
         """The tensor stored under ``key``, as stored (dtype unchanged)."""
-        if key not in self._infos:
-            raise CheckpointError(f"{show_path(self.path)}: no tensor named {show_key(key)}")
-        where = self._where[key]
-        header = self._headers.get(where)
-        if header is not None:
-            return read_tensor(where, header, key)
-        return self._torch_tensors(where)[key]
+        raise NotImplementedError
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         for key in self._infos:
             yield key, self.get(key)
 
+    def release(self) -> None:
+        """Let go of what :meth:`get` keeps between calls (a torch file's mapped tensors)."""
+
     @property
     def num_bytes(self) -> int:
         return sum(i.numel * i.dtype.itemsize for i in self._infos.values())
 
-    # -- internals
-    def _torch_tensors(self, file: Path) -> dict[str, torch.Tensor]:
-        if self._torch_cache is None or self._torch_cache[0] != file:
-            obj = _torch_load(file)
-            _, tensors = _state_dict_of(obj, file)
-            self._torch_cache = (file, tensors)
-        return self._torch_cache[1]
-
-    def _add_safetensors(self, file: Path) -> None:
-        header = read_header(file)
-        self._headers[file] = header
-        if not self.metadata:
-            self.metadata = dict(header.metadata)
-        # safetensors does not keep the model's order (writers sort keys); natural order puts
-        # "layers.2" before "layers.10", the closest thing to the model's own order.
-        for key in sorted(header.entries, key=natural_key):
-            e = header.entries[key]
-            dtype = e.torch_dtype
-            skip = None
-            if dtype is None:
-                dtype, skip = torch.uint8, f"dtype {e.dtype} has no torch equivalent"
-            self._add(key, TensorInfo(e.shape, dtype, skip), file)
-
-    def _add_torch(self, file: Path, keep_object: bool) -> None:
-        obj = _torch_load(file)
-        wrapper, tensors = _state_dict_of(obj, file)
-        self.wrapper = wrapper
-        if keep_object:
-            self.obj = obj
-        self._torch_cache = (file, tensors)
-        for key, t in tensors.items():
-            self._add(key, tensor_info(t), file)
-
-    def _add(self, key: str, info: TensorInfo, file: Path) -> None:
-        if key in self._infos:
-            raise CheckpointError(
-                f"{show_path(self.path)}: tensor {show_key(key)} appears in both "
-                f"{show_path(self._where[key].name)} and {show_path(file.name)}"
-            )
-        self._infos[key] = info
-        self._where[key] = file
-
-
-def _torch_load(file: Path) -> Any:
-    return load_torch(file)
+    def _check_key(self, key: str) -> None:
+        if key not in self._infos:
+            raise CheckpointError(f"{show_path(self.path)}: no tensor named {show_key(key)}")
 
 
 def tensor_info(t: torch.Tensor) -> TensorInfo:
@@ -162,60 +130,9 @@ def _skip_reason(t: torch.Tensor) -> str | None:
     return None
 
 
-def _state_dict_of(obj: Any, file: Path) -> tuple[tuple[str, ...], dict[str, torch.Tensor]]:
-    """Find the state dict inside a loaded object: (key path to it, tensors by flattened key)."""
-    if isinstance(obj, torch.Tensor) or not isinstance(obj, Mapping):
-        raise CheckpointError(f"{show_path(file)}: holds a {type(obj).__name__}, not a state dict")
-    wrapper: tuple[str, ...] = ()
-    node: Mapping = obj
-    while True:
-        direct = any(isinstance(v, torch.Tensor) for v in node.values())
-        inner = next(
-            (
-                k
-                for k in WRAPPER_KEYS
-                if isinstance(node.get(k), Mapping) and _has_tensor(node[k], file)
-            ),
-            None,
-        )
-        if inner is None or direct and not _is_wrapper_dict(node):
-            break
-        wrapper += (inner,)
-        node = node[inner]
-    tensors: dict[str, torch.Tensor] = {}
-    for key, t in _flatten(node, file):
-        if key in tensors:  # {"a.b": x, "a": {"b": y}}: two tensors, one name
-            raise CheckpointError(f"{show_path(file)}: two tensors are both named {show_key(key)}")
-        tensors[key] = t
-    return wrapper, tensors
-
-
-def _is_wrapper_dict(node: Mapping) -> bool:
-    """A dict holding a state dict plus a few loose tensors (e.g. Lightning's extra entries)."""
-    return sum(isinstance(v, torch.Tensor) for v in node.values()) < len(node) / 2
-
-
-def _has_tensor(node: Any, file: Path) -> bool:
-    if isinstance(node, torch.Tensor):
-        return True
-    if isinstance(node, Mapping):
-        return any(True for _ in _flatten(node, file))
-    return False
-
-
-def _flatten(node: Mapping, file: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(dotted key, tensor) for every tensor in nested mappings, in order; depth-bounded, no recursion."""
-    stack: list[tuple[str, Any, int]] = [("", node, 0)]
-    while stack:
-        key, n, depth = stack.pop()
-        if isinstance(n, torch.Tensor):
-            yield key, n
-        elif isinstance(n, Mapping):
-            if depth > MAX_NESTING:
-                raise CheckpointError(
-                    f"{show_path(file)}: dicts nested more than {MAX_NESTING} levels deep; not a state dict"
-                )
-            stack.extend(
-                (f"{key}.{k}" if key else str(k), v, depth + 1)
-                for k, v in reversed(list(n.items()))
-            )
+def view_bytes(t: torch.Tensor) -> int:
+    """Bytes of storage a strided tensor's view reaches, from its first element to its last."""
+    if t.numel() == 0:
+        return 0
+    last = t.storage_offset() + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+    return int((last + 1) * t.element_size())

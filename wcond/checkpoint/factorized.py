@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from wcond.checkpoint.open import TensorInfo, open_checkpoint
+from wcond.checkpoint.base import TensorInfo
+from wcond.checkpoint.open import open_checkpoint
 from wcond.errors import CheckpointError
 
 __all__ = [

@@ -10,22 +10,24 @@ two readers can never see different tensors under one name).
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import re
 import struct
 import sys
 from dataclasses import dataclass
-from itertools import accumulate
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from wcond.checkpoint.base import Checkpoint, TensorInfo
+from wcond.checkpoint.bounded_json import JSONTooDeep, parse_json
+from wcond.checkpoint.names import natural_key
 from wcond.errors import CheckpointError, show_key, show_path
 
 __all__ = [
     "MAX_HEADER_BYTES",
+    "SafetensorsCheckpoint",
     "SafetensorsEntry",
     "SafetensorsHeader",
     "read_header",
@@ -36,8 +38,6 @@ __all__ = [
 MAX_HEADER_BYTES = 100_000_000
 # JSON nesting a valid header needs: {name: {"shape": [...]}} is 3; metadata adds nothing deeper.
 MAX_JSON_DEPTH = 8
-_STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"')
-_BRACKETS = re.compile(r"[\[\]{}]")
 
 # safetensors dtype -> (torch dtype or None where torch has none, bits per element)
 DTYPES: dict[str, tuple[torch.dtype | None, int]] = {
@@ -85,6 +85,46 @@ class SafetensorsHeader:
     data_start: int
     entries: dict[str, SafetensorsEntry]
     metadata: dict[str, str]
+
+
+class SafetensorsCheckpoint(Checkpoint):
+    """A safetensors file: its header read and checked once, each tensor read from its byte range on demand."""
+
+    format = "safetensors"
+
+    def __init__(self, path: Path, header: SafetensorsHeader):
+        # safetensors does not keep the model's order (writers sort keys); natural order puts
+        # "layers.2" before "layers.10", the closest thing to the model's own order.
+        infos = {key: _info(header.entries[key]) for key in sorted(header.entries, key=natural_key)}
+        super().__init__(path, [path], infos, metadata=header.metadata)
+        self._header = header
+
+    @classmethod
+    def probe(cls, path: Path, head: bytes = b"", size: int = 0) -> bool:
+        """An 8-byte header length and a JSON object after it; a length past the file's end is
+        reported as a truncated safetensors file."""
+        if len(head) < 9 or head[8:9] != b"{":
+            return False
+        (n,) = struct.unpack("<Q", head[:8])
+        if n > size - 8:
+            raise CheckpointError(
+                f"{show_path(path)}: truncated safetensors file (header says {n} bytes, file has {size - 8})"
+            )
+        return True
+
+    @classmethod
+    def open(cls, path: Path) -> SafetensorsCheckpoint:
+        return cls(path, read_header(path))
+
+    def get(self, key: str) -> torch.Tensor:
+        self._check_key(key)
+        return read_tensor(self.path, self._header, key)
+
+
+def _info(e: SafetensorsEntry) -> TensorInfo:
+    if e.torch_dtype is None:
+        return TensorInfo(e.shape, torch.uint8, f"dtype {e.dtype} has no torch equivalent")
+    return TensorInfo(e.shape, e.torch_dtype)
 
 
 def read_header(file: str | os.PathLike[str], size: int | None = None) -> SafetensorsHeader:
@@ -135,14 +175,15 @@ def _parse(
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise _bad(file, f"header is not UTF-8 (byte {e.start})") from e
-    _check_depth(file, text)
     try:
-        doc = json.loads(text, object_pairs_hook=_no_duplicates)
+        doc = parse_json(text, max_depth=MAX_JSON_DEPTH, object_pairs_hook=_no_duplicates)
+    except JSONTooDeep as e:
+        raise _bad(file, f"header JSON nests {e.depth} levels deep (at most {e.limit})") from e
     except _DuplicateKey as e:
         raise _bad(
             file, f"header names {show_key(e.key)} twice; readers could disagree on which is meant"
         ) from e
-    except (ValueError, RecursionError) as e:
+    except ValueError as e:
         raise _bad(file, f"header is not valid JSON ({str(e)[:80]})") from e
     if not isinstance(doc, dict):
         raise _bad(file, f"header is a JSON {type(doc).__name__}, not an object")
@@ -200,14 +241,6 @@ def _check_layout(
     for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:]):
         if begin_b < end_a:
             raise _bad(file, f"tensors {show_key(a)} and {show_key(b)} overlap in the file")
-
-
-def _check_depth(file: str | os.PathLike[str], text: str) -> None:
-    """Refuse deep nesting before json.loads recurses into it (brackets inside strings do not count)."""
-    brackets = _BRACKETS.findall(_STRINGS.sub("", text))
-    depth = max(accumulate(1 if b in "[{" else -1 for b in brackets), default=0)
-    if depth > MAX_JSON_DEPTH:
-        raise _bad(file, f"header JSON nests {depth} levels deep (at most {MAX_JSON_DEPTH})")
 
 
 def _is_count(v: Any) -> bool:

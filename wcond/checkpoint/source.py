@@ -14,29 +14,12 @@ import re
 import stat
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from wcond import hub
-from wcond.errors import CheckpointError, UsageError, show_path
+from wcond.checkpoint import hub
+from wcond.checkpoint.names import natural_key
+from wcond.errors import CheckpointError, show_path
 
-__all__ = [
-    "IMAGE_SUFFIXES",
-    "SAFETENSORS_SUFFIXES",
-    "TORCH_SUFFIXES",
-    "check_new_file",
-    "check_output",
-    "check_path",
-    "check_plot_output",
-    "check_source",
-    "expand_paths",
-    "natural_key",
-    "output_format",
-    "resolve_source",
-]
-
-TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
-SAFETENSORS_SUFFIXES = (".safetensors",)
-IMAGE_SUFFIXES = (".png", ".svg")
+__all__ = ["check_path", "check_source", "expand_paths", "resolve_source"]
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
@@ -113,73 +96,3 @@ def expand_paths(args: Sequence[str | Path]) -> list[Path]:
             found.append(Path(text))
     unique = list(dict.fromkeys(found))
     return sorted(unique, key=lambda p: natural_key(str(p).lower()))  # step_2000 < step_10000
-
-
-def natural_key(key: str) -> list[Any]:
-    """Sort key comparing digit runs as numbers: 'layers.2' < 'layers.10'."""
-    return [
-        (0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", key)
-    ]
-
-
-# --------------------------------------------------------------------------- outputs
-
-
-def output_format(path: str | Path) -> str:
-    """'safetensors' or 'torch' from the output's extension; UsageError otherwise."""
-    suffix = Path(path).suffix.lower()
-    if suffix in SAFETENSORS_SUFFIXES:
-        return "safetensors"
-    if suffix in TORCH_SUFFIXES:
-        return "torch"
-    raise UsageError(
-        f"{path}: unknown output format {suffix or '(no extension)'!r}; use .safetensors, .pt, .pth, .bin or .ckpt"
-    )
-
-
-def check_output(src: str | Path, out: str | Path, force: bool) -> None:
-    """Refuse to write over the input, or over an existing file without ``force``."""
-    src_p, out_p = Path(src), Path(out)
-    if out_p.exists() and (
-        src_p.resolve() == out_p.resolve() or _same_file(src_p, out_p) or _inside(out_p, src_p)
-    ):
-        raise UsageError(
-            f"{out}: refusing to write over the input checkpoint; choose another -o path"
-        )
-    check_new_file(out, force)
-
-
-def check_new_file(out: str | Path, force: bool) -> str:
-    """Refuse a directory, or an existing file without ``force``; the format from the extension."""
-    out_p = Path(out)
-    if out_p.is_dir():
-        raise UsageError(
-            f"{out}: is a directory; give a file name such as {out_p / 'model.safetensors'}"
-        )
-    if out_p.exists() and not force:
-        raise UsageError(
-            f"{out}: already exists; pass force=True to overwrite it", params=("force",)
-        )
-    return output_format(out_p)
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
-def _inside(out: Path, src: Path) -> bool:
-    """An output that is one of a sharded input's files."""
-    return src.is_dir() and out.resolve().parent == src.resolve()
-
-
-def check_plot_output(out: str | Path) -> Path:
-    """The output path, if its extension is one we write."""
-    out = Path(out)
-    if out.suffix.lower() not in IMAGE_SUFFIXES:
-        raise UsageError(
-            f"{out}: unknown image format {out.suffix or '(no extension)'!r}; use .png or .svg"
-        )
-    return out

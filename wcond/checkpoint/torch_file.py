@@ -20,16 +20,16 @@ import warnings
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from wcond.checkpoint.base import Checkpoint, tensor_info
+from wcond.checkpoint.state_dict import MAX_NESTING, find_state_dict
 from wcond.errors import CheckpointError, UnsafeCheckpointError, show_key, show_path
 
-__all__ = ["MAX_NESTING", "iter_tensors", "load_torch", "view_bytes"]
-
-# Containers nested deeper than this are not a checkpoint; walking them would recurse without end.
-MAX_NESTING = 100
+__all__ = ["TorchFileCheckpoint", "iter_tensors", "load_torch"]
 
 # What a malformed file can make torch.load, pickle or zipfile raise. Not a blanket Exception:
 # errors in wcond's own code must surface as the bugs they are.
@@ -51,6 +51,46 @@ LOAD_ERRORS = (
 )
 
 _UNSAFE = re.compile(r"GLOBAL ([\w.]+)|Can only (?:create new object|build)|Trying to call reduce")
+
+
+class TorchFileCheckpoint(Checkpoint):
+    """A torch.save file: the state dict found inside it (a training wrapper unwrapped), tensors mapped.
+
+    Opened as a checkpoint of its own, it keeps the whole object (``obj``: the wrapper's epoch,
+    optimizer state, ...) and its tensors. Opened as one shard of several (``keep_object=False``),
+    it keeps neither once its tensors are described: :meth:`get` loads the file again, and
+    :meth:`release` lets it go, so that one shard at a time is mapped.
+    """
+
+    format = "torch"
+
+    def __init__(self, path: Path, obj: Any, *, keep_object: bool = True):
+        wrapper, tensors = find_state_dict(obj, path)
+        infos = {key: tensor_info(t) for key, t in tensors.items()}
+        super().__init__(path, [path], infos, wrapper=wrapper, obj=obj if keep_object else None)
+        self._keep = keep_object
+        self._tensors: dict[str, torch.Tensor] | None = tensors if keep_object else None
+
+    @classmethod
+    def probe(cls, path: Path, head: bytes = b"", size: int = 0) -> bool:
+        """A zip archive (torch >= 1.6) or a pickle of protocol 2 to 5 (the legacy format)."""
+        return head[:4] == b"PK\x03\x04" or (
+            len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5
+        )
+
+    @classmethod
+    def open(cls, path: Path, *, keep_object: bool = True) -> TorchFileCheckpoint:
+        return cls(path, load_torch(path), keep_object=keep_object)
+
+    def get(self, key: str) -> torch.Tensor:
+        self._check_key(key)
+        if self._tensors is None:
+            _, self._tensors = find_state_dict(load_torch(self.path), self.path)
+        return self._tensors[key]
+
+    def release(self) -> None:
+        if not self._keep:
+            self._tensors = None
 
 
 def load_torch(file: str | os.PathLike[str]) -> Any:
@@ -91,14 +131,6 @@ def iter_tensors(obj: Any, file: str | os.PathLike[str]) -> Iterator[tuple[str, 
         else:
             continue
         stack.extend((k, v, depth + 1) for k, v in reversed(children))
-
-
-def view_bytes(t: torch.Tensor) -> int:
-    """Bytes of storage a strided tensor's view reaches, from its first element to its last."""
-    if t.numel() == 0:
-        return 0
-    last = t.storage_offset() + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
-    return int((last + 1) * t.element_size())
 
 
 def _load(

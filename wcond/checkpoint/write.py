@@ -1,113 +1,61 @@
-"""Writing checkpoints and reports without ever leaving a half-written file or touching the input.
+"""Writing checkpoints: a torch file or safetensors, atomically (wcond.output), keeping the source's layout.
 
-Everything is written to a temporary file beside the target and renamed over it only once
-complete; an error or Ctrl-C removes the temporary file.
+What a written file keeps of the checkpoint it came from (a torch file's wrapper and non-tensor
+entries, safetensors metadata) is handed over as a :class:`Layout` value.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
-from wcond.checkpoint.open import Checkpoint
-from wcond.checkpoint.source import check_output, output_format  # re-exported
-from wcond.errors import CheckpointError, OutputError, UsageError, show_key
+from wcond.checkpoint.base import Checkpoint
+from wcond.checkpoint.target import output_format
+from wcond.errors import CheckpointError, show_key
+from wcond.output import atomic_path
 
-__all__ = ["atomic_path", "check_output", "output_format", "save_checkpoint", "write_text"]
-
-
-@contextmanager
-def atomic_path(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; rename it onto ``target`` when the block succeeds.
-
-    A missing parent directory is created. Any failure (a full disk, a read-only or vanished
-    directory, Ctrl-C, SIGTERM) removes the temporary file; an OSError becomes an
-    :class:`OutputError` naming ``target``.
-    """
-    target = Path(target)
-    if target.is_dir():
-        raise UsageError(f"{target}: is a directory; give a file name")
-    if target.exists() and not target.is_file():
-        # A device or a pipe (-o /dev/null, /dev/stdout): write straight to it; renaming a
-        # temporary file over it would replace the device itself.
-        with _as_output_error(target, partial=True):
-            yield target
-        return
-    with _as_output_error(target):
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # The temporary file has the target's own name, in a private directory beside it:
-        # torch.save stores the file's name in every record of its zip, so a random name would
-        # change the bytes.
-        tmp_dir = Path(
-            tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".wcond-tmp", dir=target.parent)
-        )
-    tmp = tmp_dir / target.name
-    try:
-        with _as_output_error(target):
-            tmp.touch()
-            yield tmp
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.chmod(tmp, _new_file_mode(target))
-            os.replace(tmp, target)
-    except BaseException:  # Ctrl-C and SIGTERM included: never leave the partial file
-        tmp.unlink(missing_ok=True)
-        raise
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+__all__ = ["Layout", "save_checkpoint"]
 
 
-@contextmanager
-def _as_output_error(target: Path, partial: bool = False) -> Iterator[None]:
-    """An OSError while writing ``target`` as an OutputError naming it and the system's reason."""
-    try:
-        yield
-    except OSError as e:
-        what = os.fsdecode(e.filename) if e.filename is not None else None
-        where = (
-            f"{target}: cannot write it"
-            if what is None or what == str(target) or ".wcond-tmp" in what
-            else f"{what}: failed while writing {target}"
-        )
-        outcome = "it may hold part of the output" if partial else "nothing was written"
-        raise OutputError(f"{where} ({e.strerror or e}); {outcome}") from e
+@dataclass(frozen=True)
+class Layout:
+    """What an output keeps of its source: a torch file's object and the key path to its state dict
+    (its other entries, an epoch or optimizer state, are written back around the new tensors),
+    and safetensors metadata."""
 
+    obj: Any = None
+    wrapper: tuple[str, ...] = ()
+    metadata: Mapping[str, str] = field(default_factory=dict)
 
-def _new_file_mode(target: Path) -> int:
-    """The existing file's mode when overwriting, else 0666 less the umask."""
-    if target.exists():
-        return target.stat().st_mode & 0o7777
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+    @classmethod
+    def of(cls, ck: Checkpoint) -> Layout:
+        """The layout of an opened checkpoint."""
+        return cls(ck.obj, ck.wrapper, ck.metadata)
 
-
-def write_text(path: str | Path, text: str) -> None:
-    """Write a text report atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    @property
+    def has_extras(self) -> bool:
+        """A wrapper holding more than the state dict (entries a safetensors file cannot hold)."""
+        return bool(self.wrapper) and isinstance(self.obj, Mapping) and len(self.obj) > 1
 
 
 def save_checkpoint(
     path: str | Path,
     tensors: Mapping[str, torch.Tensor],
-    like: Checkpoint | None = None,
+    like: Layout | None = None,
     metadata: Mapping[str, str] | None = None,
 ) -> list[str]:
     """Write ``tensors`` to ``path`` (format from the extension), atomically.
 
-    With ``like`` (the checkpoint the tensors came from), a torch output keeps the source's
-    wrapper and non-tensor entries (a Lightning checkpoint's epoch, optimizer state, ...), and a
-    safetensors output keeps its metadata (``metadata`` entries are added on top).
+    With ``like`` (the layout of the checkpoint the tensors came from, :meth:`Layout.of`), a torch
+    output keeps the source's wrapper and non-tensor entries (a Lightning checkpoint's epoch,
+    optimizer state, ...), and a safetensors output keeps its metadata (``metadata`` entries are
+    added on top).
 
     Returns:
         Warnings for the user, e.g. wrapper entries a safetensors file cannot hold.
@@ -118,7 +66,7 @@ def save_checkpoint(
     meta.update(metadata or {})
     with atomic_path(path) as tmp:
         if fmt == "safetensors":
-            if like is not None and like.obj is not None and _has_extras(like):
+            if like is not None and like.obj is not None and like.has_extras:
                 warnings.append(
                     f"{path}: safetensors holds tensors only; the source's other entries "
                     "(epoch, optimizer state, ...) were not written"
@@ -150,10 +98,6 @@ def _plain(t: torch.Tensor) -> torch.Tensor:
         if not t.is_contiguous() or t.untyped_storage().nbytes() != t.nbytes
         else t
     )
-
-
-def _has_extras(ck: Checkpoint) -> bool:
-    return bool(ck.wrapper) and isinstance(ck.obj, Mapping) and len(ck.obj) > 1
 
 
 def _rebuild(obj: Any, wrapper: tuple[str, ...], tensors: Mapping[str, torch.Tensor]) -> Any:

@@ -20,9 +20,9 @@ import typer
 from rich.console import Console, ConsoleDimensions
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
+from wcond.checkpoint.hub import allow_downloads
 from wcond.defaults import Device, ProgressFn, RewriteFormat
 from wcond.errors import OutputError, WcondError
-from wcond.hub import allow_downloads
 from wcond.text import markup, one_line
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -392,7 +392,7 @@ def emit(text: str, output: Path | None) -> None:
         STDOUT.write(text)
         STDOUT.flush()
     else:
-        from wcond.checkpoint.write import write_text  # torch: only when writing
+        from wcond.output import write_text
 
         write_text(output, text)
         say_written(output)

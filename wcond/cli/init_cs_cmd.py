@@ -9,7 +9,8 @@ from typing import Annotated, Optional
 import typer
 
 from wcond._version import __version__
-from wcond.checkpoint.source import check_output, check_source
+from wcond.checkpoint.source import check_source
+from wcond.checkpoint.target import check_output
 from wcond.cli import app
 from wcond.cli.common import (
     CheckpointArg,
@@ -130,9 +131,10 @@ def init_cs_command(
         )
     group_sizes = parse_groups(groups or ())
     load_torch()
-    from wcond.checkpoint.open import open_checkpoint
-    from wcond.checkpoint.write import save_checkpoint, write_text
+    from wcond.checkpoint import open_checkpoint
+    from wcond.checkpoint.write import Layout, save_checkpoint
     from wcond.condition import init_cs
+    from wcond.output import write_text
     from wcond.render_init_cs import render_init_cs
 
     ck = open_checkpoint(checkpoint)
@@ -155,7 +157,7 @@ def init_cs_command(
             history=history is not None,
             engine=engine,
         )
-    warnings = save_checkpoint(output, tensors, like=ck)
+    warnings = save_checkpoint(output, tensors, like=Layout.of(ck))
     if history is not None:
         doc = {
             "wcond_version": __version__,

@@ -7,7 +7,7 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
-from wcond.checkpoint.source import check_plot_output, check_source, expand_paths
+from wcond.checkpoint.source import check_source, expand_paths
 from wcond.cli import app
 from wcond.cli.common import (
     DeviceOpt,
@@ -36,6 +36,7 @@ from wcond.defaults import (
     TAU_EUC,
 )
 from wcond.errors import UsageError
+from wcond.output import check_plot_output
 
 
 @app.command("plot")

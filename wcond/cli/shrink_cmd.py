@@ -9,7 +9,8 @@ from typing import Annotated, Optional
 import typer
 
 from wcond._version import __version__
-from wcond.checkpoint.source import check_output, check_source
+from wcond.checkpoint.source import check_source
+from wcond.checkpoint.target import check_output
 from wcond.cli import app
 from wcond.cli.common import (
     CheckpointArg,

@@ -15,13 +15,13 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from wcond import metrics
+from wcond.checkpoint import save_checkpoint, tensor_info
 from wcond.checkpoint.factorized import MANIFEST_KEY, W_SUFFIX
-from wcond.checkpoint.open import tensor_info
-from wcond.checkpoint.source import check_new_file
-from wcond.checkpoint.write import atomic_path, save_checkpoint
+from wcond.checkpoint.target import check_new_file
 from wcond.defaults import AXES, AXIS, TAU_COS, TAU_EUC
 from wcond.errors import UsageError
 from wcond.layers import matches
+from wcond.output import atomic_path
 from wcond.rare.screen import PairScreen
 from wcond.rare.weight import FactorizedWeight
 from wcond.shrink.factorized import MANIFEST, Factorization, paying_parts

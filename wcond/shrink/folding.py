@@ -20,9 +20,9 @@ from torch import Tensor
 
 from wcond import metrics
 from wcond._version import __version__
+from wcond.checkpoint import Checkpoint, TensorInfo
 from wcond.checkpoint.factorized import FOLD_MANIFEST_KEY, _spread
-from wcond.checkpoint.open import Checkpoint, TensorInfo
-from wcond.checkpoint.write import output_format
+from wcond.checkpoint.target import output_format
 from wcond.defaults import DEVICE, TAU_COS, TAU_EUC, ProgressFn
 from wcond.device import resolve_device
 from wcond.errors import CheckpointError, UsageError

@@ -9,9 +9,10 @@ from typing import Any
 
 from torch import Tensor
 
+from wcond.checkpoint import Checkpoint, TensorInfo, open_checkpoint
 from wcond.checkpoint.factorized import FOLD_MANIFEST_KEY, MANIFEST_KEY, W_SUFFIX, dense_view
-from wcond.checkpoint.open import Checkpoint, TensorInfo, open_checkpoint
-from wcond.checkpoint.write import check_output, output_format, save_checkpoint
+from wcond.checkpoint.target import check_output, output_format
+from wcond.checkpoint.write import Layout, save_checkpoint
 from wcond.errors import UsageError
 
 __all__ = ["ExpandResult", "expand"]
@@ -82,19 +83,18 @@ def _write(
     ``entries`` (the manifest) go to the safetensors metadata, or to the top level of a torch
     file; stale wcond manifests of the source are dropped.
     """
-    layout = Checkpoint(ck.path, ck.format, ck.files)
     # Without a source object to rebuild (a DCP directory, torch shards) the output is flat.
-    layout.wrapper = ck.wrapper if ck.obj is not None else ()
-    layout.metadata = {k: v for k, v in ck.metadata.items() if k not in _MANIFESTS}
+    wrapper = ck.wrapper if ck.obj is not None else ()
+    metadata = {k: v for k, v in ck.metadata.items() if k not in _MANIFESTS}
     if output_format(output) == "safetensors":
-        layout.obj = (
-            ck.obj
-        )  # only consulted to warn about a wrapper's entries that safetensors cannot hold
-        return save_checkpoint(output, tensors, like=layout, metadata=entries)
+        # the source's object is only consulted to warn about a wrapper's entries that
+        # safetensors cannot hold
+        like = Layout(ck.obj, wrapper, metadata)
+        return save_checkpoint(output, tensors, like=like, metadata=entries)
     # save_checkpoint keeps the order and non-tensor entries of ``like.obj``: give it the source's
     # structure with the new tensors in their new order, so a factorized layer sits where it was.
-    layout.obj = _torch_layout(ck.obj, layout.wrapper, tensors, entries)
-    return save_checkpoint(output, tensors, like=layout)
+    like = Layout(_torch_layout(ck.obj, wrapper, tensors, entries), wrapper, metadata)
+    return save_checkpoint(output, tensors, like=like)
 
 
 def _torch_layout(
