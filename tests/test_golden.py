@@ -23,7 +23,7 @@ from rich.console import Console
 
 from wcond.analyze import Report, inspect
 from wcond.diff import diff
-from wcond.render import render_table, to_csv, to_markdown
+from wcond.render.report import render_table, to_csv, to_markdown
 from wcond.render_diff import diff_to_markdown, render_diff_table
 from wcond.render_junit import to_junit
 

@@ -129,7 +129,7 @@ def inspect_command(
         )
     load_torch()
     from wcond.analyze import inspect as inspect_checkpoint
-    from wcond.render import render, render_table
+    from wcond.render.report import render, render_table
 
     if fmt == "parquet":
         from wcond.frames import require_parquet
