@@ -12,7 +12,7 @@ from rich.text import Text
 
 from wcond._version import __version__
 from wcond.diff import DiffReport, LayerDiff, MetricDiff
-from wcond.render_text import fit_table, fmt_number, fmt_shape, table_text
+from wcond.render.text import fit_table, fmt_number, fmt_shape, table_text
 from wcond.text import markup, md_cell, md_code, one_line
 
 __all__ = ["DIFF_RENDERERS", "diff_to_json", "diff_to_markdown", "render_diff", "render_diff_table"]

@@ -18,7 +18,7 @@ from wcond._version import __version__
 from wcond.defaults import TAU_COS, TAU_EUC
 from wcond.errors import WcondError
 from wcond.load import Checkpoint, open_checkpoint
-from wcond.render_text import fmt_number, fmt_shape, ratio
+from wcond.render.text import fmt_number, fmt_shape, ratio
 from wcond.report import LayerReport, Report
 from wcond.text import html_text
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 
 from wcond.condition import InitCSResult, LayerResult
-from wcond.render_text import fmt_number, print_layer_table
+from wcond.render.text import fmt_number, print_layer_table
 from wcond.text import markup
 
 __all__ = ["render_init_cs"]

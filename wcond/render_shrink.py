@@ -7,7 +7,7 @@ from typing import TypeVar
 
 from rich.console import Console
 
-from wcond.render_text import fmt_number, fmt_shape, print_layer_table
+from wcond.render.text import fmt_number, fmt_shape, print_layer_table
 from wcond.shrink import FoldReport, ShrinkReport
 from wcond.text import markup
 

@@ -16,7 +16,7 @@ from rich.text import Text
 
 from wcond._version import __version__
 from wcond.defaults import TREND_FORMAT_NAMES
-from wcond.render_text import fmt_number, table_text
+from wcond.render.text import fmt_number, table_text
 from wcond.report import NUMERIC_FIELDS
 from wcond.text import csv_cell, md_cell, md_code, one_line
 from wcond.trend import TREND_METRICS, TrendReport

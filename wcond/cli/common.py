@@ -404,7 +404,7 @@ def say_gates(reports: Sequence[Any], shown_on_terminal: bool) -> None:
     Whatever the format or destination of the report, a job log then says why it failed; only
     a table printed on a terminal, which shows its FAIL lines itself, goes without them.
     """
-    from wcond.render_text import fmt_number
+    from wcond.render.text import fmt_number
 
     if shown_on_terminal and STDOUT.isatty():
         return
