@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from wcond.analyze import inspect
 from wcond.cli import app
-from wcond.render_html import to_html
+from wcond.render.html import to_html
 
 runner = CliRunner()
 GATES = ["near_parallel_rows>0", "acv_mean>0.9"]
