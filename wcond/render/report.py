@@ -12,8 +12,8 @@ from rich.text import Text
 
 from wcond._version import __version__
 from wcond.render.html import to_html
+from wcond.render.junit import to_junit
 from wcond.render.text import fmt_number, fmt_shape, print_layer_table, ratio, table_text
-from wcond.render_junit import to_junit
 from wcond.report import METRIC_ALIASES, NUMERIC_FIELDS, LayerReport, Report
 from wcond.text import csv_cell, markup, md_cell, md_code, md_text
 
