@@ -24,10 +24,10 @@ from typer.testing import CliRunner
 from wcond.analyze import Report, inspect
 from wcond.cli import app
 from wcond.diff import diff
+from wcond.render.diff import diff_to_json, diff_to_markdown, render_diff_table
 from wcond.render.html import to_html
 from wcond.render.junit import to_junit
 from wcond.render.report import render_table, to_csv, to_json, to_markdown
-from wcond.render_diff import diff_to_json, diff_to_markdown, render_diff_table
 from wcond.text import csv_cell, md_code, one_line, visible, xml_text
 
 runner = CliRunner()

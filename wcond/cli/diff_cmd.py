@@ -81,7 +81,7 @@ def diff_command(
     check_source(b)
     load_torch()
     from wcond.diff import diff
-    from wcond.render_diff import render_diff, render_diff_table
+    from wcond.render.diff import render_diff, render_diff_table
 
     with (
         engine_for(ray, ray_address) as engine,
