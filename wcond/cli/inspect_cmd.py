@@ -165,7 +165,7 @@ def _inspect_many(
     label: str,
 ) -> None:
     """Several checkpoints: their trend as a table, JSON, CSV or Markdown; exit 1 if any gate tripped."""
-    from wcond.render_trend import render_trend, render_trend_table
+    from wcond.render.trend import render_trend, render_trend_table
     from wcond.trend import trend
 
     with engine_for(ray, ray_address) as engine, progress_bar(label) as progress:
