@@ -132,7 +132,7 @@ def init_cs_command(
     load_torch()
     from wcond.condition import init_cs
     from wcond.load import open_checkpoint
-    from wcond.render_init_cs import render_init_cs
+    from wcond.render.init_cs import render_init_cs
     from wcond.save import save_checkpoint, write_text
 
     ck = open_checkpoint(checkpoint)
