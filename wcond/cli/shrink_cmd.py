@@ -175,7 +175,7 @@ def shrink_command(
     if target is not None:
         check_output(checkpoint, target, force)
     load_torch()
-    from wcond.render_shrink import render_fold, render_shrink
+    from wcond.render.shrink import render_fold, render_shrink
     from wcond.shrink import fold, shrink
     from wcond.shrink.tracing import fold_checkpoint
 
