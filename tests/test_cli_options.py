@@ -9,10 +9,10 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from wcond import plot
 from wcond.cli import app
 from wcond.config import load_config
 from wcond.errors import UsageError
+from wcond.render import plot
 
 runner = CliRunner()
 

@@ -1,4 +1,4 @@
-"""`wcond plot` and wcond.plot: valid PNG/SVG of the requested size, the right cosines and marks, clear errors."""
+"""`wcond plot` and wcond.render.plot: valid PNG/SVG of the requested size, the right cosines and marks, clear errors."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from wcond.cli import app
 from wcond.metrics import pair_statistics
-from wcond.plot import cos_matrix
+from wcond.render.plot import cos_matrix
 
 pytest.importorskip("matplotlib")
 runner = CliRunner()

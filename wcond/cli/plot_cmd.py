@@ -172,11 +172,11 @@ def plot_command(
         )
     load_torch()
     from wcond.analyze import inspect as inspect_checkpoint
-    from wcond.plot import plot_layer, plot_metrics, require_matplotlib
+    from wcond.render.plot import plot_layer, plot_metrics, require_matplotlib
 
     require_matplotlib()  # after the arguments, before minutes of analysis
     if trend:
-        from wcond.plot import plot_trend
+        from wcond.render.plot import plot_trend
         from wcond.trend import trend as trend_of
 
         with (

@@ -255,7 +255,9 @@ def _heatmaps(
     chosen = _worst_layers(report, n)
     if not chosen:
         return ""
-    from wcond import plot  # numpy/torch only; matplotlib is imported by plot.require_matplotlib
+    from wcond.render import (
+        plot,  # numpy/torch only; matplotlib is imported by plot.require_matplotlib
+    )
 
     try:
         plot.require_matplotlib()

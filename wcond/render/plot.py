@@ -264,7 +264,7 @@ def plot_layer(
     """Heatmap of the signed cosines between a layer's rows (or cols), beside ``vs``'s same layer when given.
 
     Example:
-        >>> wcond.plot.plot_layer("model.pt", "conv1.weight", "conv1.png", vs="model_cs.pt")
+        >>> wcond.render.plot.plot_layer("model.pt", "conv1.weight", "conv1.png", vs="model_cs.pt")
     """
     out = check_plot_output(out)
     default_in = (7.0 * (1 if vs is None else 2), 6.0)
