@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from wcond.cli import app
 from wcond.config import load_config
+from wcond.cosines import cos_matrix
 from wcond.errors import UsageError
 from wcond.render import plot
 
@@ -91,7 +92,7 @@ def test_a_default_size_at_a_huge_dpi_is_refused_before_reading(tmp_path: Path) 
 
 def test_max_vectors_is_bounded_in_the_library() -> None:
     with pytest.raises(UsageError, match="max_vectors=5000: expected 2 to 4096"):
-        plot.cos_matrix("w", torch.randn(8, 4), max_vectors=5000)
+        cos_matrix("w", torch.randn(8, 4), max_vectors=5000)
 
 
 # --- [tool.wcond] and --config: every error names the file ------------------------------------

@@ -255,9 +255,8 @@ def _heatmaps(
     chosen = _worst_layers(report, n)
     if not chosen:
         return ""
-    from wcond.render import (
-        plot,  # numpy/torch only; matplotlib is imported by plot.require_matplotlib
-    )
+    from wcond import cosines  # torch
+    from wcond.render import plot  # matplotlib is imported by plot.require_matplotlib
 
     try:
         plot.require_matplotlib()
@@ -283,7 +282,7 @@ def _heatmaps(
             w = (
                 weights[layer.name]
                 if isinstance(weights, Mapping)
-                else plot.layer_weight(weights, layer.name)
+                else cosines.layer_weight(weights, layer.name)
             )
         except (KeyError, WcondError) as e:
             figures.append(
@@ -291,7 +290,7 @@ def _heatmaps(
             )
             continue
         include = [i for p in layer.closest_rows for i in (p.i, p.j)]
-        cm = plot.cos_matrix(layer.name, w, tau_cos=tau_cos, tau_euc=tau_euc, include=include)
+        cm = cosines.cos_matrix(layer.name, w, tau_cos=tau_cos, tau_euc=tau_euc, include=include)
         png = base64.b64encode(plot.heatmap_png(cm)).decode("ascii")
         pairs = ", ".join(f"{p.i}&ndash;{p.j} (cos {p.cos:+.4f})" for p in layer.closest_rows)
         figures.append(
