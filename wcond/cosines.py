@@ -8,21 +8,25 @@ drawing is :mod:`wcond.render.plot`'s.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from wcond import metrics
 from wcond.defaults import MAX_VECTORS, MAX_VECTORS_LIMIT, TAU_COS, TAU_EUC
-from wcond.errors import UsageError
+from wcond.errors import UsageError, WcondError
 from wcond.layers import is_layer
 from wcond.load import Checkpoint, open_checkpoint
 from wcond.load_factorized import dense_view
 
-__all__ = ["CosMatrix", "cos_matrix", "layer_weight"]
+if TYPE_CHECKING:
+    from wcond.report import LayerReport, Report
+
+__all__ = ["CosMatrix", "cos_matrix", "heatmap_cosines", "layer_cosines", "layer_weight"]
 
 
 @dataclass
@@ -109,3 +113,63 @@ def layer_weight(source: str | Path | Checkpoint, key: str) -> torch.Tensor:
             "dims, floating point)"
         )
     return get(key)
+
+
+def layer_cosines(
+    key: str,
+    sources: Sequence[str | Path | Checkpoint],
+    *,
+    axis: str = "rows",
+    max_vectors: int = MAX_VECTORS,
+    tau_cos: float = TAU_COS,
+    tau_euc: float = TAU_EUC,
+) -> list[CosMatrix]:
+    """The cosine matrix of layer ``key`` in each source; named by file as well when there are several.
+
+    Every weight is read before any matrix is computed, so that a source without the layer fails fast.
+    """
+    weights = [(source, layer_weight(source, key)) for source in sources]
+    return [
+        cos_matrix(
+            f"{_file_name(source)}: {key}" if len(sources) > 1 else key,
+            w,
+            axis=axis,
+            max_vectors=max_vectors,
+            tau_cos=tau_cos,
+            tau_euc=tau_euc,
+        )
+        for source, w in weights
+    ]
+
+
+def heatmap_cosines(
+    report: Report,
+    layers: Sequence[LayerReport],
+    weights: Checkpoint | Mapping[str, torch.Tensor],
+) -> dict[str, CosMatrix | str]:
+    """The row cosines of each of ``layers`` (their closest pairs kept), or why a layer cannot be drawn.
+
+    What the HTML report's heatmaps draw, at the near-parallel thresholds ``report`` was made with.
+    """
+    tau_cos = report.settings.get("tau_cos", TAU_COS)
+    tau_euc = report.settings.get("tau_euc", TAU_EUC)
+    out: dict[str, CosMatrix | str] = {}
+    for layer in layers:
+        try:
+            w = (
+                weights[layer.name]
+                if isinstance(weights, Mapping)
+                else layer_weight(weights, layer.name)
+            )
+        except (KeyError, WcondError) as e:
+            out[layer.name] = str(e)
+            continue
+        include = [i for p in layer.closest_rows for i in (p.i, p.j)]
+        out[layer.name] = cos_matrix(
+            layer.name, w, tau_cos=tau_cos, tau_euc=tau_euc, include=include
+        )
+    return out
+
+
+def _file_name(source: str | Path | Checkpoint) -> str:
+    return Path(source.path if isinstance(source, Checkpoint) else str(source)).name

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
@@ -44,6 +44,10 @@ from wcond.defaults import (
 )
 from wcond.errors import UsageError
 from wcond.paths import check_source, expand_paths
+
+if TYPE_CHECKING:
+    from wcond.cosines import CosMatrix
+    from wcond.report import Report
 
 
 @app.command("inspect")
@@ -148,6 +152,10 @@ def inspect_command(
         _write_parquet(report.to_pandas(), output)
     elif fmt == "table" and output is None:
         render_table(report, stdout)
+    elif fmt == "html":
+        from wcond.render.html import to_html
+
+        emit(to_html(report, _heatmap_cosines(report)), output)
     else:
         emit(render(report, fmt), output)
     if report.failed:
@@ -179,6 +187,27 @@ def _inspect_many(
     if result.failed:
         say_gates(result.reports, shown_on_terminal=fmt == "table" and output is None)
         raise typer.Exit(EXIT_GATE)
+
+
+def _heatmap_cosines(report: Report) -> dict[str, CosMatrix | str] | None:
+    """What the HTML page's heatmaps draw, from the checkpoint the report names.
+
+    None where there is nothing to draw, no matplotlib to draw it with (the page says what to
+    install), or no such file any more.
+    """
+    from wcond.cosines import heatmap_cosines
+    from wcond.load import open_checkpoint
+    from wcond.render.html import heatmap_layers
+    from wcond.render.plot import require_matplotlib
+
+    layers = [layer for layer, _ in heatmap_layers(report)]
+    if not layers or not Path(report.checkpoint).exists():
+        return None
+    try:
+        require_matplotlib()
+    except UsageError:
+        return None
+    return heatmap_cosines(report, layers, open_checkpoint(report.checkpoint))
 
 
 def _write_parquet(frame: Any, output: Optional[Path]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from rich import box
 from rich.console import Console
@@ -11,9 +12,11 @@ from rich.table import Table
 from rich.text import Text
 
 from wcond._version import __version__
-from wcond.diff import DiffReport, LayerDiff, MetricDiff
 from wcond.render.text import fit_table, fmt_number, fmt_shape, table_text
 from wcond.text import markup, md_cell, md_code, one_line
+
+if TYPE_CHECKING:
+    from wcond.diff import DiffReport, LayerDiff, MetricDiff
 
 __all__ = ["DIFF_RENDERERS", "diff_to_json", "diff_to_markdown", "render_diff", "render_diff_table"]
 

@@ -11,32 +11,32 @@ from __future__ import annotations
 import io
 import math
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from wcond.analyze import NUMERIC_FIELDS, Report
-from wcond.cosines import CosMatrix, cos_matrix, layer_weight
-from wcond.defaults import MAX_DPI, MAX_PIXELS, MAX_SIDE, MAX_VECTORS, TAU_COS, TAU_EUC
+from wcond.defaults import MAX_DPI, MAX_PIXELS, MAX_SIDE
 from wcond.errors import UsageError
-from wcond.load import Checkpoint
 from wcond.paths import check_plot_output  # re-exported
-from wcond.save import atomic_path
+from wcond.report import NUMERIC_FIELDS, Report
 from wcond.text import visible
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
+    from wcond.cosines import CosMatrix
     from wcond.trend import TrendReport
 
 __all__ = [
     "INSTALL_HINT",
     "check_canvas",
+    "check_heatmaps",
     "heatmap_png",
     "heatmap_title",
-    "plot_layer",
+    "plot_cosines",
     "plot_metrics",
     "plot_trend",
     "require_matplotlib",
@@ -129,6 +129,8 @@ def check_canvas(size_px: tuple[int, int] | None, dpi: int = _DEFAULT_DPI) -> No
 
 def _save(plt: Any, fig: Figure, out: Path, dpi: int) -> None:
     """PNG or SVG by the extension, written atomically; an SVG gets the PNG's pixel size (width/height in px)."""
+    from wcond.save import atomic_path  # torch: only when writing
+
     try:
         with atomic_path(out) as tmp:
             if out.suffix.lower() == ".png":
@@ -149,45 +151,38 @@ def _save(plt: Any, fig: Figure, out: Path, dpi: int) -> None:
         plt.close(fig)
 
 
-def plot_layer(
-    source: str | Path | Checkpoint,
-    key: str,
+def check_heatmaps(panels: int, size_px: tuple[int, int] | None, dpi: int = _DEFAULT_DPI) -> None:
+    """:func:`check_canvas` for ``panels`` heatmaps side by side (default size: 7 x 6 inches each)."""
+    default_in = (7.0 * panels, 6.0)
+    check_canvas(size_px or (round(default_in[0] * dpi), round(default_in[1] * dpi)), dpi)
+
+
+def plot_cosines(
+    maps: Sequence[CosMatrix],
     out: str | Path,
     *,
-    vs: str | Path | Checkpoint | None = None,
-    axis: str = "rows",
-    max_vectors: int = MAX_VECTORS,
-    tau_cos: float = TAU_COS,
-    tau_euc: float = TAU_EUC,
     size_px: tuple[int, int] | None = None,
     dpi: int = _DEFAULT_DPI,
 ) -> Path:
-    """Heatmap of the signed cosines between a layer's rows (or cols), beside ``vs``'s same layer when given.
+    """Heatmaps of signed cosines side by side: a layer's rows (or cols), and the same layer elsewhere.
 
     Example:
-        >>> wcond.render.plot.plot_layer("model.pt", "conv1.weight", "conv1.png", vs="model_cs.pt")
+        >>> maps = wcond.cosines.layer_cosines("conv1.weight", ["model.pt", "model_cs.pt"])
+        >>> wcond.render.plot.plot_cosines(maps, "conv1.png")
     """
     out = check_plot_output(out)
-    default_in = (7.0 * (1 if vs is None else 2), 6.0)
-    check_canvas(size_px or (round(default_in[0] * dpi), round(default_in[1] * dpi)), dpi)
-    plt = require_matplotlib()  # both before reading any weights
-    sides = [(source, layer_weight(source, key))]
-    if vs is not None:
-        sides.append((vs, layer_weight(vs, key)))
+    check_heatmaps(len(maps), size_px, dpi)
+    plt = require_matplotlib()
     fig, axes = _figure(
         plt,
         size_px,
-        default_in,
+        (7.0 * len(maps), 6.0),
         dpi,
-        ncols=len(sides),
+        ncols=len(maps),
         squeeze=False,
         layout="constrained",
     )
-    for ax, (src, w) in zip(axes[0], sides):
-        label = f"{_file_name(src)}: {key}" if vs is not None else key  # escaped by the title
-        cm = cos_matrix(
-            label, w, axis=axis, max_vectors=max_vectors, tau_cos=tau_cos, tau_euc=tau_euc
-        )
+    for ax, cm in zip(axes[0], maps):
         _draw_heatmap(fig, ax, cm)
     _save(plt, fig, out, dpi)
     return out
@@ -302,12 +297,8 @@ def _nan(v: float | None) -> float:
     return math.nan if v is None else v
 
 
-def _file_name(src: Any) -> str:
-    return Path(src.path if isinstance(src, Checkpoint) else str(src)).name
-
-
-def _source_name(src: Any) -> str:
-    return _label(_file_name(src))
+def _source_name(src: str) -> str:
+    return _label(Path(src).name)
 
 
 def _label(name: str) -> str:

@@ -8,6 +8,7 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich import box
 from rich.console import Console
@@ -17,9 +18,11 @@ from rich.text import Text
 from wcond._version import __version__
 from wcond.defaults import TREND_FORMAT_NAMES
 from wcond.render.text import fmt_number, table_text
-from wcond.report import NUMERIC_FIELDS
+from wcond.report import NUMERIC_FIELDS, TREND_METRICS
 from wcond.text import csv_cell, md_cell, md_code, one_line
-from wcond.trend import TREND_METRICS, TrendReport
+
+if TYPE_CHECKING:
+    from wcond.trend import TrendReport
 
 __all__ = ["TREND_FORMATS", "render_trend", "render_trend_table", "sparkline"]
 
