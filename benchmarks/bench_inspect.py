@@ -214,13 +214,13 @@ import torch
 gc.enable()
 gc.freeze()
 t1 = time.perf_counter()
-import wcond.cli, wcond.render.report
+import wcond.cli, wcond.render
 t2 = time.perf_counter()
 ck = wcond.open_checkpoint(sys.argv[1])
 t3 = time.perf_counter()
 report = wcond.inspect(ck, device="cpu")
 t4 = time.perf_counter()
-text = wcond.render.report.to_json(report)
+text = wcond.render.json.to_json(report)
 t5 = time.perf_counter()
 print(json.dumps({"import torch": t1 - t0, "import wcond (CLI, beyond torch)": t2 - t1,
     "read (open_checkpoint: torch.load, mmap)": t3 - t2, "metrics (inspect)": t4 - t3,

@@ -165,19 +165,9 @@ def init_cs_command(
         }
         write_text(history, json.dumps(doc) + "\n")
     if format == "json":
-        emit(
-            json.dumps(
-                {
-                    "wcond_version": __version__,
-                    **result.to_dict(),
-                    "output": str(output),
-                    "warnings": warnings,
-                },
-                indent=2,
-            )
-            + "\n",
-            None,
-        )
+        from wcond.render.json import to_json
+
+        emit(to_json(result, output=str(output), warnings=warnings), None)
     else:
         render_init_cs(result, stdout)
         stdout.print(

@@ -21,7 +21,6 @@ from wcond.cli.common import (
     TauCosOpt,
     TauEucOpt,
     check_gates,
-    emit,
     engine_for,
     handle_errors,
     load_torch,
@@ -29,7 +28,7 @@ from wcond.cli.common import (
     progress_bar,
     say_gates,
     say_written,
-    stdout,
+    show,
 )
 from wcond.cli.project_config import ConfigOpt, read_config, with_config
 from wcond.defaults import (
@@ -133,7 +132,6 @@ def inspect_command(
         )
     load_torch()
     from wcond.analyze import inspect as inspect_checkpoint
-    from wcond.render.report import render, render_table
 
     if fmt == "parquet":
         from wcond.frames import require_parquet
@@ -150,14 +148,9 @@ def inspect_command(
         )
     if fmt == "parquet":
         _write_parquet(report.to_pandas(), output)
-    elif fmt == "table" and output is None:
-        render_table(report, stdout)
-    elif fmt == "html":
-        from wcond.render.html import to_html
-
-        emit(to_html(report, _heatmap_cosines(report)), output)
     else:
-        emit(render(report, fmt), output)
+        html = {"cosines": _heatmap_cosines(report)} if fmt == "html" else {}
+        show("report", report, fmt, output, **html)
     if report.failed:
         say_gates([report], shown_on_terminal=fmt == "table" and output is None)
         raise typer.Exit(EXIT_GATE)
@@ -173,17 +166,14 @@ def _inspect_many(
     label: str,
 ) -> None:
     """Several checkpoints: their trend as a table, JSON, CSV or Markdown; exit 1 if any gate tripped."""
-    from wcond.render.trend import render_trend, render_trend_table
     from wcond.trend import trend
 
     with engine_for(ray, ray_address) as engine, progress_bar(label) as progress:
         result = trend(paths, **options, progress=progress, engine=engine)
     if fmt == "parquet":
         _write_parquet(result.to_pandas(), output)  # the trend in long form
-    elif fmt == "table" and output is None:
-        render_trend_table(result, stdout)
     else:
-        emit(render_trend(result, fmt), output)
+        show("trend", result, fmt, output)
     if result.failed:
         say_gates(result.reports, shown_on_terminal=fmt == "table" and output is None)
         raise typer.Exit(EXIT_GATE)
