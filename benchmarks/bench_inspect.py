@@ -220,7 +220,7 @@ ck = wcond.open_checkpoint(sys.argv[1])
 t3 = time.perf_counter()
 report = wcond.inspect(ck, device="cpu")
 t4 = time.perf_counter()
-text = wcond.render.to_json(report)
+text = wcond.render.json.to_json(report)
 t5 = time.perf_counter()
 print(json.dumps({"import torch": t1 - t0, "import wcond (CLI, beyond torch)": t2 - t1,
     "read (open_checkpoint: torch.load, mmap)": t3 - t2, "metrics (inspect)": t4 - t3,

@@ -17,7 +17,7 @@ import wcond.checkpoint.write
 from wcond.analyze import inspect
 from wcond.cli import app
 from wcond.condition import init_cs
-from wcond.render_init_cs import render_init_cs
+from wcond.render.init_cs import render_init_cs
 
 runner = CliRunner()
 CONVS = ["model.conv1.weight", "model.conv2.weight", "model.pw.weight"]

@@ -360,7 +360,7 @@ def test_narrow_terminal_keeps_the_layer_column(pt_file: Path) -> None:
     from rich.console import Console
 
     from wcond.analyze import inspect
-    from wcond.render import render_table
+    from wcond.render.report import render_table
 
     console = Console(width=72, record=True, file=io.StringIO(), color_system=None)
     render_table(inspect(pt_file), console)

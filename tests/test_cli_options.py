@@ -9,10 +9,11 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from wcond import plot
 from wcond.cli import app
 from wcond.config import load_config
+from wcond.cosines import cos_matrix
 from wcond.errors import UsageError
+from wcond.render import plot
 
 runner = CliRunner()
 
@@ -83,7 +84,10 @@ def test_a_huge_canvas_is_one_line(ckpt: Path, tmp_path: Path) -> None:
 def test_a_default_size_at_a_huge_dpi_is_refused_before_reading(tmp_path: Path) -> None:
     missing = tmp_path / "not-read.safetensors"  # never opened: the canvas is refused first
     with pytest.raises(UsageError, match=r"a 8400x7200-pixel image \(dpi 1200\) is too large"):
-        plot.plot_layer(missing, "conv.weight", tmp_path / "p.png", dpi=1200)
+        plot.check_heatmaps(1, None, dpi=1200)
+    with pytest.raises(UsageError, match=r"a 8400x7200-pixel image \(dpi 1200\) is too large"):
+        plot.plot_cosines([cos_matrix("w", torch.randn(8, 4))], tmp_path / "p.png", dpi=1200)
+    assert not missing.exists() and not (tmp_path / "p.png").exists()
     with pytest.raises(UsageError, match="dpi=5: expected 10 to 1200"):
         plot.check_canvas((500, 500), dpi=5)
     plot.check_canvas((8000, 5000), dpi=100)  # the largest allowed
@@ -91,7 +95,7 @@ def test_a_default_size_at_a_huge_dpi_is_refused_before_reading(tmp_path: Path) 
 
 def test_max_vectors_is_bounded_in_the_library() -> None:
     with pytest.raises(UsageError, match="max_vectors=5000: expected 2 to 4096"):
-        plot.cos_matrix("w", torch.randn(8, 4), max_vectors=5000)
+        cos_matrix("w", torch.randn(8, 4), max_vectors=5000)
 
 
 # --- [tool.wcond] and --config: every error names the file ------------------------------------

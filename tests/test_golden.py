@@ -23,9 +23,9 @@ from rich.console import Console
 
 from wcond.analyze import Report, inspect
 from wcond.diff import diff
-from wcond.render import render_table, to_csv, to_markdown
-from wcond.render_diff import diff_to_markdown, render_diff_table
-from wcond.render_junit import to_junit
+from wcond.render.diff import diff_to_markdown, render_diff_table
+from wcond.render.junit import to_junit
+from wcond.render.report import render_table, to_csv, to_markdown
 
 GOLDEN = Path(__file__).parent / "golden"
 GATES = ["near_parallel_rows>0", "acv_mean>0.2", "conv_similarity_norm>5"]

@@ -1,4 +1,4 @@
-"""`wcond plot` and wcond.plot: valid PNG/SVG of the requested size, the right cosines and marks, clear errors."""
+"""`wcond plot` and wcond.render.plot: valid PNG/SVG of the requested size, the right cosines and marks, clear errors."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import torch
 from typer.testing import CliRunner
 
 from wcond.cli import app
+from wcond.cosines import cos_matrix
 from wcond.metrics import pair_statistics
-from wcond.plot import cos_matrix
+from wcond.render.plot import heatmap_title
 
 pytest.importorskip("matplotlib")
 runner = CliRunner()
@@ -133,7 +134,7 @@ def test_large_layers_are_subsampled_and_say_so() -> None:
         and {17, 250} <= set(cm.indices)
     )
     assert cm.indices[0] == 0 and cm.indices[-1] == 299
-    assert "40 of 300 shown" in cm.title()
+    assert "40 of 300 shown" in heatmap_title(cm)
     pos = {j: i for i, j in enumerate(cm.indices)}
     assert cm.near_parallel == [(pos[17], pos[250])]
 

@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 from wcond.analyze import inspect
 from wcond.cli import app
-from wcond.render_html import to_html
+from wcond.cosines import CosMatrix, cos_matrix, heatmap_cosines
+from wcond.render.html import heatmap_layers, to_html
 
 runner = CliRunner()
 GATES = ["near_parallel_rows>0", "acv_mean>0.9"]
@@ -101,12 +102,57 @@ def test_without_matplotlib_the_page_says_what_to_install(
     assert "<img" not in text and "FAIL: 1 of 2 gates tripped" in text
 
 
-def test_state_dict_report_takes_weights(state_dict: dict) -> None:
+def test_state_dict_report_takes_its_cosines_from_the_caller(state_dict: dict) -> None:
     pytest.importorskip("matplotlib")
     report = inspect(state_dict, fail_if=["acv_mean>0"])
-    assert "pass weights= to to_html" in to_html(report)
-    assert to_html(report, state_dict, heatmaps=2).count("<img ") == 2
-    assert "<img " not in to_html(report, state_dict, heatmaps=0)
+    assert "pass cosines= to to_html" in to_html(report)
+    layers = [layer for layer, _ in heatmap_layers(report, 2)]
+    cosines = heatmap_cosines(report, layers, state_dict)
+    assert to_html(report, cosines, heatmaps=2).count("<img ") == 2
+    assert "<img " not in to_html(report, cosines, heatmaps=0)
+
+
+def test_the_renderer_never_reads_the_checkpoint(
+    tmp_path: Path, pt_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A report of a file on disk gets no heatmaps from the renderer alone: the caller reads the weights."""
+    pytest.importorskip("matplotlib")
+    report = inspect(pt_file, fail_if=GATES)
+    assert Path(report.checkpoint).exists()
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a renderer opened a checkpoint")
+
+    monkeypatch.setattr("wcond.checkpoint.open.open_checkpoint", refuse)
+    monkeypatch.setattr("wcond.cosines.open_checkpoint", refuse)
+    text = to_html(report)
+    assert "<img" not in text and "pass cosines= to to_html" in text
+
+
+def test_heatmaps_draw_what_the_caller_hands_over(state_dict: dict) -> None:
+    pytest.importorskip("matplotlib")
+    report = inspect(state_dict, fail_if=["acv_mean>0"])
+    first, second = (layer.name for layer, _ in heatmap_layers(report, 2))
+    w = torch.randn(6, 5)
+    drawn: dict[str, CosMatrix | str] = {first: cos_matrix(first, w), second: "no tensor here"}
+    text = to_html(report, drawn, heatmaps=2)
+    assert text.count("<img ") == 1 and f'alt="cosine heatmap of {first}"' in text
+    assert f"<code>{second}</code>: not drawn (no tensor here)" in text
+    # a layer the caller left out is named as a missing key, as a weights dict without it was
+    assert f"<code>{second}</code>: not drawn (&#x27;{second}&#x27;)" in to_html(
+        report, {first: drawn[first]}, heatmaps=2
+    )
+
+
+def test_heatmap_cosines_reads_each_layer_or_says_why_not(state_dict: dict) -> None:
+    report = inspect(state_dict)
+    layers = [layer for layer, _ in heatmap_layers(report, 2)]
+    got = heatmap_cosines(report, layers, {layers[0].name: state_dict[layers[0].name]})
+    first = got[layers[0].name]
+    assert (
+        isinstance(first, CosMatrix) and first.cos.shape[0] == state_dict[layers[0].name].shape[0]
+    )
+    assert got[layers[1].name] == repr(layers[1].name)  # str(KeyError)
 
 
 def test_no_gates_verdict(tmp_path: Path, pt_file: Path) -> None:
@@ -118,7 +164,7 @@ def test_no_gates_verdict(tmp_path: Path, pt_file: Path) -> None:
 
 def test_names_are_escaped(tmp_path: Path) -> None:
     sd = {"<b>evil</b>.weight": torch.randn(4, 4), "ok.weight": torch.randn(4, 4)}
-    text = to_html(inspect(sd), sd, heatmaps=0)
+    text = to_html(inspect(sd), heatmaps=0)
     assert "<b>evil</b>" not in text and "&lt;b&gt;evil&lt;/b&gt;.weight" in text
 
 

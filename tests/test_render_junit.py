@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from wcond.analyze import inspect
 from wcond.cli import app
-from wcond.render_junit import to_junit
+from wcond.render.junit import to_junit
 
 runner = CliRunner()
 

@@ -24,10 +24,11 @@ from typer.testing import CliRunner
 from wcond.analyze import Report, inspect
 from wcond.cli import app
 from wcond.diff import diff
-from wcond.render import render_table, to_csv, to_json, to_markdown
-from wcond.render_diff import diff_to_json, diff_to_markdown, render_diff_table
-from wcond.render_html import to_html
-from wcond.render_junit import to_junit
+from wcond.render.diff import diff_to_markdown, render_diff_table
+from wcond.render.html import to_html
+from wcond.render.json import to_json
+from wcond.render.junit import to_junit
+from wcond.render.report import render_table, to_csv, to_markdown
 from wcond.text import csv_cell, md_code, one_line, visible, xml_text
 
 runner = CliRunner()
@@ -252,7 +253,7 @@ def test_diff_renderers(hostile_file: Path, tmp_path: Path) -> None:
     assert "[bold]x[/].weight" in table
     rows = [line for line in markdown.split("\n") if line.startswith("| `")]
     assert all(len(re.split(r"(?<!\\)\|", row)) == 8 for row in rows)
-    doc = json.loads(diff_to_json(d))
+    doc = json.loads(to_json(d))
     assert doc["only_a"] == [HOSTILE[1]] and doc["only_b"] == ["only\x1b[2J::error::b"]
 
 

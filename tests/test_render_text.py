@@ -12,10 +12,10 @@ from rich.console import Console
 
 from wcond.condition import init_cs
 from wcond.diff import diff
-from wcond.render_diff import render_diff_table
-from wcond.render_init_cs import render_init_cs
-from wcond.render_shrink import render_shrink
-from wcond.render_text import elide, fit_columns
+from wcond.render.diff import render_diff_table
+from wcond.render.init_cs import render_init_cs
+from wcond.render.shrink import render_shrink
+from wcond.render.text import elide, fit_columns
 from wcond.shrink import shrink
 
 LONG = "model.encoder.layers.11.attention.output.dense_projection.weight"  # 63 characters

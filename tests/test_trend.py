@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 import wcond
 from wcond.cli import app
 from wcond.errors import CheckpointError
-from wcond.render_trend import sparkline
+from wcond.render.trend import sparkline
 from wcond.trend import checkpoint_step, expand_paths, trend
 
 runner = CliRunner()

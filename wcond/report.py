@@ -14,7 +14,7 @@ from wcond.gates import GateResult
 if TYPE_CHECKING:
     from wcond.metrics import Pair
 
-__all__ = ["NUMERIC_FIELDS", "LayerReport", "Report", "Summary", "finite"]
+__all__ = ["NUMERIC_FIELDS", "TREND_METRICS", "LayerReport", "Report", "Summary", "finite"]
 
 # Keys of LayerReport that hold one number each: the ones gates and diffs can name.
 # Columns describing a layer in a DataFrame, before its metrics.
@@ -37,6 +37,8 @@ NUMERIC_FIELDS = (
     "nonfinite",
     "params",
 )
+# Metrics the trend table shows by default (JSON and CSV carry every NUMERIC_FIELDS entry).
+TREND_METRICS = ("acv_mean", "conv_similarity_norm", "norm_dev_max", "rare_rows")
 # The terminal table's short column labels, accepted wherever a metric is named (gates): each
 # stands for exactly one of NUMERIC_FIELDS, which reports always show.
 METRIC_ALIASES = {

@@ -20,12 +20,10 @@ from wcond.checkpoint.source import expand_paths  # re-exported: trend() takes i
 from wcond.defaults import ProgressFn
 from wcond.engine import Engine
 from wcond.errors import CheckpointError
-from wcond.report import NUMERIC_FIELDS, Report, finite
+from wcond.report import NUMERIC_FIELDS, TREND_METRICS, Report, finite  # re-exported
 
 __all__ = ["TREND_METRICS", "TrendReport", "checkpoint_step", "expand_paths", "trend"]
 
-# Metrics the trend table shows by default (JSON and CSV carry every NUMERIC_FIELDS entry).
-TREND_METRICS = ("acv_mean", "conv_similarity_norm", "norm_dev_max", "rare_rows")
 # Keys under which training code stores its step (Lightning and most loops: global_step).
 _STEP_KEYS = ("global_step", "step")
 # A Hugging Face trainer_state.json: its log history is a list of flat dicts, a few MB at most.

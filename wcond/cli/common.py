@@ -398,13 +398,23 @@ def emit(text: str, output: Path | None) -> None:
         say_written(output)
 
 
+def show(kind: str, result: Any, fmt: str, output: Path | None, **options: Any) -> None:
+    """``result`` in format ``fmt``: the table in color on a terminal, else text to stdout or ``output``."""
+    from wcond.render import RENDERERS, render
+
+    if fmt == "table" and output is None:
+        RENDERERS[kind].table(result, stdout)
+    else:
+        emit(render(kind, result, fmt, **options), output)
+
+
 def say_gates(reports: Sequence[Any], shown_on_terminal: bool) -> None:
     """One stderr line per gate violation (gate, checkpoint, layer, value), then their count.
 
     Whatever the format or destination of the report, a job log then says why it failed; only
     a table printed on a terminal, which shows its FAIL lines itself, goes without them.
     """
-    from wcond.render_text import fmt_number
+    from wcond.render.text import fmt_number
 
     if shown_on_terminal and STDOUT.isatty():
         return

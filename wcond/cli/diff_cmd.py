@@ -20,13 +20,12 @@ from wcond.cli.common import (
     RayOpt,
     TauCosOpt,
     TauEucOpt,
-    emit,
     engine_for,
     handle_errors,
     load_torch,
     pick_format,
     progress_bar,
-    stdout,
+    show,
 )
 from wcond.cli.project_config import ConfigOpt, read_config, with_config
 from wcond.defaults import DEVICE, DIFF_FORMATS, TAU_COS, TAU_EUC, DiffFormat
@@ -81,14 +80,10 @@ def diff_command(
     check_source(b)
     load_torch()
     from wcond.diff import diff
-    from wcond.render_diff import render_diff, render_diff_table
 
     with (
         engine_for(ray, ray_address) as engine,
         progress_bar("inspecting A and B" + (" on Ray" if engine else "")) as progress,
     ):
         report = diff(a, b, **o, config=cfg.path, progress=progress, engine=engine)
-    if fmt == "table" and output is None:
-        render_diff_table(report, stdout)
-    else:
-        emit(render_diff(report, fmt), output)
+    show("diff", report, fmt, output)

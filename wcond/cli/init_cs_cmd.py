@@ -135,7 +135,7 @@ def init_cs_command(
     from wcond.checkpoint.write import Layout, save_checkpoint
     from wcond.condition import init_cs
     from wcond.output import write_text
-    from wcond.render_init_cs import render_init_cs
+    from wcond.render.init_cs import render_init_cs
 
     ck = open_checkpoint(checkpoint)
     with (
@@ -167,19 +167,9 @@ def init_cs_command(
         }
         write_text(history, json.dumps(doc) + "\n")
     if format == "json":
-        emit(
-            json.dumps(
-                {
-                    "wcond_version": __version__,
-                    **result.to_dict(),
-                    "output": str(output),
-                    "warnings": warnings,
-                },
-                indent=2,
-            )
-            + "\n",
-            None,
-        )
+        from wcond.render.json import to_json
+
+        emit(to_json(result, output=str(output), warnings=warnings), None)
     else:
         render_init_cs(result, stdout)
         stdout.print(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
@@ -22,7 +22,6 @@ from wcond.cli.common import (
     TauCosOpt,
     TauEucOpt,
     check_gates,
-    emit,
     engine_for,
     handle_errors,
     load_torch,
@@ -30,7 +29,7 @@ from wcond.cli.common import (
     progress_bar,
     say_gates,
     say_written,
-    stdout,
+    show,
 )
 from wcond.cli.project_config import ConfigOpt, read_config, with_config
 from wcond.defaults import (
@@ -44,6 +43,10 @@ from wcond.defaults import (
     InspectFormat,
 )
 from wcond.errors import UsageError
+
+if TYPE_CHECKING:
+    from wcond.cosines import CosMatrix
+    from wcond.report import Report
 
 
 @app.command("inspect")
@@ -129,7 +132,6 @@ def inspect_command(
         )
     load_torch()
     from wcond.analyze import inspect as inspect_checkpoint
-    from wcond.render import render, render_table
 
     if fmt == "parquet":
         from wcond.frames import require_parquet
@@ -146,10 +148,9 @@ def inspect_command(
         )
     if fmt == "parquet":
         _write_parquet(report.to_pandas(), output)
-    elif fmt == "table" and output is None:
-        render_table(report, stdout)
     else:
-        emit(render(report, fmt), output)
+        html = {"cosines": _heatmap_cosines(report)} if fmt == "html" else {}
+        show("report", report, fmt, output, **html)
     if report.failed:
         say_gates([report], shown_on_terminal=fmt == "table" and output is None)
         raise typer.Exit(EXIT_GATE)
@@ -165,20 +166,38 @@ def _inspect_many(
     label: str,
 ) -> None:
     """Several checkpoints: their trend as a table, JSON, CSV or Markdown; exit 1 if any gate tripped."""
-    from wcond.render_trend import render_trend, render_trend_table
     from wcond.trend import trend
 
     with engine_for(ray, ray_address) as engine, progress_bar(label) as progress:
         result = trend(paths, **options, progress=progress, engine=engine)
     if fmt == "parquet":
         _write_parquet(result.to_pandas(), output)  # the trend in long form
-    elif fmt == "table" and output is None:
-        render_trend_table(result, stdout)
     else:
-        emit(render_trend(result, fmt), output)
+        show("trend", result, fmt, output)
     if result.failed:
         say_gates(result.reports, shown_on_terminal=fmt == "table" and output is None)
         raise typer.Exit(EXIT_GATE)
+
+
+def _heatmap_cosines(report: Report) -> dict[str, CosMatrix | str] | None:
+    """What the HTML page's heatmaps draw, from the checkpoint the report names.
+
+    None where there is nothing to draw, no matplotlib to draw it with (the page says what to
+    install), or no such file any more.
+    """
+    from wcond.checkpoint import open_checkpoint
+    from wcond.cosines import heatmap_cosines
+    from wcond.render.html import heatmap_layers
+    from wcond.render.plot import require_matplotlib
+
+    layers = [layer for layer, _ in heatmap_layers(report)]
+    if not layers or not Path(report.checkpoint).exists():
+        return None
+    try:
+        require_matplotlib()
+    except UsageError:
+        return None
+    return heatmap_cosines(report, layers, open_checkpoint(report.checkpoint))
 
 
 def _write_parquet(frame: Any, output: Optional[Path]) -> None:

@@ -173,11 +173,11 @@ def plot_command(
         )
     load_torch()
     from wcond.analyze import inspect as inspect_checkpoint
-    from wcond.plot import plot_layer, plot_metrics, require_matplotlib
+    from wcond.render.plot import plot_cosines, plot_metrics, require_matplotlib
 
     require_matplotlib()  # after the arguments, before minutes of analysis
     if trend:
-        from wcond.plot import plot_trend
+        from wcond.render.plot import plot_trend
         from wcond.trend import trend as trend_of
 
         with (
@@ -187,18 +187,19 @@ def plot_command(
             result = trend_of(paths, progress=progress, engine=engine, **o)
         plot_trend(result, output, per_layer=bool(o["layers"]), size_px=size, dpi=dpi)
     elif layer is not None:
-        plot_layer(
-            paths[0],
+        from wcond.cosines import layer_cosines
+        from wcond.render.plot import check_heatmaps
+
+        check_heatmaps(1 if vs is None else 2, size, dpi)  # before reading any weights
+        maps = layer_cosines(
             layer,
-            output,
-            vs=vs,
+            [paths[0], *([vs] if vs is not None else [])],
             axis=axis,
             max_vectors=max_vectors,
             tau_cos=o["tau_cos"],
             tau_euc=o["tau_euc"],
-            size_px=size,
-            dpi=dpi,
         )
+        plot_cosines(maps, output, size_px=size, dpi=dpi)
     else:
         with progress_bar("inspecting") as progress:
             report = inspect_checkpoint(paths[0], progress=progress, **o)

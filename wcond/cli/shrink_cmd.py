@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from wcond._version import __version__
 from wcond.checkpoint.source import check_source
 from wcond.checkpoint.target import check_output
 from wcond.cli import app
@@ -176,7 +174,8 @@ def shrink_command(
     if target is not None:
         check_output(checkpoint, target, force)
     load_torch()
-    from wcond.render_shrink import render_fold, render_shrink
+    from wcond.render.json import to_json
+    from wcond.render.shrink import render_fold, render_shrink
     from wcond.shrink import fold, shrink
     from wcond.shrink.tracing import fold_checkpoint
 
@@ -191,10 +190,7 @@ def shrink_command(
             force=force,
         )
         if format == "json":
-            emit(
-                json.dumps({"wcond_version": __version__, **folded.to_dict()}, indent=2) + "\n",
-                None,
-            )
+            emit(to_json(folded), None)
         else:
             render_fold(folded, stdout)
         for warning in folded.warnings:
@@ -234,7 +230,7 @@ def shrink_command(
                 engine=engine,
             )
     if format == "json":
-        emit(json.dumps({"wcond_version": __version__, **report.to_dict()}, indent=2) + "\n", None)
+        emit(to_json(report), None)
     else:
         render_shrink(report, stdout)
     for warning in report.warnings:

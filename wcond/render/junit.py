@@ -22,7 +22,7 @@ import json
 import xml.etree.ElementTree as ET
 
 from wcond.gates import Gate
-from wcond.render_text import fmt_number, fmt_shape
+from wcond.render.text import fmt_number, fmt_shape
 from wcond.report import LayerReport, Report
 from wcond.text import xml_text
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rich.console import Console
 
-from wcond.condition import InitCSResult, LayerResult
-from wcond.render_text import fmt_number, print_layer_table
+from wcond.render.text import fmt_number, print_layer_table
 from wcond.text import markup
+
+if TYPE_CHECKING:
+    from wcond.condition import InitCSResult, LayerResult
 
 __all__ = ["render_init_cs"]
 

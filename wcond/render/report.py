@@ -1,23 +1,19 @@
-"""Rendering a Report: rich table for the terminal, JSON for scripts, Markdown for CI summaries, CSV."""
+"""Rendering a Report: rich table for the terminal, Markdown for CI summaries, CSV (JSON: render.json)."""
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 from collections.abc import Callable
 
 from rich.console import Console
 from rich.text import Text
 
-from wcond._version import __version__
-from wcond.render_html import to_html
-from wcond.render_junit import to_junit
-from wcond.render_text import fmt_number, fmt_shape, print_layer_table, ratio, table_text
+from wcond.render.text import fmt_number, fmt_shape, print_layer_table, ratio
 from wcond.report import METRIC_ALIASES, NUMERIC_FIELDS, LayerReport, Report
 from wcond.text import csv_cell, markup, md_cell, md_code, md_text
 
-__all__ = ["FORMATS", "fmt_number", "render", "render_table", "to_csv", "to_json", "to_markdown"]
+__all__ = ["fmt_number", "render_table", "to_csv", "to_markdown"]
 
 
 # Columns of the terminal and Markdown tables: header, cell value, and the number ranked to
@@ -155,12 +151,6 @@ def _print_summary(report: Report, console: Console) -> None:
             )
 
 
-def to_json(report: Report) -> str:
-    """The stable CI interface: {"checkpoint", "layers", "summary", ...}; null where a value does not apply."""
-    doc = {"wcond_version": __version__, **report.to_dict()}
-    return json.dumps(doc, indent=2) + "\n"
-
-
 def to_markdown(report: Report) -> str:
     """A GitHub-flavoured Markdown report that pastes into a CI job summary."""
     s = report.summary
@@ -212,22 +202,3 @@ def to_csv(report: Report) -> str:
         row["notes"] = "; ".join(r.notes)
         writer.writerow({k: "" if v is None else csv_cell(v) for k, v in row.items()})
     return buf.getvalue()
-
-
-def _table_text(report: Report) -> str:
-    return table_text(render_table, report)
-
-
-FORMATS: dict[str, Callable[[Report], str]] = {
-    "table": _table_text,
-    "json": to_json,
-    "markdown": to_markdown,
-    "csv": to_csv,
-    "html": to_html,
-    "junit": to_junit,
-}
-
-
-def render(report: Report, fmt: str) -> str:
-    """``report`` in one of FORMATS' formats."""
-    return FORMATS[fmt](report)

@@ -2,27 +2,26 @@
 
 Everything is inline (CSS, a few lines of JS, images as data: URIs), with no address outside the
 file, so the page opens offline in any browser and can be kept as a CI artifact. The heatmaps
-of the worst layers need matplotlib and the checkpoint's weights; without them the page says so.
+of the worst layers (:func:`heatmap_layers`) need matplotlib and their cosines, which the caller
+computes from the weights (:func:`wcond.cosines.heatmap_cosines`); without them the page says so.
 """
 
 from __future__ import annotations
 
 import base64
 from collections.abc import Mapping
-from pathlib import Path
-from typing import Callable
-
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from wcond._version import __version__
-from wcond.checkpoint import Checkpoint, open_checkpoint
-from wcond.defaults import TAU_COS, TAU_EUC
 from wcond.errors import WcondError
-from wcond.render_text import fmt_number, fmt_shape, ratio
+from wcond.render.text import fmt_number, fmt_shape, ratio
 from wcond.report import LayerReport, Report
 from wcond.text import html_text
 
-__all__ = ["HEATMAPS", "to_html"]
+if TYPE_CHECKING:
+    from wcond.cosines import CosMatrix
+
+__all__ = ["HEATMAPS", "heatmap_layers", "to_html"]
 
 HEATMAPS = 4  # worst layers drawn
 
@@ -110,14 +109,15 @@ def _e(s: object) -> str:
 
 def to_html(
     report: Report,
-    weights: Checkpoint | Mapping[str, torch.Tensor] | None = None,
+    cosines: Mapping[str, CosMatrix | str] | None = None,
     *,
     heatmaps: int = HEATMAPS,
 ) -> str:
     """The report as a self-contained HTML page.
 
     Args:
-        weights: where the heatmaps' layers are read from; default: the report's checkpoint file.
+        cosines: the cosine matrix of each layer of :func:`heatmap_layers`, or why it cannot be
+            drawn (:func:`wcond.cosines.heatmap_cosines`); None: the page says what it needs.
         heatmaps: how many of the worst layers get a cosine heatmap (0: none).
     """
 
@@ -136,7 +136,7 @@ def to_html(
         _gates(report),
         _summary(report),
         _layer_table(report),
-        _heatmaps(report, weights, heatmaps),
+        _heatmaps(report, cosines, heatmaps),
         _settings(report),
         f"<script>{_JS}</script>",
         "</body></html>",
@@ -223,8 +223,8 @@ def _layer_table(report: Report) -> str:
     )
 
 
-def _worst_layers(report: Report, n: int) -> list[tuple[LayerReport, str]]:
-    """Up to n layers worth a look, each with why.
+def heatmap_layers(report: Report, n: int = HEATMAPS) -> list[tuple[LayerReport, str]]:
+    """Up to n layers worth a look (those the page draws heatmaps of), each with why.
 
     Gate trips first, then near-parallel pairs, highest acv_mean, lowest rare_rows.
     """
@@ -246,16 +246,14 @@ def _worst_layers(report: Report, n: int) -> list[tuple[LayerReport, str]]:
     return [(by_name[k], why) for k, why in reasons.items() if not by_name[k].nonfinite][:n]
 
 
-def _heatmaps(
-    report: Report, weights: Checkpoint | Mapping[str, torch.Tensor] | None, n: int
-) -> str:
+def _heatmaps(report: Report, cosines: Mapping[str, CosMatrix | str] | None, n: int) -> str:
     if n <= 0:
         return ""
     head = "<h2>Worst layers: cosine between rows</h2>"
-    chosen = _worst_layers(report, n)
+    chosen = heatmap_layers(report, n)
     if not chosen:
         return ""
-    from wcond import plot  # numpy/torch only; matplotlib is imported by plot.require_matplotlib
+    from wcond.render import plot  # matplotlib is imported by plot.require_matplotlib
 
     try:
         plot.require_matplotlib()
@@ -264,32 +262,19 @@ def _heatmaps(
             head
             + f'<p class="note" id="heatmaps-note">Heatmaps need matplotlib: {_e(plot.INSTALL_HINT)}</p>'
         )
-    if weights is None:
-        if not Path(report.checkpoint).exists():
-            return (
-                head + '<p class="note" id="heatmaps-note">Heatmaps need the checkpoint\'s weights '
-                "(pass weights= to to_html).</p>"
-            )
-        weights = open_checkpoint(report.checkpoint)
+    if cosines is None:
+        return (
+            head + '<p class="note" id="heatmaps-note">Heatmaps need the layers\' cosines '
+            "(pass cosines= to to_html).</p>"
+        )
     figures = []
-    tau_cos, tau_euc = (
-        report.settings.get("tau_cos", TAU_COS),
-        report.settings.get("tau_euc", TAU_EUC),
-    )
     for layer, why in chosen:
-        try:
-            w = (
-                weights[layer.name]
-                if isinstance(weights, Mapping)
-                else plot.layer_weight(weights, layer.name)
-            )
-        except (KeyError, WcondError) as e:
+        cm = cosines.get(layer.name, repr(layer.name))  # as a missing key of a weights dict read
+        if isinstance(cm, str):
             figures.append(
-                f"<figure><figcaption><code>{_e(layer.name)}</code>: not drawn ({_e(e)})</figcaption></figure>"
+                f"<figure><figcaption><code>{_e(layer.name)}</code>: not drawn ({_e(cm)})</figcaption></figure>"
             )
             continue
-        include = [i for p in layer.closest_rows for i in (p.i, p.j)]
-        cm = plot.cos_matrix(layer.name, w, tau_cos=tau_cos, tau_euc=tau_euc, include=include)
         png = base64.b64encode(plot.heatmap_png(cm)).decode("ascii")
         pairs = ", ".join(f"{p.i}&ndash;{p.j} (cos {p.cos:+.4f})" for p in layer.closest_rows)
         figures.append(

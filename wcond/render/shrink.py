@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from rich.console import Console
 
-from wcond.render_text import fmt_number, fmt_shape, print_layer_table
-from wcond.shrink import FoldReport, ShrinkReport
+from wcond.render.text import fmt_number, fmt_shape, print_layer_table
 from wcond.text import markup
+
+if TYPE_CHECKING:
+    from wcond.shrink import FoldReport, ShrinkReport
 
 __all__ = ["render_fold", "render_shrink"]
 

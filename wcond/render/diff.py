@@ -1,21 +1,21 @@
-"""Rendering a DiffReport: a rich table for the terminal, JSON for scripts, Markdown for CI summaries."""
+"""Rendering a DiffReport: a rich table for the terminal, Markdown for CI summaries (JSON: render.json)."""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from wcond._version import __version__
-from wcond.diff import DiffReport, LayerDiff, MetricDiff
-from wcond.render_text import fit_table, fmt_number, fmt_shape, table_text
+from wcond.render.text import fit_table, fmt_number, fmt_shape
 from wcond.text import markup, md_cell, md_code, one_line
 
-__all__ = ["DIFF_RENDERERS", "diff_to_json", "diff_to_markdown", "render_diff", "render_diff_table"]
+if TYPE_CHECKING:
+    from wcond.diff import DiffReport, LayerDiff, MetricDiff
+
+__all__ = ["diff_to_markdown", "render_diff_table"]
 
 # Which way is better, for coloring the change: -1 lower is better, +1 higher is better, 0 neutral.
 # The column that gives way on a narrow console.
@@ -121,11 +121,6 @@ def render_diff_table(d: DiffReport, console: Console) -> None:
                 )
 
 
-def diff_to_json(d: DiffReport) -> str:
-    """Stable for scripts: layers[i][metric] = {"a", "b", "delta", "relative"}; null where a value does not apply."""
-    return json.dumps({"wcond_version": __version__, **d.to_dict()}, indent=2) + "\n"
-
-
 def diff_to_markdown(d: DiffReport) -> str:
     """GitHub-flavoured Markdown: totals, shape changes, one-sided layers, then one table of every layer's metrics."""
     out = [f"## wcond diff: {md_code(d.a)} → {md_code(d.b)}", ""]
@@ -152,19 +147,3 @@ def diff_to_markdown(d: DiffReport) -> str:
         out += [f"| | {k} | " + " | ".join(_cells(m)) + " |" for k, m in _shown(layer)]
     out += ["", "change = B - A; rel = change / |A|."]
     return "\n".join(out) + "\n"
-
-
-def _table_text(d: DiffReport) -> str:
-    return table_text(render_diff_table, d)
-
-
-DIFF_RENDERERS: dict[str, Callable[[DiffReport], str]] = {
-    "table": _table_text,
-    "json": diff_to_json,
-    "markdown": diff_to_markdown,
-}
-
-
-def render_diff(d: DiffReport, fmt: str) -> str:
-    """``d`` in one of DIFF_RENDERERS' formats."""
-    return DIFF_RENDERERS[fmt](d)

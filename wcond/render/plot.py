@@ -2,8 +2,8 @@
 
 matplotlib is an optional extra (``pip install 'wcond[plot]'``): it is imported on first use,
 with the Agg backend (no display needed), and its absence is a :class:`UsageError` naming the
-install command. The near-parallel marks come from :func:`wcond.metrics.near_parallel_pairs`,
-the same test as the counts `inspect` reports.
+install command. The cosines and their near-parallel marks are computed by :mod:`wcond.cosines`;
+this module only draws them.
 """
 
 from __future__ import annotations
@@ -12,45 +12,31 @@ import io
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from wcond import metrics
-from wcond.analyze import NUMERIC_FIELDS, Report
-from wcond.checkpoint import Checkpoint, open_checkpoint
-from wcond.checkpoint.factorized import dense_view
-from wcond.defaults import (
-    MAX_DPI,
-    MAX_PIXELS,
-    MAX_SIDE,
-    MAX_VECTORS,
-    MAX_VECTORS_LIMIT,
-    TAU_COS,
-    TAU_EUC,
-)
+from wcond.defaults import MAX_DPI, MAX_PIXELS, MAX_SIDE
 from wcond.errors import UsageError
-from wcond.layers import is_layer
 from wcond.output import atomic_path, check_plot_output  # check_plot_output re-exported
+from wcond.report import NUMERIC_FIELDS, Report
 from wcond.text import visible
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
+    from wcond.cosines import CosMatrix
     from wcond.trend import TrendReport
 
 __all__ = [
     "INSTALL_HINT",
-    "CosMatrix",
     "check_canvas",
-    "cos_matrix",
+    "check_heatmaps",
     "heatmap_png",
-    "layer_weight",
-    "plot_layer",
+    "heatmap_title",
+    "plot_cosines",
     "plot_metrics",
     "plot_trend",
     "require_matplotlib",
@@ -82,97 +68,13 @@ def require_matplotlib() -> Any:
     return plt
 
 
-@dataclass
-class CosMatrix:
-    """Signed cosines between the shown vectors of one layer axis (NaN where a vector is dead)."""
-
-    name: str
-    axis: str
-    cos: np.ndarray
-    indices: list[int]  # original row/column index of each shown vector
-    total: int  # vectors in the layer
-    near_parallel: list[tuple[int, int]] = field(default_factory=list)  # positions in ``indices``
-
-    @property
-    def subsampled(self) -> bool:
-        return len(self.indices) < self.total
-
-    def title(self) -> str:
-        what = f"cos between {self.axis}"
-        if self.subsampled:
-            what += f", {len(self.indices)} of {self.total} shown (evenly spaced)"
-        k = len(self.near_parallel)
-        return f"{_label(self.name)}\n{what}; {k} near-parallel pair{'' if k == 1 else 's'} circled"
-
-
-def _pick(n: int, limit: int, include: Sequence[int] = ()) -> list[int]:
-    """All of 0..n-1 when n <= limit, else ``limit`` evenly spaced indices, ``include`` ones first."""
-    if n <= limit:
-        return list(range(n))
-    chosen = set(sorted({i for i in include if 0 <= i < n})[: limit // 2])
-    chosen.update(np.linspace(0, n - 1, num=limit - len(chosen)).round().astype(int).tolist())
-    fill = iter(range(n))
-    while len(chosen) < limit:  # rounding made duplicates
-        chosen.add(next(fill))
-    return sorted(chosen)
-
-
-def cos_matrix(
-    name: str,
-    w: torch.Tensor,
-    *,
-    axis: str = "rows",
-    max_vectors: int = MAX_VECTORS,
-    tau_cos: float = TAU_COS,
-    tau_euc: float = TAU_EUC,
-    include: Sequence[int] = (),
-) -> CosMatrix:
-    """The cosine matrix of a layer's rows or columns (METRICS.md), at most ``max_vectors`` of them.
-
-    ``include`` names vectors to keep when subsampling (e.g. the layer's closest pairs).
-    """
-    if axis not in ("rows", "cols"):
-        raise UsageError(f"axis={axis!r}: expected 'rows' or 'cols'", params=("axis",))
-    if not 2 <= max_vectors <= MAX_VECTORS_LIMIT:
-        raise UsageError(
-            f"max_vectors={max_vectors}: expected 2 to {MAX_VECTORS_LIMIT}", params=("max_vectors",)
-        )
-    vectors = metrics.as_rows(w) if axis == "rows" else metrics.as_cols(w)
-    vectors = vectors.detach().to("cpu", torch.float32)
-    idx = _pick(vectors.shape[0], max_vectors, include)
-    shown = vectors[idx]
-    v = shown.double().numpy()
-    norms = np.linalg.norm(v, axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        u = v / norms[:, None]  # dead (zero) vectors become NaN: their angle is undefined
-    cos = np.clip(u @ u.T, -1.0, 1.0)
-    near = [
-        (p.i, p.j) for p in metrics.near_parallel_pairs(shown, tau_cos=tau_cos, tau_euc=tau_euc)
-    ]
-    return CosMatrix(name, axis, cos, idx, vectors.shape[0], near)
-
-
-def layer_weight(source: str | Path | Checkpoint, key: str) -> torch.Tensor:
-    """The weight stored under ``key``; a UsageError listing the layer keys when there is none."""
-    ck = source if isinstance(source, Checkpoint) else open_checkpoint(source)
-    # a shrunk layer: its dense weight
-    infos, get, _ = dense_view({k: ck.info(k) for k in ck.keys()}, ck.get, str(ck.path))
-    if key not in infos:
-        layers = [k for k, info in infos.items() if is_layer(info)]
-        close = [k for k in layers if key in k or k in key][:5]
-        hint = (
-            f"; did you mean {', '.join(close)}?"
-            if close
-            else f"; layers: {', '.join(layers[:8])}{' ...' if len(layers) > 8 else ''}"
-        )
-        raise UsageError(f"{ck.path}: no tensor {key!r}{hint}")
-    info = infos[key]
-    if not is_layer(info):
-        raise UsageError(
-            f"{ck.path}: {key!r} ({tuple(info.shape)}, {info.dtype}) is not a layer weight (2 to 5 "
-            "dims, floating point)"
-        )
-    return get(key)
+def heatmap_title(cm: CosMatrix) -> str:
+    """The heatmap's title: the layer, what is shown, and how many pairs are circled."""
+    what = f"cos between {cm.axis}"
+    if cm.subsampled:
+        what += f", {len(cm.indices)} of {cm.total} shown (evenly spaced)"
+    k = len(cm.near_parallel)
+    return f"{_label(cm.name)}\n{what}; {k} near-parallel pair{'' if k == 1 else 's'} circled"
 
 
 def _draw_heatmap(fig: Figure, ax: Axes, cm: CosMatrix) -> None:
@@ -196,7 +98,7 @@ def _draw_heatmap(fig: Figure, ax: Axes, cm: CosMatrix) -> None:
     ax.tick_params(labelsize=7)
     ax.set_xlabel(f"{cm.axis[:-1]} index", fontsize=8)
     ax.set_ylabel(f"{cm.axis[:-1]} index", fontsize=8)
-    ax.set_title(cm.title(), fontsize=9)
+    ax.set_title(heatmap_title(cm), fontsize=9)
     fig.colorbar(image, ax=ax, shrink=0.85, label="cos")
 
 
@@ -247,45 +149,38 @@ def _save(plt: Any, fig: Figure, out: Path, dpi: int) -> None:
         plt.close(fig)
 
 
-def plot_layer(
-    source: str | Path | Checkpoint,
-    key: str,
+def check_heatmaps(panels: int, size_px: tuple[int, int] | None, dpi: int = _DEFAULT_DPI) -> None:
+    """:func:`check_canvas` for ``panels`` heatmaps side by side (default size: 7 x 6 inches each)."""
+    default_in = (7.0 * panels, 6.0)
+    check_canvas(size_px or (round(default_in[0] * dpi), round(default_in[1] * dpi)), dpi)
+
+
+def plot_cosines(
+    maps: Sequence[CosMatrix],
     out: str | Path,
     *,
-    vs: str | Path | Checkpoint | None = None,
-    axis: str = "rows",
-    max_vectors: int = MAX_VECTORS,
-    tau_cos: float = TAU_COS,
-    tau_euc: float = TAU_EUC,
     size_px: tuple[int, int] | None = None,
     dpi: int = _DEFAULT_DPI,
 ) -> Path:
-    """Heatmap of the signed cosines between a layer's rows (or cols), beside ``vs``'s same layer when given.
+    """Heatmaps of signed cosines side by side: a layer's rows (or cols), and the same layer elsewhere.
 
     Example:
-        >>> wcond.plot.plot_layer("model.pt", "conv1.weight", "conv1.png", vs="model_cs.pt")
+        >>> maps = wcond.cosines.layer_cosines("conv1.weight", ["model.pt", "model_cs.pt"])
+        >>> wcond.render.plot.plot_cosines(maps, "conv1.png")
     """
     out = check_plot_output(out)
-    default_in = (7.0 * (1 if vs is None else 2), 6.0)
-    check_canvas(size_px or (round(default_in[0] * dpi), round(default_in[1] * dpi)), dpi)
-    plt = require_matplotlib()  # both before reading any weights
-    sides = [(source, layer_weight(source, key))]
-    if vs is not None:
-        sides.append((vs, layer_weight(vs, key)))
+    check_heatmaps(len(maps), size_px, dpi)
+    plt = require_matplotlib()
     fig, axes = _figure(
         plt,
         size_px,
-        default_in,
+        (7.0 * len(maps), 6.0),
         dpi,
-        ncols=len(sides),
+        ncols=len(maps),
         squeeze=False,
         layout="constrained",
     )
-    for ax, (src, w) in zip(axes[0], sides):
-        label = f"{_file_name(src)}: {key}" if vs is not None else key  # escaped by the title
-        cm = cos_matrix(
-            label, w, axis=axis, max_vectors=max_vectors, tau_cos=tau_cos, tau_euc=tau_euc
-        )
+    for ax, cm in zip(axes[0], maps):
         _draw_heatmap(fig, ax, cm)
     _save(plt, fig, out, dpi)
     return out
@@ -400,12 +295,8 @@ def _nan(v: float | None) -> float:
     return math.nan if v is None else v
 
 
-def _file_name(src: Any) -> str:
-    return Path(src.path if isinstance(src, Checkpoint) else str(src)).name
-
-
-def _source_name(src: Any) -> str:
-    return _label(_file_name(src))
+def _source_name(src: str) -> str:
+    return _label(Path(src).name)
 
 
 def _label(name: str) -> str:

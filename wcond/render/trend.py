@@ -1,27 +1,27 @@
-"""Rendering a TrendReport: a compact terminal table (worst movers first), JSON, CSV and Markdown."""
+"""Rendering a TrendReport: a compact terminal table (worst movers first), CSV and Markdown (JSON: render.json)."""
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from wcond._version import __version__
-from wcond.defaults import TREND_FORMAT_NAMES
-from wcond.render_text import fmt_number, table_text
-from wcond.report import NUMERIC_FIELDS
+from wcond.render.text import fmt_number
+from wcond.report import NUMERIC_FIELDS, TREND_METRICS
 from wcond.text import csv_cell, md_cell, md_code, one_line
-from wcond.trend import TREND_METRICS, TrendReport
 
-__all__ = ["TREND_FORMATS", "render_trend", "render_trend_table", "sparkline"]
+if TYPE_CHECKING:
+    from wcond.trend import TrendReport
+
+__all__ = ["render_trend_table", "sparkline", "trend_csv", "trend_markdown"]
 
 _BARS = "▁▂▃▄▅▆▇█"
 _SPARK_MAX = 24
@@ -167,11 +167,6 @@ def render_trend_table(
         )
 
 
-def trend_json(t: TrendReport) -> str:
-    """{"checkpoints": [each report with its "step"], "steps", "x", "trend": {layer: {metric: [values]}}, "failed"}."""
-    return json.dumps({"wcond_version": __version__, **t.to_dict()}, indent=2) + "\n"
-
-
 def trend_csv(t: TrendReport) -> str:
     """Long format, one row per (checkpoint, layer, metric): easy to pivot in pandas or a sheet."""
     buf = io.StringIO()
@@ -209,20 +204,3 @@ def trend_markdown(t: TrendReport, metrics: Sequence[str] = TREND_METRICS) -> st
         cells = [_first_last(t.trend[name][m]) for m in metrics]
         out.append(f"| {code(name)} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
-
-
-def _table_text(t: TrendReport) -> str:
-    return table_text(render_trend_table, t, width=140)
-
-
-TREND_FORMATS: dict[str, Callable[[TrendReport], str]] = {
-    "table": _table_text,
-    "json": trend_json,
-    "csv": trend_csv,
-    "markdown": trend_markdown,
-}
-assert tuple(TREND_FORMATS) == TREND_FORMAT_NAMES  # the CLI checks --format by the names alone
-
-
-def render_trend(t: TrendReport, fmt: str) -> str:
-    return TREND_FORMATS[fmt](t)
