@@ -12,6 +12,7 @@ import torch
 from hypothesis import given, settings
 
 from wcond import metrics
+from wcond.defaults import TAU_COS, TAU_EUC
 
 REL = 2e-5  # float32 fast code vs float64 literal
 
@@ -360,3 +361,120 @@ def test_float32_pairs_just_inside_tau_cos_are_found_as_in_float64() -> None:
         assert stats.near_parallel == len(want), trial
         found += len(want)
     assert found > 30  # most of them are inside after float32 rounding of the vectors
+
+
+# --------------------------------------------------------------------------- the edges of the near-parallel test
+
+
+def _at_gap(base: torch.Tensor, gap: float, scale: float, seed: int) -> torch.Tensor:
+    """A float64 vector at 1 - |cos| = ``gap`` from ``base``, ``scale`` times as long."""
+    noise = torch.randn(
+        base.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(seed)
+    )
+    noise -= (noise @ base) / (base @ base) * base
+    angle = math.acos(1 - gap)
+    return scale * (math.cos(angle) * base + math.sin(angle) * base.norm() * noise / noise.norm())
+
+
+def _decisions(v: torch.Tensor, tau_cos: float, tau_euc: float) -> list[object]:
+    """Whether rows 0 and 1 are near-parallel, by every entry point that decides it."""
+    s = metrics.pair_statistics(v, tau_cos=tau_cos, tau_euc=tau_euc, top_k=1)
+    listed = [(p.i, p.j) for p in metrics.near_parallel_pairs(v, tau_cos=tau_cos, tau_euc=tau_euc)]
+    among = metrics.near_parallel_among(
+        v, torch.tensor([0]), torch.tensor([1]), tau_cos=tau_cos, tau_euc=tau_euc
+    )
+    return [s.near_parallel, listed, [(p.i, p.j) for p in among], s.closest[0].near_parallel]
+
+
+YES, NO = [1, [(0, 1)], [(0, 1)], True], [0, [], [], False]
+
+
+def test_one_minus_abs_cos_equal_to_tau_cos_is_not_near_parallel() -> None:
+    """METRICS.md: 1 - |cos| < tau_cos, strictly. [5, 0] and [3, 4] have cos = 0.6 in float64
+    exactly as computed (unit rows [1, 0] and [0.6, 0.8]), so tau_cos = 1 - 0.6 is the tie."""
+    v = torch.tensor([[5.0, 0.0], [3.0, 4.0]], dtype=torch.float64)
+    gap = 1 - 0.6
+    assert literal.near_parallel_pairs(v, gap, 10.0) == []
+    assert _decisions(v, gap, 10.0) == NO
+    assert _decisions(v, math.nextafter(gap, 1.0), 10.0) == YES
+    assert literal.near_parallel_pairs(v, math.nextafter(gap, 1.0), 10.0)
+
+
+def test_d_euc_equal_to_tau_euc_is_not_near_parallel() -> None:
+    """METRICS.md: D_euc < tau_euc, strictly: at the pair's own D_euc it does not count, a hair above it does."""
+    v = torch.tensor([[5.0, 0.0], [3.0, 4.0]], dtype=torch.float64)
+    (pair,) = metrics.near_parallel_pairs(v, tau_cos=1.0, tau_euc=10.0)
+    assert pair.d_euc == pytest.approx(literal.d_euc(v[0], v[1]), rel=1e-15)  # 5 sqrt(0.8)
+    assert _decisions(v, 1.0, pair.d_euc) == NO
+    assert _decisions(v, 1.0, math.nextafter(pair.d_euc, 0.0)) == NO
+    assert _decisions(v, 1.0, math.nextafter(pair.d_euc, 10.0)) == YES
+
+
+@pytest.mark.parametrize(
+    ("cos_side", "euc_side", "want"),
+    [
+        (1 - 1e-6, 1 - 1e-9, YES),
+        (1 - 1e-6, 1 + 1e-9, NO),  # D_euc just above tau_euc
+        (1 + 1e-6, 1 - 1e-9, NO),  # 1 - |cos| just above tau_cos
+        (1 + 1e-6, 1 + 1e-9, NO),
+    ],
+)
+def test_both_thresholds_decide_at_the_default_taus(
+    cos_side: float, euc_side: float, want: list[object]
+) -> None:
+    """An anti-parallel pair at 1 - |cos| = cos_side * tau_cos, scaled so that D_euc = euc_side *
+    tau_euc: the count, the listed pairs and the closest pair's flag all follow both thresholds."""
+    tau_cos, tau_euc = TAU_COS, TAU_EUC
+    base = seeded(2, 64, seed=21, dtype=torch.float64)[0]
+    v = torch.stack([base, _at_gap(base, cos_side * tau_cos, -1.5, seed=22)])
+    assert 1 - abs(literal.cos(v[0], v[1])) == pytest.approx(cos_side * tau_cos, rel=1e-9)
+    v *= euc_side * tau_euc / literal.d_euc(v[0], v[1])
+    assert (literal.near_parallel_pairs(v, tau_cos, tau_euc) != []) == (want == YES)
+    assert _decisions(v, tau_cos, tau_euc) == want
+
+
+# --------------------------------------------------------------------------- CS on the FFT path
+
+FFT_SHAPES = [
+    (3, 2, 9, 9),  # conv2d, 81 taps
+    (3, 2, 128),  # conv1d, 128 taps
+    (3, 2, 5, 5, 3),  # conv3d, 75 taps, non-cubic
+    (4, 1, 11, 7),  # non-square
+]
+
+
+@pytest.mark.parametrize("shape", FFT_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_conv_similarity_of_large_kernels_matches_literal(shape: tuple[int, ...]) -> None:
+    """Kernels of more than 64 taps go through the power spectrum, not the Gram of positions."""
+    assert math.prod(shape[2:]) > metrics._GRAM_MAX_TAPS
+    w = seeded(*shape, seed=31)
+    want = literal.conv_similarity(w)
+    assert want is not None
+    assert close(metrics.conv_similarity(w), want, rel=1e-4)
+    batch = metrics.conv_similarity_batch(torch.stack([w, 2 * w]))  # what init-cs steps
+    assert close(batch[0], want, rel=1e-4) and close(batch[1], 16 * want, rel=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(3, 2, 9, 9), (3, 2, 70)], ids=lambda s: "x".join(map(str, s)))
+def test_cs_gradient_on_the_fft_path_matches_autograd_through_the_definition(
+    shape: tuple[int, ...],
+) -> None:
+    """The FFT path's gradient equals autograd through explicit pairwise full cross-correlations."""
+    assert math.prod(shape[2:]) > metrics._GRAM_MAX_TAPS
+    w = seeded(*shape, seed=32, dtype=torch.float64).requires_grad_()
+    (g_fast,) = torch.autograd.grad(metrics.conv_similarity(w), w)
+    w2 = w.detach().clone().requires_grad_()
+    conv = torch.nn.functional.conv2d if len(shape) == 4 else torch.nn.functional.conv1d
+    pad = [k - 1 for k in shape[2:]]
+    out, cin = shape[:2]
+    total = w2.new_zeros(())
+    for i in range(out):
+        for j in range(i + 1, out):
+            # every channel of filter j against every channel of filter i: (C, C, lags)
+            xc = conv(w2[j][:, None], w2[i][:, None], padding=pad)
+            total = total + xc.pow(2).sum()
+    (g_slow,) = torch.autograd.grad(total, w2)
+    total = total.detach()
+    assert float(metrics.conv_similarity(w.detach())) == pytest.approx(float(total), rel=1e-10)
+    assert float(total) == pytest.approx(literal.conv_similarity(w.detach()), rel=1e-10)
+    assert torch.allclose(g_fast, g_slow, rtol=1e-9, atol=1e-9)
