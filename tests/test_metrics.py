@@ -478,3 +478,58 @@ def test_cs_gradient_on_the_fft_path_matches_autograd_through_the_definition(
     assert float(metrics.conv_similarity(w.detach())) == pytest.approx(float(total), rel=1e-10)
     assert float(total) == pytest.approx(literal.conv_similarity(w.detach()), rel=1e-10)
     assert torch.allclose(g_fast, g_slow, rtol=1e-9, atol=1e-9)
+
+
+# --------------------------------------------------------------------------- the float32 screens
+
+
+def _float32_gap(w32: torch.Tensor) -> float:
+    """1 - |cos| of rows 0 and 1 as the float32 blocks see it (the only pair there is)."""
+    return 1 - float(metrics.pair_statistics(w32).max_abs_cos)
+
+
+def test_a_pair_inside_tau_cos_that_float32_puts_outside_is_still_found() -> None:
+    """512 dims, tau_cos = 1e-4: a pair whose float64 1 - |cos| lies just inside tau_cos while the
+    float32 block's lies at or beyond it. Every float32 screen must still hand it to the float64 test."""
+    from wcond.rare.screen import PairScreen
+
+    tau_cos = 1e-4
+    base = seeded(1, 512, seed=41, dtype=torch.float64)[0]
+    for trial in range(400):
+        w32 = torch.stack([base, _at_gap(base, tau_cos * (1 - 1e-5 * trial), -0.8, trial)]).float()
+        inside = 1 - abs(literal.cos(w32[0], w32[1])) < tau_cos
+        if inside and _float32_gap(w32) >= tau_cos:
+            break
+    else:
+        pytest.fail("no pair inside tau_cos that float32 puts outside")
+    assert literal.near_parallel_pairs(w32, tau_cos, 10.0) != []
+    assert [
+        (p.i, p.j) for p in metrics.near_parallel_pairs(w32, tau_cos=tau_cos, tau_euc=10.0)
+    ] == [(0, 1)]
+    assert metrics.pair_statistics(w32, tau_cos=tau_cos, tau_euc=10.0).near_parallel == 1
+    i, j = PairScreen(tau_cos).candidates(w32)
+    assert (i.tolist(), j.tolist()) == ([0], [1])
+
+
+def test_a_tau_cos_below_the_float32_error_still_counts_what_float64_accepts() -> None:
+    """Exactly anti-parallel rows, rounded to float32: in float64 1 - |cos| is about 1e-15, but
+    the float32 block puts it a few units in the last place below 1. With tau_cos half that float32
+    gap, the count's quick look at a block (is any |cos| near 1?) must still send the pair to the
+    float64 test, as near_parallel_pairs does, and the rare screen must offer it."""
+    from wcond.rare.screen import PairScreen
+
+    for seed in range(100):
+        w = seeded(2, 512, seed=seed, dtype=torch.float64)
+        w[1] = -0.8 * w[0]
+        w32 = w.float()
+        if _float32_gap(w32) > 0:
+            break
+    else:
+        pytest.fail("float32 cosines of 512-dim anti-parallel rows always came out as exactly 1")
+    tau_cos = _float32_gap(w32) / 2
+    assert 1 - abs(literal.cos(w32[0], w32[1])) < tau_cos
+    assert len(literal.near_parallel_pairs(w32, tau_cos, 10.0)) == 1
+    assert len(list(metrics.near_parallel_pairs(w32, tau_cos=tau_cos, tau_euc=10.0))) == 1
+    assert metrics.pair_statistics(w32, tau_cos=tau_cos, tau_euc=10.0).near_parallel == 1
+    i, j = PairScreen(tau_cos).candidates(w32)
+    assert (i.tolist(), j.tolist()) == ([0], [1])

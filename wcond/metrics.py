@@ -261,8 +261,9 @@ def pair_statistics(
             assert tau_cos is not None and tau_euc is not None and reach is not None
             if not on_host:  # count on the device, so the loop never waits for it
                 near = near + _near_count(start, a_d, reach, tau_cos)
-            elif float(row_max.max()) > 1 - 2 * tau_cos:  # free on the host; usually rules all out
-                # The few candidates get D_euc in float64, exact even for rows of 1e37.
+            elif float(row_max.max()) > 1 - tau_cos - _cos_error(u.shape[1]):
+                # Free on the host, and it usually rules the block out: then no pair is a candidate
+                # of _near_chunks. The few candidates get D_euc in float64, exact even for rows of 1e37.
                 near = near + _near_count_exact(start, v_live, a_d, reach, tau_cos, tau_euc)
         if not on_host:
             cand.append(_block_candidates(start, a_d, row_max, want))
@@ -431,8 +432,8 @@ def _near_chunks(
     whole block. They are refined in chunks, so memory stays bounded however many there are.
     """
     # Generous on both sides: this only spares the float64 pass the pairs that cannot pass it.
-    slack = 2 * (v.shape[1] + 2) * 2.0**-23  # on 2 - 2|cos|, twice the float32 dot's bound
-    bi, bj = torch.nonzero((1 - a) < tau_cos + slack / 2, as_tuple=True)
+    err = _cos_error(v.shape[1])
+    bi, bj = torch.nonzero((1 - a) < tau_cos + err, as_tuple=True)
     if not len(bi):
         return
     i, j = bi + start, bj + start
@@ -440,13 +441,22 @@ def _near_chunks(
     bi, bj, i, j = bi[upper], bj[upper], i[upper], j[upper]
     lim = torch.maximum(reach[i], reach[j]).double()  # from float32 norms: off by far below 2**-10
     chord2 = (2 - 2 * a[bi, bj].double()).clamp_min(0)
-    keep = chord2 < lim * lim * (1 + 2.0**-10) + slack
+    keep = chord2 < lim * lim * (1 + 2.0**-10) + 2 * err  # chord2 = 2 - 2|cos|
     i, j = i[keep], j[keep]
     step = max(1, _REFINE_ELEMENTS // max(1, v.shape[1]))
     for k in range(0, len(i), step):
         found = _passing(v, i[k : k + step], j[k : k + step], tau_cos, tau_euc)
         if len(found[0]):
             yield found
+
+
+def _cos_error(d: int) -> float:
+    """A bound on how far a block's float32 |cos| of vectors of length d lies from the true one.
+
+    Twice the float32 dot product's bound, (d + 2) units of 2**-24, so that every float32 screen
+    on |cos| lets through every pair the float64 test may accept.
+    """
+    return (d + 2) * 2.0**-23
 
 
 def _live_units(v: Tensor, norms: Tensor | None = None) -> tuple[Tensor | None, Tensor, Tensor]:
