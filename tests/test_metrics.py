@@ -13,6 +13,7 @@ from hypothesis import given, settings
 
 from wcond import metrics
 from wcond.defaults import TAU_COS, TAU_EUC
+from wcond.metrics import blocks, convolutional_similarity, near_parallel
 
 REL = 2e-5  # float32 fast code vs float64 literal
 
@@ -131,7 +132,7 @@ def test_loose_thresholds_count_the_literal_pairs_in_chunks(
     vecs = literal.rows(w)
     expected = literal.near_parallel_pairs(vecs, tau_cos, tau_euc)
     assert 0 < len(expected) < 40 * 39 // 2  # D_euc decides for some pairs, not all
-    monkeypatch.setattr(metrics, "_REFINE_ELEMENTS", 3 * 6)
+    monkeypatch.setattr(near_parallel, "_REFINE_ELEMENTS", 3 * 6)
     s = metrics.pair_statistics(w, tau_cos=tau_cos, tau_euc=tau_euc)
     found = list(metrics.near_parallel_pairs(w, tau_cos=tau_cos, tau_euc=tau_euc))
     assert s.near_parallel == len(found) == len(expected)
@@ -142,7 +143,7 @@ def test_blocks_give_the_same_answer(monkeypatch: pytest.MonkeyPatch) -> None:
     w = seeded(300, 20, seed=7)
     w[17] = 3 * w[250]
     whole = metrics.pair_statistics(w, tau_cos=1e-4, tau_euc=100.0, top_k=5)
-    monkeypatch.setattr(metrics, "_BLOCK_ELEMENTS", 300 * 7)  # blocks of 7 rows
+    monkeypatch.setattr(blocks, "_BLOCK_ELEMENTS", 300 * 7)  # blocks of 7 rows
     blocked = metrics.pair_statistics(w, tau_cos=1e-4, tau_euc=100.0, top_k=5)
     assert float(blocked.acv_sum) == pytest.approx(float(whole.acv_sum), rel=1e-5)
     assert float(blocked.max_abs_cos) == pytest.approx(float(whole.max_abs_cos))
@@ -162,9 +163,9 @@ def test_split_diagonal_squares_give_the_literal_answer(
     vectors = metrics.as_rows(w) if axis == "rows" else metrics.as_cols(w)
     vecs = literal.rows(w) if axis == "rows" else literal.rows(w.T.contiguous())
     whole = metrics.pair_statistics(vectors, tau_cos=1e-4, tau_euc=100.0, top_k=3)
-    monkeypatch.setattr(metrics, "_PANEL_ROWS", 64)  # blocks of 64, 64 and 22 rows
-    monkeypatch.setattr(metrics, "_SQUARE_TILE", 4)  # squares halved down to 4 to 7 rows
-    monkeypatch.setattr(metrics, "_SQUARE_SPLIT_WORK", 1)
+    monkeypatch.setattr(blocks, "_PANEL_ROWS", 64)  # blocks of 64, 64 and 22 rows
+    monkeypatch.setattr(blocks, "_SQUARE_TILE", 4)  # squares halved down to 4 to 7 rows
+    monkeypatch.setattr(blocks, "_SQUARE_SPLIT_WORK", 1)
     with torch.no_grad(), metrics.reuse_buffers():
         metrics._buffer("cosines", (64, 150), w.dtype, w.device).fill_(math.nan)
         split = metrics.pair_statistics(vectors, tau_cos=1e-4, tau_euc=100.0, top_k=3)
@@ -446,7 +447,7 @@ FFT_SHAPES = [
 @pytest.mark.parametrize("shape", FFT_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_conv_similarity_of_large_kernels_matches_literal(shape: tuple[int, ...]) -> None:
     """Kernels of more than 64 taps go through the power spectrum, not the Gram of positions."""
-    assert math.prod(shape[2:]) > metrics._GRAM_MAX_TAPS
+    assert math.prod(shape[2:]) > convolutional_similarity._GRAM_MAX_TAPS
     w = seeded(*shape, seed=31)
     want = literal.conv_similarity(w)
     assert want is not None
@@ -460,7 +461,7 @@ def test_cs_gradient_on_the_fft_path_matches_autograd_through_the_definition(
     shape: tuple[int, ...],
 ) -> None:
     """The FFT path's gradient equals autograd through explicit pairwise full cross-correlations."""
-    assert math.prod(shape[2:]) > metrics._GRAM_MAX_TAPS
+    assert math.prod(shape[2:]) > convolutional_similarity._GRAM_MAX_TAPS
     w = seeded(*shape, seed=32, dtype=torch.float64).requires_grad_()
     (g_fast,) = torch.autograd.grad(metrics.conv_similarity(w), w)
     w2 = w.detach().clone().requires_grad_()

@@ -17,6 +17,7 @@ from torch import nn
 import wcond
 from wcond import metrics
 from wcond.errors import CheckpointError, UsageError
+from wcond.metrics import blocks
 from wcond.shrink import (
     COL_COEF,
     COL_FUSED,
@@ -78,7 +79,7 @@ def test_near_parallel_pairs_match_the_literal_definition(
     monkeypatch: pytest.MonkeyPatch, block_elements: int
 ) -> None:
     monkeypatch.setattr(
-        metrics, "_BLOCK_ELEMENTS", block_elements
+        blocks, "_BLOCK_ELEMENTS", block_elements
     )  # 7: one row per block, many blocks
     v = torch.randn(30, 5, generator=_gen(1))
     v[7] = 2 * v[3]
