@@ -5,7 +5,7 @@ same functions serve as training regularizers::
 
     loss = task_loss + beta * wcond.metrics.conv_similarity(model)
 
-Definitions follow ../shared/METRICS.md (the project's contract). Inputs are a weight
+Definitions follow docs/METRICS.md (the project's contract). Inputs are a weight
 tensor of shape (out, in, *kernel), a list of them, or an ``nn.Module`` (whose Conv and
 Linear weights are walked). fp16/bf16 are upcast to float32; float64 stays float64.
 
