@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Rerun the numerical validation of the Convolutional Similarity paper.
 
-papers/convolutional-similarity.txt, Section 3.1 (Table 1, hyper-parameters in
+the CS paper (docs/METRICS.md, References), Section 3.1 (Table 1, hyper-parameters in
 Table 7) and Section 4.1 (Tables 2 and 3, hyper-parameters in Table 8).
 
 Setup (as in the paper): per episode, kernels K1, K2 ~ U(-1, 1) of length N,
@@ -91,7 +91,7 @@ except Exception as exc:  # noqa: BLE001 - any import problem means "not availab
 M = 64  # input length (paper: fixed M = 64)
 
 # --------------------------------------------------------------------------
-# CITATIONS, not results: numbers published in papers/convolutional-similarity.txt.
+# CITATIONS, not results: numbers published in the CS paper (docs/METRICS.md, References).
 # Keyed by the table row (1..6, top to bottom); the printed N label is kept as
 # extracted.  Row -> (N, optimizer) is decided by PAPER_ROW_OF below.
 # --------------------------------------------------------------------------
@@ -625,7 +625,7 @@ def main(argv: list[str] | None = None) -> int:
     md.append(f"## CS paper numerical validation: {episodes} episodes, seed {args.seed}, M = {M}\n")
     md.append(f"CS source: {src}.\n")
     md.append(
-        "Cells read `ours (paper)`. Paper figures are citations from papers/convolutional-similarity.txt: "
+        "Cells read `ours (paper)`. Paper figures are citations from the CS paper (docs/METRICS.md, References): "
         "Table 1 for experiment A, Table 2 (correlation) and Table 3 (frequency, decrease, increase) for "
         "experiment B; the paper reports the raw inner product only and has no keep-norm runs. "
         "`paper row` rK is the K-th row of those tables, read as rows (3 Adam, 3 SGD, 9 Adam, 9 SGD, 16 Adam, "

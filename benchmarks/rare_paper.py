@@ -1,6 +1,6 @@
 """Does shrinking pay off on a trained network? The RaRe paper's Table 1 setting, scaled to load_digits.
 
-Paper (papers/rank-redundancy.txt): a 784-500x5-10 ReLU MLP with 20% dropout on Fashion-MNIST,
+Paper (the RaRe paper, docs/METRICS.md, References): a 784-500x5-10 ReLU MLP with 20% dropout on Fashion-MNIST,
 Adam 1e-3; with its RaRe loss (lambda1 = 20), L2 decay (lambda2 = 0.1), Frobenius normalisation
 and pairs fused after every update ("dynamic low-rank approximation", tau_cos 1e-4, tau_euc 0.1)
 it reports 30.65 +- 0.97 % fewer parameters at 90.65 +- 0.15 % accuracy (baseline 90.45).

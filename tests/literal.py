@@ -1,6 +1,6 @@
 """Literal float64 definitions of every wcond metric, slow and obvious.
 
-These follow ../shared/METRICS.md word for word: explicit Python loops over pairs,
+These follow docs/METRICS.md word for word: explicit Python loops over pairs,
 channels, lags and positions, sums taken with ``math.fsum`` (correctly rounded), no FFT
 and none of the identities METRICS.md lists as "facts that make it fast". The fast code
 in ``wcond.metrics`` is checked against them, so they must stay this way.

@@ -12,6 +12,8 @@ import torch
 from hypothesis import given, settings
 
 from wcond import metrics
+from wcond.defaults import TAU_COS, TAU_EUC
+from wcond.metrics import blocks, convolutional_similarity, near_parallel
 
 REL = 2e-5  # float32 fast code vs float64 literal
 
@@ -130,7 +132,7 @@ def test_loose_thresholds_count_the_literal_pairs_in_chunks(
     vecs = literal.rows(w)
     expected = literal.near_parallel_pairs(vecs, tau_cos, tau_euc)
     assert 0 < len(expected) < 40 * 39 // 2  # D_euc decides for some pairs, not all
-    monkeypatch.setattr(metrics, "_REFINE_ELEMENTS", 3 * 6)
+    monkeypatch.setattr(near_parallel, "_REFINE_ELEMENTS", 3 * 6)
     s = metrics.pair_statistics(w, tau_cos=tau_cos, tau_euc=tau_euc)
     found = list(metrics.near_parallel_pairs(w, tau_cos=tau_cos, tau_euc=tau_euc))
     assert s.near_parallel == len(found) == len(expected)
@@ -141,7 +143,7 @@ def test_blocks_give_the_same_answer(monkeypatch: pytest.MonkeyPatch) -> None:
     w = seeded(300, 20, seed=7)
     w[17] = 3 * w[250]
     whole = metrics.pair_statistics(w, tau_cos=1e-4, tau_euc=100.0, top_k=5)
-    monkeypatch.setattr(metrics, "_BLOCK_ELEMENTS", 300 * 7)  # blocks of 7 rows
+    monkeypatch.setattr(blocks, "_BLOCK_ELEMENTS", 300 * 7)  # blocks of 7 rows
     blocked = metrics.pair_statistics(w, tau_cos=1e-4, tau_euc=100.0, top_k=5)
     assert float(blocked.acv_sum) == pytest.approx(float(whole.acv_sum), rel=1e-5)
     assert float(blocked.max_abs_cos) == pytest.approx(float(whole.max_abs_cos))
@@ -161,9 +163,9 @@ def test_split_diagonal_squares_give_the_literal_answer(
     vectors = metrics.as_rows(w) if axis == "rows" else metrics.as_cols(w)
     vecs = literal.rows(w) if axis == "rows" else literal.rows(w.T.contiguous())
     whole = metrics.pair_statistics(vectors, tau_cos=1e-4, tau_euc=100.0, top_k=3)
-    monkeypatch.setattr(metrics, "_PANEL_ROWS", 64)  # blocks of 64, 64 and 22 rows
-    monkeypatch.setattr(metrics, "_SQUARE_TILE", 4)  # squares halved down to 4 to 7 rows
-    monkeypatch.setattr(metrics, "_SQUARE_SPLIT_WORK", 1)
+    monkeypatch.setattr(blocks, "_PANEL_ROWS", 64)  # blocks of 64, 64 and 22 rows
+    monkeypatch.setattr(blocks, "_SQUARE_TILE", 4)  # squares halved down to 4 to 7 rows
+    monkeypatch.setattr(blocks, "_SQUARE_SPLIT_WORK", 1)
     with torch.no_grad(), metrics.reuse_buffers():
         metrics._buffer("cosines", (64, 150), w.dtype, w.device).fill_(math.nan)
         split = metrics.pair_statistics(vectors, tau_cos=1e-4, tau_euc=100.0, top_k=3)
@@ -360,3 +362,175 @@ def test_float32_pairs_just_inside_tau_cos_are_found_as_in_float64() -> None:
         assert stats.near_parallel == len(want), trial
         found += len(want)
     assert found > 30  # most of them are inside after float32 rounding of the vectors
+
+
+# --------------------------------------------------------------------------- the edges of the near-parallel test
+
+
+def _at_gap(base: torch.Tensor, gap: float, scale: float, seed: int) -> torch.Tensor:
+    """A float64 vector at 1 - |cos| = ``gap`` from ``base``, ``scale`` times as long."""
+    noise = torch.randn(
+        base.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(seed)
+    )
+    noise -= (noise @ base) / (base @ base) * base
+    angle = math.acos(1 - gap)
+    return scale * (math.cos(angle) * base + math.sin(angle) * base.norm() * noise / noise.norm())
+
+
+def _decisions(v: torch.Tensor, tau_cos: float, tau_euc: float) -> list[object]:
+    """Whether rows 0 and 1 are near-parallel, by every entry point that decides it."""
+    s = metrics.pair_statistics(v, tau_cos=tau_cos, tau_euc=tau_euc, top_k=1)
+    listed = [(p.i, p.j) for p in metrics.near_parallel_pairs(v, tau_cos=tau_cos, tau_euc=tau_euc)]
+    among = metrics.near_parallel_among(
+        v, torch.tensor([0]), torch.tensor([1]), tau_cos=tau_cos, tau_euc=tau_euc
+    )
+    return [s.near_parallel, listed, [(p.i, p.j) for p in among], s.closest[0].near_parallel]
+
+
+YES, NO = [1, [(0, 1)], [(0, 1)], True], [0, [], [], False]
+
+
+def test_one_minus_abs_cos_equal_to_tau_cos_is_not_near_parallel() -> None:
+    """METRICS.md: 1 - |cos| < tau_cos, strictly. [5, 0] and [3, 4] have cos = 0.6 in float64
+    exactly as computed (unit rows [1, 0] and [0.6, 0.8]), so tau_cos = 1 - 0.6 is the tie."""
+    v = torch.tensor([[5.0, 0.0], [3.0, 4.0]], dtype=torch.float64)
+    gap = 1 - 0.6
+    assert literal.near_parallel_pairs(v, gap, 10.0) == []
+    assert _decisions(v, gap, 10.0) == NO
+    assert _decisions(v, math.nextafter(gap, 1.0), 10.0) == YES
+    assert literal.near_parallel_pairs(v, math.nextafter(gap, 1.0), 10.0)
+
+
+def test_d_euc_equal_to_tau_euc_is_not_near_parallel() -> None:
+    """METRICS.md: D_euc < tau_euc, strictly: at the pair's own D_euc it does not count, a hair above it does."""
+    v = torch.tensor([[5.0, 0.0], [3.0, 4.0]], dtype=torch.float64)
+    (pair,) = metrics.near_parallel_pairs(v, tau_cos=1.0, tau_euc=10.0)
+    assert pair.d_euc == pytest.approx(literal.d_euc(v[0], v[1]), rel=1e-15)  # 5 sqrt(0.8)
+    assert _decisions(v, 1.0, pair.d_euc) == NO
+    assert _decisions(v, 1.0, math.nextafter(pair.d_euc, 0.0)) == NO
+    assert _decisions(v, 1.0, math.nextafter(pair.d_euc, 10.0)) == YES
+
+
+@pytest.mark.parametrize(
+    ("cos_side", "euc_side", "want"),
+    [
+        (1 - 1e-6, 1 - 1e-9, YES),
+        (1 - 1e-6, 1 + 1e-9, NO),  # D_euc just above tau_euc
+        (1 + 1e-6, 1 - 1e-9, NO),  # 1 - |cos| just above tau_cos
+        (1 + 1e-6, 1 + 1e-9, NO),
+    ],
+)
+def test_both_thresholds_decide_at_the_default_taus(
+    cos_side: float, euc_side: float, want: list[object]
+) -> None:
+    """An anti-parallel pair at 1 - |cos| = cos_side * tau_cos, scaled so that D_euc = euc_side *
+    tau_euc: the count, the listed pairs and the closest pair's flag all follow both thresholds."""
+    tau_cos, tau_euc = TAU_COS, TAU_EUC
+    base = seeded(2, 64, seed=21, dtype=torch.float64)[0]
+    v = torch.stack([base, _at_gap(base, cos_side * tau_cos, -1.5, seed=22)])
+    assert 1 - abs(literal.cos(v[0], v[1])) == pytest.approx(cos_side * tau_cos, rel=1e-9)
+    v *= euc_side * tau_euc / literal.d_euc(v[0], v[1])
+    assert (literal.near_parallel_pairs(v, tau_cos, tau_euc) != []) == (want == YES)
+    assert _decisions(v, tau_cos, tau_euc) == want
+
+
+# --------------------------------------------------------------------------- CS on the FFT path
+
+FFT_SHAPES = [
+    (3, 2, 9, 9),  # conv2d, 81 taps
+    (3, 2, 128),  # conv1d, 128 taps
+    (3, 2, 5, 5, 3),  # conv3d, 75 taps, non-cubic
+    (4, 1, 11, 7),  # non-square
+]
+
+
+@pytest.mark.parametrize("shape", FFT_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_conv_similarity_of_large_kernels_matches_literal(shape: tuple[int, ...]) -> None:
+    """Kernels of more than 64 taps go through the power spectrum, not the Gram of positions."""
+    assert math.prod(shape[2:]) > convolutional_similarity._GRAM_MAX_TAPS
+    w = seeded(*shape, seed=31)
+    want = literal.conv_similarity(w)
+    assert want is not None
+    assert close(metrics.conv_similarity(w), want, rel=1e-4)
+    batch = metrics.conv_similarity_batch(torch.stack([w, 2 * w]))  # what init-cs steps
+    assert close(batch[0], want, rel=1e-4) and close(batch[1], 16 * want, rel=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(3, 2, 9, 9), (3, 2, 70)], ids=lambda s: "x".join(map(str, s)))
+def test_cs_gradient_on_the_fft_path_matches_autograd_through_the_definition(
+    shape: tuple[int, ...],
+) -> None:
+    """The FFT path's gradient equals autograd through explicit pairwise full cross-correlations."""
+    assert math.prod(shape[2:]) > convolutional_similarity._GRAM_MAX_TAPS
+    w = seeded(*shape, seed=32, dtype=torch.float64).requires_grad_()
+    (g_fast,) = torch.autograd.grad(metrics.conv_similarity(w), w)
+    w2 = w.detach().clone().requires_grad_()
+    conv = torch.nn.functional.conv2d if len(shape) == 4 else torch.nn.functional.conv1d
+    pad = [k - 1 for k in shape[2:]]
+    out, cin = shape[:2]
+    total = w2.new_zeros(())
+    for i in range(out):
+        for j in range(i + 1, out):
+            # every channel of filter j against every channel of filter i: (C, C, lags)
+            xc = conv(w2[j][:, None], w2[i][:, None], padding=pad)
+            total = total + xc.pow(2).sum()
+    (g_slow,) = torch.autograd.grad(total, w2)
+    total = total.detach()
+    assert float(metrics.conv_similarity(w.detach())) == pytest.approx(float(total), rel=1e-10)
+    assert float(total) == pytest.approx(literal.conv_similarity(w.detach()), rel=1e-10)
+    assert torch.allclose(g_fast, g_slow, rtol=1e-9, atol=1e-9)
+
+
+# --------------------------------------------------------------------------- the float32 screens
+
+
+def _float32_gap(w32: torch.Tensor) -> float:
+    """1 - |cos| of rows 0 and 1 as the float32 blocks see it (the only pair there is)."""
+    return 1 - float(metrics.pair_statistics(w32).max_abs_cos)
+
+
+def test_a_pair_inside_tau_cos_that_float32_puts_outside_is_still_found() -> None:
+    """512 dims, tau_cos = 1e-4: a pair whose float64 1 - |cos| lies just inside tau_cos while the
+    float32 block's lies at or beyond it. Every float32 screen must still hand it to the float64 test."""
+    from wcond.rare.screen import PairScreen
+
+    tau_cos = 1e-4
+    base = seeded(1, 512, seed=41, dtype=torch.float64)[0]
+    for trial in range(400):
+        w32 = torch.stack([base, _at_gap(base, tau_cos * (1 - 1e-5 * trial), -0.8, trial)]).float()
+        inside = 1 - abs(literal.cos(w32[0], w32[1])) < tau_cos
+        if inside and _float32_gap(w32) >= tau_cos:
+            break
+    else:
+        pytest.fail("no pair inside tau_cos that float32 puts outside")
+    assert literal.near_parallel_pairs(w32, tau_cos, 10.0) != []
+    assert [
+        (p.i, p.j) for p in metrics.near_parallel_pairs(w32, tau_cos=tau_cos, tau_euc=10.0)
+    ] == [(0, 1)]
+    assert metrics.pair_statistics(w32, tau_cos=tau_cos, tau_euc=10.0).near_parallel == 1
+    i, j = PairScreen(tau_cos).candidates(w32)
+    assert (i.tolist(), j.tolist()) == ([0], [1])
+
+
+def test_a_tau_cos_below_the_float32_error_still_counts_what_float64_accepts() -> None:
+    """Exactly anti-parallel rows, rounded to float32: in float64 1 - |cos| is about 1e-15, but
+    the float32 block puts it a few units in the last place below 1. With tau_cos half that float32
+    gap, the count's quick look at a block (is any |cos| near 1?) must still send the pair to the
+    float64 test, as near_parallel_pairs does, and the rare screen must offer it."""
+    from wcond.rare.screen import PairScreen
+
+    for seed in range(100):
+        w = seeded(2, 512, seed=seed, dtype=torch.float64)
+        w[1] = -0.8 * w[0]
+        w32 = w.float()
+        if _float32_gap(w32) > 0:
+            break
+    else:
+        pytest.fail("float32 cosines of 512-dim anti-parallel rows always came out as exactly 1")
+    tau_cos = _float32_gap(w32) / 2
+    assert 1 - abs(literal.cos(w32[0], w32[1])) < tau_cos
+    assert len(literal.near_parallel_pairs(w32, tau_cos, 10.0)) == 1
+    assert len(list(metrics.near_parallel_pairs(w32, tau_cos=tau_cos, tau_euc=10.0))) == 1
+    assert metrics.pair_statistics(w32, tau_cos=tau_cos, tau_euc=10.0).near_parallel == 1
+    i, j = PairScreen(tau_cos).candidates(w32)
+    assert (i.tolist(), j.tolist()) == ([0], [1])

@@ -17,6 +17,7 @@ from torch import nn
 import wcond
 from wcond import metrics
 from wcond.errors import CheckpointError, UsageError
+from wcond.metrics import blocks
 from wcond.shrink import (
     COL_COEF,
     COL_FUSED,
@@ -78,7 +79,7 @@ def test_near_parallel_pairs_match_the_literal_definition(
     monkeypatch: pytest.MonkeyPatch, block_elements: int
 ) -> None:
     monkeypatch.setattr(
-        metrics, "_BLOCK_ELEMENTS", block_elements
+        blocks, "_BLOCK_ELEMENTS", block_elements
     )  # 7: one row per block, many blocks
     v = torch.randn(30, 5, generator=_gen(1))
     v[7] = 2 * v[3]
@@ -132,6 +133,28 @@ def test_a_fused_vector_is_retested_so_groups_grow() -> None:
     assert float((g.coef[[2, 7, 9]] ** 2).sum()) == pytest.approx(
         1
     )  # a group's coefficients are a unit vector
+
+
+@pytest.mark.parametrize(
+    ("d_euc", "joins"), [(0.02 * (1 - 1e-6), True), (0.02 * (1 + 1e-6), False)]
+)
+def test_a_fused_vector_is_retested_with_tau_euc_and_its_new_norm(
+    d_euc: float, joins: bool
+) -> None:
+    """0 and 1 fuse first (exactly parallel) into a vector of norm sqrt(5); 2, of norm 3, lies
+    within tau_cos of it and at D_euc = sqrt(5) * sqrt(2 - 2 cos) just inside or just outside
+    tau_euc = 0.02. Its queued pairs with 0 and 1 (D_euc from norms 1 and 2) are stale after the
+    fusion, so 2 joins only by re-testing against the fused vector, at the fused vector's norm."""
+    chord = d_euc / math.sqrt(5)  # sqrt(2 - 2 cos) against the fused vector
+    theta = 2 * math.asin(chord / 2)
+    assert 1 - math.cos(theta) < 1e-4
+    v = torch.tensor(
+        [[1.0, 0.0], [2.0, 0.0], [3 * math.cos(theta), 3 * math.sin(theta)]], dtype=torch.float64
+    )
+    queued = {(p.i, p.j) for p in metrics.near_parallel_pairs(v, tau_cos=1e-4, tau_euc=0.02)}
+    assert queued == {(0, 1), (0, 2), (1, 2)}
+    g = fuse_vectors(v, tau_cos=1e-4, tau_euc=0.02)
+    assert g.fused == (2 if joins else 1) and g.removed == ([1, 2] if joins else [1])
 
 
 def test_closest_pair_first() -> None:

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 import wcond
 from wcond.cli import app
 from wcond.shrink import MANIFEST_KEY, shrink
+from wcond.shrink.factorized import factorize, paying_parts
 from wcond.shrink.sizing import entry_bytes, manifest_bytes, safetensors_bytes
 
 
@@ -167,3 +168,67 @@ def test_safetensors_bytes_is_exact(tmp_path: Path) -> None:
         save_file(sd, str(path), metadata=meta)
         entries = [(k, t.shape, t.dtype) for k, t in sd.items()]
         assert safetensors_bytes(entries, meta) == path.stat().st_size
+
+
+@pytest.mark.parametrize(("key", "pays_alone"), [("layer.w123", False), ("layer.w12", True)])
+def test_a_layer_whose_factors_take_exactly_its_dense_bytes_is_left_dense(
+    tmp_path: Path, key: str, pays_alone: bool
+) -> None:
+    """The size rule stores a layer factorized only when that makes its entries strictly smaller.
+    A 16 x 16 float32 layer with 4 fused row pairs, named with 10 characters, takes 1,090 bytes
+    of a safetensors file dense and up to 1,090 factorized (W', fused pairs and scales): the tie
+    is left dense on its own count. A name one character shorter saves 2 bytes (three entries
+    name the key instead of one), so it passes that count and is weighed with the manifest."""
+    w = torch.randn(16, 16, generator=_gen(0))
+    w[8:12] = 2.0 * w[:4]
+    factorization = factorize(w, ("rows",), device="cpu")
+    assert factorization.fused_rows == 4
+    src = _save({key: w}, tmp_path / "in.safetensors")
+    ck = wcond.open_checkpoint(src)
+    notes: list[str] = []
+    parts, size = paying_parts(
+        "safetensors",
+        {key: ck.info(key)},
+        {key: factorization},
+        {key: notes},
+        metadata={},
+        archive="in",
+        size_before=10**6,  # data offsets of up to 7 digits
+    )
+    assert parts == {} and size == src.stat().st_size  # left as it is
+    (note,) = notes
+    if pays_alone:
+        assert "the manifest a factorized file carries" in note and "left dense" in note
+    else:
+        assert note == (
+            "4 row and 0 column pairs would fuse, but W' with its fused pairs and scales takes "
+            "up to 1,090 bytes of the file, dense at least 1,090: left dense"
+        )
+
+
+def test_a_file_exactly_as_large_factorized_as_dense_is_left_dense(tmp_path: Path) -> None:
+    """The same rule for the whole file: a 16 x 16 float32 layer with 6 fused row pairs under a
+    36-character name pays on its own count, but the safetensors file it makes with the manifest
+    takes exactly the dense file's 1,128 bytes, so the layer is left dense."""
+    key = "k" * 36
+    w = torch.randn(16, 16, generator=_gen(0))
+    w[8:14] = 2.0 * w[:6]
+    factorization = factorize(w, ("rows",), device="cpu")
+    assert factorization.fused_rows == 6
+    src = _save({key: w}, tmp_path / "in.safetensors")
+    assert src.stat().st_size == 1128
+    notes: list[str] = []
+    parts, size = paying_parts(
+        "safetensors",
+        {key: wcond.open_checkpoint(src).info(key)},
+        {key: factorization},
+        {key: notes},
+        metadata={},
+        archive="in",
+        size_before=src.stat().st_size,
+    )
+    assert parts == {} and size == 1128
+    assert notes == [
+        "6 row and 0 column pairs would fuse, but with the manifest a factorized file carries "
+        "the file would take 1,128 bytes, dense 1,128: left dense"
+    ]

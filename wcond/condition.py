@@ -1,6 +1,6 @@
 """Conditioning a checkpoint before training: Convolutional Similarity minimization as an iterative initialization.
 
-The CS paper's Algorithm 1 (papers/convolutional-similarity.txt): minimize the sum of CS over
+The CS paper's Algorithm 1 (docs/METRICS.md, References): minimize the sum of CS over
 the conv layers for I iterations, then train. The loss is :func:`wcond.metrics.conv_similarity`,
 the same function `wcond inspect` reports with. Layers do not interact, so all of them step
 together in one optimizer over float32 copies that are cast back to each tensor's dtype; every

@@ -1,6 +1,6 @@
 """Fusing near-parallel rows and columns while a model trains: the RaRe paper's Algorithm 1.
 
-Lee et al., "Rank redundancy" (papers/rank-redundancy.txt), Section 3: each weight is kept as
+Lee et al., "Rank redundancy" (docs/METRICS.md, References), Section 3: each weight is kept as
 ``P W' Q`` where only W' trains and P, Q are fixed sparse maps (one entry per original row and
 column). After every update, each W' whose rows or columns hold a near-parallel pair (either
 sign, the test of METRICS.md) has that pair fused by the least-squares rule of

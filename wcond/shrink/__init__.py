@@ -1,4 +1,4 @@
-"""RaRe merging (papers/rank-redundancy.txt): fuse near-parallel rows and columns into a smaller checkpoint.
+"""RaRe merging (the RaRe paper, docs/METRICS.md): fuse near-parallel rows and columns into a smaller checkpoint.
 
 Two ways to shrink:
 
