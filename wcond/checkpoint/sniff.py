@@ -13,7 +13,7 @@ from wcond.errors import CheckpointError, show_path
 __all__ = ["FILE_READERS", "file_reader"]
 
 # The formats of a single file, asked in this order.
-FILE_READERS: tuple[type[Checkpoint], ...] = (TorchFileCheckpoint, SafetensorsCheckpoint)
+FILE_READERS: tuple[type[Checkpoint], ...] = (SafetensorsCheckpoint, TorchFileCheckpoint)
 
 
 def file_reader(file: Path) -> type[Checkpoint]:
