@@ -56,7 +56,7 @@ def bench_gram(device: str) -> None:
 
 
 def bench_read() -> None:
-    from wcond.checkpoint import open_checkpoint
+    from wcond.checkpoint.open import open_checkpoint
 
     root = tinyllama_checkpoint()
     ck = open_checkpoint(root)

@@ -38,7 +38,7 @@ from _bench import DATA, ROOT, load_average, machine, table  # noqa: E402
 from bench_inspect import resnet_checkpoint  # noqa: E402
 
 import wcond  # noqa: E402
-from wcond.checkpoint import open_checkpoint  # noqa: E402
+from wcond.checkpoint.open import open_checkpoint  # noqa: E402
 from wcond.diff import diff  # noqa: E402
 
 

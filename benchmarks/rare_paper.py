@@ -53,7 +53,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import wcond  # noqa: E402
 from wcond import metrics  # noqa: E402
-from wcond.checkpoint import save_checkpoint  # noqa: E402
+from wcond.checkpoint.write import save_checkpoint  # noqa: E402
 from wcond.rare import DynamicFusion  # noqa: E402
 from wcond.rare import fusion as fusion_module  # noqa: E402
 from wcond.shrink import fuse_vectors, shrink  # noqa: E402

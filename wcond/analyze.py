@@ -17,8 +17,9 @@ from typing import Any
 import torch
 
 from wcond import metrics
-from wcond.checkpoint import Checkpoint, open_checkpoint, tensor_info
+from wcond.checkpoint.base import Checkpoint, tensor_info
 from wcond.checkpoint.factorized import dense_view
+from wcond.checkpoint.open import open_checkpoint
 from wcond.defaults import DEVICE, TAU_COS, TAU_EUC, TOP, ProgressFn
 from wcond.device import resolve_device
 from wcond.engine import Engine, Task, open_on_worker, plan_tasks

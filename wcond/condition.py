@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from wcond import metrics
-from wcond.checkpoint import Checkpoint, TensorInfo, open_checkpoint, tensor_info
+from wcond.checkpoint.base import Checkpoint, TensorInfo, tensor_info
+from wcond.checkpoint.open import open_checkpoint
 from wcond.defaults import DEVICE, ITERATIONS, LR, MAX_SEED, OPTIMIZER, OPTIMIZERS, ProgressFn
 from wcond.device import resolve_device
 from wcond.engine import Engine, Task, open_on_worker, plan_tasks

@@ -17,8 +17,9 @@ import numpy as np
 import torch
 
 from wcond import metrics
-from wcond.checkpoint import Checkpoint, open_checkpoint
+from wcond.checkpoint.base import Checkpoint
 from wcond.checkpoint.factorized import dense_view
+from wcond.checkpoint.open import open_checkpoint
 from wcond.defaults import MAX_VECTORS, MAX_VECTORS_LIMIT, TAU_COS, TAU_EUC
 from wcond.errors import UsageError, WcondError
 from wcond.layers import is_layer

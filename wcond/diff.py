@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from wcond.analyze import inspect_many
-from wcond.checkpoint import Checkpoint
+from wcond.checkpoint.base import Checkpoint
 from wcond.report import NUMERIC_FIELDS, Report, finite
 
 __all__ = [

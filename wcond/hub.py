@@ -3,22 +3,5 @@
 The public face of :mod:`wcond.checkpoint.hub`, where the resolver lives beside the readers.
 """
 
-from wcond.checkpoint.hub import (
-    RepoRef,
-    allow_downloads,
-    cache_dir,
-    in_blob_store,
-    parse_repo_id,
-    resolve,
-    weight_files,
-)
-
-__all__ = [
-    "RepoRef",
-    "allow_downloads",
-    "cache_dir",
-    "in_blob_store",
-    "parse_repo_id",
-    "resolve",
-    "weight_files",
-]
+from wcond.checkpoint.hub import *  # noqa: F403
+from wcond.checkpoint.hub import __all__ as __all__

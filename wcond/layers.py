@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from wcond.checkpoint import TensorInfo
+from wcond.checkpoint.base import TensorInfo
 from wcond.config import parse_groups  # re-exported: KEY=G specs, parsed without torch
 from wcond.errors import UsageError
 

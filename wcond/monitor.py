@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from wcond.analyze import NUMERIC_FIELDS, analyze_tensor
-from wcond.checkpoint import tensor_info
+from wcond.checkpoint.base import tensor_info
 from wcond.defaults import TAU_COS, TAU_EUC
 from wcond.errors import UsageError
 from wcond.layers import find_layers

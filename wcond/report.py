@@ -49,6 +49,12 @@ METRIC_ALIASES = {
     "rare_c": "rare_cols",
     "dead": "dead_rows",
 }
+# Each aliased metric's label, the other way round.
+METRIC_LABELS = {field: alias for alias, field in METRIC_ALIASES.items()}
+# The metrics that count things (integers), as opposed to measuring them.
+COUNT_FIELDS = frozenset(
+    ("near_parallel_rows", "near_parallel_cols", "dead_rows", "dead_cols", "nonfinite", "params")
+)
 
 
 @dataclass

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from wcond.analyze import inspect_many
-from wcond.checkpoint import open_checkpoint
 from wcond.checkpoint.bounded_json import read_json
+from wcond.checkpoint.open import open_checkpoint
 from wcond.checkpoint.source import expand_paths  # re-exported: trend() takes its result
 from wcond.defaults import ProgressFn
 from wcond.engine import Engine

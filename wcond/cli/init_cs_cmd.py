@@ -131,7 +131,7 @@ def init_cs_command(
         )
     group_sizes = parse_groups(groups or ())
     load_torch()
-    from wcond.checkpoint import open_checkpoint
+    from wcond.checkpoint.open import open_checkpoint
     from wcond.checkpoint.write import Layout, save_checkpoint
     from wcond.condition import init_cs
     from wcond.output import write_text

@@ -185,7 +185,7 @@ def _heatmap_cosines(report: Report) -> dict[str, CosMatrix | str] | None:
     None where there is nothing to draw, no matplotlib to draw it with (the page says what to
     install), or no such file any more.
     """
-    from wcond.checkpoint import open_checkpoint
+    from wcond.checkpoint.open import open_checkpoint
     from wcond.cosines import heatmap_cosines
     from wcond.render.html import heatmap_layers
     from wcond.render.plot import require_matplotlib

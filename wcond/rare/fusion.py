@@ -15,9 +15,10 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from wcond import metrics
-from wcond.checkpoint import save_checkpoint, tensor_info
+from wcond.checkpoint.base import tensor_info
 from wcond.checkpoint.factorized import MANIFEST_KEY, W_SUFFIX
 from wcond.checkpoint.target import check_new_file
+from wcond.checkpoint.write import save_checkpoint
 from wcond.defaults import AXES, AXIS, TAU_COS, TAU_EUC
 from wcond.errors import UsageError
 from wcond.layers import matches

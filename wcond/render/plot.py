@@ -20,7 +20,7 @@ import numpy as np
 from wcond.defaults import MAX_DPI, MAX_PIXELS, MAX_SIDE
 from wcond.errors import UsageError
 from wcond.output import atomic_path, check_plot_output  # check_plot_output re-exported
-from wcond.report import NUMERIC_FIELDS, Report
+from wcond.report import COUNT_FIELDS, NUMERIC_FIELDS, Report
 from wcond.text import visible
 
 if TYPE_CHECKING:
@@ -44,14 +44,6 @@ __all__ = [
 
 INSTALL_HINT = "pip install 'wcond[plot]'  (or: pip install 'matplotlib>=3.7')"
 _DEFAULT_DPI = 100
-_COUNTS = {
-    "near_parallel_rows",
-    "near_parallel_cols",
-    "dead_rows",
-    "dead_cols",
-    "nonfinite",
-    "params",
-}
 
 
 def require_matplotlib() -> Any:
@@ -266,7 +258,7 @@ def plot_metrics(
                 color="gray",
                 transform=ax.transAxes,
             )
-        if metric in _COUNTS:
+        if metric in COUNT_FIELDS:
             ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.tick_params(labelsize=7)
         ax.grid(axis="y", alpha=0.3)
@@ -381,7 +373,7 @@ def plot_trend(
             ]
             ax.plot(x, ys, marker="o", linewidth=1.5, color="#4477aa")
             ax.set_title(f"{metric} ({how} over layers)", fontsize=9)
-        if metric in _COUNTS:
+        if metric in COUNT_FIELDS:
             ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.tick_params(labelsize=7)

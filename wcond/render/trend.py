@@ -15,7 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from wcond.render.text import fmt_number
-from wcond.report import NUMERIC_FIELDS, TREND_METRICS
+from wcond.report import METRIC_LABELS, NUMERIC_FIELDS, TREND_METRICS
 from wcond.text import csv_cell, md_cell, md_code, one_line
 
 if TYPE_CHECKING:
@@ -26,15 +26,7 @@ __all__ = ["render_trend_table", "sparkline", "trend_csv", "trend_markdown"]
 _BARS = "▁▂▃▄▅▆▇█"
 _SPARK_MAX = 24
 _FLAT = 1e-4  # relative spread under which a row of values counts as constant
-_SHORT = {
-    "acv_mean": "acv",
-    "conv_similarity_norm": "cs_n",
-    "norm_dev_max": "normdev",
-    "rare_rows": "rare_r",
-    "rare_cols": "rare_c",
-    "near_parallel_rows": "∥rows",
-    "near_parallel_cols": "∥cols",
-}
+_SHORT = {**METRIC_LABELS, "near_parallel_rows": "∥rows", "near_parallel_cols": "∥cols"}
 
 
 def sparkline(values: Sequence[float | None], width: int = _SPARK_MAX) -> str:

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from wcond import metrics
 from wcond._version import __version__
-from wcond.checkpoint import Checkpoint, TensorInfo, open_checkpoint
+from wcond.checkpoint.base import Checkpoint, TensorInfo
 from wcond.checkpoint.factorized import (
     COL_FUSED,
     COL_SCALE,
@@ -24,6 +24,7 @@ from wcond.checkpoint.factorized import (
     _along,
     rebuild_fused,
 )
+from wcond.checkpoint.open import open_checkpoint
 from wcond.checkpoint.target import output_format
 from wcond.defaults import AXES, AXIS, DEVICE, TAU_COS, TAU_EUC, ProgressFn
 from wcond.device import resolve_device

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from wcond import metrics
 from wcond._version import __version__
-from wcond.checkpoint import Checkpoint, TensorInfo
+from wcond.checkpoint.base import Checkpoint, TensorInfo
 from wcond.checkpoint.factorized import FOLD_MANIFEST_KEY, _spread
 from wcond.checkpoint.target import output_format
 from wcond.defaults import DEVICE, TAU_COS, TAU_EUC, ProgressFn

@@ -9,8 +9,9 @@ from typing import Any
 
 from torch import Tensor
 
-from wcond.checkpoint import Checkpoint, TensorInfo, open_checkpoint
+from wcond.checkpoint.base import Checkpoint, TensorInfo
 from wcond.checkpoint.factorized import FOLD_MANIFEST_KEY, MANIFEST_KEY, W_SUFFIX, dense_view
+from wcond.checkpoint.open import open_checkpoint
 from wcond.checkpoint.target import check_output, output_format
 from wcond.checkpoint.write import Layout, save_checkpoint
 from wcond.errors import UsageError

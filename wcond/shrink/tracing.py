@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wcond.checkpoint import save_checkpoint
 from wcond.checkpoint.factorized import load_state_dict
 from wcond.checkpoint.target import check_output
+from wcond.checkpoint.write import save_checkpoint
 from wcond.defaults import TAU_COS, TAU_EUC
 from wcond.errors import CheckpointError, UsageError
 from wcond.shrink.folding import Link, fold_links
