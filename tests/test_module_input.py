@@ -8,8 +8,8 @@ from torch import nn
 
 import wcond
 from wcond import metrics
+from wcond.checkpoint.module import module_view
 from wcond.diff import diff
-from wcond.module import module_view
 
 
 def _mobile_block() -> nn.Module:

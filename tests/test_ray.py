@@ -20,10 +20,10 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import wcond
-from wcond import engine as engine_module
 from wcond.analyze import _inspect_task
 from wcond.cli import app
 from wcond.engine import RayEngine, Task, plan_tasks
+from wcond.engine import workers as engine_module
 from wcond.errors import CheckpointError, EngineError
 from wcond.shrink import MANIFEST_KEY
 

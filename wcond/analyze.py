@@ -19,10 +19,11 @@ import torch
 from wcond import metrics
 from wcond.checkpoint.base import Checkpoint, tensor_info
 from wcond.checkpoint.factorized import dense_view
+from wcond.checkpoint.module import module_view
 from wcond.checkpoint.open import open_checkpoint
 from wcond.defaults import DEVICE, TAU_COS, TAU_EUC, TOP, ProgressFn
-from wcond.device import resolve_device
 from wcond.engine import Engine, Task, open_on_worker, plan_tasks
+from wcond.engine.device import resolve_device
 from wcond.errors import CheckpointError, UsageError, show_key
 from wcond.gates import Gate, evaluate_gates
 from wcond.layers import (
@@ -35,7 +36,6 @@ from wcond.layers import (
     selected,
     skip_note,
 )
-from wcond.module import module_view
 from wcond.report import METRIC_ALIASES, NUMERIC_FIELDS, LayerReport, Report, Summary
 
 # What inspect reads: a path (file, directory, DCP directory, Hub repo id), an opened

@@ -26,13 +26,13 @@ import torch
 
 from wcond import metrics
 from wcond.checkpoint.base import Checkpoint, TensorInfo, tensor_info
+from wcond.checkpoint.module import module_view
 from wcond.checkpoint.open import open_checkpoint
 from wcond.defaults import DEVICE, ITERATIONS, LR, MAX_SEED, OPTIMIZER, OPTIMIZERS, ProgressFn
-from wcond.device import resolve_device
 from wcond.engine import Engine, Task, open_on_worker, plan_tasks
+from wcond.engine.device import resolve_device
 from wcond.errors import CheckpointError, UsageError
 from wcond.layers import LayerSpec, find_layers, is_fp8, is_layer
-from wcond.module import module_view
 
 __all__ = ["InitCSResult", "LayerResult", "init_cs"]
 

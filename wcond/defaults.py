@@ -46,7 +46,7 @@ TAU_COS = 1e-4
 TAU_EUC = 0.1
 TOP = 3  # closest pairs listed per layer and axis
 
-# "auto" picks CUDA, then MPS, then the CPU (wcond.device.resolve_device).
+# "auto" picks CUDA, then MPS, then the CPU (wcond.engine.device.resolve_device).
 Device = Literal["auto", "cpu", "cuda", "mps"]
 DEVICES: tuple[str, ...] = get_args(Device)
 DEVICE: Device = "auto"

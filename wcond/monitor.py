@@ -27,11 +27,11 @@ from torch import nn
 
 from wcond.analyze import NUMERIC_FIELDS, analyze_tensor
 from wcond.checkpoint.base import tensor_info
+from wcond.checkpoint.module import module_view
 from wcond.defaults import TAU_COS, TAU_EUC
 from wcond.errors import UsageError
 from wcond.layers import find_layers
 from wcond.lightning_import import import_lightning
-from wcond.module import module_view
 
 # WeightMetrics (the Lightning callback) is public too, but built on first access: not in
 # __all__, so that `import *` does not need Lightning.

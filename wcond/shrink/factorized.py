@@ -27,8 +27,8 @@ from wcond.checkpoint.factorized import (
 from wcond.checkpoint.open import open_checkpoint
 from wcond.checkpoint.target import output_format
 from wcond.defaults import AXES, AXIS, DEVICE, TAU_COS, TAU_EUC, ProgressFn
-from wcond.device import resolve_device
 from wcond.engine import Engine, Task, open_on_worker, plan_tasks
+from wcond.engine.device import resolve_device
 from wcond.errors import CheckpointError, UsageError
 from wcond.layers import find_layers, is_fp8, is_layer, matches, no_match_message
 from wcond.shrink.output import (

@@ -24,7 +24,7 @@ from wcond.checkpoint.base import Checkpoint, TensorInfo
 from wcond.checkpoint.factorized import FOLD_MANIFEST_KEY, _spread
 from wcond.checkpoint.target import output_format
 from wcond.defaults import DEVICE, TAU_COS, TAU_EUC, ProgressFn
-from wcond.device import resolve_device
+from wcond.engine.device import resolve_device
 from wcond.errors import CheckpointError, UsageError
 from wcond.layers import is_layer
 from wcond.shrink.output import _formats, _open_source, _write, _written_bytes

@@ -21,17 +21,6 @@ from typing import Any, Protocol, TypeVar
 from wcond.defaults import ProgressFn
 from wcond.errors import CheckpointError, EngineError, UsageError, WcondError
 
-__all__ = [
-    "LOCAL",
-    "TASK_MIN_PARAMS",
-    "Engine",
-    "LocalEngine",
-    "RayEngine",
-    "Task",
-    "open_on_worker",
-    "plan_tasks",
-]
-
 R = TypeVar("R")
 
 # Layers below this many parameters share a task with their neighbours, so that a task's
