@@ -146,7 +146,7 @@ class Report:
         Example:
             >>> wcond.inspect("model.pt").to_pandas().sort_values("acv_mean").tail(3)
         """
-        from wcond.render.frames import require_pandas
+        from wcond.frames import require_pandas
 
         # Metric columns are float64 (counts too, so that a layer where a count does not apply
         # holds NaN rather than turning the column into objects); shape reads "64x3x7x7".

@@ -122,7 +122,7 @@ class TrendReport:
         metric, value. Pivot it as needed, e.g. ``df.pivot_table("value", "x", ["layer", "metric"])``.
         Needs pandas (``pip install 'wcond[pandas]'``), imported only here.
         """
-        from wcond.render.frames import require_pandas
+        from wcond.frames import require_pandas
 
         pd = require_pandas()
         nan = float("nan")

@@ -134,7 +134,7 @@ def inspect_command(
     from wcond.analyze import inspect as inspect_checkpoint
 
     if fmt == "parquet":
-        from wcond.render.frames import require_parquet
+        from wcond.frames import require_parquet
 
         assert output is not None  # checked above
         require_parquet(output)  # before the analysis, not after
@@ -201,7 +201,7 @@ def _heatmap_cosines(report: Report) -> dict[str, CosMatrix | str] | None:
 
 
 def _write_parquet(frame: Any, output: Optional[Path]) -> None:
-    from wcond.render.frames import write_parquet
+    from wcond.frames import write_parquet
 
     assert output is not None  # checked before the analysis
     write_parquet(frame, output)
