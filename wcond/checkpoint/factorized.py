@@ -52,16 +52,16 @@ _INDEX_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 MAX_DENSE_ELEMENTS = 2**31
 
 
-def _along(ndim: int, dim: int) -> list[int]:
+def along_dim(ndim: int, dim: int) -> list[int]:
     shape = [1] * ndim
     shape[dim] = -1
     return shape
 
 
-def _spread(w: Tensor, index: Tensor, coef: Tensor, dim: int) -> Tensor:
+def spread(w: Tensor, index: Tensor, coef: Tensor, dim: int) -> Tensor:
     """P W' along ``dim``: original k = coef[k] * w'[index[k]]."""
     return w.index_select(dim, index.to(w.device, torch.int64)) * coef.to(w.device, w.dtype).view(
-        _along(w.ndim, dim)
+        along_dim(w.ndim, dim)
     )
 
 
@@ -76,9 +76,9 @@ def rebuild_dense(
     """
     out = w if w.dtype == torch.float64 else w.float()
     if rows is not None:
-        out = _spread(out, rows[0], rows[1], 0)
+        out = spread(out, rows[0], rows[1], 0)
     if cols is not None:
-        out = _spread(out, cols[0], cols[1], 1)
+        out = spread(out, cols[0], cols[1], 1)
     return out
 
 

@@ -26,7 +26,7 @@ from wcond.output import atomic_path
 from wcond.rare.screen import PairScreen
 from wcond.rare.weight import FactorizedWeight
 from wcond.shrink.factorized import MANIFEST, Factorization, paying_parts
-from wcond.shrink.pairs import Grouping, _compress, fuse_vectors
+from wcond.shrink.pairs import Grouping, compress, fuse_vectors
 
 __all__ = ["LAMBDA_L2", "LAMBDA_RARE", "DynamicFusion", "FusedLayer", "FusionReport"]
 
@@ -313,7 +313,7 @@ class DynamicFusion:
         g = fuse_vectors(_vectors(w, dim), pairs=pairs, tau_cos=tau_cos, tau_euc=tau_euc)
         if not g.fused:
             return 0
-        new = _compress(w, g, dim)
+        new = compress(w, g, dim)
         fn = layer.parametrization
         if fn.frobenius:
             # k g W'/|W'|: keep the factor the fused W' is multiplied by (the fused W' is W' Q^T,

@@ -21,7 +21,7 @@ from wcond.checkpoint.factorized import (
     ROW_FUSED,
     ROW_SCALE,
     W_SUFFIX,
-    _along,
+    along_dim,
     rebuild_fused,
 )
 from wcond.checkpoint.open import open_checkpoint
@@ -38,7 +38,7 @@ from wcond.shrink.output import (
     _write,
     _written_bytes,
 )
-from wcond.shrink.pairs import Grouping, _compress, fuse_vectors
+from wcond.shrink.pairs import Grouping, compress, fuse_vectors
 from wcond.shrink.report import LayerShrink, ShrinkReport
 from wcond.shrink.sizing import entry_bytes, file_bytes, manifest_bytes, safetensors_bytes
 
@@ -132,7 +132,7 @@ def owner_scaled(w: Tensor, g: Grouping, dim: int) -> tuple[Tensor, Tensor, Tens
         raise ValueError("an original that owns a slot has coefficient 0")
     removed = torch.tensor(g.removed, dtype=torch.int64)
     slot = index[removed]
-    scaled = w * owner.to(w.device, w.dtype).view(_along(w.ndim, dim))
+    scaled = w * owner.to(w.device, w.dtype).view(along_dim(w.ndim, dim))
     fused = torch.stack([removed, slot], dim=1).to(torch.int32)
     return scaled, fused, coef[removed] / owner[slot]
 
@@ -164,10 +164,10 @@ def factorize(
     small = x
     if "rows" in axes:
         rows = fuse_vectors(metrics.as_rows(small), tau_cos=tau_cos, tau_euc=tau_euc)
-        small = _compress(small, rows, 0) if rows.fused else small
+        small = compress(small, rows, 0) if rows.fused else small
     if "cols" in axes:
         cols = fuse_vectors(metrics.as_cols(small), tau_cos=tau_cos, tau_euc=tau_euc)
-        small = _compress(small, cols, 1) if cols.fused else small
+        small = compress(small, cols, 1) if cols.fused else small
     rows = rows if rows and rows.fused else None
     cols = cols if cols and cols.fused else None
     f = Factorization(small.to(w.dtype).cpu(), rows, cols, None)

@@ -21,14 +21,14 @@ from torch import Tensor
 from wcond import metrics
 from wcond._version import __version__
 from wcond.checkpoint.base import Checkpoint, TensorInfo
-from wcond.checkpoint.factorized import FOLD_MANIFEST_KEY, _spread
+from wcond.checkpoint.factorized import FOLD_MANIFEST_KEY, spread
 from wcond.checkpoint.target import output_format
 from wcond.defaults import DEVICE, TAU_COS, TAU_EUC, ProgressFn
 from wcond.engine.device import resolve_device
 from wcond.errors import CheckpointError, UsageError
 from wcond.layers import is_layer
 from wcond.shrink.output import _formats, _open_source, _write, _written_bytes
-from wcond.shrink.pairs import Grouping, _compress, fuse_vectors
+from wcond.shrink.pairs import Grouping, compress, fuse_vectors
 from wcond.shrink.report import LayerShrink, ShrinkReport
 from wcond.shrink.sizing import file_bytes
 
@@ -108,8 +108,8 @@ def fold_links(
         if not g.fused:
             results[link.weight] = LinkResult(g, 0.0)
             continue
-        fused = _compress(ext, g, 0)
-        err = float((ext - _spread(fused, g.index, g.coef, 0)).norm()) / float(ext.norm())
+        fused = compress(ext, g, 0)
+        err = float((ext - spread(fused, g.index, g.coef, 0)).norm()) / float(ext.norm())
         kept = torch.tensor(g.kept_indices, device=w.device)
         fw, fb = fused[:, :-1], fused[:, -1]
         if scale is not None and link.bn:
@@ -128,11 +128,11 @@ def fold_links(
         nxt = tensors[link.next]
         if link.block > 1:  # a flattened conv: each unit owns a block of the next layer's columns
             blocks = nxt.reshape(nxt.shape[0], n, link.block, *nxt.shape[2:])
-            tensors[link.next] = _compress(blocks, g, 1).reshape(
+            tensors[link.next] = compress(blocks, g, 1).reshape(
                 nxt.shape[0], g.kept * link.block, *nxt.shape[2:]
             )
         else:
-            tensors[link.next] = _compress(nxt, g, 1)
+            tensors[link.next] = compress(nxt, g, 1)
         results[link.weight] = LinkResult(g, err)
     return results
 

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from wcond import metrics
-from wcond.checkpoint.factorized import _along
+from wcond.checkpoint.factorized import along_dim
 
 __all__ = ["Grouping", "fuse_vectors"]
 
@@ -142,9 +142,9 @@ def _retest(
     return zip(idx.tolist(), (1 - a[idx]).tolist())
 
 
-def _compress(w: Tensor, g: Grouping, dim: int) -> Tensor:
+def compress(w: Tensor, g: Grouping, dim: int) -> Tensor:
     """P^T W along ``dim``: fused[g] = sum_{k in g} coef[k] w_k, the least-squares W' for this grouping."""
     shape = list(w.shape)
     shape[dim] = g.kept
-    scaled = w * g.coef.to(w.device, w.dtype).view(_along(w.ndim, dim))
+    scaled = w * g.coef.to(w.device, w.dtype).view(along_dim(w.ndim, dim))
     return w.new_zeros(shape).index_add_(dim, g.index.to(w.device), scaled)
