@@ -22,7 +22,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 
 from wcond.checkpoint.hub import allow_downloads
 from wcond.defaults import Device, ProgressFn, RewriteFormat
-from wcond.errors import OutputError, WcondError
+from wcond.errors import OutputError, WcondError, show_path
 from wcond.text import markup, one_line
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -328,12 +328,29 @@ def handle_errors(func: F) -> F:
             if os.environ.get("WCOND_DEBUG"):
                 raise
             _error(
-                f"internal error: {type(e).__name__}: {e} (a bug in wcond; rerun with "
+                f"internal error: {_first_line(e)} (a bug in wcond; rerun with "
                 "WCOND_DEBUG=1 for the traceback and report it)"
+            )
+            raise typer.Exit(EXIT_USAGE) from e
+        except BaseException as e:
+            # Exit 1 means a gate tripped, nothing else. torch.distributed's CheckpointException
+            # derives from BaseException, and a dependency may call sys.exit(): neither may end
+            # the command with a traceback or with its own exit code.
+            if os.environ.get("WCOND_DEBUG"):
+                raise
+            _error(
+                f"{_first_line(e)} raised inside a library wcond uses; nothing was written "
+                "(rerun with WCOND_DEBUG=1 for the traceback)"
             )
             raise typer.Exit(EXIT_USAGE) from e
 
     return wrapper  # type: ignore[return-value]
+
+
+def _first_line(e: BaseException) -> str:
+    """An exception as one escaped line: its type and the first line of its message."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {show_path(lines[0][:300])}" if lines else type(e).__name__
 
 
 def _describe(e: WcondError | OSError) -> str:

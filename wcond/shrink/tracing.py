@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import inspect
 import math
 import operator
 import os
@@ -395,12 +396,44 @@ def import_factory(spec: str) -> Callable[..., nn.Module]:
         raise UsageError(
             f"model={spec!r}: cannot import {module_name} ({e})", params=("model",)
         ) from e
+    except Exception as e:  # the user's module raised while it was imported
+        raise UsageError(
+            f"model={spec!r}: importing {module_name} raised {type(e).__name__}: {_first_line(e)}",
+            params=("model",),
+        ) from e
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise UsageError(
             f"model={spec!r}: {module_name} has no factory {attr!r}", params=("model",)
         )
     return factory
+
+
+def build_model(make: Callable[..., nn.Module], model: object) -> nn.Module:
+    """Call a factory with no arguments; a UsageError naming ``model`` (the spec or callable given)
+    when it wants arguments, raises, or returns something other than an ``nn.Module``."""
+    try:
+        inspect.signature(make).bind()
+    except TypeError as e:
+        raise UsageError(
+            f"model={model!r}: a factory is called with no arguments, and this one needs some ({e})",
+            params=("model",),
+        ) from e
+    except ValueError:
+        pass  # no signature to read (a builtin): calling it will tell
+    try:
+        net = make()
+    except Exception as e:
+        raise UsageError(
+            f"model={model!r}: calling it raised {type(e).__name__}: {_first_line(e)}",
+            params=("model",),
+        ) from e
+    if not isinstance(net, nn.Module):
+        raise UsageError(
+            f"model={model!r}: returned a {type(net).__name__}, not a torch.nn.Module",
+            params=("model",),
+        )
+    return net
 
 
 def fold_checkpoint(
@@ -430,12 +463,7 @@ def fold_checkpoint(
     if output is not None:
         check_output(source, output, force)
     make = import_factory(model) if isinstance(model, str) else model
-    net = make()
-    if not isinstance(net, nn.Module):
-        raise UsageError(
-            f"model={model!r}: returned a {type(net).__name__}, not a torch.nn.Module",
-            params=("model",),
-        )
+    net = build_model(make, model)
     state = load_state_dict(source)
     try:
         net.load_state_dict(state)
