@@ -8,6 +8,7 @@ cannot be built.
 
 from __future__ import annotations
 
+import importlib
 import sys
 import textwrap
 from pathlib import Path
@@ -114,7 +115,7 @@ def test_a_gate_is_still_exit_1(files: tuple[Path, Path]) -> None:
         ("def make():\n    return {'weight': 1}\n", "returned a dict, not a torch.nn.Module"),
         (
             "raise ValueError('config missing')\ndef make():\n    return nn.Linear(8, 3)\n",
-            "importing usermodels.nets raised ValueError: config missing",
+            "importing {}.nets raised ValueError: config missing",
         ),
         ("make = 3\n", "has no factory 'make'"),
     ],
@@ -123,20 +124,23 @@ def test_a_gate_is_still_exit_1(files: tuple[Path, Path]) -> None:
 def test_a_model_factory_that_cannot_be_built_is_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str, message: str
 ) -> None:
-    pkg = tmp_path / "usermodels"
+    package = f"badmodels_{tmp_path.name.replace('-', '_')}"  # not the name other tests import
+    pkg = tmp_path / package
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
     (pkg / "nets.py").write_text("from torch import nn\n" + textwrap.dedent(source))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", list(sys.path))
-    monkeypatch.delitem(sys.modules, "usermodels", raising=False)
-    monkeypatch.delitem(sys.modules, "usermodels.nets", raising=False)
+    importlib.invalidate_caches()
     src = tmp_path / "in.pt"
     torch.save(torch.nn.Linear(8, 3).state_dict(), src)
-    result = runner.invoke(
-        app, ["shrink", str(src), "--fold", "--model", "usermodels.nets:make", "--dry-run"]
-    )
+    spec = f"{package}.nets:make"
+    try:
+        result = runner.invoke(app, ["shrink", str(src), "--fold", "--model", spec, "--dry-run"])
+    finally:
+        for name in [m for m in sys.modules if m.startswith(package)]:
+            del sys.modules[name]
     assert result.exit_code == 2, result.output
     line = one_line(result.stderr)
-    assert line.startswith("error: --model 'usermodels.nets:make': ") and message in line, line
+    assert line.startswith(f"error: --model '{spec}': ") and message.format(package) in line, line
     assert "internal error" not in line

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from typer.testing import CliRunner
 
-from wcond import open_checkpoint
+from wcond import CheckpointError, open_checkpoint
 from wcond.checkpoint import open as open_module
 from wcond.checkpoint import sharded
 from wcond.checkpoint.bounded_json import (
@@ -26,8 +27,12 @@ from wcond.checkpoint.dcp import DCPCheckpoint
 from wcond.checkpoint.safetensors_file import SafetensorsCheckpoint
 from wcond.checkpoint.sharded import ShardedCheckpoint
 from wcond.checkpoint.sniff import file_reader
+from wcond.checkpoint.source import expand_paths, run_in_directory
 from wcond.checkpoint.torch_file import TorchFileCheckpoint
+from wcond.cli import app
 from wcond.trend import checkpoint_step
+
+runner = CliRunner()
 
 
 @pytest.fixture
@@ -153,3 +158,52 @@ def test_a_broken_trainer_state_leaves_the_step_to_the_name(tmp_path: Path, stat
     torch.save({"w": torch.ones(2)}, run / "pytorch_model.bin")
     (run / "trainer_state.json").write_text(state)
     assert checkpoint_step(run) == 300
+
+
+# --------------------------------------------------------------------------- a directory: one checkpoint or a run
+
+
+def write_run(d: Path, names_per_file: list[list[str]], suffix: str = ".safetensors") -> list[Path]:
+    d.mkdir()
+    files = []
+    for i, names in enumerate(names_per_file):
+        f = d / f"step_{(i + 1) * 100}{suffix}"
+        tensors = {n: torch.full((4, 3), float(i + 1)) for n in names}
+        save_file(tensors, str(f)) if suffix == ".safetensors" else torch.save(tensors, f)
+        files.append(f)
+    return files
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_a_directory_of_whole_checkpoints_is_a_run_like_its_glob(
+    tmp_path: Path, suffix: str
+) -> None:
+    files = write_run(tmp_path / "runs", [["conv.weight", "fc.weight"]] * 3, suffix)
+    assert run_in_directory(tmp_path / "runs") == files
+    assert expand_paths([tmp_path / "runs"]) == expand_paths(
+        [str(tmp_path / "runs" / f"*{suffix}")]
+    )
+    by_dir = runner.invoke(app, ["inspect", str(tmp_path / "runs"), "-f", "json"])
+    by_glob = runner.invoke(app, ["inspect", str(tmp_path / "runs" / f"*{suffix}"), "-f", "json"])
+    assert by_dir.exit_code == 0, by_dir.output
+    assert json.loads(by_dir.stdout) == json.loads(by_glob.stdout)
+    checkpoints = [c["checkpoint"] for c in json.loads(by_dir.stdout)["checkpoints"]]
+    assert checkpoints == [str(f) for f in files]
+
+
+def test_a_directory_of_disjoint_safetensors_stays_one_checkpoint(tmp_path: Path) -> None:
+    write_run(tmp_path / "shards", [["a.weight"], ["b.weight"], ["c.weight"]])
+    assert run_in_directory(tmp_path / "shards") is None
+    ck = open_checkpoint(tmp_path / "shards")
+    assert isinstance(ck, ShardedCheckpoint) and ck.keys() == ["a.weight", "b.weight", "c.weight"]
+    assert expand_paths([tmp_path / "shards"]) == [tmp_path / "shards"]
+
+
+def test_a_directory_neither_shards_nor_a_run_is_one_line(tmp_path: Path) -> None:
+    write_run(tmp_path / "mixed", [["a.weight", "b.weight"], ["b.weight", "c.weight"]])
+    with pytest.raises(CheckpointError, match="share some tensor names but not all"):
+        open_checkpoint(tmp_path / "mixed")
+    result = runner.invoke(app, ["inspect", str(tmp_path / "mixed")])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pass the run's files (a glob such as" in lines[0], result.stderr

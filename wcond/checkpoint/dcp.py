@@ -16,13 +16,13 @@ from typing import Any
 import torch
 
 from wcond.checkpoint.base import Checkpoint, TensorInfo
+from wcond.checkpoint.names import DCP_METADATA_NAME, DCP_SHARD_SUFFIX
 from wcond.checkpoint.state_dict import find_state_dict
 from wcond.errors import CheckpointError, show_path
 
 __all__ = ["METADATA_NAME", "SHARD_SUFFIX", "DCPCheckpoint"]
 
-METADATA_NAME = ".metadata"
-SHARD_SUFFIX = ".distcp"
+METADATA_NAME, SHARD_SUFFIX = DCP_METADATA_NAME, DCP_SHARD_SUFFIX
 
 
 class DCPCheckpoint(Checkpoint):

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "DCP_METADATA_NAME",
+    "DCP_SHARD_SUFFIX",
     "INDEX_NAMES",
     "SAFETENSORS_SUFFIXES",
     "TORCH_SUFFIXES",
@@ -25,6 +27,9 @@ SAFETENSORS_SUFFIXES = (".safetensors",)
 WEIGHT_SUFFIXES = TORCH_SUFFIXES + SAFETENSORS_SUFFIXES
 # The shard indexes transformers writes, safetensors first.
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+# A torch.distributed.checkpoint directory's metadata file, beside its *.distcp shards.
+DCP_METADATA_NAME = ".metadata"
+DCP_SHARD_SUFFIX = ".distcp"
 # The weights of a model repo, in the order wcond prefers them: an index, else its single file.
 WEIGHT_NAMES = (INDEX_NAMES[0], "model.safetensors", INDEX_NAMES[1], "pytorch_model.bin")
 

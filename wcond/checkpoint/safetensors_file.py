@@ -1,90 +1,50 @@
-"""Reading safetensors files without trusting them: the header is checked before anything is allocated.
-
-A safetensors file is an 8-byte little-endian header length, a JSON header mapping each tensor
-name to ``{"dtype", "shape", "data_offsets": [begin, end]}`` (plus an optional ``__metadata__``
-object of strings), then the tensor bytes. Every number in the header is a claim: each is checked
-against the file's size and against the others before it drives a read or an allocation. This is
-the validation safetensors' own loader does, plus what it lacks (duplicate keys are refused, so
-two readers can never see different tensors under one name).
-"""
+"""Safetensors files: the header read and checked once (safetensors_header), each tensor read from
+its byte range on demand."""
 
 from __future__ import annotations
 
-import math
 import os
 import struct
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from wcond.checkpoint.base import Checkpoint, TensorInfo
-from wcond.checkpoint.bounded_json import JSONTooDeep, parse_json
 from wcond.checkpoint.names import natural_key
+from wcond.checkpoint.safetensors_header import (
+    SafetensorsEntry,
+    SafetensorsHeader,
+    bad,
+    read_header,
+)
 from wcond.errors import CheckpointError, show_key, show_path
 
-__all__ = [
-    "MAX_HEADER_BYTES",
-    "SafetensorsCheckpoint",
-    "SafetensorsEntry",
-    "SafetensorsHeader",
-    "read_header",
-    "read_tensor",
-]
+__all__ = ["TORCH_DTYPES", "SafetensorsCheckpoint", "read_tensor"]
 
-# safetensors' own loader refuses headers above 100 MB; no real checkpoint comes near it.
-MAX_HEADER_BYTES = 100_000_000
-# JSON nesting a valid header needs: {name: {"shape": [...]}} is 3; metadata adds nothing deeper.
-MAX_JSON_DEPTH = 8
-
-# safetensors dtype -> (torch dtype or None where torch has none, bits per element)
-DTYPES: dict[str, tuple[torch.dtype | None, int]] = {
-    "BOOL": (torch.bool, 8),
-    "U8": (torch.uint8, 8),
-    "I8": (torch.int8, 8),
-    "F8_E5M2": (torch.float8_e5m2, 8),
-    "F8_E4M3": (torch.float8_e4m3fn, 8),
-    "F8_E8M0": (getattr(torch, "float8_e8m0fnu", None), 8),
-    "I16": (torch.int16, 16),
-    "U16": (torch.uint16, 16),
-    "F16": (torch.float16, 16),
-    "BF16": (torch.bfloat16, 16),
-    "I32": (torch.int32, 32),
-    "U32": (torch.uint32, 32),
-    "F32": (torch.float32, 32),
-    "C64": (torch.complex64, 64),
-    "F64": (torch.float64, 64),
-    "I64": (torch.int64, 64),
-    "U64": (torch.uint64, 64),
-    "F4": (None, 4),
-    "F6_E2M3": (None, 6),
-    "F6_E3M2": (None, 6),
+# safetensors dtype -> torch dtype (None where torch has none)
+TORCH_DTYPES: dict[str, torch.dtype | None] = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "F8_E5M2": torch.float8_e5m2,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E8M0": getattr(torch, "float8_e8m0fnu", None),
+    "I16": torch.int16,
+    "U16": torch.uint16,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I32": torch.int32,
+    "U32": torch.uint32,
+    "F32": torch.float32,
+    "C64": torch.complex64,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "U64": torch.uint64,
+    "F4": None,
+    "F6_E2M3": None,
+    "F6_E3M2": None,
 }
-
-
-@dataclass(frozen=True)
-class SafetensorsEntry:
-    """One tensor's record in the header: dtype name, shape, and byte range within the data section."""
-
-    dtype: str
-    shape: tuple[int, ...]
-    begin: int
-    end: int
-
-    @property
-    def torch_dtype(self) -> torch.dtype | None:
-        return DTYPES[self.dtype][0]
-
-
-@dataclass(frozen=True)
-class SafetensorsHeader:
-    """A validated header: where the data section starts, the tensors in header order, the metadata."""
-
-    data_start: int
-    entries: dict[str, SafetensorsEntry]
-    metadata: dict[str, str]
 
 
 class SafetensorsCheckpoint(Checkpoint):
@@ -122,36 +82,16 @@ class SafetensorsCheckpoint(Checkpoint):
 
 
 def _info(e: SafetensorsEntry) -> TensorInfo:
-    if e.torch_dtype is None:
+    dtype = TORCH_DTYPES[e.dtype]
+    if dtype is None:
         return TensorInfo(e.shape, torch.uint8, f"dtype {e.dtype} has no torch equivalent")
-    return TensorInfo(e.shape, e.torch_dtype)
-
-
-def read_header(file: str | os.PathLike[str], size: int | None = None) -> SafetensorsHeader:
-    """Read and validate the header of a safetensors file; CheckpointError saying what is wrong."""
-    with open(file, "rb") as f:
-        if size is None:
-            size = os.fstat(f.fileno()).st_size
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise _bad(file, f"file is {len(prefix)} bytes, shorter than the 8-byte header length")
-        (n,) = struct.unpack("<Q", prefix)
-        if n > MAX_HEADER_BYTES:
-            raise _bad(file, f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
-        if n > size - 8:
-            raise _bad(
-                file, f"truncated: header says {n} bytes, the file has {size - 8} after the length"
-            )
-        raw = f.read(n)
-    if len(raw) != n:
-        raise _bad(file, "the file shrank while being read")
-    return _parse(file, raw, size - 8 - n, 8 + n)
+    return TensorInfo(e.shape, dtype)
 
 
 def read_tensor(file: str | os.PathLike[str], header: SafetensorsHeader, name: str) -> torch.Tensor:
     """The tensor ``name`` of a validated header, read from its byte range (one open, one read)."""
     e = header.entries[name]
-    dtype = e.torch_dtype
+    dtype = TORCH_DTYPES[e.dtype]
     if dtype is None:
         raise CheckpointError(
             f"{show_path(file)}: tensor {show_key(name)} has dtype {e.dtype}, which torch cannot hold"
@@ -162,105 +102,7 @@ def read_tensor(file: str | os.PathLike[str], header: SafetensorsHeader, name: s
         f.seek(header.data_start + e.begin)
         got = f.readinto(buf.numpy().data) if nbytes else 0
     if got != nbytes:
-        raise _bad(file, f"tensor {show_key(name)}: file ended after {got} of its {nbytes} bytes")
+        raise bad(file, f"tensor {show_key(name)}: file ended after {got} of its {nbytes} bytes")
     if sys.byteorder != "little" and dtype.itemsize > 1:
         buf = buf.view(-1, dtype.itemsize).flip(1).reshape(-1)  # the format is little-endian
     return buf.view(dtype).reshape(e.shape)
-
-
-def _parse(
-    file: str | os.PathLike[str], raw: bytes, data_size: int, data_start: int
-) -> SafetensorsHeader:
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise _bad(file, f"header is not UTF-8 (byte {e.start})") from e
-    try:
-        doc = parse_json(text, max_depth=MAX_JSON_DEPTH, object_pairs_hook=_no_duplicates)
-    except JSONTooDeep as e:
-        raise _bad(file, f"header JSON nests {e.depth} levels deep (at most {e.limit})") from e
-    except _DuplicateKey as e:
-        raise _bad(
-            file, f"header names {show_key(e.key)} twice; readers could disagree on which is meant"
-        ) from e
-    except ValueError as e:
-        raise _bad(file, f"header is not valid JSON ({str(e)[:80]})") from e
-    if not isinstance(doc, dict):
-        raise _bad(file, f"header is a JSON {type(doc).__name__}, not an object")
-    metadata = doc.pop("__metadata__", {})
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise _bad(file, "__metadata__ must be an object of strings")
-    entries: dict[str, SafetensorsEntry] = {}
-    for name, spec in doc.items():
-        entries[name] = _entry(file, name, spec, data_size)
-    _check_layout(file, entries, data_size)
-    return SafetensorsHeader(data_start, entries, metadata)
-
-
-def _entry(file: str | os.PathLike[str], name: str, spec: Any, data_size: int) -> SafetensorsEntry:
-    if not isinstance(spec, dict):
-        raise _bad(
-            file, f"tensor {show_key(name)}: expected an object with dtype, shape and data_offsets"
-        )
-    dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
-    if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise _bad(file, f"tensor {show_key(name)}: unknown dtype {str(dtype)[:20]!r}")
-    if not isinstance(shape, list) or not all(_is_count(s) for s in shape):
-        raise _bad(file, f"tensor {show_key(name)}: shape must be a list of non-negative integers")
-    if (
-        not isinstance(offsets, list)
-        or len(offsets) != 2
-        or not all(_is_count(o) for o in offsets)
-        or offsets[0] > offsets[1]
-    ):
-        raise _bad(
-            file,
-            f"tensor {show_key(name)}: data_offsets must be [begin, end] with 0 <= begin <= end",
-        )
-    begin, end = offsets
-    if end > data_size:
-        raise _bad(
-            file,
-            f"tensor {show_key(name)}: data_offsets end at {end}, past the {data_size} data bytes",
-        )
-    bits = math.prod(shape) * DTYPES[dtype][1]
-    if bits != (end - begin) * 8:
-        raise _bad(
-            file,
-            f"tensor {show_key(name)}: shape {tuple(shape)} of {dtype} needs {-(-bits // 8)} bytes, "
-            f"data_offsets give {end - begin}",
-        )
-    return SafetensorsEntry(dtype, tuple(shape), begin, end)
-
-
-def _check_layout(
-    file: str | os.PathLike[str], entries: dict[str, SafetensorsEntry], data_size: int
-) -> None:
-    """Tensors may not overlap (one byte read as two tensors); sorting is n log n."""
-    spans = sorted((e.begin, e.end, k) for k, e in entries.items() if e.end > e.begin)
-    for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:]):
-        if begin_b < end_a:
-            raise _bad(file, f"tensors {show_key(a)} and {show_key(b)} overlap in the file")
-
-
-def _is_count(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
-
-class _DuplicateKey(ValueError):
-    def __init__(self, key: str):
-        super().__init__(key)
-        self.key = key
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise _DuplicateKey(k)
-        out[k] = v
-    return out
-
-
-def _bad(file: str | os.PathLike[str], what: str) -> CheckpointError:
-    return CheckpointError(f"{show_path(file)}: corrupt or truncated safetensors file: {what}")

@@ -18,7 +18,7 @@ from wcond.checkpoint.base import Checkpoint, TensorInfo
 from wcond.checkpoint.index import read_index
 from wcond.checkpoint.names import INDEX_NAMES, directory_weights
 from wcond.checkpoint.sniff import file_reader
-from wcond.checkpoint.source import check_path
+from wcond.checkpoint.source import check_path, run_in_directory
 from wcond.checkpoint.torch_file import TorchFileCheckpoint
 from wcond.errors import CheckpointError, show_key, show_path
 
@@ -54,13 +54,14 @@ class ShardedCheckpoint(Checkpoint):
 
     @classmethod
     def probe(cls, path: Path, head: bytes = b"", size: int = 0) -> bool:
-        """A shard index, or a directory holding one, or several safetensors files and no torch file."""
+        """A shard index, or a directory holding one, or several safetensors files whose tensor
+        names are disjoint (the same names in each would be a run: ``source.run_in_directory``)."""
         if not path.is_dir():
             return path.name.endswith(".index.json")
         if any((path / name).is_file() for name in INDEX_NAMES):
             return True
         st, pt = directory_weights(path)
-        return len(st) > 1 and not pt
+        return len(st) > 1 and not pt and run_in_directory(path) is None
 
     @classmethod
     def open(cls, path: Path) -> ShardedCheckpoint:

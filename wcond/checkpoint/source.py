@@ -16,10 +16,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from wcond.checkpoint import hub
-from wcond.checkpoint.names import natural_key
+from wcond.checkpoint.names import DCP_METADATA_NAME, INDEX_NAMES, directory_weights, natural_key
+from wcond.checkpoint.safetensors_header import read_header
 from wcond.errors import CheckpointError, show_path
 
-__all__ = ["check_path", "check_source", "expand_paths", "resolve_source"]
+__all__ = ["check_path", "check_source", "expand_paths", "resolve_source", "run_in_directory"]
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
@@ -82,7 +83,8 @@ def expand_paths(args: Sequence[str | Path]) -> list[Path]:
     """Checkpoint paths from arguments (a quoted glob such as 'run/step_*.pt' is expanded), in natural order.
 
     Raises:
-        CheckpointError: a glob that matches nothing.
+        CheckpointError: a glob that matches nothing; a directory that is neither one
+            checkpoint nor a run (see :func:`run_in_directory`).
     """
     found: list[Path] = []
     for arg in args:
@@ -92,7 +94,44 @@ def expand_paths(args: Sequence[str | Path]) -> list[Path]:
             if not matches:
                 raise CheckpointError(f"{text}: no file or directory matches this pattern")
             found += [Path(m) for m in matches]
+        elif Path(text).is_dir() and (run := run_in_directory(Path(text))) is not None:
+            found += run  # a training run's checkpoints side by side: as its glob would give
         else:
             found.append(Path(text))
     unique = list(dict.fromkeys(found))
     return sorted(unique, key=lambda p: natural_key(str(p).lower()))  # step_2000 < step_10000
+
+
+def run_in_directory(d: Path) -> list[Path] | None:
+    """The checkpoints of a directory holding a training run's checkpoints side by side; None when
+    the directory is one checkpoint (a single weights file, a shard index, a DCP directory, or
+    safetensors shards whose tensor names are disjoint).
+
+    Several torch files without an index are never shards: they are a run. Several safetensors
+    files are a run when each holds the same tensor names, and one checkpoint's shards when no
+    name is in two of them.
+
+    Raises:
+        CheckpointError: safetensors files that share some names but not all, or a header that
+            cannot be read.
+    """
+    if (d / DCP_METADATA_NAME).is_file() or any((d / name).is_file() for name in INDEX_NAMES):
+        return None
+    st, pt = directory_weights(d)
+    if len(pt) > 1 and not st:
+        return pt
+    if len(st) < 2 or pt:
+        return None
+    names: list[set[str]] = []
+    for f in st:
+        check_path(f)
+        names.append(set(read_header(f).entries))
+    if all(n == names[0] for n in names):
+        return st
+    if len(set().union(*names)) == sum(len(n) for n in names):
+        return None  # shards: each name in one file
+    raise CheckpointError(
+        f"{show_path(d)}: its {len(st)} safetensors files share some tensor names but not all, so "
+        "they are neither the shards of one checkpoint nor a run of checkpoints; pass the run's "
+        f"files (a glob such as '{show_path(d)}/*.safetensors' for all of them) or one file"
+    )
