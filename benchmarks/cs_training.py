@@ -282,7 +282,7 @@ def paired(a: dict[int, float], b: dict[int, float]) -> str:
     losses = sum(x < 0 for x in d)
     p = sign_flip_p(d) if len(d) <= 16 else float("nan")
     ties = len(d) - wins - losses
-    return f"{statistics.fmean(d):+.2f} ± {statistics.stdev(d):.2f} ({wins}/{ties}/{losses}, p={p:.2f})"
+    return f"{statistics.fmean(d):+.2f} ± {statistics.stdev(d):.2f} ({wins}/{ties}/{losses}, p={p:.3f})"
 
 
 def seed_values(runs: list[dict[str, Any]], key: str, early: int) -> dict[int, float]:
@@ -376,8 +376,8 @@ def tables(doc: dict[str, Any]) -> str:
     lines += [
         "",
         "| arm | mean filter norm at init, per conv | cs_norm at init | FM |cos| at init, per conv "
-        "| FM |cos| after training | acc at init | init-cs s |",
-        "|---|---|---|---|---|---|---|",
+        "| FM |cos| after training | CS, all convs: init → end | acc at init | init-cs s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for arm in arms:
         rs = by_arm[arm]
@@ -389,6 +389,7 @@ def tables(doc: dict[str, Any]) -> str:
         lines.append(
             f"| {arm} | {col(lambda r: r['init']['filter_norm'])} | {col(lambda r: r['init']['cs_norm'])} "
             f"| {col(lambda r: r['fm_sim_init'])} | {col(lambda r: r['fm_sim_final'])} "
+            f"| {ms([sum(r['init']['cs']) for r in rs], '{:.3g}')} → {ms([r['cs_total'][-1] for r in rs], '{:.3g}')} "
             f"| {ms([r['acc_init'] for r in rs], '{:.1f}')} | {ms(secs, '{:.1f}') if secs else ''} |"
         )
     evaluated = set(runs[0]["eval_epochs"])
@@ -412,6 +413,33 @@ def tables(doc: dict[str, Any]) -> str:
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     train_s = [r["train_seconds"] for r in runs]
     lines += ["", f"Training time per run: {ms(train_s, '{:.1f}')} s (one torch thread)."]
+    return "\n".join(lines) + "\n"
+
+
+def init_lrs(args: argparse.Namespace, lrs: list[float]) -> str:
+    """What init-cs does to seed 0's filters at several Adam learning rates (no training)."""
+    torch.manual_seed(0)
+    base = make_cnn(args.width, args.bn, args.padding)
+    lines = [
+        "| init-cs lr | mean filter norm, per conv | entry RMS / lr, per conv "
+        "| CS drop due to directions (% of CS before), per conv |",
+        "|---|---|---|---|",
+        f"| (none) | {' / '.join(f'{float(filter_norms(c).mean()):.4f}' for c in convs(base))} | | |",
+    ]
+    for lr in lrs:
+        tensors, result = wcond.init_cs(
+            base, iterations=args.iterations, lr=lr, seed=0, device="cpu"
+        )
+        model = copy.deepcopy(base)
+        model.load_state_dict(tensors)
+        norms = " / ".join(f"{float(filter_norms(c).mean()):.4f}" for c in convs(model))
+        rms = " / ".join(
+            f"{float(c.weight.detach().pow(2).mean().sqrt()) / lr:.2f}" for c in convs(model)
+        )
+        dirs = " / ".join(
+            f"{100 * (layer.drop_from_directions or 0.0):.2f}%" for layer in result.layers
+        )
+        lines.append(f"| {lr:g} | {norms} | {rms} | {dirs} |")
     return "\n".join(lines) + "\n"
 
 
@@ -473,7 +501,18 @@ def main() -> None:
         metavar="FILE:ARM",
         help="only compare these runs, paired by seed",
     )
+    ap.add_argument(
+        "--init-lrs",
+        default=None,
+        metavar="LR,LR",
+        help="only show what init-cs does at these learning rates",
+    )
     args = ap.parse_args()
+
+    if args.init_lrs:
+        torch.set_num_threads(args.threads)
+        print(init_lrs(args, [float(x) for x in args.init_lrs.split(",")]))
+        return
 
     if args.compare:
         print(compare(args.compare))
