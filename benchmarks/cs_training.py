@@ -340,8 +340,11 @@ def tables(doc: dict[str, Any]) -> str:
     def per_seed(arm: str, key: str) -> dict[int, float]:
         return seed_values(by_arm[arm], key, early)
 
+    data = a["data"]
+    if data == "digits-hard":
+        data += f" ({a['train_per_class']} training images per digit, noise {a['noise']:g})"
     title = (
-        f"{a['data']}, width {a['width']}, {'BatchNorm' if a['bn'] else 'no BatchNorm'}, "
+        f"{data}, width {a['width']}, {'BatchNorm' if a['bn'] else 'no BatchNorm'}, "
         f"{a['epochs']} epochs, {len({r['seed'] for r in runs})} seeds"
     )
     lines = [f"### {title}", ""]
