@@ -121,6 +121,13 @@ def init_cs_command(
     A DCP directory (torch.distributed.checkpoint) is written as one normal file (.safetensors or .pt)
     holding its model state dict; optimizer state and other entries are not carried over.
 
+    What to expect (benchmarks/CS_TRAINING.md, a small CNN on digits): the defaults mostly shrink
+    the filters. Behind BatchNorm that only raises each conv's effective learning rate; it gained
+    about 1 point on a task with headroom, and rescaling the random filters to the same norms
+    without CS gained more. Without BatchNorm the defaults left a network that did not train: use
+    --keep-norm there. --keep-norm lowers feature-map similarity but bought no accuracy with
+    BatchNorm.
+
     Example: wcond init-cs model.pt -o model_cs.pt --iterations 500 --keep-norm
     """
     check_source(checkpoint)
