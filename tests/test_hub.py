@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,7 @@ from typer.testing import CliRunner
 
 import wcond
 from wcond import hub
+from wcond.checkpoint import hub as hub_module
 from wcond.cli import app
 
 MAIN = "a" * 40
@@ -242,6 +246,7 @@ def test_download_fetches_only_weight_files(
 
     monkeypatch.setattr(hf.HfApi, "list_repo_files", list_repo_files)
     monkeypatch.setattr(hf, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(hub_module.socket, "create_connection", lambda *a, **k: io.BytesIO())
     result = CliRunner().invoke(app, ["inspect", "org/fresh", "-f", "csv"])
     assert result.exit_code == 2 and not calls
     result = CliRunner().invoke(app, ["inspect", "org/fresh", "--download", "-f", "csv"])
@@ -288,3 +293,73 @@ def test_snapshot_links_may_reach_the_blob_store_only(
     link.symlink_to(elsewhere)
     with pytest.raises(wcond.CheckpointError, match="is outside the index's directory"):
         wcond.open_checkpoint("org/sharded")
+
+
+def test_download_without_a_network_is_one_line_at_once(
+    cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No retries for half a minute: the endpoint is tried once, with a bounded wait."""
+    hf = pytest.importorskip("huggingface_hub")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    waits: list[float] = []
+
+    def no_route(address: tuple[str, int], timeout: float) -> None:
+        waits.append(timeout)
+        raise OSError(-2, "Name or service not known")
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the Hub client was called without a network")
+
+    monkeypatch.setattr(hub_module.socket, "create_connection", no_route)
+    monkeypatch.setattr(hf.HfApi, "list_repo_files", never)
+    result = CliRunner().invoke(app, ["inspect", "org/fresh", "--download"])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: org/fresh: download failed: cannot reach https://huggingface.co "
+        "(Name or service not known)"
+    ]
+    assert waits == [hub_module.CONNECT_TIMEOUT]
+
+
+def test_the_hub_clients_retries_and_warnings_stay_off_the_terminal(
+    cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hf = pytest.importorskip("huggingface_hub")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+
+    def flaky(self: object, repo_id: str, revision: str | None = None) -> list[str]:
+        logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+        warnings.warn("a client warning", UserWarning, stacklevel=1)
+        raise ConnectionError("Max retries exceeded\nwith url: /api/models/org/fresh")
+
+    class Records(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.seen.append(record.getMessage())
+
+    records = Records()
+    logger = logging.getLogger("huggingface_hub")
+    logger.addHandler(records)
+    monkeypatch.setattr(hub_module.socket, "create_connection", lambda *a, **k: io.BytesIO())
+    monkeypatch.setattr(hf.HfApi, "list_repo_files", flaky)
+    try:
+        with warnings.catch_warnings(record=True) as shown:
+            warnings.simplefilter("always")
+            result = CliRunner().invoke(app, ["inspect", "org/fresh", "--download"])
+        assert result.exit_code == 2
+        assert result.stderr.strip().splitlines() == [
+            "error: org/fresh: download failed: Max retries exceeded"
+        ]
+        assert records.seen == [] and not [w for w in shown if "client warning" in str(w.message)]
+        monkeypatch.setenv("WCOND_DEBUG", "1")  # shows them, and the traceback
+        with (
+            pytest.raises(wcond.CheckpointError),
+            pytest.warns(UserWarning, match="client warning"),
+        ):
+            hub.resolve("org/fresh", download=True)
+        assert records.seen == ["Retrying in 1s [Retry 1/5]."]
+    finally:
+        logger.removeHandler(records)

@@ -12,14 +12,18 @@ without safetensors, its ``*.bin`` weights with theirs. Fetching needs huggingfa
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import socket
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from wcond.checkpoint.index import read_index
 from wcond.checkpoint.names import WEIGHT_NAMES, WEIGHT_SUFFIXES
@@ -41,6 +45,9 @@ _REPO_ID = re.compile(
 )
 # A missing "runs/model.pt" is a mistyped path, not a repo id.
 _FILE_SUFFIXES = (*WEIGHT_SUFFIXES, ".json")
+
+# How long --download waits for the Hub's host to answer before saying it cannot be reached.
+CONNECT_TIMEOUT = 10.0
 
 _downloads: ContextVar[bool] = ContextVar("wcond_hub_downloads", default=False)
 
@@ -210,16 +217,20 @@ def _missing_shard(index: Path) -> str | None:
 
 
 def _fetch(ref: RepoRef, cache: Path) -> None:
-    """Download the repo's weight files (and nothing else) into the cache."""
+    """Download the repo's weight files (and nothing else) into the cache.
+
+    The Hub's endpoint is tried once first, with a bounded wait: without a network the client
+    would retry for half a minute, printing a warning for each try. Its warnings stay off the
+    terminal (``WCOND_DEBUG=1`` shows them); its progress bars do not.
+    """
     hub = _require_hub()
+    endpoint = getattr(getattr(hub, "constants", None), "ENDPOINT", "https://huggingface.co")
+    why = _unreachable(endpoint)
+    if why is not None:
+        raise CheckpointError(f"{ref}: download failed: cannot reach {endpoint} ({why})")
     try:
-        files = hub.HfApi().list_repo_files(ref.repo_id, revision=ref.revision)
-        wanted = weight_files(files)
-        if not wanted:
-            raise CheckpointError(f"{ref}: the repo holds no *.safetensors or *.bin weights")
-        hub.snapshot_download(
-            ref.repo_id, revision=ref.revision, allow_patterns=wanted, cache_dir=cache
-        )
+        with _quiet_client():
+            _download(hub, ref, cache)
     except CheckpointError:
         raise
     except (
@@ -227,6 +238,46 @@ def _fetch(ref: RepoRef, cache: Path) -> None:
     ) as e:  # network, auth, offline mode, unknown repo: one line, the library's words
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{ref}: download failed: {first[:200]}") from e
+
+
+def _download(hub: Any, ref: RepoRef, cache: Path) -> None:
+    files = hub.HfApi().list_repo_files(ref.repo_id, revision=ref.revision)
+    wanted = weight_files(files)
+    if not wanted:
+        raise CheckpointError(f"{ref}: the repo holds no *.safetensors or *.bin weights")
+    hub.snapshot_download(
+        ref.repo_id, revision=ref.revision, allow_patterns=wanted, cache_dir=cache
+    )
+
+
+def _unreachable(endpoint: str) -> str | None:
+    """Why a TCP connection to the endpoint's host fails within CONNECT_TIMEOUT s; None if it opens."""
+    url = urlsplit(endpoint)
+    if not url.hostname:
+        return None  # not a URL we can try; the client will say
+    port = url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((url.hostname, port), timeout=CONNECT_TIMEOUT).close()
+    except OSError as e:
+        return e.strerror or str(e) or type(e).__name__
+    return None
+
+
+@contextmanager
+def _quiet_client() -> Iterator[None]:
+    """huggingface_hub's logged retries and Python warnings off the terminal, unless WCOND_DEBUG is set."""
+    if os.environ.get("WCOND_DEBUG"):
+        yield
+        return
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def _require_hub() -> Any:
