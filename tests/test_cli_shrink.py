@@ -186,7 +186,7 @@ def test_inspect_shows_the_factorization(model_file: Path, tmp_path: Path) -> No
         ),
         (
             ("--dry-run", "--layers", "conv*"),
-            "no layer matches the patterns --layers ['conv*'], --exclude []",
+            "no layer matches --layers conv*",
         ),
         (("--dry-run", "--device", "cuda"), "CUDA is not available"),
     ],

@@ -84,10 +84,8 @@ def no_match_message(
     for g in layers:
         close += [c for c in difflib.get_close_matches(g, names, n=3) if c not in close]
     hint = f"; did you mean {', '.join(repr(c) for c in close[:3])}?" if close else ""
-    return (
-        f"{source}: no layer matches the patterns layers={list(layers)!r}, "
-        f"exclude={list(exclude)!r}{hint}"
-    )
+    asked = " ".join([*(f"layers={g}" for g in layers), *(f"exclude={g}" for g in exclude)])
+    return f"{source}: no layer matches {asked}{hint}"
 
 
 @dataclass(frozen=True)
