@@ -283,3 +283,16 @@ def test_conv_similarity_batch_is_conv_similarity_per_layer() -> None:
     want = torch.stack([metrics.conv_similarity(x, groups=2) for x in w])
     torch.testing.assert_close(got, want)
     assert float(got[1]) == pytest.approx(literal.conv_similarity(w[1], groups=2), rel=1e-5)
+
+
+def test_progress_shows_the_total_the_summary_prints() -> None:
+    """A layer left unchanged (a 1x1 kernel under keep_norm) still counts in the progress total."""
+    torch.manual_seed(0)
+    sd = {"a.weight": torch.randn(6, 3, 3, 3), "b.weight": torch.randn(4, 6, 1, 1)}
+    shown: list[str] = []
+    _, result = init_cs(
+        sd, iterations=5, keep_norm=True, seed=0, progress=lambda i, n, text: shown.append(text)
+    )
+    assert [r.optimized for r in result.layers] == [True, False]
+    assert shown[-1] == f"CS {result.cs_after:.4g}"
+    assert float(shown[0].removeprefix("CS ")) == pytest.approx(result.cs_before, rel=1e-4)

@@ -279,7 +279,19 @@ def _condition(
         else:  # same-shaped layers step as one batch: a few kernel launches instead of per layer
             batches.setdefault((tuple(w.shape), spec.groups), []).append(spec)
     work = [_Work.of(group, olds, dev) for group in batches.values()]
-    curve = _minimize(work, iterations, lr, optimizer, keep_norm, seed, progress) if work else None
+    # The layers left as they are still count in the total the summary prints: the progress bar
+    # shows the same total.
+    with torch.no_grad():
+        fixed = math.fsum(
+            float(metrics.conv_similarity(_analyzable(olds[k]), row.groups))
+            for k, row in rows.items()
+            if not row.optimized and bool(torch.isfinite(_analyzable(olds[k])).all())
+        )
+    curve = (
+        _minimize(work, iterations, lr, optimizer, keep_norm, seed, progress, fixed)
+        if work
+        else None
+    )
     if curve is not None:  # the history's layers in the checkpoint's order
         curve["layers"] = {k: curve["layers"][k] for k in rows if k in curve["layers"]}
     new = {key: item.result(n, like=olds[key]) for item in work for n, key in enumerate(item.keys)}
@@ -425,8 +437,11 @@ def _minimize(
     keep_norm: bool,
     seed: int | None,
     progress: ProgressFn | None,
+    fixed: float = 0.0,
 ) -> dict[str, Any]:
     """Run the optimizer; returns the CS curve (entry t: CS after t steps) per layer and in total.
+
+    ``fixed`` is the CS of the layers left unchanged, added to the total that progress shows.
 
     The loop never waits for the device: each step's CS values go into a tensor on the device,
     read back every ``_SYNC_EVERY`` steps (every step on the CPU, where reading costs nothing) to
@@ -447,7 +462,9 @@ def _minimize(
                 terms = torch.cat([item.loss() for item in work])
             curve[it] = terms.detach()
             if it % every == 0 or it == iterations:
-                _report(curve, len(per_layer), it, per_layer, iterations, optimizer, lr, progress)
+                _report(
+                    curve, len(per_layer), it, per_layer, iterations, optimizer, lr, progress, fixed
+                )
             if it == iterations:
                 break
             terms.sum().backward()
@@ -484,13 +501,15 @@ def _report(
     optimizer: str,
     lr: float,
     progress: ProgressFn | None,
+    fixed: float = 0.0,
 ) -> None:
-    """Read steps first..last of the curve back, call progress for each, stop at a non-finite CS."""
+    """Read steps first..last of the curve back, call progress for each (the total with the
+    unchanged layers' ``fixed`` CS), stop at a non-finite CS."""
     for it, values in enumerate(curve[first : last + 1].cpu().tolist(), start=first):
         per_layer.append(values)
         total = math.fsum(values)
         if progress:
-            progress(it, iterations, f"CS {total:.4g}")
+            progress(it, iterations, f"CS {total + fixed:.4g}")
         if not math.isfinite(total):
             raise UsageError(
                 f"CS diverged to {total} at iteration {it} with optimizer={optimizer!r} "
@@ -498,6 +517,11 @@ def _report(
                 "small rate)",
                 params=("optimizer", "lr"),
             )
+
+
+def _analyzable(w: torch.Tensor) -> torch.Tensor:
+    """A weight as the metrics read it: FP8 upcast."""
+    return w.float() if is_fp8(w.dtype) else w
 
 
 def _fill(row: LayerResult, old: torch.Tensor, new: torch.Tensor, keep_norm: bool) -> None:
