@@ -69,7 +69,7 @@ def test_table_report_and_output(model_file: Path, tmp_path: Path) -> None:
         and "64x64 → 52x64" in result.stdout
         and "12/0" in result.stdout
     )
-    assert "parameters: 7,556 → 6,020 (1,536 removed, 20.33%)" in result.stdout
+    assert "values of every tensor: 7,556 → 6,020 (1,536 removed, 20.33%)" in result.stdout
     assert f"wrote {out}" in result.stdout
     assert out.exists() and out.stat().st_size < model_file.stat().st_size
 

@@ -52,7 +52,7 @@ def render_shrink(report: ShrinkReport, console: Console) -> None:
         "[dim]∥r/c: row/column pairs fused  error: |W - P W' Q|/|W|  max°: widest pair fused[/]"
     )
     console.print(
-        f"parameters: {report.params_before:,} → {report.params_after:,} "
+        f"values of every tensor: {report.params_before:,} → {report.params_after:,} "
         f"([bold]{report.params_removed:,}[/] removed, {report.percent_removed:.2f}%); "
         f"tensor bytes: {report.bytes_before:,} → {report.bytes_after:,}",
         soft_wrap=True,
@@ -115,8 +115,9 @@ def render_fold(report: FoldReport, console: Console) -> None:
             f"[dim]hidden at this width: {', '.join(hidden)} (widen the terminal, or use -f json)[/]"
         )
     console.print(
-        f"parameters: {report.params_before:,} → {report.params_after:,} "
-        f"([bold]{report.params_removed:,}[/] removed, {report.percent_removed:.2f}%)",
+        f"model parameters (buffers not counted): {report.params_before:,} → "
+        f"{report.params_after:,} ([bold]{report.params_removed:,}[/] removed, "
+        f"{report.percent_removed:.2f}%)",
         soft_wrap=True,
     )
     if report.constructor:
