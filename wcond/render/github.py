@@ -53,7 +53,7 @@ def workflow_commands(reports: Sequence[Report]) -> str:
                 _command(
                     "error",
                     f"wcond gate {g.expr}",
-                    f"{r.checkpoint}: {n} layer{'s' if n != 1 else ''} trip {g.expr}: {where}",
+                    f"{r.checkpoint}: {n} layer{' trips' if n == 1 else 's trip'} {g.expr}: {where}",
                 )
             )
         bad = [layer.name for layer in r.layers if layer.nonfinite]
