@@ -139,7 +139,9 @@ def test_in_github_actions_the_summary_is_appended_and_each_gate_annotated(
     result = run("inspect", hostile_pt, "--fail-if", GATE, "--fail-if", "acv_mean>2", env=env)
     assert result.exit_code == 1, result.output
     text = summary.read_text(encoding="utf-8")
-    assert text.startswith("previous step\n## wcond inspect") and "❌ `near_parallel_rows>0`" in text
+    assert (
+        text.startswith("previous step\n## wcond inspect") and "❌ `near_parallel_rows>0`" in text
+    )
     assert "\nforged" not in text and "::error" not in text.replace(":\\x3aerror", "")
     commands = _commands(result.stdout)
     assert len(commands) == 1, commands  # one tripped gate (of two), and nothing forged
@@ -177,7 +179,9 @@ def test_a_report_on_stdout_keeps_the_commands_out_of_it(hostile_pt: Path, tmp_p
     env = {"GITHUB_ACTIONS": "true", "GITHUB_STEP_SUMMARY": str(tmp_path / "s.md")}
     result = run("inspect", hostile_pt, "--fail-if", GATE, "-f", "json", env=env)
     assert result.exit_code == 1
-    assert json.loads(result.stdout)["gates"][0]["passed"] is False  # valid JSON: no command line in it
+    assert (
+        json.loads(result.stdout)["gates"][0]["passed"] is False
+    )  # valid JSON: no command line in it
     assert len(_commands(result.stderr)) == 1
 
 
