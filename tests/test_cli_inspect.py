@@ -94,9 +94,13 @@ def test_markdown_and_csv(pt_file: Path) -> None:
 def test_output_file_and_format_from_extension(pt_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "report.json"
     result = run("inspect", pt_file, "-o", out)
-    assert result.exit_code == 0 and result.stdout == ""
+    # The file, and the table still on stdout (as pytest --junitxml keeps its terminal report).
+    assert result.exit_code == 0 and result.stdout.startswith("wcond inspect:")
+    assert "conv2.weight" in result.stdout and f"wrote {out}" in result.stderr
     assert json.loads(out.read_text())["summary"]["layers"] == 3
     assert not list(tmp_path.glob(".*wcond-tmp"))
+    quiet = run("inspect", pt_file, "-o", out, "--quiet")
+    assert quiet.exit_code == 0 and quiet.stdout == "" and f"wrote {out}" in quiet.stderr
 
 
 @pytest.mark.parametrize("wrapper", ["state_dict", "model", "model_state_dict", "module"])

@@ -242,3 +242,100 @@ def test_in_headless_chromium_the_page_renders_and_sorts(
         browser, tmp_path, f"--screenshot={shot}", "--window-size=1280,1600", html_file.as_uri()
     )
     assert result.returncode == 0 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------- a run's page
+
+HOSTILE = "<img src=x onerror=alert(1)>\n::error::x %0A.weight"
+
+
+@pytest.fixture(scope="module")
+def run_page(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, str]:
+    """(TrendReport, its page): three checkpoints, conv2 drifting away from its parallel pair."""
+    from conftest import small_state_dict
+
+    from wcond.render.html import to_run_html
+    from wcond.trend import expand_paths, trend
+
+    tmp = tmp_path_factory.mktemp("run")
+    base = small_state_dict()
+    base[HOSTILE] = torch.randn(6, 6, generator=torch.Generator().manual_seed(3))
+    for k, step in enumerate((100, 200, 300)):
+        sd = {key: t.clone() for key, t in base.items()}
+        g = torch.Generator().manual_seed(k)
+        sd["conv2.weight"] += 0.05 * k * torch.randn(sd["conv2.weight"].shape, generator=g)
+        torch.save(sd, tmp / f"step_{step}.pt")
+    t = trend(expand_paths([tmp / "step_*.pt"]), fail_if=["near_parallel_rows>0"])
+    return t, to_run_html(t)
+
+
+def test_run_page_is_self_contained_and_escapes_names(run_page: tuple[object, str]) -> None:
+    _, text = run_page
+    assert not re.search(r"(?i)\b(?:https?|ftp)://", text.replace("http://www.w3.org/2000/svg", ""))
+    parser = _Refs()
+    parser.feed(text)
+    assert (
+        not parser.refs and not {"script", "link", "iframe", "object", "embed", "img"} & parser.tags
+    )
+    assert (
+        "<img src=x" not in text
+        and "<code>&lt;img src=x onerror=alert(1)&gt;\\n::error::x %0A.weight</code>" in text
+    )
+
+
+def test_run_page_shows_verdicts_charts_movers_first_and_the_table(
+    run_page: tuple[object, str],
+) -> None:
+    from wcond.report import TREND_METRICS
+    from wcond.trend import TrendReport
+
+    t, text = run_page
+    assert isinstance(t, TrendReport)
+    assert 'id="verdict">FAIL: gates tripped in 1 of 3 checkpoints</div>' in text
+    checkpoints = text[text.index('id="checkpoints"') : text.index('id="charts"')]
+    assert checkpoints.count('<td class="t pass">PASS</td>') == 2 * 2  # verdict + gate, twice
+    assert "<code>conv2.weight</code> (1)" in checkpoints  # step 100's parallel pair, its value
+    charts = text[text.index('id="charts"') : text.index('id="terminal"')]
+    rows = re.findall(r"<tr><td class=\"t\"><code>(.*?)</code></td>", charts)
+    assert rows[0] == "conv2.weight" and len(rows) == len(t.trend)  # the mover first
+    drawn = sum(
+        1 for name in t.trend for m in TREND_METRICS if any(v is not None for v in t.trend[name][m])
+    )
+    assert charts.count("<svg ") == drawn and charts.count("<polyline ") == drawn
+    assert "<title>step 300: " in charts
+    assert "gates: 2 of 3 checkpoints pass" in text[text.index('id="terminal"') :]
+
+
+@pytest.mark.skipif(_browser() is None, reason="no chromium found (apt-get install chromium)")
+def test_in_headless_chromium_the_run_page_draws_its_charts(
+    tmp_path: Path, run_page: tuple[object, str]
+) -> None:
+    browser = _browser()
+    assert browser is not None
+    _, text = run_page
+    # Errors are caught from the first line on; after the page, what was drawn and fetched is noted.
+    catch = """<script>window.__errors = [];
+    window.addEventListener("error", function (e) { window.__errors.push(String(e.message)); });
+    var __ce = console.error; console.error = function (m) { window.__errors.push(String(m)); __ce.apply(console, arguments); };
+    </script>"""
+    report = """<script>
+    var lines = Array.from(document.querySelectorAll("#charts polyline"));
+    var drawn = lines.filter(function (l) { var b = l.getBBox(); return b.width > 100 && l.getTotalLength() > 0; });
+    document.body.setAttribute("data-lines", lines.length + "/" + drawn.length);
+    document.body.setAttribute("data-fetched", performance.getEntriesByType("resource").map(function (r) { return r.name; }).join(" "));
+    document.body.setAttribute("data-errors", window.__errors.join(" | "));
+    </script>"""
+    page = tmp_path / "run.html"
+    page.write_text(
+        text.replace("<head>", "<head>" + catch, 1).replace("</body>", report + "</body>"),
+        encoding="utf-8",
+    )
+    dom = _chromium(
+        browser, tmp_path, "--enable-logging=stderr", "--v=0", "--dump-dom", page.as_uri()
+    )
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    lines = re.search(r'data-lines="(\d+)/(\d+)"', dom.stdout)
+    assert lines and int(lines.group(1)) > 0 and lines.group(1) == lines.group(2), lines
+    assert 'data-fetched=""' in dom.stdout and 'data-errors=""' in dom.stdout
+    assert "Uncaught" not in dom.stderr and "CONSOLE" not in dom.stderr
+    assert "FAIL: gates tripped in 1 of 3 checkpoints" in dom.stdout

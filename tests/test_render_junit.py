@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 
 from wcond.analyze import inspect
 from wcond.cli import app
-from wcond.render.junit import to_junit
+from wcond.render.junit import to_junit, trend_to_junit
+from wcond.trend import TrendReport
 
 runner = CliRunner()
 
@@ -114,3 +115,44 @@ def test_names_needing_escapes_stay_valid_xml() -> None:
     sd = {'m<0>&"x".weight': torch.randn(4, 4), "ok.weight": torch.randn(4, 4)}
     root = parse(to_junit(inspect(sd, fail_if=["acv_mean>0"])))
     assert {c.get("classname") for c in root.iter("testcase")} == {'m<0>&"x".weight', "ok.weight"}
+
+
+def _run(state_dict: dict, fail_if: list[str]) -> TrendReport:
+    """Three reports of a run (no files: TrendReport's parts), conv2's parallel pair gone at the last."""
+    sd = dict(state_dict)
+    sd["<bad>\n::error::x.weight"] = torch.randn(5, 5)
+    last = {**sd, "conv2.weight": torch.randn(sd["conv2.weight"].shape)}
+    reports = [inspect(s, fail_if=fail_if) for s in (sd, sd, last)]
+    for r, name in zip(reports, ("run/step_1.pt", "run/step_2.pt", "run/step_3.pt")):
+        r.checkpoint = name
+    return TrendReport(reports=reports, steps=[1, 2, 3], trend={})
+
+
+def test_a_run_has_one_testcase_per_checkpoint_and_gate(state_dict: dict) -> None:
+    t = _run(state_dict, ["near_parallel_rows>0", "acv_mean>2"])
+    root = parse(trend_to_junit(t))
+    assert root.get("tests") == "6" and root.get("failures") == "2"
+    suites = root.findall("testsuite")
+    assert [s.get("name") for s in suites] == [
+        f"wcond inspect run/step_{i}.pt (step {i})" for i in (1, 2, 3)
+    ]
+    cases = [(c.get("classname"), c.get("name"), c.find("failure")) for s in suites for c in s]
+    assert [(a, b) for a, b, _ in cases] == [
+        (f"step_{i}.pt", g) for i in (1, 2, 3) for g in ("near_parallel_rows>0", "acv_mean>2")
+    ]
+    failed = [(a, b) for a, b, f in cases if f is not None]
+    assert failed == [("step_1.pt", "near_parallel_rows>0"), ("step_2.pt", "near_parallel_rows>0")]
+    failure = cases[0][2]
+    assert failure is not None and "conv2.weight = 1" in (failure.get("message") or "")
+    assert all(s.get("failures") == f for s, f in zip(suites, ("1", "1", "0")))
+
+
+def test_a_run_without_gates_and_hostile_names(state_dict: dict) -> None:
+    t = _run(state_dict, [])
+    root = parse(trend_to_junit(t))
+    assert [c.get("name") for c in root.iter("testcase")] == ["inspect"] * 3
+    assert root.get("failures") == "0"
+    t = _run(state_dict, ["acv_mean>=0"])  # every layer trips, the hostile one too
+    text = trend_to_junit(t)
+    parse(text)
+    assert "<bad>" not in text and "\n::error" not in text

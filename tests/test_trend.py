@@ -140,10 +140,12 @@ def test_single_checkpoint_keeps_todays_output(pt_file: Path) -> None:
     assert "near-parallel pairs: 1 rows, 0 cols" in table  # the one report's summary, as before
 
 
-def test_formats_of_one_report_are_refused_for_several(run_dir: Path) -> None:
-    result = run("inspect", run_dir / "step_*.pt", "-f", "html")
-    assert result.exit_code == 2
-    assert "--format html shows one checkpoint; with 3 checkpoints use table, json" in result.stderr
+def test_html_and_junit_of_a_run_go_to_stdout_too(run_dir: Path) -> None:
+    page = run("inspect", run_dir / "step_*.pt", "-f", "html")
+    assert page.exit_code == 0 and page.stdout.startswith("<!DOCTYPE html>")
+    assert "wcond inspect: 3 checkpoints" in page.stdout and "<svg" in page.stdout
+    xml = run("inspect", run_dir / "step_*.pt", "-f", "junit")
+    assert xml.exit_code == 0 and xml.stdout.count("<testsuite ") == 3
 
 
 def test_sparkline() -> None:

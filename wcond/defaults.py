@@ -84,5 +84,5 @@ INSPECT_FORMATS: tuple[str, ...] = get_args(InspectFormat)
 DiffFormat = Literal["table", "json", "markdown"]
 DIFF_FORMATS: tuple[str, ...] = get_args(DiffFormat)
 # inspect of several checkpoints shows their trend, in these (and parquet)
-TREND_FORMAT_NAMES = ("table", "json", "csv", "markdown")
+TREND_FORMAT_NAMES = ("table", "json", "csv", "markdown", "html", "junit")
 RewriteFormat = Literal["table", "json"]  # init-cs and shrink: a table, or JSON for scripts

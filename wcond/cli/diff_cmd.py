@@ -15,7 +15,6 @@ from wcond.cli.common import (
     ExcludeOpt,
     GroupsOpt,
     LayersOpt,
-    OutputOpt,
     RayAddressOpt,
     RayOpt,
     TauCosOpt,
@@ -23,10 +22,9 @@ from wcond.cli.common import (
     engine_for,
     handle_errors,
     load_torch,
-    pick_format,
     progress_bar,
-    show,
 )
+from wcond.cli.outputs import OutputsOpt, QuietOpt, plan_outputs, write_outputs
 from wcond.cli.project_config import ConfigOpt, read_config, with_config
 from wcond.defaults import DEVICE, DIFF_FORMATS, TAU_COS, TAU_EUC, DiffFormat
 
@@ -43,7 +41,8 @@ def diff_command(
             "--format", "-f", help="Output format (default: table, or from -o's extension)."
         ),
     ] = None,
-    output: OutputOpt = None,
+    output: OutputsOpt = None,
+    quiet: QuietOpt = False,
     layers: LayersOpt = None,
     exclude: ExcludeOpt = None,
     groups: GroupsOpt = None,
@@ -61,6 +60,7 @@ def diff_command(
     one side only, and shape changes.
 
     Both sides are analyzed with the same settings, taken from \\[tool.wcond] (or --config) and the flags.
+    -o may be repeated (diff.md, diff.json): both are analysed once; the table still printed unless --quiet.
 
     Example: wcond diff model.pt model_cs.safetensors -f markdown -o diff.md
     """
@@ -75,7 +75,7 @@ def diff_command(
         tau_euc=tau_euc,
         device=device,
     )
-    fmt = pick_format(DIFF_FORMATS, format, output)
+    plan = plan_outputs(DIFF_FORMATS, format, output, quiet=quiet)
     check_source(a)
     check_source(b)
     load_torch()
@@ -86,4 +86,4 @@ def diff_command(
         progress_bar("inspecting A and B" + (" on Ray" if engine else "")) as progress,
     ):
         report = diff(a, b, **o, config=cfg.path, progress=progress, engine=engine)
-    show("diff", report, fmt, output)
+    write_outputs("diff", report, plan)

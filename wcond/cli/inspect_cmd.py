@@ -16,7 +16,6 @@ from wcond.cli.common import (
     ExcludeOpt,
     GroupsOpt,
     LayersOpt,
-    OutputOpt,
     RayAddressOpt,
     RayOpt,
     TauCosOpt,
@@ -25,11 +24,18 @@ from wcond.cli.common import (
     engine_for,
     handle_errors,
     load_torch,
-    pick_format,
     progress_bar,
     say_gates,
-    say_written,
-    show,
+)
+from wcond.cli.outputs import (
+    GithubOpt,
+    OutputPlan,
+    OutputsOpt,
+    QuietOpt,
+    github_wanted,
+    plan_outputs,
+    to_github,
+    write_outputs,
 )
 from wcond.cli.project_config import ConfigOpt, read_config, with_config
 from wcond.defaults import (
@@ -39,12 +45,12 @@ from wcond.defaults import (
     TAU_COS,
     TAU_EUC,
     TOP,
-    TREND_FORMAT_NAMES,
     InspectFormat,
 )
 from wcond.errors import UsageError
 
 if TYPE_CHECKING:
+    from wcond.checkpoint.base import Checkpoint
     from wcond.cosines import CosMatrix
     from wcond.report import Report
 
@@ -69,7 +75,9 @@ def inspect_command(
             "--format", "-f", help="Output format (default: table, or from -o's extension)."
         ),
     ] = None,
-    output: OutputOpt = None,
+    output: OutputsOpt = None,
+    quiet: QuietOpt = False,
+    github: GithubOpt = None,
     layers: LayersOpt = None,
     exclude: ExcludeOpt = None,
     groups: GroupsOpt = None,
@@ -102,7 +110,12 @@ def inspect_command(
 
     With several checkpoints the gates apply to each, and the exit code is the worst.
 
-    Example: wcond inspect model.safetensors --fail-if "near_parallel_rows>0" -f markdown
+    -o may be repeated: the checkpoint is read and analysed once and each file written in the
+    format of its extension, the table still printed (unless --quiet). In GitHub Actions (or with
+    --github) the Markdown summary is appended to $GITHUB_STEP_SUMMARY and each tripped gate
+    becomes an ::error annotation.
+
+    Example: wcond inspect model.safetensors --fail-if "near_parallel_rows>0" -o report.html -o wcond.xml
     """
     cfg = read_config(config)
     o = with_config(
@@ -118,91 +131,83 @@ def inspect_command(
         device=device,
     )
     check_gates(o["fail_if"])
-    # --format, then -o's extension, then the config's format, then the table.
-    fmt = pick_format(INSPECT_FORMATS, format, output, cfg.values.get("format"))
-    if fmt == "parquet" and output is None:
-        raise UsageError("--format parquet writes a binary file: give -o FILE.parquet")
+    # Each -o's format: --format, then its extension, then the config's format, then the table.
+    plan = plan_outputs(INSPECT_FORMATS, format, output, cfg.values.get("format"), quiet)
     for c in checkpoints:
         check_source(c)
     paths = expand_paths(checkpoints)
-    if len(paths) > 1 and fmt not in (*TREND_FORMAT_NAMES, "parquet"):
-        raise UsageError(
-            f"--format {fmt} shows one checkpoint; with {len(paths)} checkpoints use "
-            + ", ".join([*TREND_FORMAT_NAMES, "parquet"])
-        )
     load_torch()
     from wcond.analyze import inspect as inspect_checkpoint
 
-    if fmt == "parquet":
+    if "parquet" in plan.formats:
         from wcond.frames import require_parquet
 
-        assert output is not None  # checked above
-        require_parquet(output)  # before the analysis, not after
+        for path, fmt in plan.files:
+            if fmt == "parquet":
+                require_parquet(path)  # before the analysis, not after
     label = "inspecting on Ray" if ray or ray_address else "inspecting"
     if len(paths) > 1:
-        _inspect_many(paths, fmt, output, {**o, "config": cfg.path}, ray, ray_address, label)
+        _inspect_many(paths, plan, {**o, "config": cfg.path}, ray, ray_address, label, github)
         return
     with engine_for(ray, ray_address) as engine, progress_bar(label) as progress:
-        report = inspect_checkpoint(
-            paths[0], **o, config=cfg.path, progress=progress, engine=engine
-        )
-    if fmt == "parquet":
-        _write_parquet(report.to_pandas(), output)
-    else:
-        html = {"cosines": _heatmap_cosines(report)} if fmt == "html" else {}
-        show("report", report, fmt, output, **html)
+        # Opened once here, so that the HTML page's heatmaps read the same open checkpoint;
+        # Ray's workers open it themselves from the path.
+        source = paths[0] if engine is not None else _open(paths[0])
+        report = inspect_checkpoint(source, **o, config=cfg.path, progress=progress, engine=engine)
+    html = {"html": {"cosines": _heatmap_cosines(report, source)}} if "html" in plan.formats else {}
+    write_outputs("report", report, plan, html)
+    if github_wanted(github):
+        to_github("report", report, [report], stdout_taken=plan.stdout not in (None, "table"))
     if report.failed:
-        say_gates([report], shown_on_terminal=fmt == "table" and output is None)
+        say_gates([report], shown_on_terminal=plan.stdout == "table")
         raise typer.Exit(EXIT_GATE)
+
+
+def _open(path: Path) -> Checkpoint:
+    from wcond.checkpoint.open import open_checkpoint
+
+    return open_checkpoint(path)
 
 
 def _inspect_many(
     paths: list[Path],
-    fmt: str,
-    output: Optional[Path],
+    plan: OutputPlan,
     options: dict[str, Any],
     ray: bool,
     ray_address: Optional[str],
     label: str,
+    github: Optional[bool],
 ) -> None:
-    """Several checkpoints: their trend as a table, JSON, CSV or Markdown; exit 1 if any gate tripped."""
+    """Several checkpoints: their trend in every output asked for; exit 1 if any gate tripped."""
     from wcond.trend import trend
 
     with engine_for(ray, ray_address) as engine, progress_bar(label) as progress:
         result = trend(paths, **options, progress=progress, engine=engine)
-    if fmt == "parquet":
-        _write_parquet(result.to_pandas(), output)  # the trend in long form
-    else:
-        show("trend", result, fmt, output)
+    write_outputs("trend", result, plan)  # parquet: the trend in long form
+    if github_wanted(github):
+        to_github("trend", result, result.reports, stdout_taken=plan.stdout not in (None, "table"))
     if result.failed:
-        say_gates(result.reports, shown_on_terminal=fmt == "table" and output is None)
+        say_gates(result.reports, shown_on_terminal=plan.stdout == "table")
         raise typer.Exit(EXIT_GATE)
 
 
-def _heatmap_cosines(report: Report) -> dict[str, CosMatrix | str] | None:
-    """What the HTML page's heatmaps draw, from the checkpoint the report names.
+def _heatmap_cosines(
+    report: Report, source: Path | Checkpoint
+) -> dict[str, CosMatrix | str] | None:
+    """What the HTML page's heatmaps draw, from the checkpoint analysed (opened again only on Ray).
 
     None where there is nothing to draw, no matplotlib to draw it with (the page says what to
     install), or no such file any more.
     """
-    from wcond.checkpoint.open import open_checkpoint
     from wcond.cosines import heatmap_cosines
     from wcond.render.html import heatmap_layers
     from wcond.render.plot import require_matplotlib
 
     layers = [layer for layer, _ in heatmap_layers(report)]
-    if not layers or not Path(report.checkpoint).exists():
+    if not layers or (isinstance(source, Path) and not Path(report.checkpoint).exists()):
         return None
     try:
         require_matplotlib()
     except UsageError:
         return None
-    return heatmap_cosines(report, layers, open_checkpoint(report.checkpoint))
-
-
-def _write_parquet(frame: Any, output: Optional[Path]) -> None:
-    from wcond.frames import write_parquet
-
-    assert output is not None  # checked before the analysis
-    write_parquet(frame, output)
-    say_written(output)
+    return heatmap_cosines(report, layers, _open(source) if isinstance(source, Path) else source)

@@ -52,7 +52,13 @@ RENDERERS: dict[str, Renderers] = {
     "diff": Renderers(diff.render_diff_table, {"json": to_json, "markdown": diff.diff_to_markdown}),
     "trend": Renderers(
         trend.render_trend_table,
-        {"json": to_json, "csv": trend.trend_csv, "markdown": trend.trend_markdown},
+        {
+            "json": to_json,
+            "csv": trend.trend_csv,
+            "markdown": trend.trend_markdown,
+            "html": html.to_run_html,
+            "junit": junit.trend_to_junit,
+        },
         width=140,
     ),
 }

@@ -9,19 +9,21 @@ computes from the weights (:func:`wcond.cosines.heatmap_cosines`); without them 
 from __future__ import annotations
 
 import base64
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Callable
 
 from wcond._version import __version__
 from wcond.errors import WcondError
 from wcond.render.text import fmt_number, fmt_shape, ratio
-from wcond.report import LayerReport, Report
+from wcond.report import TREND_METRICS, LayerReport, Report
 from wcond.text import html_text
 
 if TYPE_CHECKING:
     from wcond.cosines import CosMatrix
+    from wcond.trend import TrendReport
 
-__all__ = ["HEATMAPS", "heatmap_layers", "to_html"]
+__all__ = ["HEATMAPS", "heatmap_layers", "to_html", "to_run_html"]
 
 HEATMAPS = 4  # worst layers drawn
 
@@ -292,3 +294,155 @@ def _settings(report: Report) -> str:
         f"<dt>{_e(k)}</dt><dd><code>{_e(v)}</code></dd>" for k, v in report.settings.items()
     )
     return f'<h2>Settings</h2><dl id="settings">{body}</dl>'
+
+
+# --------------------------------------------------------------------------- a run's page
+
+_RUN_CSS = """
+svg.chart{display:block;overflow:visible}svg.chart polyline{fill:none;stroke:#0969da;stroke-width:1.5}
+svg.chart circle{fill:#0969da}svg.chart line{stroke:#d0d7de}svg.chart text{font-size:9px;fill:#586069}
+td.chart{text-align:left;padding:4px 10px}td.chart .fl{font-size:12px;color:#586069}
+pre.terminal{background:#f6f8fa;border:1px solid #e6e9ed;border-radius:6px;padding:10px;overflow-x:auto;font-size:12px}
+"""
+_CHART_W, _CHART_H, _CHART_PAD = 170, 48, 5
+
+
+def to_run_html(t: TrendReport, metrics: Sequence[str] = TREND_METRICS) -> str:
+    """A run's checkpoints as one self-contained page: gate verdicts per checkpoint, each layer's
+    metrics as small line charts over the steps (inline SVG, layers that moved most first), and
+    the table the terminal shows. No script and no address outside the file."""
+    from wcond.render.text import table_text
+    from wcond.render.trend import render_trend_table
+
+    title = f"wcond inspect: {len(t.reports)} checkpoints"
+    gated = [r for r in t.reports if r.gates]
+    failed = sum(1 for r in gated if r.failed)
+    if not gated:
+        verdict = "none", "No gates set (use --fail-if, or fail-if in [tool.wcond])"
+    elif failed:
+        verdict = "fail", f"FAIL: gates tripped in {failed} of {len(gated)} checkpoints"
+    else:
+        verdict = "pass", f"PASS: all {len(gated)} checkpoints pass their gates"
+    terminal = table_text(render_trend_table, t, 140)
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{_e(title)}</title>",
+        f"<style>{_CSS}{_RUN_CSS}</style></head><body>",
+        f"<h1>{_e(title)}</h1>",
+        f'<div class="sub">x axis: {_e(t.x_label)} {_e(t.x[0])} &rarr; {_e(t.x[-1])}; '
+        f"wcond {_e(__version__)}</div>",
+        f'<div class="verdict {verdict[0]}" id="verdict">{_e(verdict[1])}</div>',
+        _run_checkpoints(t),
+        _run_charts(t, metrics),
+        '<h2>As on the terminal</h2><pre class="terminal" id="terminal">'
+        f"{_e_lines(terminal)}</pre>",
+        "</body></html>",
+    ]
+    return "\n".join(parts) + "\n"
+
+
+def _e_lines(text: str) -> str:
+    """Multi-line text for a <pre>: each line escaped, the line breaks kept."""
+    return "\n".join(_e(line) for line in text.splitlines())
+
+
+def _run_checkpoints(t: TrendReport) -> str:
+    exprs = list(dict.fromkeys(g.expr for r in t.reports for g in r.gates))
+    head = "".join(
+        f'<th class="t">{_e(h)}</th>' for h in ("checkpoint", t.x_label, "layers", "verdict")
+    ) + "".join(f'<th class="t"><code>{_e(x)}</code></th>' for x in exprs)
+    rows = []
+    for r, x in zip(t.reports, t.x):
+        by_expr = {g.expr: g for g in r.gates}
+        cells = [
+            f'<td class="t"><code>{_e(r.checkpoint)}</code></td>',
+            f"<td>{_e(x)}</td>",
+            f"<td>{r.summary.layers}</td>",
+            '<td class="t fail">FAIL</td>'
+            if r.failed
+            else '<td class="t pass">PASS</td>'
+            if r.gates
+            else '<td class="t">-</td>',
+        ]
+        for expr in exprs:
+            g = by_expr.get(expr)
+            if g is None:
+                cells.append('<td class="t">-</td>')
+            elif g.passed:
+                cells.append('<td class="t pass">PASS</td>')
+            else:
+                where = ", ".join(
+                    f"<code>{_e(v.layer)}</code> ({_e(fmt_number(v.value))})" for v in g.violations
+                )
+                cells.append(f'<td class="t notes"><b class="fail">FAIL</b> {where}</td>')
+        cls = ' class="tripped"' if r.failed else ""
+        rows.append(f"<tr{cls}>{''.join(cells)}</tr>")
+    return (
+        '<h2>Checkpoints and their gates</h2><div class="scroll"><table id="checkpoints">'
+        f"<thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table></div>"
+    )
+
+
+def _run_charts(t: TrendReport, metrics: Sequence[str]) -> str:
+    order = sorted(
+        t.trend, key=lambda n: -t.movement(n, metrics)
+    )  # stable: stored order among equals
+    head = '<th class="t">layer</th>' + "".join(f'<th class="t">{_e(m)}</th>' for m in metrics)
+    rows = []
+    for name in order:
+        cells = [f'<td class="t"><code>{_e(name)}</code></td>']
+        for m in metrics:
+            values = t.trend[name].get(m, [])
+            cells.append(
+                f'<td class="chart">{_chart(t.x, values, t.x_label, f"{m} of {name}")}</td>'
+            )
+        rows.append(f"<tr>{''.join(cells)}</tr>")
+    return (
+        f'<h2>Layers over the {_e(t.x_label)}s</h2><p class="sub">One chart per layer and metric, '
+        "min to max of its values; layers that moved most first. Hover a point for its value.</p>"
+        f'<div class="scroll"><table id="charts"><thead><tr>{head}</tr></thead>'
+        f"<tbody>{''.join(rows)}</tbody></table></div>"
+    )
+
+
+def _chart(xs: Sequence[int], values: Sequence[float | None], x_label: str, what: str) -> str:
+    """A small inline SVG line chart; a missing or non-finite value breaks the line."""
+    pts = [(x, v) for x, v in zip(xs, values) if v is not None and math.isfinite(v)]
+    if not pts:
+        return '<span class="sub">-</span>'
+    w, h, pad = _CHART_W, _CHART_H, _CHART_PAD
+    x_lo, x_hi = min(xs), max(xs)
+    lo, hi = min(v for _, v in pts), max(v for _, v in pts)
+    flat = hi - lo <= 1e-4 * max(abs(lo), abs(hi))  # as the terminal's sparklines
+
+    def px(x: float) -> float:
+        return w / 2 if x_hi == x_lo else pad + (x - x_lo) / (x_hi - x_lo) * (w - 2 * pad)
+
+    def py(v: float) -> float:
+        return h / 2 if flat else pad + (hi - v) / (hi - lo) * (h - 2 * pad)
+
+    lines: list[list[str]] = []
+    run: list[str] = []
+    for x, v in zip(xs, values):
+        if v is None or not math.isfinite(v):
+            lines.append(run)
+            run = []
+        else:
+            run.append(f"{px(x):.1f},{py(v):.1f}")
+    lines.append(run)
+    shapes = [f'<polyline points="{" ".join(r)}"/>' for r in lines if len(r) >= 2]
+    shapes += [
+        f'<circle cx="{px(x):.1f}" cy="{py(v):.1f}" r="2"><title>{_e(x_label)} {_e(x)}: '
+        f"{_e(fmt_number(v))}</title></circle>"
+        for x, v in pts
+    ]
+    first, last = pts[0][1], pts[-1][1]
+    return (
+        f'<svg class="chart" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" '
+        f'aria-label="{_e(what)}"><line x1="0" y1="{h - 1}" x2="{w}" y2="{h - 1}"/>'
+        f"{''.join(shapes)}</svg>"
+        f'<span class="fl">{_e(fmt_number(first))} &rarr; {_e(fmt_number(last))}'
+        f" (min {_e(fmt_number(lo))}, max {_e(fmt_number(hi))})</span>"
+    )

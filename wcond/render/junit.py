@@ -20,13 +20,18 @@ from __future__ import annotations
 
 import json
 import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from wcond.gates import Gate
+from wcond.gates import Gate, GateResult
 from wcond.render.text import fmt_number, fmt_shape
 from wcond.report import LayerReport, Report
 from wcond.text import xml_text
 
-__all__ = ["to_junit"]
+if TYPE_CHECKING:
+    from wcond.trend import TrendReport
+
+__all__ = ["to_junit", "trend_to_junit"]
 
 _HEADLINE = (
     "acv_mean",
@@ -106,5 +111,57 @@ def to_junit(report: Report) -> str:
         skipped=str(skipped),
     )
     root.append(suite)
+    ET.indent(root)
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+
+
+def trend_to_junit(t: TrendReport) -> str:
+    """A run's JUnit XML: one testsuite per checkpoint, one testcase per (checkpoint, gate).
+
+    ``classname`` is the checkpoint's file name (its step in the suite's name) and ``name`` the gate;
+    a tripped gate is a ``<failure>`` naming each layer that trips it and its value. Without gates,
+    one passing ``<testcase name="inspect">`` per checkpoint.
+    """
+    root = ET.Element("testsuites", name="wcond")
+    totals = {"tests": 0, "failures": 0}
+    for r, step in zip(t.reports, t.steps):
+        label = Path(r.checkpoint).name or r.checkpoint
+        at = "" if step is None else f" (step {step})"
+        suite = ET.SubElement(root, "testsuite", name=xml_text(f"wcond inspect {r.checkpoint}{at}"))
+        failures = 0
+        cases: list[GateResult | None] = [*r.gates] or [None]
+        for g in cases:
+            case = ET.SubElement(
+                suite,
+                "testcase",
+                classname=xml_text(label),
+                name=xml_text("inspect" if g is None else g.expr),
+            )
+            if g is not None and not g.passed:
+                failures += 1
+                where = ", ".join(f"{v.layer} = {fmt_number(v.value)}" for v in g.violations)
+                failure = ET.SubElement(
+                    case,
+                    "failure",
+                    type="wcond.gate",
+                    message=xml_text(f"{len(g.violations)} layers trip {g.expr}: {where}"),
+                )
+                failure.text = xml_text(
+                    "\n".join(f"{v.layer}: {_exact(v.value)}" for v in g.violations)
+                )
+            s = r.summary
+            ET.SubElement(case, "system-out").text = xml_text(
+                f"{r.checkpoint}: {s.layers} layers, acv_sum {fmt_number(s.acv_sum)}, "
+                f"conv_similarity {fmt_number(s.conv_similarity)}, norm_loss "
+                f"{fmt_number(s.norm_loss)}, near-parallel pairs {s.near_parallel_rows} rows "
+                f"{s.near_parallel_cols} cols"
+            )
+        tests = len(suite.findall("testcase"))
+        for k, v in (("tests", tests), ("failures", failures), ("errors", 0), ("skipped", 0)):
+            suite.set(k, str(v))
+        totals["tests"] += tests
+        totals["failures"] += failures
+    for k, v in (*totals.items(), ("errors", 0), ("skipped", 0)):
+        root.set(k, str(v))
     ET.indent(root)
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
