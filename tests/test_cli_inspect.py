@@ -163,8 +163,7 @@ def test_layers_by_module_name_in_every_command_with_a_did_you_mean(
     miss = run(command, pt_file, *extra, "--layers", "cnv2")
     assert miss.exit_code == 2
     assert miss.stderr.rstrip().endswith(
-        "no layer matches --layers cnv2; "
-        "did you mean 'conv2', 'conv1'?"
+        "no layer matches --layers cnv2; did you mean 'conv2', 'conv1'?"
     ), miss.stderr
 
 
