@@ -452,3 +452,28 @@ def test_an_oversized_data_pkl_is_not_read(
         CheckpointError, match=f"data.pkl is {size:,} bytes, more than the {size - 1:,}"
     ):
         open_checkpoint(files["scripted"])
+
+
+@pytest.mark.parametrize("limit, ok", [(3, True), (2, False)])
+def test_the_number_of_module_classes_is_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, limit: int, ok: bool
+) -> None:
+    """Three distinct __torch__ classes (each NEWOBJ'd and dropped), then a module holding a tensor."""
+    monkeypatch.setattr(torchscript, "MAX_CLASSES", limit)
+    net = b"".join(b"c__torch__\nC%d\n)\x810" % i for i in range(2))
+    pkl = data_pkl_of_linear(tmp_path)
+    assert pkl.startswith(b"\x80\x02c__torch__")
+    path = repack(tmp_path / "linear.jit", tmp_path / "classes.jit", pkl=pkl[:2] + net + pkl[2:])
+    if ok:
+        assert open_checkpoint(path).keys() == ["weight", "bias"]
+    else:
+        assert error_line(run("inspect", path)).endswith(
+            f"corrupt TorchScript archive: it names more than {limit:,} module classes"
+        )
+
+
+def data_pkl_of_linear(tmp_path: Path) -> bytes:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.script(nn.Linear(3, 2)).save(str(tmp_path / "linear.jit"))
+    return data_pkl(tmp_path / "linear.jit")

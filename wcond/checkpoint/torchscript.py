@@ -46,6 +46,9 @@ MAX_PICKLE_BYTES = 64 << 20
 # Attributes visited while walking the module tree: bounds a forged pickle whose objects share
 # children so that its paths multiply (a memo reference costs the pickle two bytes).
 MAX_ATTRIBUTES = 1_000_000
+# Distinct ``__torch__`` classes: each placeholder is a Python class (about a kilobyte), so a
+# forged pickle naming millions of them would cost gigabytes. A model has a few hundred.
+MAX_CLASSES = 65_536
 
 # The storage classes torch's C++ pickler names ("torch FloatStorage", ...), from the dtype's
 # C++ name; dtypes this torch lacks are left out and refused like any unknown global.
@@ -337,6 +340,8 @@ class _Unpickler(pickle.Unpickler):
         if module == "__torch__" or module.startswith("__torch__."):
             qualname = f"{module}.{name}"
             if qualname not in self._classes:
+                if len(self._classes) >= MAX_CLASSES:
+                    raise self._corrupt(f"it names more than {MAX_CLASSES:,} module classes")
                 self._classes[qualname] = type(
                     "ScriptObject", (ScriptObject,), {"qualname": qualname}
                 )
