@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import struct
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -26,9 +27,10 @@ from wcond.checkpoint.bounded_json import (
 from wcond.checkpoint.dcp import DCPCheckpoint
 from wcond.checkpoint.safetensors_file import SafetensorsCheckpoint
 from wcond.checkpoint.sharded import ShardedCheckpoint
-from wcond.checkpoint.sniff import file_reader
+from wcond.checkpoint.sniff import FILE_READERS, file_reader
 from wcond.checkpoint.source import expand_paths, run_in_directory
 from wcond.checkpoint.torch_file import TorchFileCheckpoint
+from wcond.checkpoint.torchscript import TorchScriptCheckpoint
 from wcond.cli import app
 from wcond.trend import checkpoint_step
 
@@ -99,19 +101,25 @@ def test_a_safetensors_header_that_starts_like_a_legacy_pickle_is_safetensors(
 
 def test_each_reader_probes_only_its_own_format(tmp_path: Path) -> None:
     st, pt, legacy = tmp_path / "a.safetensors", tmp_path / "b.pt", tmp_path / "c.pt"
+    jit = tmp_path / "d.pt"  # TorchScript under a torch file's suffix: the zip's names decide
     save_file({"w": torch.ones(1)}, str(st))
     torch.save({"w": torch.ones(1)}, pt)
     torch.save({"w": torch.ones(1)}, legacy, _use_new_zipfile_serialization=False)
+    with warnings.catch_warnings():  # torch.jit is deprecated in favour of torch.export
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.script(torch.nn.Linear(2, 2)).save(str(jit))
     for file, reader in (
         (st, SafetensorsCheckpoint),
         (pt, TorchFileCheckpoint),
         (legacy, TorchFileCheckpoint),
+        (jit, TorchScriptCheckpoint),
     ):
         head, size = file.read_bytes()[:512], file.stat().st_size
-        accepted = [
-            r for r in (SafetensorsCheckpoint, TorchFileCheckpoint) if r.probe(file, head, size)
-        ]
-        assert accepted == [reader], file.name
+        accepted = [r for r in FILE_READERS if r.probe(file, head, size)]
+        # a TorchScript archive is a zip too: the torch reader would take it, so it is asked first
+        assert accepted[0] is reader, file.name
+        assert accepted == [reader] or accepted == [reader, TorchFileCheckpoint], file.name
+        assert file_reader(file) is reader, file.name
     (tmp_path / "dcp").mkdir()
     assert not DCPCheckpoint.probe(tmp_path / "dcp")
     (tmp_path / "dcp" / ".metadata").write_bytes(b"")

@@ -1,7 +1,7 @@
 """What every opened checkpoint offers: its tensors by key, described without reading them, read on demand.
 
-Each format has its reader, a subclass in a module of its own (torch_file, safetensors_file,
-sharded, dcp) that owns its state, says from a path and the file's first bytes whether the file is
+Each format has its reader, a subclass in a module of its own (torch_file, torchscript,
+safetensors_file, sharded, dcp) that owns its state, says from a path and the file's first bytes whether the file is
 its format (``probe``), and opens it (``open``). wcond.checkpoint.open asks them in order.
 """
 
@@ -44,7 +44,7 @@ class Checkpoint:
 
     Attributes:
         path: the file or directory opened.
-        format: "torch", "safetensors", "sharded" (several files behind an index) or "dcp".
+        format: "torch", "torchscript", "safetensors", "sharded" (several files behind an index) or "dcp".
         wrapper: the key path to the state dict inside a torch file, e.g. ("state_dict",) for Lightning.
         metadata: safetensors metadata (the first shard's for a sharded checkpoint).
         files: the files the tensors live in.

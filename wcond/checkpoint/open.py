@@ -8,8 +8,9 @@ memory-mapped, so a checkpoint is never held in memory twice.
 Inputs are hostile until checked: only regular files and directories are opened (a FIFO would
 block forever), safetensors headers and shard indexes are validated before anything they claim is
 allocated (wcond.checkpoint.safetensors_file, .index), torch files are checked against their own
-zip records before they are mapped (wcond.checkpoint.torch_file), and every string from a file is
-escaped before it reaches a message.
+zip records before they are mapped (wcond.checkpoint.torch_file), TorchScript archives are read by
+a restricted unpickler that never runs their code (wcond.checkpoint.torchscript), and every string
+from a file is escaped before it reaches a message.
 """
 
 from __future__ import annotations

@@ -8,12 +8,18 @@ from pathlib import Path
 from wcond.checkpoint.base import Checkpoint
 from wcond.checkpoint.safetensors_file import SafetensorsCheckpoint
 from wcond.checkpoint.torch_file import TorchFileCheckpoint
+from wcond.checkpoint.torchscript import TorchScriptCheckpoint
 from wcond.errors import CheckpointError, show_path
 
 __all__ = ["FILE_READERS", "file_reader"]
 
-# The formats of a single file, asked in this order.
-FILE_READERS: tuple[type[Checkpoint], ...] = (SafetensorsCheckpoint, TorchFileCheckpoint)
+# The formats of a single file, asked in this order. A TorchScript archive is a zip like
+# torch.save's: its reader looks at the zip's names first.
+FILE_READERS: tuple[type[Checkpoint], ...] = (
+    SafetensorsCheckpoint,
+    TorchScriptCheckpoint,
+    TorchFileCheckpoint,
+)
 
 
 def file_reader(file: Path) -> type[Checkpoint]:

@@ -21,7 +21,7 @@ import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -29,7 +29,14 @@ from wcond.checkpoint.base import Checkpoint, tensor_info
 from wcond.checkpoint.state_dict import MAX_NESTING, find_state_dict
 from wcond.errors import CheckpointError, UnsafeCheckpointError, show_key, show_path
 
-__all__ = ["TorchFileCheckpoint", "iter_tensors", "load_torch"]
+__all__ = [
+    "LOAD_ERRORS",
+    "DataRecord",
+    "TorchFileCheckpoint",
+    "data_records",
+    "iter_tensors",
+    "load_torch",
+]
 
 # What a malformed file can make torch.load, pickle or zipfile raise. Not a blanket Exception:
 # errors in wcond's own code must surface as the bugs they are.
@@ -145,27 +152,56 @@ def _load(
         return torch.load(name, map_location=map_location, weights_only=True, mmap=mmap)
 
 
-def _storage_records(path: str) -> dict[int, tuple[str, int]]:
-    """Data offset in the file -> (record name, size) of every tensor record of a zip checkpoint."""
-    out: dict[int, tuple[str, int]] = {}
+class DataRecord(NamedTuple):
+    """A tensor data record of a torch zip archive: its name, where its bytes start in the file, how many."""
+
+    name: str
+    offset: int
+    size: int
+
+
+def data_records(path: str | os.PathLike[str], kind: str = "torch checkpoint") -> list[DataRecord]:
+    """Every ``<archive>/data/<key>`` record of a torch zip archive (torch.save's or torch.jit.save's), checked.
+
+    Each must have its local header, be stored uncompressed (so that it can be mapped) and end
+    inside the file; ``kind`` names the archive in the message.
+
+    Raises:
+        CheckpointError: a record that fails one of those checks, named.
+        zipfile.BadZipFile, OSError: the archive cannot be read at all (callers translate them).
+    """
+    out: list[DataRecord] = []
     with zipfile.ZipFile(path) as z, open(path, "rb") as f:
+        file_size = os.fstat(f.fileno()).st_size
         for info in z.infolist():
             if "/data/" not in info.filename:
                 continue
+            name = show_key(info.filename)
             f.seek(info.header_offset)
             local = f.read(30)
             if len(local) < 30 or local[:4] != b"PK\x03\x04":
                 raise CheckpointError(
-                    f"{show_path(path)}: corrupt torch checkpoint: record {show_key(info.filename)} has no local header"
+                    f"{show_path(path)}: corrupt {kind}: record {name} has no local header"
                 )
             if info.compress_type != zipfile.ZIP_STORED:
                 raise CheckpointError(
-                    f"{show_path(path)}: corrupt torch checkpoint: record {show_key(info.filename)} is compressed; "
-                    "torch.save stores tensor data uncompressed"
+                    f"{show_path(path)}: corrupt {kind}: record {name} is compressed; "
+                    "torch stores tensor data uncompressed"
                 )
             name_len, extra_len = struct.unpack("<HH", local[26:30])
-            out[info.header_offset + 30 + name_len + extra_len] = (info.filename, info.file_size)
+            start = info.header_offset + 30 + name_len + extra_len
+            if start + info.file_size > file_size:
+                raise CheckpointError(
+                    f"{show_path(path)}: corrupt or truncated {kind}: record {name} claims "
+                    f"{info.file_size} bytes, past the end of the file"
+                )
+            out.append(DataRecord(info.filename, start, info.file_size))
     return out
+
+
+def _storage_records(path: str) -> dict[int, tuple[str, int]]:
+    """Data offset in the file -> (record name, size) of every tensor record of a zip checkpoint."""
+    return {r.offset: (r.name, r.size) for r in data_records(path)}
 
 
 def _check_records(path: str, obj: Any, records: dict[int, tuple[str, int]]) -> None:
