@@ -130,3 +130,22 @@ def test_config_that_is_not_a_regular_file(ckpt: Path, tmp_path: Path) -> None:
     result = runner.invoke(app, ["inspect", str(ckpt), "--config", str(tmp_path)])
     assert result.exit_code == 2
     assert result.stderr == f"error: config file {tmp_path}: not a regular file\n"
+
+
+def test_help_reflows_the_docstring_and_lists_what_gates_take() -> None:
+    """Docstring line breaks do not survive into the help (the terminal wraps again), and the
+    help names every metric, its short label, and every operator a gate may use."""
+    from typer.testing import CliRunner
+
+    from wcond.cli import app
+    from wcond.gates import OPERATORS
+    from wcond.report import METRIC_LABELS, NUMERIC_FIELDS
+
+    text = CliRunner().invoke(app, ["inspect", "--help"], env={"COLUMNS": "300"}).stdout
+    assert "each file written in the format of its extension, the table still printed" in text
+    for metric in NUMERIC_FIELDS:
+        label = f" ({METRIC_LABELS[metric]})" if metric in METRIC_LABELS else ""
+        assert f"{metric}{label}" in text, metric
+    assert f"OP one of {' '.join(OPERATORS)}." in text
+    shrink = CliRunner().invoke(app, ["shrink", "--help"], env={"COLUMNS": "300"}).stdout
+    assert "Load it with wcond.load_state_dict(OUT), or write it dense with" in shrink

@@ -15,7 +15,7 @@ from typing import Callable
 
 from wcond.errors import UsageError
 
-__all__ = ["Gate", "GateResult", "Violation", "evaluate_gates"]
+__all__ = ["OPERATORS", "Gate", "GateResult", "Violation", "evaluate_gates"]
 
 _OPS: dict[str, Callable[[float, float], bool]] = {
     ">=": operator.ge,
@@ -25,6 +25,8 @@ _OPS: dict[str, Callable[[float, float], bool]] = {
     ">": operator.gt,
     "<": operator.lt,
 }
+# The comparisons a gate may use, as they are written.
+OPERATORS = tuple(_OPS)
 _EXPR = re.compile(
     r"^\s*([A-Za-z_]+)\s*(>=|<=|==|!=|>|<)\s*"
     r"([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[-+]?inf)\s*$"

@@ -6,6 +6,7 @@ Each command lives in its own module; this one builds the app and registers them
 from __future__ import annotations
 
 import gc
+import inspect
 from typing import Annotated
 
 import typer
@@ -47,6 +48,21 @@ from wcond.cli import (  # noqa: E402  (each module registers its command on app
     plot_cmd,  # noqa: E402,F401
     shrink_cmd,  # noqa: E402,F401
 )
+
+
+def _reflow(doc: str) -> str:
+    """A docstring as help text: its paragraphs kept, the line breaks inside them dropped.
+
+    typer's rich help keeps a docstring's line breaks, and the terminal then wraps each line
+    again, leaving fragments at any width but the source's.
+    """
+    paragraphs = inspect.cleandoc(doc).split("\n\n")
+    return "\n\n".join(" ".join(line.strip() for line in p.splitlines()) for p in paragraphs)
+
+
+for _info in app.registered_commands:
+    if _info.help is None and _info.callback is not None and _info.callback.__doc__:
+        _info.help = _reflow(_info.callback.__doc__)
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Optional, TypeVar
+from typing import Annotated, Any, Optional, TypeVar, get_args
 
 import typer
 from rich.console import Console, ConsoleDimensions
@@ -137,7 +137,9 @@ def finite(value: float | None) -> float | None:
 DeviceOpt = Annotated[
     Device,
     typer.Option(
-        "--device", help="Where the heavy work runs: auto picks CUDA, then MPS, then CPU."
+        "--device",
+        help="Where the heavy work runs: auto, cpu, cuda or mps; auto picks CUDA, then MPS, then CPU.",
+        metavar="DEVICE",
     ),
 ]
 LayersOpt = Annotated[
@@ -155,15 +157,20 @@ ExcludeOpt = Annotated[
 TauCosOpt = Annotated[
     float,
     typer.Option(
-        "--tau-cos", help="Near-parallel when 1 - |cos| is below this.", min=0.0, callback=finite
+        "--tau-cos",
+        help="Near-parallel when 1 - |cos| is below this (>= 0).",
+        min=0.0,
+        callback=finite,
+        metavar="FLOAT",
     ),
 ]
 TauEucOpt = Annotated[
     float,
     typer.Option(
         "--tau-euc",
-        help="...and the rescaled Euclidean distance is below this.",
+        help="...and the rescaled Euclidean distance is below this (>= 0).",
         min=0.0,
+        metavar="FLOAT",
         callback=finite,
     ),
 ]
@@ -180,7 +187,13 @@ OutputOpt = Annotated[
     typer.Option("--output", "-o", help="Write to this file instead of stdout (atomically)."),
 ]
 RewriteFormatOpt = Annotated[
-    RewriteFormat, typer.Option("--format", "-f", help="Report format on stdout.")
+    RewriteFormat,
+    typer.Option(
+        "--format",
+        "-f",
+        help="Report format on stdout: " + ", ".join(get_args(RewriteFormat)) + ".",
+        metavar="FORMAT",
+    ),
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite OUT if it exists.")]
 # Read by handle_errors, which allows Hub downloads around the command that declares it.
@@ -208,13 +221,31 @@ RayAddressOpt = Annotated[
         show_default=False,
     ),
 ]
+
+
+def _gates_epilog() -> str:
+    from wcond.gates import OPERATORS
+    from wcond.report import METRIC_LABELS, NUMERIC_FIELDS
+
+    metrics = ", ".join(
+        f"{m} ({METRIC_LABELS[m]})" if m in METRIC_LABELS else m for m in NUMERIC_FIELDS
+    )
+    return (
+        f"Gates, --fail-if METRIC OP NUMBER: METRIC is one of {metrics} (the table's short "
+        f"labels, in parentheses, work too); OP one of {' '.join(OPERATORS)}."
+    )
+
+
+FAIL_IF_HELP = "Gate: exit 1 when any layer satisfies METRIC OP NUMBER, e.g. 'acv>0.5' (repeatable; metrics below)."
+GATES_EPILOG = _gates_epilog()
+
+# What a checkpoint argument may be, in every command's help.
+CHECKPOINT_HELP = (
+    "Checkpoint file (.pt .pth .bin .ckpt .safetensors), shard index, directory (sharded or DCP), "
+    "or a Hugging Face repo id org/name\\[@rev] read from the local cache."
+)
 CheckpointArg = Annotated[
-    Path,
-    typer.Argument(
-        help="Checkpoint file (.pt .pth .bin .ckpt .safetensors), shard index, directory "
-        "(sharded or DCP), or a Hugging Face repo id org/name\\[@rev] read from the local cache.",
-        show_default=False,
-    ),
+    Path, typer.Argument(help=CHECKPOINT_HELP, show_default=False, metavar="CHECKPOINT")
 ]
 
 

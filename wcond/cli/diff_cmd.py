@@ -38,7 +38,12 @@ def diff_command(
     format: Annotated[
         Optional[DiffFormat],
         typer.Option(
-            "--format", "-f", help="Output format (default: table, or from -o's extension)."
+            "--format",
+            "-f",
+            help="Output format: "
+            + ", ".join(DIFF_FORMATS)
+            + " (default: table, or from -o's extension).",
+            metavar="FORMAT",
         ),
     ] = None,
     output: OutputsOpt = None,

@@ -10,7 +10,10 @@ import typer
 from wcond.checkpoint.source import check_source, expand_paths
 from wcond.cli import app
 from wcond.cli.common import (
+    CHECKPOINT_HELP,
     EXIT_GATE,
+    FAIL_IF_HELP,
+    GATES_EPILOG,
     DeviceOpt,
     DownloadOpt,
     ExcludeOpt,
@@ -55,16 +58,16 @@ if TYPE_CHECKING:
     from wcond.report import Report
 
 
-@app.command("inspect")
+@app.command("inspect", epilog=GATES_EPILOG)
 @handle_errors
 def inspect_command(
     ctx: typer.Context,
     checkpoints: Annotated[
         list[Path],
         typer.Argument(
-            help="Checkpoint file (.pt .pth .bin .ckpt .safetensors), shard index, or directory. "
-            "Several (or a quoted glob such as 'run/step_*.pt'): one report each, ordered "
-            "naturally, and each metric's trend per layer.",
+            help=CHECKPOINT_HELP
+            + " Several (a quoted glob such as 'run/step_*.pt', or a directory of a run's "
+            "checkpoints): one report each, ordered naturally, and each metric's trend per layer.",
             show_default=False,
             metavar="CHECKPOINT...",
         ),
@@ -72,7 +75,12 @@ def inspect_command(
     format: Annotated[
         Optional[InspectFormat],
         typer.Option(
-            "--format", "-f", help="Output format (default: table, or from -o's extension)."
+            "--format",
+            "-f",
+            help="Output format: "
+            + ", ".join(INSPECT_FORMATS)
+            + " (default: table, or from -o's extension).",
+            metavar="FORMAT",
         ),
     ] = None,
     output: OutputsOpt = None,
@@ -86,14 +94,18 @@ def inspect_command(
     top: Annotated[
         int,
         typer.Option(
-            "--top", help="Closest pairs listed per layer and axis (JSON).", min=0, max=MAX_TOP
+            "--top",
+            help=f"Closest pairs listed per layer and axis (JSON), 0 to {MAX_TOP}.",
+            min=0,
+            max=MAX_TOP,
+            metavar="N",
         ),
     ] = TOP,
     fail_if: Annotated[
         Optional[list[str]],
         typer.Option(
             "--fail-if",
-            help="Gate: exit 1 when any layer satisfies METRIC OP NUMBER (repeatable).",
+            help=FAIL_IF_HELP,
             metavar="EXPR",
         ),
     ] = None,

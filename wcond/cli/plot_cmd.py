@@ -10,6 +10,7 @@ import typer
 from wcond.checkpoint.source import check_source, expand_paths
 from wcond.cli import app
 from wcond.cli.common import (
+    CHECKPOINT_HELP,
     DeviceOpt,
     DownloadOpt,
     ExcludeOpt,
@@ -46,7 +47,7 @@ def plot_command(
     checkpoints: Annotated[
         list[Path],
         typer.Argument(
-            help="Checkpoint file, shard index, or directory; with --trend several (or a quoted glob).",
+            help=CHECKPOINT_HELP + " With --trend, several (or a quoted glob).",
             show_default=False,
             metavar="CHECKPOINT...",
         ),
