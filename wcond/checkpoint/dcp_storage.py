@@ -9,6 +9,7 @@ in whichever shards hold them; no process group is needed.
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import pickle
@@ -163,8 +164,12 @@ class ShardSizes:
             st = os.stat(real)
         except FileNotFoundError:
             return "which is missing"
-        except (OSError, RuntimeError) as e:  # a symlink loop, no permission
-            return f"which cannot be read ({getattr(e, 'strerror', None) or type(e).__name__})"
+        except RuntimeError:  # pathlib's word for a symlink loop before Python 3.13
+            return "a symlink loop"
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                return "a symlink loop"
+            return f"which cannot be read ({e.strerror or type(e).__name__})"
         if real.parent != self._root:
             return "a link leading outside the directory; refused"
         if not stat.S_ISREG(st.st_mode):
