@@ -9,6 +9,7 @@ pickle. The commands run in one child process under a time bound (tests/test_fuz
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import pickle
@@ -38,19 +39,23 @@ from wcond.checkpoint import dcp_storage  # noqa: E402
 SHARD = "__0_0.distcp"
 
 
-def digest_dir(d: Path) -> dict[str, tuple[str, bytes]]:
-    """Every entry under d (not following links): files by content, links by target."""
-    out: dict[str, tuple[str, bytes]] = {}
+def digest_dir(d: Path) -> dict[str, tuple[str, str]]:
+    """Every entry under d (not following links): files by content hash (a file over 1 MiB, such
+    as a sparse decoy of gigabytes, by size and mtime), links by target."""
+    out: dict[str, tuple[str, str]] = {}
     for root, dirs, files in os.walk(d):
         for name in [*dirs, *files]:
             p = Path(root, name)
             rel = str(p.relative_to(d))
+            st = p.lstat()
             if p.is_symlink():
-                out[rel] = ("link", os.readlink(p).encode())
+                out[rel] = ("link", os.readlink(p))
+            elif p.is_file() and st.st_size > 1 << 20:
+                out[rel] = ("big file", f"{st.st_size} {st.st_mtime_ns}")
             elif p.is_file():
-                out[rel] = ("file", p.read_bytes())
+                out[rel] = ("file", hashlib.sha256(p.read_bytes()).hexdigest())
             else:
-                out[rel] = ("other", b"")
+                out[rel] = ("other", str(st.st_mode))
     return out
 
 
