@@ -209,3 +209,18 @@ def test_storage_entry_bounds_at_their_edges(
     _rewrite(d, md)
     with pytest.raises(wcond.CheckpointError, match=f"needs {need:,} bytes; .* holds {need - 1:,}"):
         wcond.open_checkpoint(d)
+
+
+def test_metadata_memo_bomb_allocates_nothing(tmp_path: Path) -> None:
+    """LONG_BINPUT 1231382369: the C unpickler would size its memo array to ten gigabytes."""
+    import tracemalloc
+
+    (tmp_path / ".metadata").write_bytes(b"\x80\x04}r\x61\x65\x64\x49.")
+    tracemalloc.start()
+    try:
+        with pytest.raises(wcond.CheckpointError, match=r"not DCP metadata \(holds a dict\)"):
+            dcp_storage.read_metadata(tmp_path / ".metadata")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 10 << 20

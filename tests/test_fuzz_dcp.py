@@ -252,6 +252,10 @@ HOSTILE: dict[str, tuple[Callable[[Path], None], str]] = {
     "offset_past_end": (_set("offset", 10**9), "of '__0_0.distcp', which holds"),
     "compressed": (_set("transform_descriptors", ["zstandard/1"]), "(compression)"),
     "dotdot": (_set("relative_path", "../x.distcp"), "points outside its directory"),
+    "nul_in_path": (
+        _set("relative_path", SHARD + "\0x"),
+        "points outside its directory ('__0_0.distcp\\x00x')",
+    ),
     "truncated_shard": (_cut_shard(1500), "(truncated?)"),
     "damaged_shard": (
         _damage,
@@ -271,7 +275,7 @@ HOSTILE: dict[str, tuple[Callable[[Path], None], str]] = {
     ),
     "metadata_empty": (
         lambda d: (d / ".metadata").write_bytes(b""),
-        "corrupt or unreadable DCP metadata",
+        "corrupt DCP metadata (EOFError)",
     ),
     "metadata_dict": (lambda d: write_md(d, {"fc.weight": 1}), "not DCP metadata (holds a dict)"),
     "metadata_unsafe": (lambda d: write_md(d, _Boom()), "would construct 'posix.system'"),

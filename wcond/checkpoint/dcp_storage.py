@@ -10,6 +10,7 @@ in whichever shards hold them; no process group is needed.
 from __future__ import annotations
 
 import errno
+import io
 import math
 import os
 import pickle
@@ -50,6 +51,9 @@ _OTHER_GLOBALS = {
     ("pathlib", "PureWindowsPath"),
 }
 _DISABLED_WARNING = r"torch\.distributed is disabled, unavailable or uninitialized"
+# The largest .metadata read: a checkpoint of a few hundred tensors over thousands of ranks
+# has tens of megabytes
+MAX_METADATA_BYTES = 1 << 30
 # What reading a damaged shard raises, besides torch's CheckpointException around any of them
 _READ_ERRORS = (
     RuntimeError,
@@ -102,8 +106,8 @@ def tensor_entry_info(
     if not isinstance(entry, TensorStorageMetadata):
         return None
     name = f"{show_path(d)}: DCP tensor {show_key(fqn)}"
-    dtype = getattr(entry.properties, "dtype", None)
-    shape = _ints(entry.size)
+    dtype = getattr(getattr(entry, "properties", None), "dtype", None)
+    shape = _ints(getattr(entry, "size", None))
     if not isinstance(dtype, torch.dtype) or shape is None:
         raise CheckpointError(f"{name} has no valid shape and dtype in the metadata")
     numel = math.prod(shape)
@@ -112,7 +116,8 @@ def tensor_entry_info(
             f"{name} claims shape {list(shape)} ({numel:,} values); refused above "
             f"{MAX_DENSE_ELEMENTS:,} values"
         )
-    chunks = entry.chunks if isinstance(entry.chunks, list) else None
+    chunks = getattr(entry, "chunks", None)
+    chunks = chunks if isinstance(chunks, list) else None
     if chunks is None or (numel and not chunks):
         raise CheckpointError(f"{name} has no chunk list in the metadata")
     total = 0
@@ -244,8 +249,13 @@ def _why(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    """Builds DCP metadata classes, torch sizes/dtypes and paths; refuses every other global."""
+class _MetadataUnpickler(pickle._Unpickler):
+    """Builds DCP metadata classes, torch sizes/dtypes and paths; refuses every other global.
+
+    Python's own unpickler, not the C one: the C unpickler's memo is an array sized by the
+    largest index a PUT names, so six bytes (LONG_BINPUT 1231382369) make it allocate and zero
+    ten gigabytes. Here the memo is a dict. Metadata is small; the speed does not matter.
+    """
 
     def find_class(self, module: str, name: str) -> Any:
         if module in _DCP_MODULES or (module, name) in _OTHER_GLOBALS:
@@ -260,9 +270,19 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 def read_metadata(file: Path) -> Any:
+    """DCP's metadata, unpickled with only its own classes allowed and its shape checked."""
     try:
         with open(file, "rb") as f:
-            md = _MetadataUnpickler(f).load()
+            # read whole, within a bound, then unpickled from memory: a frame or string claiming
+            # exabytes meets the end of the data instead of asking the allocator for them
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_METADATA_BYTES:
+                raise CheckpointError(
+                    f"{show_path(file)}: DCP metadata of {size:,} bytes; refused above "
+                    f"{MAX_METADATA_BYTES:,}"
+                )
+            raw = f.read(size)
+        md = _MetadataUnpickler(io.BytesIO(raw)).load()
     except pickle.UnpicklingError as e:
         what = str(e).removeprefix("GLOBAL ") if str(e).startswith("GLOBAL ") else None
         if what is not None:
@@ -273,19 +293,39 @@ def read_metadata(file: Path) -> Any:
         raise CheckpointError(
             f"{show_path(file)}: corrupt DCP metadata ({show_key(str(e))})"
         ) from e
-    except (OSError, EOFError, ValueError, TypeError, AttributeError, ImportError) as e:
+    except OSError as e:
+        raise CheckpointError(f"{show_path(file)}: cannot read DCP metadata: {e.strerror}") from e
+    except (
+        EOFError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        ImportError,
+        IndexError,
+        KeyError,
+        OverflowError,
+        MemoryError,
+        RecursionError,
+    ) as e:
         raise CheckpointError(
-            f"{show_path(file)}: corrupt or unreadable DCP metadata ({type(e).__name__})"
+            f"{show_path(file)}: corrupt DCP metadata ({type(e).__name__})"
         ) from e
-    if not isinstance(md, Metadata) or not isinstance(md.state_dict_metadata, dict):
+    if not isinstance(md, Metadata) or not isinstance(
+        getattr(md, "state_dict_metadata", None), dict
+    ):
         raise CheckpointError(f"{show_path(file)}: not DCP metadata (holds a {type(md).__name__})")
-    if not isinstance(md.storage_data, dict) or not all(
+    if not isinstance(getattr(md, "storage_data", None), dict) or not all(
         isinstance(k, str) for k in md.state_dict_metadata
     ):
         raise CheckpointError(f"{show_path(file)}: malformed DCP metadata (its entries or storage)")
     for where in md.storage_data.values():
         rel = getattr(where, "relative_path", None)
-        if not isinstance(rel, str) or Path(rel).name != rel or rel in ("", ".", ".."):
+        if (
+            not isinstance(rel, str)
+            or "\0" in rel
+            or Path(rel).name != rel
+            or rel in ("", ".", "..")
+        ):
             raise CheckpointError(
                 f"{show_path(file)}: DCP metadata points outside its directory ({show_key(str(rel))}); refused"
             )
