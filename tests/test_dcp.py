@@ -162,3 +162,65 @@ def test_metadata_without_shards(tmp_path: Path) -> None:
         wcond.CheckpointError, match=r"has a DCP \.metadata file but no \*\.distcp shards"
     ):
         wcond.open_checkpoint(tmp_path / "d")
+
+
+def _rewrite(d: Path, md: object) -> None:
+    buf = io.BytesIO()
+    pickle.dump(md, buf)
+    (d / ".metadata").write_bytes(buf.getvalue())
+
+
+def test_size_cap_at_its_edge(
+    nested: tuple[Path, dict[str, torch.Tensor]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The largest tensor (optimizer states included) at the cap opens; one value over, refused."""
+    d, _ = nested
+    md = dcp_storage.read_metadata(d / ".metadata")
+    sizes = {fqn: e.size.numel() for fqn, e in md.state_dict_metadata.items() if hasattr(e, "size")}
+    largest = max(sizes.values())
+    monkeypatch.setattr(dcp_storage, "MAX_DENSE_ELEMENTS", largest)
+    assert wcond.open_checkpoint(d).keys()
+    monkeypatch.setattr(dcp_storage, "MAX_DENSE_ELEMENTS", largest - 1)
+    with pytest.raises(wcond.CheckpointError, match=f"refused above {largest - 1:,} values"):
+        wcond.open_checkpoint(d)
+
+
+def test_storage_entry_bounds_at_their_edges(
+    nested: tuple[Path, dict[str, torch.Tensor]],
+) -> None:
+    """An entry may end exactly at its shard's end and hold exactly its chunk's bytes; not one past or short."""
+    d, _ = nested
+    md = dcp_storage.read_metadata(d / ".metadata")
+    size = (d / "__0_0.distcp").stat().st_size
+    last = max(md.storage_data.values(), key=lambda s: s.offset)
+    assert last.offset + last.length == size  # as dcp.save writes it: opens
+    key = next(k for k in md.storage_data if k.fqn == "model.4.weight")
+    need = 6 * 32 * 4
+    entry = md.storage_data[key]
+    last.length += 1
+    _rewrite(d, md)
+    with pytest.raises(wcond.CheckpointError, match=f"which holds {size:,} bytes"):
+        wcond.open_checkpoint(d)
+    last.length -= 1
+    entry.length = need
+    _rewrite(d, md)
+    assert wcond.open_checkpoint(d).keys()  # the count is met (its bytes are checked on reading)
+    entry.length = need - 1
+    _rewrite(d, md)
+    with pytest.raises(wcond.CheckpointError, match=f"needs {need:,} bytes; .* holds {need - 1:,}"):
+        wcond.open_checkpoint(d)
+
+
+def test_metadata_memo_bomb_allocates_nothing(tmp_path: Path) -> None:
+    """LONG_BINPUT 1231382369: the C unpickler would size its memo array to ten gigabytes."""
+    import tracemalloc
+
+    (tmp_path / ".metadata").write_bytes(b"\x80\x04}r\x61\x65\x64\x49.")
+    tracemalloc.start()
+    try:
+        with pytest.raises(wcond.CheckpointError, match=r"not DCP metadata \(holds a dict\)"):
+            dcp_storage.read_metadata(tmp_path / ".metadata")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 10 << 20

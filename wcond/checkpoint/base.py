@@ -16,7 +16,13 @@ import torch
 
 from wcond.errors import CheckpointError, show_key, show_path
 
-__all__ = ["Checkpoint", "TensorInfo", "tensor_info"]
+__all__ = ["MAX_DENSE_ELEMENTS", "Checkpoint", "TensorInfo", "tensor_info"]
+
+# The most values one tensor a reader builds from a description may have (8 GiB of float32): a
+# factorized layer rebuilt from its indices, a DCP tensor assembled from its chunks. A few
+# kilobytes of metadata can describe a tensor of terabytes; no real layer comes near this
+# (Llama-3 405B's largest is 2.1e9 values).
+MAX_DENSE_ELEMENTS = 2**31
 
 
 @dataclass(frozen=True)

@@ -53,8 +53,9 @@ class DCPCheckpoint(Checkpoint):
         """Read and check the metadata; no tensor data is read.
 
         Raises:
-            CheckpointError: unreadable or inconsistent metadata, shards outside the directory,
-                nothing analyzable.
+            CheckpointError: unreadable or inconsistent metadata (a tensor above
+                MAX_DENSE_ELEMENTS values, chunks that do not cover it, storage entries past the
+                end of their shard), shards missing or outside the directory, nothing analyzable.
             UnsafeCheckpointError: a metadata pickle that would construct anything but DCP metadata.
         """
         from wcond.checkpoint import dcp_storage  # torch.distributed: only for a DCP directory
@@ -69,12 +70,13 @@ class DCPCheckpoint(Checkpoint):
         # Rebuild the nested state from DCP's flattened names, with storage-free tensors standing in
         # for the data, and find the state dict in it exactly as in a torch file.
         paths = getattr(md, "planner_data", None)
+        shards = dcp_storage.ShardSizes(d)
         nested: dict[str, Any] = {}
         by_id: dict[int, tuple[str, TensorInfo]] = {}
         for fqn, entry in md.state_dict_metadata.items():
             where = paths.get(fqn) if isinstance(paths, dict) else None
             parts = [str(p) for p in where] if isinstance(where, tuple) and where else [fqn]
-            info = dcp_storage.tensor_entry_info(d, fqn, entry)
+            info = dcp_storage.tensor_entry_info(d, fqn, entry, md, shards)
             leaf: Any = (
                 object()
                 if info is None

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from wcond.checkpoint.base import TensorInfo
+from wcond.checkpoint.base import MAX_DENSE_ELEMENTS, TensorInfo
 from wcond.checkpoint.open import open_checkpoint
 from wcond.errors import CheckpointError
 
@@ -46,10 +46,6 @@ _AXES = (
 MANIFEST_KEY = "wcond.shrink"
 FOLD_MANIFEST_KEY = "wcond.fold"
 _INDEX_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
-# The most values one rebuilt layer may have (8 GiB of float32). A few kilobytes of indices can
-# describe a dense tensor of terabytes; no real layer comes near this (Llama-3 405B's largest
-# is 2.1e9 values).
-MAX_DENSE_ELEMENTS = 2**31
 
 
 def along_dim(ndim: int, dim: int) -> list[int]:

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 from wcond.checkpoint.index import read_index
 from wcond.checkpoint.names import WEIGHT_NAMES, WEIGHT_SUFFIXES
-from wcond.errors import CheckpointError, UsageError
+from wcond.errors import CheckpointError, UsageError, show_path
 
 __all__ = [
     "RepoRef",
@@ -48,6 +48,8 @@ _FILE_SUFFIXES = (*WEIGHT_SUFFIXES, ".json")
 
 # How long --download waits for the Hub's host to answer before saying it cannot be reached.
 CONNECT_TIMEOUT = 10.0
+# refs/<branch> holds a 40-hex-digit commit hash (huggingface_hub writes no newline; allow one)
+_MAX_REF_BYTES = 41
 
 _downloads: ContextVar[bool] = ContextVar("wcond_hub_downloads", default=False)
 
@@ -173,10 +175,15 @@ def _snapshot(cache: Path, ref: RepoRef) -> Path | None:
     ref_file = storage / "refs" / revision
     commit = revision
     if ref_file.is_file():
-        commit = ref_file.read_text(encoding="utf-8", errors="replace").strip()
-        if not re.fullmatch(r"[0-9a-f]{40}", commit):
+        try:
+            with open(ref_file, "rb") as f:
+                raw = f.read(_MAX_REF_BYTES + 1)  # a hash and a newline; never a huge file whole
+        except OSError as e:
+            raise CheckpointError(f"{show_path(ref_file)}: cannot read: {e.strerror}") from e
+        commit = raw.decode("utf-8", errors="replace").strip()
+        if len(raw) > _MAX_REF_BYTES or not re.fullmatch(r"[0-9a-f]{40}", commit):
             raise CheckpointError(
-                f"{ref_file}: not a commit hash; the Hugging Face cache looks damaged"
+                f"{show_path(ref_file)}: not a commit hash; the Hugging Face cache looks damaged"
             )
     snapshot = storage / "snapshots" / commit
     return snapshot if snapshot.is_dir() else None
@@ -197,11 +204,27 @@ def _cached_weights(cache: Path, ref: RepoRef) -> tuple[Path | None, str | None]
     if not names:
         return None, None
     chosen = snapshot / names[0]
+    _check_inside(snapshot, chosen)
     if chosen.name.endswith(".index.json"):
         missing = _missing_shard(chosen)
         if missing is not None:
             return None, missing
     return chosen, None
+
+
+def _check_inside(snapshot: Path, chosen: Path) -> None:
+    """The weights file is a link into the repo's blobs (or a plain file in the snapshot, where
+    the cache was made without symlinks); a link anywhere else is refused, as in a shard index."""
+    try:
+        resolved = chosen.resolve(strict=True)
+        plain = resolved.parent == snapshot.resolve(strict=True)
+    except (OSError, RuntimeError):
+        return  # missing or a loop: opening it says which, naming it
+    if not plain and not in_blob_store(snapshot, resolved):
+        raise CheckpointError(
+            f"{show_path(chosen)}: leads outside the repo's blobs in the Hugging Face cache "
+            f"({show_path(resolved)}); refused"
+        )
 
 
 def _missing_shard(index: Path) -> str | None:
