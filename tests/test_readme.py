@@ -1,4 +1,5 @@
-"""README.md: every ```python block runs as written, and every block showing a command's output shows it."""
+"""README.md and docs/*.md: every ```python block runs as written, and every block showing a
+command's output shows it."""
 
 from __future__ import annotations
 
@@ -12,9 +13,22 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-BLOCKS = re.findall(
-    r"```python\n(.*?)```", (ROOT / "README.md").read_text(encoding="utf-8"), flags=re.S
-)
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def _name(page: Path) -> str:
+    return page.relative_to(ROOT).as_posix()
+
+
+def _text(page: Path) -> str:
+    return page.read_text(encoding="utf-8")
+
+
+BLOCKS = [
+    (page, i, code)
+    for page in PAGES
+    for i, code in enumerate(re.findall(r"```python\n(.*?)```", _text(page), flags=re.S))
+]
 
 
 # Optional extras a block may use (CI installs them all): a block naming one that is missing here
@@ -22,33 +36,34 @@ BLOCKS = re.findall(
 _EXTRAS = ("pandas", "pyarrow", "matplotlib", "tensorboard", "lightning", "ray", "huggingface_hub")
 
 
-@pytest.mark.parametrize("code", BLOCKS, ids=[f"block{i}" for i in range(len(BLOCKS))])
-def test_readme_python_block_runs(code: str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "page, code", [(p, c) for p, _, c in BLOCKS], ids=[f"{_name(p)}:block{i}" for p, i, _ in BLOCKS]
+)
+def test_python_block_runs(page: Path, code: str, monkeypatch: pytest.MonkeyPatch) -> None:
     missing = [m for m in _EXTRAS if m in code and importlib.util.find_spec(m) is None]
     if missing:
         pytest.skip(f"needs {', '.join(missing)}, not installed here")
     monkeypatch.chdir(ROOT)
-    exec(compile(code, "README.md", "exec"), {"__name__": "__readme__"})
+    exec(compile(code, _name(page), "exec"), {"__name__": "__readme__"})
 
 
 def test_readme_has_python_examples() -> None:
-    assert BLOCKS
+    assert any(page.name == "README.md" for page, _, _ in BLOCKS)
 
 
 # --------------------------------------------------------------------------- shown output
 
 _COMMAND_OUTPUT = re.compile(r"```\n\$ (wcond [^\n]*)\n(.*?)```", flags=re.S)
-_TRY_IT = re.compile(r"```sh\n[^\n]*&& (wcond [^\n]*)\n```\n.*?```\n(.*?)```", flags=re.S)
 _NUMBER = re.compile(r"[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?")
 _SECONDS = re.compile(r"\b\d+\.\d s\b")  # wall time, different on every run
 
 
-def shown_outputs() -> list[tuple[str, str]]:
-    """(command, output) for every README block that shows what a command prints, in order."""
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    pairs = [(m.start(), m.group(1), m.group(2)) for m in _TRY_IT.finditer(text)]
-    pairs += [(m.start(), m.group(1), m.group(2)) for m in _COMMAND_OUTPUT.finditer(text)]
-    return [(cmd, out) for _, cmd, out in sorted(pairs)]
+def shown_outputs(page: Path = ROOT / "README.md") -> list[tuple[str, str]]:
+    """(command, output) for every block of a page that shows what a command prints, in order."""
+    return [(m.group(1), m.group(2)) for m in _COMMAND_OUTPUT.finditer(_text(page))]
+
+
+PAGES_WITH_OUTPUT = [page for page in PAGES if shown_outputs(page)]
 
 
 def _normal(text: str) -> list[str]:
@@ -56,7 +71,7 @@ def _normal(text: str) -> list[str]:
 
 
 def _same(got: list[str], want: list[str]) -> bool:
-    """Equal text outside numbers; numbers equal to the digits the README prints (1e-2 relative).
+    """Equal text outside numbers; numbers equal to the digits the page prints (1e-2 relative).
 
     A line holding a value at float32 noise level (0 < |x| < 1e-5, e.g. rare_rows of a planted
     copy) differs between CPUs in every digit: there only the text around the numbers must match.
@@ -74,29 +89,35 @@ def _same(got: list[str], want: list[str]) -> bool:
     return True
 
 
-def test_readme_shows_real_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_shown_outputs_are_found() -> None:
+    """The README's Try it and its CI gate, and the command reference's examples, are all checked."""
+    assert len(shown_outputs()) >= 2, "the README's output blocks were not found"
+    assert sum(len(shown_outputs(page)) for page in PAGES) >= 10
+
+
+@pytest.mark.parametrize("page", PAGES_WITH_OUTPUT, ids=[_name(p) for p in PAGES_WITH_OUTPUT])
+def test_shown_output_is_real(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each block showing `$ wcond ...` and its output matches what that command prints today.
 
-    Commands run in order in a scratch copy of sample_checkpoints/ (a later block reads what an
-    earlier one wrote), on the CPU, in a 100-column console, in this process (one torch import).
+    A page's commands run in order in a scratch copy of sample_checkpoints/ (a later block reads
+    what an earlier one wrote), on the CPU, in a 100-column console, in this process (one torch
+    import). The output compared is stdout and stderr together, as a terminal shows them.
     """
     import torch
     from typer.testing import CliRunner
 
     from wcond.cli import app
 
-    shown = shown_outputs()
-    assert len(shown) >= 5, "the README's output blocks were not found"
     shutil.copytree(ROOT / "sample_checkpoints", tmp_path / "sample_checkpoints")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("COLUMNS", "100")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # --device auto: the CPU
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     runner = CliRunner()
-    for command, output in shown:
+    for command, output in shown_outputs(page):
         result = runner.invoke(app, shlex.split(command)[1:], prog_name="wcond")
         got = _normal(result.output)
         want = _normal(output)
         if not _same(got, want):
-            delta = "\n".join(difflib.unified_diff(want, got, "README", "now", lineterm=""))
-            pytest.fail(f"README output of `{command}` is not what it prints:\n{delta}")
+            delta = "\n".join(difflib.unified_diff(want, got, _name(page), "now", lineterm=""))
+            pytest.fail(f"{_name(page)}: output of `{command}` is not what it prints:\n{delta}")
