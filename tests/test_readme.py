@@ -184,3 +184,27 @@ def test_the_link_check_sees_links() -> None:
         assert f"docs/{page.name}" in readme, f"README.md does not link docs/{page.name}"
     assert "the-library-in-ten-lines" in _anchors(ROOT / "README.md")
     assert "fusing-while-training-wcondrare" in _anchors(ROOT / "docs" / "LIBRARY.md")
+
+
+# --------------------------------------------------------------------------- .gitignore
+
+
+def test_what_the_examples_write_is_ignored() -> None:
+    """A file a shown `$ wcond ...` command writes into the clone's root (-o, --history) is ignored
+    by .gitignore, so that following the examples leaves `git status` clean."""
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    import subprocess
+
+    written = set()
+    for page in PAGES:
+        for command, _ in shown_outputs(page):
+            words = shlex.split(command)
+            written |= {b for a, b in zip(words, words[1:]) if a in ("-o", "--output", "--history")}
+    at_root = sorted(name for name in written if "/" not in name)
+    assert "small.safetensors" in at_root
+    result = subprocess.run(
+        ["git", "check-ignore", "--no-index", *at_root], cwd=ROOT, capture_output=True, text=True
+    )
+    ignored = set(result.stdout.split())
+    assert ignored == set(at_root), f"not in .gitignore: {sorted(set(at_root) - ignored)}"
