@@ -341,8 +341,9 @@ def test_trend_of_several_hostile_checkpoints(hostile_file: Path, tmp_path: Path
 
 
 def test_readme_safety_example_is_real(tmp_path: Path) -> None:
-    """The README's Safety section shows what wcond prints for this file."""
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    """docs/SAFETY.md (the README's Safety section before) shows what wcond prints for this file."""
+    page = Path(__file__).resolve().parent.parent / "docs" / "SAFETY.md"
+    readme = page.read_text(encoding="utf-8")
     block = re.search(r"```console\n(\$ wcond inspect evil\.safetensors.*?)```", readme, re.S)
     assert block is not None
     lines = block.group(1).strip("\n").split("\n")
