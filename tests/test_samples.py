@@ -24,7 +24,8 @@ import wcond
 from wcond.cli import app
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_checkpoints"
-DEMO = "redundant_mlp.safetensors"
+# As the docs run it, from the repository root.
+DEMO = "sample_checkpoints/redundant_mlp.safetensors"
 runner = CliRunner()
 WIDE = {"COLUMNS": "100"}  # the width the docs' copy of the output was taken at
 
@@ -85,7 +86,7 @@ def test_make_samples_rebuilds_the_committed_files(
 
 
 def test_the_demo_sample_is_what_its_docstring_says() -> None:
-    sd = load_file(str(SAMPLES / DEMO))
+    sd = load_file(str(SAMPLES.parent / DEMO))
     assert {k: list(v.shape) for k, v in sd.items()} == {
         "fc1.weight": [64, 32],
         "fc1.bias": [64],
@@ -95,13 +96,14 @@ def test_the_demo_sample_is_what_its_docstring_says() -> None:
         "fc3.bias": [10],
     }
     assert all(v.dtype == torch.float32 for v in sd.values())
-    assert 20_000 < (SAMPLES / DEMO).stat().st_size < 40_000  # tens of KB
+    assert 20_000 < (SAMPLES.parent / DEMO).stat().st_size < 40_000  # tens of KB
 
 
 @pytest.fixture
 def demo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A scratch folder holding the sample, where the docs' commands run as written."""
-    shutil.copy(SAMPLES / DEMO, tmp_path / DEMO)
+    """A scratch folder laid out as the repository, where the docs' commands run as written."""
+    (tmp_path / "sample_checkpoints").mkdir()
+    shutil.copy(SAMPLES.parent / DEMO, tmp_path / DEMO)
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
