@@ -369,24 +369,17 @@ def handle_errors(func: F) -> F:
             raise typer.Exit(EXIT_USAGE) from None
         except _TYPER_EXCEPTIONS:
             raise
-        except (
-            Exception
-        ) as e:  # a bug in wcond, met on some input: still one line, never a traceback
+        except BaseException as e:
+            # A bug in wcond met on some input, or what a dependency raises outside Exception
+            # (torch.distributed's CheckpointException, a sys.exit()): exit 1 means a gate
+            # tripped and nothing else, so each ends as one line and exit 2, never a traceback.
             if os.environ.get("WCOND_DEBUG"):
                 raise
             _error(
                 f"internal error: {_first_line(e)} (a bug in wcond; rerun with "
                 "WCOND_DEBUG=1 for the traceback and report it)"
-            )
-            raise typer.Exit(EXIT_USAGE) from e
-        except BaseException as e:
-            # Exit 1 means a gate tripped, nothing else. torch.distributed's CheckpointException
-            # derives from BaseException, and a dependency may call sys.exit(): neither may end
-            # the command with a traceback or with its own exit code.
-            if os.environ.get("WCOND_DEBUG"):
-                raise
-            _error(
-                f"{_first_line(e)} raised inside a library wcond uses; nothing was written "
+                if isinstance(e, Exception)
+                else f"{_first_line(e)} raised inside a library wcond uses; nothing was written "
                 "(rerun with WCOND_DEBUG=1 for the traceback)"
             )
             raise typer.Exit(EXIT_USAGE) from e
