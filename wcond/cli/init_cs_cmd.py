@@ -180,9 +180,10 @@ def init_cs_command(
 
         emit(to_json(result, output=str(output), warnings=warnings), None)
     else:
+        from wcond.render.text import Part, keep_name, print_prose
+
         render_init_cs(result, stdout)
-        stdout.print(
-            f"wrote {markup(str(output))}" + (f" and {markup(str(history))}" if history else "")
-        )
+        also: list[Part] = [" and ", keep_name(history)] if history else []
+        print_prose(stdout, "wrote ", keep_name(output), *also)
     for warning in warnings:
         stderr.print(f"[yellow]warning:[/] {markup(warning)}", soft_wrap=True)
