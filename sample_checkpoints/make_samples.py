@@ -1,13 +1,18 @@
-"""Write the three small sample checkpoints wcond's docs and tests use, into this directory.
+"""Write the four small sample checkpoints wcond's docs and tests use, into this directory.
 
 Regenerate with::
 
     python sample_checkpoints/make_samples.py
 
 Needs only torch and safetensors. Seeds are fixed, so a rerun writes a byte-identical
-``mlp.safetensors`` (the script checks this itself, and sorts the metadata keys because
-safetensors 0.8 writes them in random order); the two pickles hold the same tensors on
-every run, though their bytes may change across torch versions.
+``mlp.safetensors`` and ``redundant_mlp.safetensors`` on any machine (init and plain Python
+arithmetic only; the script checks this itself, and sorts the metadata keys because
+safetensors 0.8 writes them in random order). The two pickles go through forward passes (and
+``lightning_cnn.ckpt`` through training), whose float sums depend on the CPU's kernels: a rerun
+on another machine or torch build gives tensors equal within rounding (up to ~6e-8 here), except
+``lightning_cnn.ckpt``'s conv1 bias and bn1 running mean (up to ~6e-3: a bias right before
+BatchNorm has no gradient but rounding noise, so Adam's normalised steps drift it), and other
+bytes. tests/test_samples.py checks both.
 
 small_cnn.pt
     ``torch.save(model.state_dict())`` (an OrderedDict) of a 2-D CNN for 3x8x8 inputs:
@@ -26,6 +31,17 @@ mlp.safetensors
         a near-parallel pair (1 - cos ~ 5e-7, D_euc ~ 6e-4, well inside tau_cos = 1e-4
         and tau_euc = 0.1) that is not exactly parallel (RaRe > 0);
       - fc2 row 33 and fc2 bias 33 set to 0: one dead row.
+
+redundant_mlp.safetensors
+    The sample on which ``wcond shrink`` pays: a 32 -> 64 -> 64 -> 10 MLP (fc1, fc2, fc3;
+    float32, same metadata), default init, then near-parallel copies planted, not trained:
+    16 of fc1's rows, 16 of fc2's rows and 16 of fc2's columns are each set to a copy of another
+    row (column) of the same layer, scaled by +-0.5..2 (alternating sign), plus noise orthogonal
+    to it of relative size 1e-5, 1e-4 or 1e-3 in turn (1 - |cos| up to ~5e-7, the angle up to
+    ~0.06 deg; each copy's source is not itself a copy). A copied row's bias is the source's
+    bias times the same scale. ``wcond shrink`` (defaults) fuses all 48 pairs, removing a third
+    of the values, and writes a file about 28% smaller than this dense one; fc1's columns (the
+    inputs) and fc3's rows (the outputs) hold none, as shrink protects them by default.
 
 lightning_cnn.ckpt
     A PyTorch Lightning style checkpoint of a Conv1d model for 3-channel 1-D signals:
@@ -58,6 +74,10 @@ from torch import Tensor, nn
 
 HERE = Path(__file__).resolve().parent
 SAFETENSORS_METADATA = {"format": "pt", "source": "wcond sample"}
+# redundant_mlp.safetensors: near-parallel copies planted per layer and axis, and their noise
+# (relative to the row), cycled: 1 - |cos| is about noise**2 / 2, all far inside TAU_COS = 1e-4.
+PLANTED = 16
+NOISE = (1e-5, 1e-4, 1e-3)
 
 
 class SmallCNN(nn.Module):
@@ -87,6 +107,19 @@ class MLP(nn.Module):
         self.fc1 = nn.Linear(64, 128)
         self.fc2 = nn.Linear(128, 128)
         self.fc3 = nn.Linear(128, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+class WideMLP(nn.Module):
+    """32 -> 64 -> 64 -> 10 with ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(32, 64)
+        self.fc2 = nn.Linear(64, 64)
+        self.fc3 = nn.Linear(64, 10)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
@@ -127,26 +160,51 @@ def make_small_cnn() -> OrderedDict[str, Tensor]:
     return _detached(model.state_dict())
 
 
+def _near_copy(row: Tensor, scale: float, relative: float, gen: torch.Generator) -> Tensor:
+    """``scale * row`` plus noise of relative size ``relative`` orthogonal to it (float32).
+
+    Reductions in plain Python (math.fsum), not torch: a BLAS dot product may sum in another
+    order on another CPU, and these bytes should not depend on the machine.
+    """
+    base = [scale * x for x in row.double().tolist()]
+    noise = torch.randn(len(base), generator=gen, dtype=torch.float64).tolist()
+    along = math.fsum(n * b for n, b in zip(noise, base)) / math.fsum(b * b for b in base)
+    noise = [n - along * b for n, b in zip(noise, base)]  # orthogonal to the row
+    size = (
+        relative
+        * math.sqrt(math.fsum(b * b for b in base))
+        / math.sqrt(math.fsum(n * n for n in noise))
+    )
+    return torch.tensor([b + size * n for b, n in zip(base, noise)], dtype=torch.float32)
+
+
 def make_mlp() -> dict[str, Tensor]:
     torch.manual_seed(1)
     model = MLP()
     gen = torch.Generator().manual_seed(2)
     with torch.no_grad():
-        w = model.fc1.weight
-        # Reductions in plain Python (math.fsum), not torch: a BLAS dot product may sum in
-        # another order on another CPU, and these bytes should not depend on the machine.
-        base = [1.5 * x for x in w[4].double().tolist()]
-        noise = torch.randn(w.shape[1], generator=gen, dtype=torch.float64).tolist()
-        along = math.fsum(n * b for n, b in zip(noise, base)) / math.fsum(b * b for b in base)
-        noise = [n - along * b for n, b in zip(noise, base)]  # orthogonal to the row
-        scale = (
-            1e-3
-            * math.sqrt(math.fsum(b * b for b in base))
-            / math.sqrt(math.fsum(n * n for n in noise))
-        )
-        w[17] = torch.tensor([b + scale * n for b, n in zip(base, noise)], dtype=torch.float32)
+        model.fc1.weight[17] = _near_copy(model.fc1.weight[4], 1.5, 1e-3, gen)
         model.fc2.weight[33] = 0.0
         model.fc2.bias[33] = 0.0
+    return dict(_detached(model.state_dict()))
+
+
+def make_redundant_mlp() -> dict[str, Tensor]:
+    """The MLP of ``redundant_mlp.safetensors``: default init, then near-parallel copies planted."""
+    torch.manual_seed(5)
+    model = WideMLP()
+    gen = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for layer, axis in ((model.fc1, 0), (model.fc2, 0), (model.fc2, 1)):
+            w = layer.weight if axis == 0 else layer.weight.T  # a view: writes land in the weight
+            order = torch.randperm(w.shape[0], generator=gen).tolist()
+            sources, targets = order[:PLANTED], order[PLANTED : 2 * PLANTED]
+            for i, (src, dst) in enumerate(zip(sources, targets)):
+                magnitude = 0.5 + 1.5 * torch.rand((), generator=gen, dtype=torch.float64).item()
+                scale = magnitude if i % 2 == 0 else -magnitude  # parallel and anti-parallel
+                w[dst] = _near_copy(w[src], scale, NOISE[i % len(NOISE)], gen)
+                if axis == 0:
+                    layer.bias[dst] = scale * layer.bias[src]
     return dict(_detached(model.state_dict()))
 
 
@@ -182,6 +240,14 @@ def make_lightning_cnn() -> dict[str, object]:
         "lr_schedulers": [],
         "hyper_parameters": {"lr": lr, "width": width},
     }
+
+
+# Every sample file, and the safetensors ones (byte-identical on every run) with their makers.
+SAMPLES = ("small_cnn.pt", "mlp.safetensors", "redundant_mlp.safetensors", "lightning_cnn.ckpt")
+SAFETENSORS_SAMPLES: dict[str, Callable[[], dict[str, Tensor]]] = {
+    "mlp.safetensors": make_mlp,
+    "redundant_mlp.safetensors": make_redundant_mlp,
+}
 
 
 def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
@@ -230,24 +296,28 @@ def main(out_dir: Path = HERE) -> None:
     small_cnn = make_small_cnn()
     _write_atomically(out_dir / "small_cnn.pt", lambda tmp: torch.save(small_cnn, tmp))
     save_safetensors(make_mlp(), out_dir / "mlp.safetensors", SAFETENSORS_METADATA)
+    save_safetensors(
+        make_redundant_mlp(), out_dir / "redundant_mlp.safetensors", SAFETENSORS_METADATA
+    )
     lightning = make_lightning_cnn()
     _write_atomically(out_dir / "lightning_cnn.ckpt", lambda tmp: torch.save(lightning, tmp))
 
     # A second build must give the same safetensors bytes; otherwise the seeds leak somewhere.
     with tempfile.TemporaryDirectory() as tmp:
-        again = Path(tmp) / "mlp.safetensors"
-        save_safetensors(make_mlp(), again, SAFETENSORS_METADATA)
-        if _sha256(again) != _sha256(out_dir / "mlp.safetensors"):
-            raise SystemExit("mlp.safetensors is not reproducible: two builds differ")
+        for name, make in SAFETENSORS_SAMPLES.items():
+            again = Path(tmp) / name
+            save_safetensors(make(), again, SAFETENSORS_METADATA)
+            if _sha256(again) != _sha256(out_dir / name):
+                raise SystemExit(f"{name} is not reproducible: two builds differ")
 
-    for name in ("small_cnn.pt", "mlp.safetensors", "lightning_cnn.ckpt"):
+    for name in SAMPLES:
         path = out_dir / name
         if path.suffix != ".safetensors":
             torch.load(path, weights_only=True)  # the safe loader must accept every pickle here
         size = path.stat().st_size
         if size > 200_000:
             raise SystemExit(f"{name} is {size} bytes; samples must stay under 200 KB")
-        print(f"{name:20s} {size:7d} bytes  sha256 {_sha256(path)[:16]}")
+        print(f"{name:26s} {size:7d} bytes  sha256 {_sha256(path)[:16]}")
 
 
 if __name__ == "__main__":

@@ -343,7 +343,12 @@ def test_python_dash_m_and_version(pt_file: Path) -> None:
 
 def test_sample_checkpoints_inspect_cleanly() -> None:
     samples = Path(__file__).parent.parent / "sample_checkpoints"
-    for name in ("small_cnn.pt", "mlp.safetensors", "lightning_cnn.ckpt"):
+    for name in (
+        "small_cnn.pt",
+        "mlp.safetensors",
+        "redundant_mlp.safetensors",
+        "lightning_cnn.ckpt",
+    ):
         result = run("inspect", samples / name, "-f", "json")
         assert result.exit_code == 0, result.stderr
         assert json.loads(result.stdout)["summary"]["layers"] >= 2

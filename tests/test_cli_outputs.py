@@ -99,6 +99,83 @@ def test_diff_writes_several_outputs(pt_file: Path, tmp_path: Path) -> None:
     assert "conv2.weight" in result.stdout  # the table too
 
 
+REPORT_EXTENSIONS = ".json .md .csv .txt .html .htm .xml .parquet"
+CHECKPOINT_EXTENSIONS = ".safetensors, .pt, .pth, .bin or .ckpt"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["inspect", "{ck}", "-o", "r.yaml"],
+            f"r.yaml: no report format for '.yaml' here; use {REPORT_EXTENSIONS} (or --format for another name)",
+        ),
+        (
+            ["inspect", "{ck}", "-o", "report"],
+            f"report: no report format for '(no extension)' here; use {REPORT_EXTENSIONS} (or --format for another name)",
+        ),
+        (
+            ["inspect", "{ck}", "-o", "r.json", "-o", "r.yaml"],
+            f"r.yaml: no report format for '.yaml' here; use {REPORT_EXTENSIONS} (or --format for another name)",
+        ),
+        (
+            ["diff", "{ck}", "{ck}", "-o", "r.yaml"],
+            "r.yaml: no report format for '.yaml' here; use .json .md .txt (or --format for another name)",
+        ),
+        (  # a format inspect writes but diff does not: refused, not written as a table
+            ["diff", "{ck}", "{ck}", "-o", "r.html"],
+            "r.html: no report format for '.html' here; use .json .md .txt (or --format for another name)",
+        ),
+        (
+            ["init-cs", "{ck}", "-o", "out.pt", "-n", "1", "--history", "r.yaml"],
+            "--history r.yaml: the CS curve is written as JSON; give a .json file",
+        ),
+        (
+            ["init-cs", "{ck}", "-o", "r.yaml", "-n", "1"],
+            f"r.yaml: unknown output format '.yaml'; use {CHECKPOINT_EXTENSIONS}",
+        ),
+        (
+            ["shrink", "{ck}", "-o", "r.yaml"],
+            f"r.yaml: unknown output format '.yaml'; use {CHECKPOINT_EXTENSIONS}",
+        ),
+        (
+            ["expand", "{ck}", "-o", "r.yaml"],
+            f"r.yaml: unknown output format '.yaml'; use {CHECKPOINT_EXTENSIONS}",
+        ),
+        (
+            ["plot", "{ck}", "-o", "r.yaml"],
+            "r.yaml: unknown image format '.yaml'; use .png or .svg",
+        ),
+    ],
+)
+def test_an_unknown_output_extension_is_refused_in_one_line(
+    pt_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], message: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = run(*(a.format(ck=pt_file) for a in args))
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines() == [f"error: {message}"]
+    assert result.stdout == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+
+
+def test_format_names_the_format_for_any_file_name(pt_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "r.yaml"
+    result = run("inspect", pt_file, "-f", "json", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["summary"]["layers"] == 3
+    result = run("diff", pt_file, pt_file, "-f", "markdown", "-o", tmp_path / "d.log")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "d.log").read_text().startswith("## wcond diff")
+
+
+def test_a_known_extension_still_picks_the_format(pt_file: Path, tmp_path: Path) -> None:
+    result = run("diff", pt_file, pt_file, "-o", tmp_path / "d.txt")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "d.txt").read_text().startswith("wcond diff")
+
+
 def test_a_run_of_checkpoints_writes_its_page_and_junit_at_once(tmp_path: Path) -> None:
     from conftest import small_state_dict
 

@@ -18,7 +18,6 @@ import random
 import shutil
 import struct
 import tempfile
-import warnings
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,6 +29,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
+from test_fuzz_dcp import saved
 from test_fuzz_load import assert_all_answered, mutate, run_batch
 
 from wcond import open_checkpoint
@@ -210,18 +210,8 @@ def test_torch_pickle_values(old: bytes, new: bytes) -> None:
 
 
 def _dcp(d: Path) -> Path:
-    g = torch.Generator().manual_seed(0)
-    state = {
-        "model": {
-            "conv.weight": torch.randn(8, 4, 3, 3, generator=g),
-            "fc.weight": torch.randn(6, 5, generator=g),
-        },
-        "step": 3,
-    }
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dcp.save(state, checkpoint_id=str(d / "ckpt"))
-    return d / "ckpt"
+    (d / "ckpt").mkdir()
+    return saved(d / "ckpt")
 
 
 @FUZZ

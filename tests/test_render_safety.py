@@ -150,7 +150,9 @@ def test_table_summary_gates_and_notes(hostile_file: Path) -> None:
     assert_inert(text)
     assert "[bold]x[/].weight" in text  # markup printed literally in the FAIL/worst lines
     assert "[link=http://x]y[/link].weight" in text
-    assert "quoting cr\\rlf\\n:\\x3aerror:\\x3aforged.weight and [bold][bold]x[/].weight" in text
+    # The note is wrapped at 100 columns: its continuation lines joined back, it reads whole.
+    whole = re.sub(r"\n  (?=\S)", " ", text)
+    assert "quoting cr\\rlf\\n:\\x3aerror:\\x3aforged.weight and [bold][bold]x[/].weight" in whole
     assert "note \\x1b[31mred" in text
 
 

@@ -37,8 +37,12 @@ def text(render: Callable[[object, Console], None], obj: object, width: int) -> 
 
 
 def table_lines(out: str) -> list[str]:
-    """The lines of the table itself: rich draws its blank left edge; titles and footers start flush."""
-    return [line for line in out.splitlines() if line.startswith(" ") and line.strip()]
+    """The lines of the table itself: rich draws its blank left edge; the title and the prose
+    after the table start flush (their wrapped continuations are indented, hence "until")."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(" ") and line.strip())
+    end = next((i for i in range(start, len(lines)) if lines[i][:1].strip()), len(lines))
+    return [line for line in lines[start:end] if line.strip()]
 
 
 def name_lines(lines: list[str]) -> list[str]:

@@ -20,6 +20,8 @@ Example pyproject.toml::
 from __future__ import annotations
 
 import math
+import os
+import stat
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -116,14 +118,30 @@ def load_config(path: str | Path | None = None, start: str | Path | None = None)
     return Config(path, _check(table, f"{path}: [tool.wcond]"))
 
 
+# pyproject.toml files are a few KB; a config this large is not one.
+MAX_CONFIG_BYTES = 10_000_000
+
+
 def _read(path: Path) -> dict[str, Any]:
+    """A TOML file read within bounds: a regular file (a FIFO would block), at most
+    MAX_CONFIG_BYTES, UTF-8, and not nested deeper than the parser's recursion allows."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise UsageError(f"{path}: not a regular file; a config is a TOML file")
         with open(path, "rb") as f:
-            return tomllib.load(f)
-    except tomllib.TOMLDecodeError as e:
-        raise UsageError(f"{path}: not valid TOML ({e})") from e
+            raw = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
         raise UsageError(f"{path}: cannot read ({e.strerror})") from e
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise UsageError(f"{path}: larger than {MAX_CONFIG_BYTES:,} bytes; not a config file")
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}: not valid TOML (not UTF-8 at byte {e.start})") from e
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"{path}: not valid TOML ({e})") from e
+    except RecursionError as e:
+        raise UsageError(f"{path}: not valid TOML (nested too deep to read)") from e
 
 
 def _wcond_table(doc: Mapping[str, Any], path: Path) -> Mapping[str, Any] | None:

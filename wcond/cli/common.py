@@ -22,7 +22,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 
 from wcond.checkpoint.hub import allow_downloads
 from wcond.defaults import Device, ProgressFn, RewriteFormat
-from wcond.errors import OutputError, WcondError, show_path
+from wcond.errors import OutputError, UsageError, WcondError, show_path
 from wcond.text import markup, one_line
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -121,9 +121,25 @@ SUFFIX_FORMATS = {
 def pick_format(
     names: Sequence[str], given: str | None, output: Path | None, fallback: str | None = None
 ) -> str:
-    """--format, then -o's extension (when the command renders it), then ``fallback``, then the table."""
-    from_suffix = SUFFIX_FORMATS.get(output.suffix.lower()) if output is not None else None
-    return given or (from_suffix if from_suffix in names else None) or fallback or names[0]
+    """--format; else -o's extension, refused when the command renders no format for it; else
+    (no -o) ``fallback``, then the table."""
+    if given is not None:
+        return given  # named outright: any file name (a pipe, /dev/stdout, report.log)
+    if output is None:
+        return fallback or names[0]
+    return format_from_suffix(names, output)
+
+
+def format_from_suffix(names: Sequence[str], output: Path) -> str:
+    """The format -o's extension names among ``names``; a UsageError listing the extensions otherwise."""
+    fmt = SUFFIX_FORMATS.get(output.suffix.lower(), "")
+    if fmt not in names:
+        known = " ".join(s for s, f in SUFFIX_FORMATS.items() if f in names)
+        raise UsageError(
+            f"{output}: no report format for {output.suffix or '(no extension)'!r} here; "
+            f"use {known} (or --format for another name)"
+        )
+    return fmt
 
 
 def finite(value: float | None) -> float | None:
@@ -353,24 +369,17 @@ def handle_errors(func: F) -> F:
             raise typer.Exit(EXIT_USAGE) from None
         except _TYPER_EXCEPTIONS:
             raise
-        except (
-            Exception
-        ) as e:  # a bug in wcond, met on some input: still one line, never a traceback
+        except BaseException as e:
+            # A bug in wcond met on some input, or what a dependency raises outside Exception
+            # (torch.distributed's CheckpointException, a sys.exit()): exit 1 means a gate
+            # tripped and nothing else, so each ends as one line and exit 2, never a traceback.
             if os.environ.get("WCOND_DEBUG"):
                 raise
             _error(
                 f"internal error: {_first_line(e)} (a bug in wcond; rerun with "
                 "WCOND_DEBUG=1 for the traceback and report it)"
-            )
-            raise typer.Exit(EXIT_USAGE) from e
-        except BaseException as e:
-            # Exit 1 means a gate tripped, nothing else. torch.distributed's CheckpointException
-            # derives from BaseException, and a dependency may call sys.exit(): neither may end
-            # the command with a traceback or with its own exit code.
-            if os.environ.get("WCOND_DEBUG"):
-                raise
-            _error(
-                f"{_first_line(e)} raised inside a library wcond uses; nothing was written "
+                if isinstance(e, Exception)
+                else f"{_first_line(e)} raised inside a library wcond uses; nothing was written "
                 "(rerun with WCOND_DEBUG=1 for the traceback)"
             )
             raise typer.Exit(EXIT_USAGE) from e

@@ -103,7 +103,7 @@ def init_cs_command(
         Optional[Path],
         typer.Option(
             "--history",
-            help="Write the CS curve (per iteration, per layer) to this JSON file.",
+            help="Write the CS curve (per iteration, per layer) to this .json file.",
             metavar="FILE",
         ),
     ] = None,
@@ -136,6 +136,8 @@ def init_cs_command(
         raise UsageError(
             f"--history {history}: would overwrite the input or output checkpoint; choose another file"
         )
+    if history is not None and history.suffix.lower() != ".json":
+        raise UsageError(f"--history {history}: the CS curve is written as JSON; give a .json file")
     group_sizes = parse_groups(groups or ())
     load_torch()
     from wcond.checkpoint.open import open_checkpoint
@@ -178,9 +180,10 @@ def init_cs_command(
 
         emit(to_json(result, output=str(output), warnings=warnings), None)
     else:
+        from wcond.render.text import Part, keep_name, print_prose
+
         render_init_cs(result, stdout)
-        stdout.print(
-            f"wrote {markup(str(output))}" + (f" and {markup(str(history))}" if history else "")
-        )
+        also: list[Part] = [" and ", keep_name(history)] if history else []
+        print_prose(stdout, "wrote ", keep_name(output), *also)
     for warning in warnings:
         stderr.print(f"[yellow]warning:[/] {markup(warning)}", soft_wrap=True)

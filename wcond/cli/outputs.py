@@ -17,8 +17,8 @@ import typer
 
 from wcond.cli.common import (
     STDOUT,
-    SUFFIX_FORMATS,
     emit,
+    format_from_suffix,
     pick_format,
     say_written,
     show,
@@ -43,7 +43,8 @@ OutputsOpt = Annotated[
         "--output",
         "-o",
         help="Write to FILE (atomically), its format from its extension (.html .xml .md .json .csv "
-        ".txt .parquet). Repeatable: one analysis, every file; the table still goes to stdout.",
+        ".txt .parquet; diff: .md .json .txt), or from --format for any other name. Repeatable: "
+        "one analysis, every file; the table still goes to stdout.",
         metavar="FILE",
     ),
 ]
@@ -81,9 +82,11 @@ def plan_outputs(
     fallback: str | None = None,
     quiet: bool = False,
 ) -> OutputPlan:
-    """Each -o with its format, checked before any work: one -o as ever (--format, its extension,
-    ``fallback``, the table); several, each from its extension. The table goes to stdout beside
-    the files, and without -o the chosen format does, unless ``quiet``."""
+    """Each -o with its format, checked before any work: one -o from --format, else from its
+    extension; several, each from its extension. An extension the command renders no format for
+    is refused, never written as a table. ``fallback`` (the config's format) and then the table
+    are for stdout without -o. The table goes to stdout beside the files, and without -o the
+    chosen format does, unless ``quiet``."""
     outputs = list(outputs or [])
     if not outputs:
         fmt = pick_format(names, given, None, fallback)
@@ -103,16 +106,7 @@ def plan_outputs(
             raise UsageError(
                 "--format goes with one -o; with several, each file's format comes from its extension"
             )
-        files = []
-        for out in outputs:
-            fmt = SUFFIX_FORMATS.get(out.suffix.lower(), "")
-            if fmt not in names:
-                known = " ".join(s for s, f in SUFFIX_FORMATS.items() if f in names)
-                raise UsageError(
-                    f"{out}: no report format for {out.suffix or '(no extension)'!r} "
-                    f"here; use {known}"
-                )
-            files.append((out, fmt))
+        files = [(out, format_from_suffix(names, out)) for out in outputs]
     return OutputPlan(files, None if quiet else "table")
 
 

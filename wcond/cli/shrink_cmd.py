@@ -260,20 +260,23 @@ def expand_command(
     check_source(checkpoint)
     check_output(checkpoint, output, force)
     load_torch()
+    from wcond.render.text import keep_name, listed, print_prose
     from wcond.shrink import expand
 
     result = expand(checkpoint, output, force=force)
     if result.expanded:
         n = len(result.expanded)
-        stdout.print(
-            f"expanded {n} factorized layer{'s' if n > 1 else ''}: {markup(', '.join(result.expanded))}",
-            soft_wrap=True,
+        print_prose(
+            stdout,
+            f"expanded {n} factorized layer{'s' if n > 1 else ''}: ",
+            *listed(result.expanded),
         )
     else:
-        stdout.print(
-            f"{markup(result.checkpoint)} holds no factorized layers; its tensors were copied unchanged",
-            soft_wrap=True,
+        print_prose(
+            stdout,
+            keep_name(result.checkpoint),
+            " holds no factorized layers; its tensors were copied unchanged",
         )
     for warning in result.warnings:
         stderr.print(f"[yellow]warning:[/] {markup(warning)}", soft_wrap=True)
-    stdout.print(f"wrote {markup(result.output)}", soft_wrap=True)
+    print_prose(stdout, "wrote ", keep_name(result.output))

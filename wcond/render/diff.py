@@ -9,8 +9,17 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from wcond.render.text import fit_table, fmt_number, fmt_shape
-from wcond.text import markup, md_cell, md_code, one_line
+from wcond.render.text import (
+    Keep,
+    fit_table,
+    fmt_number,
+    fmt_shape,
+    keep_name,
+    listed,
+    print_hidden,
+    print_prose,
+)
+from wcond.text import md_cell, md_code, one_line
 
 if TYPE_CHECKING:
     from wcond.diff import DiffReport, LayerDiff, MetricDiff
@@ -61,10 +70,13 @@ def _shown(d: LayerDiff) -> list[tuple[str, MetricDiff]]:
 
 def render_diff_table(d: DiffReport, console: Console) -> None:
     """Summary totals, then per layer every metric: A, B, change, relative change; then one-sided layers."""
-    console.print(
-        f"[bold]wcond diff[/]: A = {markup(d.a)}  B = {markup(d.b)}",
-        highlight=False,
-        soft_wrap=True,
+    print_prose(
+        console,
+        Text("wcond diff", style="bold"),
+        ": A = ",
+        keep_name(d.a),
+        "  B = ",
+        keep_name(d.b),
     )
     # One first column, layer name then its metrics indented, so that a long key has the width.
     rows: list[tuple[Text, list[str], str | None, bool]] = [
@@ -96,28 +108,30 @@ def render_diff_table(d: DiffReport, console: Console) -> None:
             name = Text(shown_name, style=name.style)
         table.add_row(name, *(columns[h][k] for h in shown), style=style)
     console.print(table)
-    console.print(
+    print_hidden(console, [h for h in headers if h not in shown])
+    print_prose(
+        console,
         f"{len(d.layers)} layer{'s' if len(d.layers) != 1 else ''} in both ({len(d.shape_changes)} with a new shape), "
-        f"{len(d.only_a)} only in A, {len(d.only_b)} only in B; change = B - A, rel = change / |A|",
-        highlight=False,
+        f"{len(d.only_a)} only in A, {len(d.only_b)} only in B; ",
+        *(
+            [Keep("change = B - A,"), " ", Keep("rel = change / |A|")]
+            if "rel" in shown
+            else [Keep("change = B - A")]
+        ),
     )
     for side, names in (("only in A", d.only_a), ("only in B", d.only_b)):
         if names:
-            console.print(
-                f"{side}: " + ", ".join(map(one_line, names)),
-                highlight=False,
-                markup=False,
-                soft_wrap=True,
-            )
+            print_prose(console, f"{side}: ", *listed(names))
     for layer in d.layers:
         for side, notes in (("A", layer.notes_a), ("B", layer.notes_b)):
             for note in notes:
-                console.print(
-                    f"note {side} {one_line(layer.name)}: {one_line(note)}",
+                print_prose(
+                    console,
+                    f"note {side} ",
+                    Keep(one_line(layer.name) + ":"),
+                    " ",
+                    one_line(note),
                     style="dim",
-                    highlight=False,
-                    markup=False,
-                    soft_wrap=True,
                 )
 
 

@@ -6,8 +6,16 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console
 
-from wcond.render.text import fmt_number, print_layer_table
-from wcond.text import markup
+from wcond.render.text import (
+    Keep,
+    fmt_number,
+    path_title,
+    print_hidden,
+    print_layer_table,
+    print_note,
+    print_prose,
+)
+from wcond.text import one_line
 
 if TYPE_CHECKING:
     from wcond.condition import InitCSResult, LayerResult
@@ -16,6 +24,20 @@ __all__ = ["render_init_cs"]
 
 # The columns that give way on a narrow console, least important first.
 _DROP_ORDER = ("max|Δw|", "|W|", "cs_n", "norms", "dirs", "floor", "gap")
+
+
+# Each legend entry and the columns it explains.
+_LEGEND = (
+    (
+        {"change", "norms", "dirs"},
+        "change = norms + dirs, the parts due to the filters' norms and to their directions "
+        "(CS of the new filters rescaled to their old norms)",
+    ),
+    ({"floor"}, "floor: lowest CS at these filter norms"),
+    ({"gap"}, "gap: share of CS - floor removed"),
+    ({"cs_n"}, "cs_n: conv_similarity_norm before→after"),
+    ({"|W|"}, "|W|: layer norm"),
+)
 
 
 def _pct(v: float | None) -> str:
@@ -52,45 +74,43 @@ def render_init_cs(result: InitCSResult, console: Console) -> None:
             ]
         )
     columns = {h: [row[i] for row in rows] for i, h in enumerate(headers)}
-    print_layer_table(
+    hidden = print_layer_table(
         console,
-        f"wcond init-cs: {result.checkpoint}",
+        path_title(console, "wcond init-cs: ", result.checkpoint),
         [r.name for r in result.layers],
         columns,
         _DROP_ORDER,
         row_styles=["" if r.optimized else "dim" for r in result.layers],
     )
-    legend = (
-        "CS before and after; change = norms + dirs, the parts due to the filters' norms and to their directions "
-        "(CS of the new filters rescaled to their old norms); cs_n: conv_similarity_norm before→after; |W|: layer norm"
-    )
-    if keep_norm:
-        legend = (
-            "CS before and after; floor: lowest CS at these filter norms; gap: share of CS - floor removed; "
-            "cs_n: conv_similarity_norm before→after"
-        )
-    console.print(f"[dim]{legend}[/]", soft_wrap=True)
+    print_hidden(console, hidden)
+    # The legend explains the columns shown: a dropped column's entry would only confuse.
+    shown = set(headers) - set(hidden)
+    legend = ["CS before and after"] + [text for cols, text in _LEGEND if cols <= shown]
+    print_prose(console, "; ".join(legend), style="dim")
     s = result.settings
     done = result.optimized
     where = (
         s["device"] if s.get("engine", "local") == "local" else f"{s['device']} on {s['engine']}"
     )
     drop = (result.cs_before - result.cs_after) / result.cs_before if result.cs_before else None
-    console.print(
+    print_prose(
+        console,
         f"total CS {fmt_number(result.cs_before)} → {fmt_number(result.cs_after)} ({_pct(_neg(drop))}) over "
-        f"{len(done)} of {len(result.layers)} conv layers; {s['iterations']} {s['optimizer']} steps, lr {s['lr']:g}, "
-        f"{'--keep-norm, ' if keep_norm else ''}{where}, {result.seconds:.1f} s",
-        soft_wrap=True,
+        f"{len(done)} of {len(result.layers)} conv layers; {s['iterations']} {s['optimizer']} steps, ",
+        Keep(f"lr {s['lr']:g},"),
+        f" {'--keep-norm, ' if keep_norm else ''}",
+        Keep(one_line(where) + ","),
+        f" {result.seconds:.1f} s",
     )
     if not keep_norm and _norms_dominate(done):
-        console.print(
+        print_prose(
+            console,
             "most of the drop came from smaller filters (CS is homogeneous of degree 4); "
             "--keep-norm holds each filter's norm fixed so that only directions change",
-            soft_wrap=True,
         )
     for r in result.layers:
         for note in r.notes:
-            console.print(f"[dim]note[/] {markup(r.name)}: {markup(note)}", soft_wrap=True)
+            print_note(console, r.name, note)
 
 
 def _neg(v: float | None) -> float | None:

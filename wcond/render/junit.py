@@ -45,6 +45,12 @@ _HEADLINE = (
 )
 
 
+def _failure(case: ET.Element, message: str, text: str) -> None:
+    """A tripped gate under a testcase: its one-line message and the exact values, escaped."""
+    failure = ET.SubElement(case, "failure", type="wcond.gate", message=xml_text(message))
+    failure.text = xml_text(text)
+
+
 def _headline(r: LayerReport) -> str:
     return f"{xml_text(r.name)} ({r.kind} {fmt_shape(r.shape)}): " + ", ".join(
         f"{m} {fmt_number(r.value(m))}" for m in _HEADLINE
@@ -82,14 +88,10 @@ def to_junit(report: Report) -> str:
                 if (r.name, expr) in tripped:
                     failures += 1
                     v = fmt_number(tripped[(r.name, expr)])
-                    failure = ET.SubElement(
+                    _failure(
                         case,
-                        "failure",
-                        type="wcond.gate",
-                        message=xml_text(f"{gate.metric} = {v} trips {expr}"),
-                    )
-                    failure.text = xml_text(
-                        f"{r.name}: {gate.metric} = {_exact(tripped[(r.name, expr)])}, gate {expr}"
+                        f"{gate.metric} = {v} trips {expr}",
+                        f"{r.name}: {gate.metric} = {_exact(tripped[(r.name, expr)])}, gate {expr}",
                     )
                 elif value is None or value != value:
                     skipped += 1
@@ -140,14 +142,10 @@ def trend_to_junit(t: TrendReport) -> str:
             if g is not None and not g.passed:
                 failures += 1
                 where = ", ".join(f"{v.layer} = {fmt_number(v.value)}" for v in g.violations)
-                failure = ET.SubElement(
+                _failure(
                     case,
-                    "failure",
-                    type="wcond.gate",
-                    message=xml_text(f"{len(g.violations)} layers trip {g.expr}: {where}"),
-                )
-                failure.text = xml_text(
-                    "\n".join(f"{v.layer}: {_exact(v.value)}" for v in g.violations)
+                    f"{len(g.violations)} layers trip {g.expr}: {where}",
+                    "\n".join(f"{v.layer}: {_exact(v.value)}" for v in g.violations),
                 )
             s = r.summary
             ET.SubElement(case, "system-out").text = xml_text(

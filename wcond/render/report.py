@@ -9,9 +9,22 @@ from collections.abc import Callable
 from rich.console import Console
 from rich.text import Text
 
-from wcond.render.text import fmt_number, fmt_shape, print_layer_table, ratio
+from wcond.render.text import (
+    Keep,
+    fmt_number,
+    fmt_shape,
+    keep_name,
+    listed,
+    path_title,
+    print_hidden,
+    print_layer_table,
+    print_note,
+    print_prose,
+    ratio,
+    violation_parts,
+)
 from wcond.report import METRIC_ALIASES, NUMERIC_FIELDS, LayerReport, Report
-from wcond.text import csv_cell, markup, md_cell, md_code, md_text
+from wcond.text import csv_cell, md_cell, md_code, md_text
 
 __all__ = ["fmt_number", "render_table", "to_csv", "to_markdown"]
 
@@ -83,7 +96,7 @@ def render_table(report: Report, console: Console) -> None:
             cells[header].append(Text(_cell(r, value), style=style))
     hidden = print_layer_table(
         console,
-        f"wcond inspect: {report.checkpoint}",
+        path_title(console, "wcond inspect: ", report.checkpoint),
         [r.name for r in report.layers],
         cells,
         _DROP_ORDER,
@@ -91,26 +104,26 @@ def render_table(report: Report, console: Console) -> None:
         left=("shape",),
     )
     shown = [h for h in cells if h not in hidden]
-    legend = "  ".join(f"{h}: {_LEGEND[h]}" for h in shown if h in _LEGEND)
-    console.print(f"[dim]{legend}[/]")
-    if hidden:
-        console.print(
-            f"[dim]hidden at this width: {', '.join(hidden)} (widen the terminal, or use -f json)[/]"
-        )
+    # Each "label: meaning" kept on one line; two spaces between them.
+    legend = [Keep(f"{h}: {_LEGEND[h]}") for h in shown if h in _LEGEND]
+    print_prose(console, *[p for k in legend for p in ("  ", k)][1:], style="dim")
+    print_hidden(console, hidden)
     _print_summary(report, console)
 
 
 def _print_summary(report: Report, console: Console) -> None:
     s = report.summary
-    console.print(
-        f"[bold]{s.layers}[/] layers, {s.params:,} parameters analyzed ({s.skipped_tensors} other tensors skipped); "
-        f"near-parallel pairs: {s.near_parallel_rows} rows, {s.near_parallel_cols} cols; dead rows: {s.dead_rows}",
-        soft_wrap=True,
+    print_prose(
+        console,
+        Text(str(s.layers), style="bold"),
+        f" layers, {s.params:,} parameters analyzed ({s.skipped_tensors} other tensors skipped); "
+        f"near-parallel pairs: {s.near_parallel_rows} rows, {s.near_parallel_cols} cols; "
+        f"dead rows: {s.dead_rows}",
     )
-    console.print(
+    print_prose(
+        console,
         f"totals: acv_sum {fmt_number(s.acv_sum)}, conv_similarity {fmt_number(s.conv_similarity)}, "
         f"norm_loss {fmt_number(s.norm_loss)}",
-        soft_wrap=True,
     )
     labels = {
         "acv_mean": "highest acv_mean",
@@ -120,35 +133,17 @@ def _print_summary(report: Report, console: Console) -> None:
     }
     for key, label in labels.items():
         if s.worst.get(key):
-            console.print(
-                f"{label}: " + ", ".join(markup(n) for n in s.worst[key][:3]),
-                highlight=False,
-                soft_wrap=True,
-            )
+            print_prose(console, f"{label}: ", *listed(s.worst[key][:3]))
     for r in report.layers:
         for note in r.notes:
-            console.print(
-                f"[dim]note[/] {markup(r.name)}: {markup(note)}", highlight=False, soft_wrap=True
-            )
+            print_note(console, r.name, note)
     for key, why in s.skipped.items():
-        console.print(
-            f"[dim]skipped[/] {markup(key)}: {markup(why)}",
-            highlight=False,
-            soft_wrap=True,
-        )
+        print_note(console, key, why, "skipped")
     for g in report.gates:
         if g.passed:
-            console.print(f"[green]PASS[/] {markup(g.expr)}", highlight=False, soft_wrap=True)
+            print_prose(console, Text("PASS", style="green"), " ", keep_name(g.expr))
         else:
-            names = ", ".join(
-                f"{markup(v.layer)} ({fmt_number(v.value)})" for v in g.violations[:10]
-            )
-            more = f" and {len(g.violations) - 10} more" if len(g.violations) > 10 else ""
-            console.print(
-                f"[bold red]FAIL[/] {markup(g.expr)}: {names}{more}",
-                highlight=False,
-                soft_wrap=True,
-            )
+            print_prose(console, Text("FAIL", style="bold red"), " ", *violation_parts(g))
 
 
 def to_markdown(report: Report) -> str:

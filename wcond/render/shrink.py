@@ -6,9 +6,22 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
 from rich.console import Console
+from rich.text import Text
 
-from wcond.render.text import fmt_number, fmt_shape, print_layer_table
-from wcond.text import markup
+from wcond.render.text import (
+    Keep,
+    Part,
+    fmt_number,
+    fmt_shape,
+    keep_name,
+    path_title,
+    print_hidden,
+    print_layer_table,
+    print_note,
+    print_prose,
+    short_path,
+)
+from wcond.text import one_line
 
 if TYPE_CHECKING:
     from wcond.shrink import FoldReport, ShrinkReport
@@ -19,6 +32,11 @@ T = TypeVar("T")
 
 # The columns that give way on a narrow console, least important first.
 _DROP_ORDER = ("max°", "shape", "error")
+_LEGEND = {
+    "∥r/c": "row/column pairs fused",
+    "error": "|W - P W' Q|/|W|",
+    "max°": "widest pair fused",
+}
 
 
 def _change(before: T, after: T, show: Callable[[T], str]) -> str:
@@ -28,7 +46,7 @@ def _change(before: T, after: T, show: Callable[[T], str]) -> str:
 
 def render_shrink(report: ShrinkReport, console: Console) -> None:
     """The terminal view of a ShrinkReport: one row per layer, then the totals."""
-    title = f"wcond shrink{' --fold' if report.mode == 'fold' else ''}: {report.checkpoint}"
+    prefix = f"wcond shrink{' --fold' if report.mode == 'fold' else ''}: "
     columns: dict[str, list[str]] = {h: [] for h in ("shape", "∥r/c", "params", "error", "max°")}
     for r in report.layers:
         columns["shape"].append(_change(r.shape_before, r.shape_after, fmt_shape))
@@ -38,44 +56,63 @@ def render_shrink(report: ShrinkReport, console: Console) -> None:
         columns["max°"].append(fmt_number(r.max_angle_deg, 3))
     hidden = print_layer_table(
         console,
-        title,
+        path_title(console, prefix, report.checkpoint),
         [r.name for r in report.layers],
         columns,
         _DROP_ORDER,
         row_styles=["bold" if r.changed else "dim" for r in report.layers],
     )
-    if hidden:
-        console.print(
-            f"[dim]hidden at this width: {', '.join(hidden)} (widen the terminal, or use -f json)[/]"
-        )
-    console.print(
-        "[dim]∥r/c: row/column pairs fused  error: |W - P W' Q|/|W|  max°: widest pair fused[/]"
-    )
-    console.print(
-        f"values of every tensor: {report.params_before:,} → {report.params_after:,} "
-        f"([bold]{report.params_removed:,}[/] removed, {report.percent_removed:.2f}%); "
-        f"tensor bytes: {report.bytes_before:,} → {report.bytes_after:,}",
-        soft_wrap=True,
+    print_hidden(console, hidden)
+    legend = [Keep(f"{h}: {_LEGEND[h]}") for h in columns if h in _LEGEND and h not in hidden]
+    print_prose(console, *_joined(legend, "  "), style="dim")
+    print_prose(
+        console,
+        "values of every tensor: ",
+        Keep(f"{report.params_before:,} → {report.params_after:,}"),
+        " (",
+        Text(f"{report.params_removed:,}", style="bold"),
+        f" removed, {report.percent_removed:.2f}%); tensor bytes: ",
+        Keep(f"{report.bytes_before:,} → {report.bytes_after:,}"),
     )
     if report.resolved:
-        chain = "; ".join(
-            f"{markup(k)} = {markup(' + '.join(v))}" for k, v in report.resolved.items()
-        )
-        console.print(f"chain: {chain}", soft_wrap=True)
+        # One module's tensors: "conv1 = conv1.weight + conv1.bias;", the names kept whole.
+        chain: list[Part] = ["chain:"]
+        for i, (k, v) in enumerate(report.resolved.items()):
+            last = ";" if i < len(report.resolved) - 1 else ""
+            # The module stays on the line of its first tensor ("bn1 = bn1.weight +"), and a
+            # line breaks after a "+", never before.
+            names = [one_line(x) for x in v]
+            names[0] = f"{one_line(k)} = {names[0]}"
+            names = [x + " +" for x in names[:-1]] + [names[-1] + last]
+            chain += [" ", *_joined([Keep(x) for x in names], " ")]
+        print_prose(console, *chain)
     if report.widths:
-        changed = ", ".join(f"{markup(k)} {a} → {b}" for k, (a, b) in report.widths.items())
-        console.print(
-            f"new widths (output units): {changed}; build the model with these to load the output",
-            soft_wrap=True,
+        changed: list[Part] = []
+        for i, (k, (a, b)) in enumerate(report.widths.items()):
+            comma = "," if i < len(report.widths) - 1 else ";"
+            changed += [" ", keep_name(k), f" {a} → {b}{comma}"]
+        print_prose(
+            console,
+            "new widths (output units):",
+            *changed,
+            " build the model with these to load the output",
         )
     for r in report.layers:
         for note in r.notes:
-            console.print(f"[dim]note[/] {markup(r.name)}: {markup(note)}", soft_wrap=True)
+            print_note(console, r.name, note)
     if report.output is None:
         console.print("dry run: nothing written")
     else:
-        console.print(f"wrote {markup(report.output)}", soft_wrap=True)
-    console.print(_file_bytes_line(report), soft_wrap=True)
+        print_prose(console, "wrote ", keep_name(report.output))
+    print_prose(console, _file_bytes_line(report))
+
+
+def _joined(parts: list[Keep], sep: str) -> list[Part]:
+    """``parts`` with ``sep`` between them (``a + b + c``); lines may break at its spaces."""
+    out: list[Part] = []
+    for i, p in enumerate(parts):
+        out += [sep, p] if i else [p]
+    return out
 
 
 def _file_bytes_line(report: ShrinkReport) -> str:
@@ -93,9 +130,9 @@ def _file_bytes_line(report: ShrinkReport) -> str:
 
 def render_fold(report: FoldReport, console: Console) -> None:
     """The terminal view of a FoldReport: the links folded, the new widths, what was left alone."""
-    title = f"wcond shrink --fold --model: {report.model}"
+    title: list[Part] = ["wcond shrink --fold --model: ", keep_name(report.model)]
     if report.checkpoint:
-        title += f" with {report.checkpoint}"
+        title += [" with ", Keep(short_path(report.checkpoint, console.width - 6))]
     columns: dict[str, list[str]] = {h: [] for h in ("shape", "∥units", "params", "error")}
     for r in report.layers:
         columns["shape"].append(_change(r.shape_before, r.shape_after, fmt_shape))
@@ -110,39 +147,45 @@ def render_fold(report: FoldReport, console: Console) -> None:
         ("shape", "error"),
         row_styles=["bold" if r.changed else "dim" for r in report.layers],
     )
-    if hidden:
-        console.print(
-            f"[dim]hidden at this width: {', '.join(hidden)} (widen the terminal, or use -f json)[/]"
-        )
-    console.print(
-        f"model parameters (buffers not counted): {report.params_before:,} → "
-        f"{report.params_after:,} ([bold]{report.params_removed:,}[/] removed, "
-        f"{report.percent_removed:.2f}%)",
-        soft_wrap=True,
+    print_hidden(console, hidden)
+    print_prose(
+        console,
+        "model parameters (buffers not counted): ",
+        Keep(f"{report.params_before:,} → {report.params_after:,}"),
+        " (",
+        Text(f"{report.params_removed:,}", style="bold"),
+        f" removed, {report.percent_removed:.2f}%)",
     )
     if report.constructor:
-        widths = "; ".join(
-            f"{markup(m)} " + ", ".join(f"{a} {b} → {c}" for a, (b, c) in attrs.items())
-            for m, attrs in report.constructor.items()
-        )
-        console.print(f"constructor widths: {widths}", soft_wrap=True)
+        # "conv1 out_channels 16 → 15; bn1 num_features 16 → 15": each change kept whole.
+        widths: list[Part] = ["constructor widths:"]
+        modules = list(report.constructor.items())
+        for i, (m, attrs) in enumerate(modules):
+            changes = list(attrs.items())
+            widths += [" ", keep_name(m)]
+            for k, (a, (b, c)) in enumerate(changes):
+                end = "," if k < len(changes) - 1 else ";" if i < len(modules) - 1 else ""
+                widths += [" ", Keep(f"{one_line(a)} {b} → {c}{end}")]
+        print_prose(console, *widths)
     else:
         console.print("constructor widths: unchanged (no positively parallel units found)")
     if report.left_alone:
-        alone = "; ".join(f"{markup(m)} ({markup(why)})" for m, why in report.left_alone.items())
-        console.print(f"left alone: {alone}", soft_wrap=True)
+        alone: list[Part] = ["left alone:"]
+        for i, (m, why) in enumerate(report.left_alone.items()):
+            end = ";" if i < len(report.left_alone) - 1 else ""
+            alone += [" ", keep_name(m), f" ({one_line(why)}){end}"]
+        print_prose(console, *alone)
     if report.max_abs_diff is not None:
-        console.print(
+        print_prose(
+            console,
             f"max |Δ output| on a random input of shape {report.input_shape}: "
             f"{fmt_number(report.max_abs_diff, 3)}",
-            soft_wrap=True,
         )
     if report.output is None:
         console.print("dry run: nothing written")
     else:
-        console.print(f"wrote {markup(report.output)}", soft_wrap=True)
+        print_prose(console, "wrote ", keep_name(report.output))
         if report.file_bytes_after is not None:
-            console.print(
-                f"file bytes: {report.file_bytes_before:,} → {report.file_bytes_after:,}",
-                soft_wrap=True,
+            print_prose(
+                console, f"file bytes: {report.file_bytes_before:,} → {report.file_bytes_after:,}"
             )

@@ -9,12 +9,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rich import box
 from rich.console import Console
-from rich.table import Table
 from rich.text import Text
 
-from wcond.render.text import fmt_number
+from wcond.render.text import (
+    Keep,
+    fmt_number,
+    print_hidden,
+    print_layer_table,
+    print_prose,
+    violation_parts,
+)
 from wcond.report import METRIC_LABELS, NUMERIC_FIELDS, TREND_METRICS
 from wcond.text import csv_cell, md_cell, md_code, one_line
 
@@ -67,87 +72,76 @@ def _ordered_layers(t: TrendReport, metrics: Sequence[str]) -> list[str]:
     return sorted(names, key=lambda n: -t.movement(n, metrics))
 
 
+# The columns that give way on a narrow console, least important first.
+_CK_DROP_ORDER = ("layers", "step", "∥r/c", "acv_sum", "norm_loss")
+
+
 def render_trend_table(
     t: TrendReport, console: Console, metrics: Sequence[str] = TREND_METRICS
 ) -> None:
     """Per checkpoint one summary line, then per layer each metric first→last with a sparkline."""
     steps = [s for s in t.steps if s is not None]
     span = f", {t.x_label} {t.x[0]} → {t.x[-1]}" if t.x_label == "step" and steps else ""
-    ck_table = Table(
-        title=f"wcond inspect: {len(t.reports)} checkpoints{span}",
-        title_justify="left",
-        header_style="bold",
-        box=box.SIMPLE_HEAD,
-        padding=(0, 0, 0, 1),
-        pad_edge=False,
-    )
-    for h in ("checkpoint", "step", "layers", "acv_sum", "cs", "norm_loss", "∥r/c", "gates"):
-        ck_table.add_column(h, justify="left" if h == "checkpoint" else "right", overflow="fold")
+    columns: dict[str, list[Text]] = {
+        h: [] for h in ("step", "layers", "acv_sum", "cs", "norm_loss", "∥r/c", "gates")
+    }
     for r, step in zip(t.reports, t.steps):
         s = r.summary
-        verdict = (
+        columns["step"].append(Text("-" if step is None else str(step)))
+        columns["layers"].append(Text(str(s.layers)))
+        columns["acv_sum"].append(Text(fmt_number(s.acv_sum)))
+        columns["cs"].append(Text(fmt_number(s.conv_similarity)))
+        columns["norm_loss"].append(Text(fmt_number(s.norm_loss)))
+        columns["∥r/c"].append(Text(f"{s.near_parallel_rows}/{s.near_parallel_cols}"))
+        columns["gates"].append(
             Text("FAIL", style="bold red")
             if r.failed
             else Text("PASS", style="green")
             if r.gates
             else Text("-")
         )
-        ck_table.add_row(
-            Text(_label(r.checkpoint)),
-            Text("-" if step is None else str(step)),
-            Text(str(s.layers)),
-            Text(fmt_number(s.acv_sum)),
-            Text(fmt_number(s.conv_similarity)),
-            Text(fmt_number(s.norm_loss)),
-            Text(f"{s.near_parallel_rows}/{s.near_parallel_cols}"),
-            verdict,
-        )
-    console.print(ck_table)
+    hidden = print_layer_table(
+        console,
+        [f"wcond inspect: {len(t.reports)} checkpoints{span}"],
+        [_label(r.checkpoint) for r in t.reports],
+        columns,
+        _CK_DROP_ORDER,
+        name_header="checkpoint",
+    )
+    print_hidden(console, hidden)
 
     order = _ordered_layers(t, metrics)
     cells = {
-        m: [
+        _SHORT.get(m, m): [
             Text(_first_last(t.trend[n][m]) + " ").append(sparkline(t.trend[n][m]), style="cyan")
             for n in order
         ]
         for m in metrics
     }
-    widths = {m: max([len(_SHORT.get(m, m))] + [c.cell_len for c in cells[m]]) + 1 for m in metrics}
-    name_width = min(28, max([5] + [len(one_line(n)) for n in order])) + 1
-    shown = list(metrics)
-    while len(shown) > 1 and name_width + sum(widths[m] for m in shown) + 1 > console.width:
-        shown.pop()  # the least important metric gives way on a narrow terminal
-    layer_table = Table(
-        header_style="bold", box=box.SIMPLE_HEAD, padding=(0, 0, 0, 1), pad_edge=False
+    # The least important metric (the last) gives way first; the first always stays.
+    drop = [_SHORT.get(m, m) for m in reversed(metrics[1:])]
+    hidden_labels = print_layer_table(console, None, order, cells, drop)
+    shown = [m for m in metrics if _SHORT.get(m, m) not in hidden_labels]
+    legend = [Keep(f"{_SHORT.get(m, m)}: {m}") for m in shown]
+    print_prose(
+        console,
+        "first→last checkpoint, then one bar per checkpoint (min to max of the row); layers "
+        "that moved most first.",
+        *[p for k in legend for p in ("  ", k)],
+        style="dim",
     )
-    layer_table.add_column("layer", overflow="fold", min_width=12, max_width=28)
-    for m in shown:
-        layer_table.add_column(_SHORT.get(m, m), justify="right", no_wrap=True)
-    for i, name in enumerate(order):
-        layer_table.add_row(Text(one_line(name)), *(cells[m][i] for m in shown))
-    console.print(layer_table)
-    legend = "  ".join(f"{_SHORT.get(m, m)}: {m}" for m in shown)
-    hidden = [m for m in metrics if m not in shown]
-    console.print(
-        Text(
-            "first→last checkpoint, then one bar per checkpoint (min to max of the row); layers "
-            f"that moved most first.  {legend}"
-            + (f"  hidden at this width: {', '.join(hidden)} (-f json has all)" if hidden else ""),
-            style="dim",
-        ),
-        soft_wrap=True,
-    )
+    print_hidden(console, [m for m in metrics if m not in shown])
     for r in t.reports:
         for g in r.gates:
-            if g.passed:
-                continue
-            names = ", ".join(
-                f"{one_line(v.layer)} ({fmt_number(v.value)})" for v in g.violations[:10]
-            )
-            more = f" and {len(g.violations) - 10} more" if len(g.violations) > 10 else ""
-            line = Text("FAIL ", style="bold red")
-            line.append(f"{_label(r.checkpoint)}: {one_line(g.expr)}: {names}{more}")
-            console.print(line, soft_wrap=True)
+            if not g.passed:
+                print_prose(
+                    console,
+                    Text("FAIL", style="bold red"),
+                    " ",
+                    Keep(_label(r.checkpoint) + ":"),
+                    " ",
+                    *violation_parts(g),
+                )
     gated = [r for r in t.reports if r.gates]
     if gated:
         failed = sum(1 for r in gated if r.failed)
