@@ -89,6 +89,12 @@ def _same(got: list[str], want: list[str]) -> bool:
     return True
 
 
+def _keep_seconds(now: str, shown: str) -> str:
+    """`now` with the wall times `shown` gives, in order: a regenerated page keeps its timings."""
+    times = iter(_SECONDS.findall(shown))
+    return _SECONDS.sub(lambda s: next(times, s.group(0)), now)
+
+
 def test_the_shown_outputs_are_found() -> None:
     """The README's Try it and its CI gate, and the command reference's examples, are all checked."""
     assert len(shown_outputs()) >= 2, "the README's output blocks were not found"
@@ -96,12 +102,15 @@ def test_the_shown_outputs_are_found() -> None:
 
 
 @pytest.mark.parametrize("page", PAGES_WITH_OUTPUT, ids=[_name(p) for p in PAGES_WITH_OUTPUT])
-def test_shown_output_is_real(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_shown_output_is_real(
+    page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, update_golden: bool
+) -> None:
     """Each block showing `$ wcond ...` and its output matches what that command prints today.
 
     A page's commands run in order in a scratch copy of sample_checkpoints/ (a later block reads
     what an earlier one wrote), on the CPU, in a 100-column console, in this process (one torch
     import). The output compared is stdout and stderr together, as a terminal shows them.
+    `--update-golden` rewrites the page's blocks with what the commands print now.
     """
     import torch
     from typer.testing import CliRunner
@@ -114,13 +123,26 @@ def test_shown_output_is_real(page: Path, tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # --device auto: the CPU
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     runner = CliRunner()
-    for command, output in shown_outputs(page):
+    text = _text(page)
+    fresh = []  # (start, end, output now) of each block's output
+    for m in _COMMAND_OUTPUT.finditer(text):
+        command, output = m.group(1), m.group(2)
         result = runner.invoke(app, shlex.split(command)[1:], prog_name="wcond")
         got = _normal(result.output)
         want = _normal(output)
-        if not _same(got, want):
+        if update_golden and not _same(got, want):
+            now = "\n".join(line.rstrip() for line in result.output.strip("\n").splitlines())
+            fresh.append((m.start(2), m.end(2), _keep_seconds(now, output) + "\n"))
+        elif not _same(got, want):
             delta = "\n".join(difflib.unified_diff(want, got, _name(page), "now", lineterm=""))
-            pytest.fail(f"{_name(page)}: output of `{command}` is not what it prints:\n{delta}")
+            pytest.fail(
+                f"{_name(page)}: output of `{command}` is not what it prints (rerun with"
+                f" --update-golden if intended):\n{delta}"
+            )
+    for start, end, now in reversed(fresh):
+        text = text[:start] + now + text[end:]
+    if fresh:
+        page.write_text(text, encoding="utf-8")
 
 
 # --------------------------------------------------------------------------- links
