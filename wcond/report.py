@@ -5,16 +5,29 @@
 
 from __future__ import annotations
 
+import difflib
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from wcond.errors import UsageError
 from wcond.gates import GateResult
 
 if TYPE_CHECKING:
     from wcond.metrics import Pair
 
-__all__ = ["NUMERIC_FIELDS", "TREND_METRICS", "LayerReport", "Report", "Summary", "finite"]
+__all__ = [
+    "METRIC_ALIASES",
+    "NUMERIC_FIELDS",
+    "TREND_METRICS",
+    "LayerReport",
+    "Report",
+    "Summary",
+    "finite",
+    "resolve_metric",
+    "resolve_metrics",
+]
 
 # Keys of LayerReport that hold one number each: the ones gates and diffs can name.
 # Columns describing a layer in a DataFrame, before its metrics.
@@ -39,10 +52,12 @@ NUMERIC_FIELDS = (
 )
 # Metrics the trend table shows by default (JSON and CSV carry every NUMERIC_FIELDS entry).
 TREND_METRICS = ("acv_mean", "conv_similarity_norm", "norm_dev_max", "rare_rows")
-# The terminal table's short column labels, accepted wherever a metric is named (gates): each
-# stands for exactly one of NUMERIC_FIELDS, which reports always show.
+# The terminal table's short column labels, accepted wherever a metric is named (gates, the
+# monitor, trend metrics; through resolve_metric): each stands for exactly one of NUMERIC_FIELDS,
+# the name every report shows (JSON keys, CSV/Markdown/HTML headers, pandas columns).
 METRIC_ALIASES = {
     "acv": "acv_mean",
+    "cs": "conv_similarity",
     "cs_n": "conv_similarity_norm",
     "normdev": "norm_dev_max",
     "rare_r": "rare_rows",
@@ -51,6 +66,51 @@ METRIC_ALIASES = {
 }
 # Each aliased metric's label, the other way round.
 METRIC_LABELS = {field: alias for alias, field in METRIC_ALIASES.items()}
+# Table columns that show two metrics at once (a ratio, a pair of counts): label -> what they are.
+# Not metrics, so not accepted by gates; the legends spell them out.
+DERIVED_LABELS = {
+    "acv/fl": "acv_sum / acv_floor",
+    "cs/fl": "conv_similarity / conv_similarity_floor",
+    "∥r/c": "near_parallel_rows / near_parallel_cols",
+}
+
+
+def resolve_metric(name: str) -> str:
+    """The canonical metric name (one of NUMERIC_FIELDS) for a name or a table label.
+
+    The one place where what a user types becomes a metric: gates, the monitor's ``metrics=``
+    and the trend's metrics all go through it.
+
+    Raises:
+        UsageError: naming the metrics and labels there are, and the closest one.
+
+    Example:
+        >>> resolve_metric("cs_n"), resolve_metric("rare_rows")
+        ('conv_similarity_norm', 'rare_rows')
+    """
+    if name in NUMERIC_FIELDS:
+        return name
+    if name in METRIC_ALIASES:
+        return METRIC_ALIASES[name]
+    close = difflib.get_close_matches(name, [*NUMERIC_FIELDS, *METRIC_ALIASES], n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise UsageError(
+        f"unknown metric {name!r}{hint}; one of: {', '.join(NUMERIC_FIELDS)} "
+        f"(or the table's labels {', '.join(METRIC_ALIASES)})"
+    )
+
+
+def resolve_metrics(names: str | Sequence[str]) -> tuple[str, ...]:
+    """:func:`resolve_metric` of each name (a single string is one name), in order, repeats dropped."""
+    names = (names,) if isinstance(names, str) else tuple(names)
+    return tuple(dict.fromkeys(resolve_metric(n) for n in names))
+
+
+def metric_label(name: str) -> str:
+    """The terminal table's label of a metric, or its name where it has none."""
+    return METRIC_LABELS.get(name, name)
+
+
 # The metrics that count things (integers), as opposed to measuring them.
 COUNT_FIELDS = frozenset(
     ("near_parallel_rows", "near_parallel_cols", "dead_rows", "dead_cols", "nonfinite", "params")
