@@ -14,8 +14,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from wcond.render.report import legend_line, markdown_legend
 from wcond.render.text import fmt_number
-from wcond.report import METRIC_LABELS, NUMERIC_FIELDS, TREND_METRICS
+from wcond.report import NUMERIC_FIELDS, TREND_METRICS, metric_label, resolve_metrics
 from wcond.text import csv_cell, md_cell, md_code, one_line
 
 if TYPE_CHECKING:
@@ -26,7 +27,6 @@ __all__ = ["render_trend_table", "sparkline", "trend_csv", "trend_markdown"]
 _BARS = "▁▂▃▄▅▆▇█"
 _SPARK_MAX = 24
 _FLAT = 1e-4  # relative spread under which a row of values counts as constant
-_SHORT = {**METRIC_LABELS, "near_parallel_rows": "∥rows", "near_parallel_cols": "∥cols"}
 
 
 def sparkline(values: Sequence[float | None], width: int = _SPARK_MAX) -> str:
@@ -70,7 +70,11 @@ def _ordered_layers(t: TrendReport, metrics: Sequence[str]) -> list[str]:
 def render_trend_table(
     t: TrendReport, console: Console, metrics: Sequence[str] = TREND_METRICS
 ) -> None:
-    """Per checkpoint one summary line, then per layer each metric first→last with a sparkline."""
+    """Per checkpoint one summary line, then per layer each metric first→last with a sparkline.
+
+    ``metrics``: names or table labels (:func:`wcond.report.resolve_metric`).
+    """
+    metrics = resolve_metrics(metrics)
     steps = [s for s in t.steps if s is not None]
     span = f", {t.x_label} {t.x[0]} → {t.x[-1]}" if t.x_label == "step" and steps else ""
     ck_table = Table(
@@ -112,7 +116,7 @@ def render_trend_table(
         ]
         for m in metrics
     }
-    widths = {m: max([len(_SHORT.get(m, m))] + [c.cell_len for c in cells[m]]) + 1 for m in metrics}
+    widths = {m: max([len(metric_label(m))] + [c.cell_len for c in cells[m]]) + 1 for m in metrics}
     name_width = min(28, max([5] + [len(one_line(n)) for n in order])) + 1
     shown = list(metrics)
     while len(shown) > 1 and name_width + sum(widths[m] for m in shown) + 1 > console.width:
@@ -122,11 +126,11 @@ def render_trend_table(
     )
     layer_table.add_column("layer", overflow="fold", min_width=12, max_width=28)
     for m in shown:
-        layer_table.add_column(_SHORT.get(m, m), justify="right", no_wrap=True)
+        layer_table.add_column(metric_label(m), justify="right", no_wrap=True)
     for i, name in enumerate(order):
         layer_table.add_row(Text(one_line(name)), *(cells[m][i] for m in shown))
     console.print(layer_table)
-    legend = "  ".join(f"{_SHORT.get(m, m)}: {m}" for m in shown)
+    legend = legend_line([metric_label(m) for m in shown])
     hidden = [m for m in metrics if m not in shown]
     console.print(
         Text(
@@ -176,6 +180,7 @@ def trend_csv(t: TrendReport) -> str:
 
 def trend_markdown(t: TrendReport, metrics: Sequence[str] = TREND_METRICS) -> str:
     """Markdown for a CI summary: one line per checkpoint, then each layer's metrics first→last."""
+    metrics = resolve_metrics(metrics)
 
     def code(s: str) -> str:
         return md_cell(md_code(s))
@@ -195,4 +200,5 @@ def trend_markdown(t: TrendReport, metrics: Sequence[str] = TREND_METRICS) -> st
     for name in _ordered_layers(t, metrics):
         cells = [_first_last(t.trend[name][m]) for m in metrics]
         out.append(f"| {code(name)} | " + " | ".join(cells) + " |")
+    out += ["", markdown_legend([metric_label(m) for m in metrics])]
     return "\n".join(out) + "\n"
