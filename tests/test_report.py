@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -18,6 +21,8 @@ from wcond.report import (
     resolve_metric,
     resolve_metrics,
 )
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_every_name_resolves_to_itself_and_every_label_to_its_metric() -> None:
@@ -94,3 +99,12 @@ def test_html_says_the_full_name_and_has_a_legend() -> None:
     assert "cs_norm" not in page.replace("conv_similarity_norm", "")
     assert '<dl class="legend" id="legend">' in page
     assert "<dt><code>conv_similarity_norm</code> (table: <code>cs_n</code>)</dt>" in page
+
+
+def test_docs_numbers_covers_every_metric_with_the_guides_range() -> None:
+    """docs/NUMBERS.md and `inspect --explain` say the same: each metric, and its measured range."""
+    text = (ROOT / "docs" / "NUMBERS.md").read_text(encoding="utf-8")
+    for name, g in METRIC_GUIDE.items():
+        section = re.search(rf"^### `{name}`.*?(?=^### |\Z)", text, flags=re.S | re.M)
+        assert section, f"docs/NUMBERS.md has no section for {name}"
+        assert g.measured in section.group(0), f"{name}: {g.measured!r} not in its section"

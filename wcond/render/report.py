@@ -9,6 +9,7 @@ from collections.abc import Callable
 from rich.console import Console
 from rich.text import Text
 
+from wcond.explain import what_next
 from wcond.render.text import fmt_number, fmt_shape, print_layer_table, ratio
 from wcond.report import (
     DERIVED_LABELS,
@@ -98,6 +99,9 @@ def render_table(report: Report, console: Console) -> None:
             f"[dim]hidden at this width: {', '.join(hidden)} (widen the terminal, or use -f json)[/]"
         )
     _print_summary(report, console)
+    hint = what_next(report, console.width)
+    if hint:
+        console.print(Text(hint, style="dim"))
 
 
 def legend_line(headers: list[str]) -> str:

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from wcond.explain import what_next_trend
 from wcond.render.report import legend_line, markdown_legend
 from wcond.render.text import fmt_number
 from wcond.report import NUMERIC_FIELDS, TREND_METRICS, metric_label, resolve_metrics
@@ -153,6 +154,7 @@ def render_trend_table(
             line.append(f"{_label(r.checkpoint)}: {one_line(g.expr)}: {names}{more}")
             console.print(line, soft_wrap=True)
     gated = [r for r in t.reports if r.gates]
+    hint = what_next_trend(t.reports, t.trend, console.width)
     if gated:
         failed = sum(1 for r in gated if r.failed)
         console.print(
@@ -161,6 +163,8 @@ def render_trend_table(
                 style="bold red" if failed else "green",
             )
         )
+    if hint:
+        console.print(Text(hint, style="dim"))
 
 
 def trend_csv(t: TrendReport) -> str:
