@@ -465,4 +465,6 @@ def test_the_tables_labels_name_metrics_in_gates(pt_file: Path, tmp_path: Path) 
     cfg.write_text('fail-if = ["cs_n>100"]\n', encoding="utf-8")
     assert run("inspect", pt_file, "--config", cfg).exit_code == 0
     bad = run("inspect", pt_file, "--fail-if", "acvx>1")
-    assert bad.exit_code == 2 and "(or the table's labels acv, cs_n, normdev" in bad.stderr
+    assert bad.exit_code == 2
+    assert "unknown metric 'acvx' (did you mean 'acv'?)" in bad.stderr
+    assert "(or the table's labels acv, cs, cs_n, normdev" in bad.stderr

@@ -57,13 +57,26 @@ def test_layer_globs_and_bad_arguments() -> None:
     mon = WeightMonitor(metrics="norm_loss", layers="2.*")
     assert list(mon.compute(_net())) == ["wcond/norm_loss/2.weight"]
     with pytest.raises(
-        wcond.UsageError, match="metrics=\\['acv'\\]: choose from acv_sum, acv_mean"
+        wcond.UsageError,
+        match="metrics=\\['acv_man'\\]: unknown metric 'acv_man' \\(did you mean 'acv_mean'\\?\\); "
+        "one of: acv_sum, acv_mean",
     ):
-        WeightMonitor(metrics=["acv"])
+        WeightMonitor(metrics=["acv_man"])
+    with pytest.raises(wcond.UsageError, match="metrics=\\[\\]: choose from acv_sum, acv_mean"):
+        WeightMonitor(metrics=[])
     with pytest.raises(wcond.UsageError, match="every_n_steps=0: must be at least 1"):
         WeightMonitor(every_n_steps=0)
     with pytest.raises(wcond.UsageError, match="no weight matches layers=\\['nothing\\*'\\]"):
         WeightMonitor(layers="nothing*").compute(_net())
+
+
+def test_the_table_labels_name_metrics_and_values_are_logged_by_full_name() -> None:
+    mon = WeightMonitor(metrics=["acv", "cs_n", "acv_mean"], layers="2.*")
+    assert mon.metrics == ("acv_mean", "conv_similarity_norm")
+    assert sorted(mon.compute(_net())) == [
+        "wcond/acv_mean/2.weight",
+        "wcond/conv_similarity_norm/2.weight",
+    ]
 
 
 def test_step_returns_a_dict_only_when_due() -> None:

@@ -111,7 +111,7 @@ def demo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_inspect_shows_the_planted_near_parallel_pairs(demo: Path) -> None:
     result = runner.invoke(app, ["inspect", DEMO], env=WIDE)
     assert result.exit_code == 0, result.output
-    assert "near-parallel pairs: 32 rows, 16 cols" in result.stdout
+    assert "near-parallel pairs: 32 rows, 16 cols" in " ".join(result.stdout.split())  # wrapped
     rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[4:7]}
     assert rows["fc1.weight"][-2:] == ["16/0", "0"] and rows["fc2.weight"][-2:] == ["16/16", "0"]
     assert rows["fc3.weight"][-2:] == ["0/0", "0"]

@@ -36,7 +36,7 @@ from wcond.layers import (
     selected,
     skip_note,
 )
-from wcond.report import METRIC_ALIASES, NUMERIC_FIELDS, LayerReport, Report, Summary
+from wcond.report import NUMERIC_FIELDS, LayerReport, Report, Summary, resolve_metric
 
 # What inspect reads: a path (file, directory, DCP directory, Hub repo id), an opened
 # Checkpoint, a state dict, or an nn.Module.
@@ -349,9 +349,7 @@ def inspect_many(
     Example:
         >>> first, last = wcond.inspect_many(["run/step_1000.pt", "run/step_9000.pt"])
     """
-    gates = [
-        g if isinstance(g, Gate) else Gate.parse(g, NUMERIC_FIELDS, METRIC_ALIASES) for g in fail_if
-    ]
+    gates = [g if isinstance(g, Gate) else Gate.parse(g, resolve_metric) for g in fail_if]
     selection: dict[str, Any] = {"layers": layers, "exclude": exclude, "groups": groups}
     plans = [_plan(source, **selection) for source in sources]
     if engine is None or engine.name == "local":

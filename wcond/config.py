@@ -31,7 +31,7 @@ from typing import Any
 from wcond.defaults import DEVICES, INSPECT_FORMATS, MAX_TOP
 from wcond.errors import UsageError
 from wcond.gates import Gate
-from wcond.report import METRIC_ALIASES, NUMERIC_FIELDS
+from wcond.report import resolve_metric
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -173,7 +173,7 @@ def _check(table: Mapping[str, Any], where: str) -> dict[str, Any]:
         if key == "fail-if":
             for expr in value:
                 try:
-                    Gate.parse(expr, NUMERIC_FIELDS, METRIC_ALIASES)
+                    Gate.parse(expr, resolve_metric)
                 except UsageError as e:
                     raise UsageError(f"{where}: fail-if: {str(e).removeprefix('fail_if=')}") from e
         values[key.replace("-", "_")] = value

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import operator
 import re
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -42,15 +42,11 @@ class Gate:
     threshold: float
 
     @classmethod
-    def parse(
-        cls,
-        expr: str,
-        metrics: Collection[str] | None = None,
-        aliases: Mapping[str, str] | None = None,
-    ) -> Gate:
-        """Parse ``expr``; with ``metrics``, the metric must be one of them or one of ``aliases``.
+    def parse(cls, expr: str, resolve: Callable[[str], str] | None = None) -> Gate:
+        """Parse ``expr``; ``resolve`` turns the metric as written into its canonical name.
 
-        An alias is replaced by the metric it stands for (``acv>0.3`` is ``acv_mean>0.3``).
+        With :func:`wcond.report.resolve_metric`, a table label is replaced by the metric it
+        stands for (``acv>0.3`` is ``acv_mean>0.3``) and an unknown name is refused.
         """
         m = _EXPR.match(expr)
         if not m:
@@ -60,13 +56,11 @@ class Gate:
                 params=("fail_if",),
             )
         metric, op, number = m.groups()
-        metric = (aliases or {}).get(metric, metric)
-        if metrics is not None and metric not in metrics:
-            also = f" (or the table's labels {', '.join(aliases)})" if aliases else ""
-            raise UsageError(
-                f"fail_if={expr!r}: unknown metric {metric!r}; one of: {', '.join(metrics)}{also}",
-                params=("fail_if",),
-            )
+        if resolve is not None:
+            try:
+                metric = resolve(metric)
+            except UsageError as e:
+                raise UsageError(f"fail_if={expr!r}: {e}", params=("fail_if",)) from e
         threshold = float(number)
         if math.isinf(threshold):  # reported metrics are finite or null: such a gate is constant
             raise UsageError(

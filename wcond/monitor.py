@@ -32,6 +32,7 @@ from wcond.defaults import TAU_COS, TAU_EUC
 from wcond.errors import UsageError
 from wcond.layers import find_layers
 from wcond.lightning_import import import_lightning
+from wcond.report import resolve_metrics
 
 # WeightMetrics (the Lightning callback) is public too, but built on first access: not in
 # __all__, so that `import *` does not need Lightning.
@@ -48,7 +49,8 @@ class WeightMonitor:
 
     Args:
         every_n_steps: :meth:`step` computes and logs when ``step % every_n_steps == 0``.
-        metrics: names from `wcond inspect` (its JSON keys), e.g. "acv_mean", "conv_similarity".
+        metrics: names from `wcond inspect` (its JSON keys), e.g. "acv_mean", "conv_similarity",
+            or the table's labels ("acv", "cs_n"); values are logged under the full name.
         layers, exclude: globs on weight keys (a string or a list), as inspect's ``layers=``.
         tau_cos, tau_euc: near-parallel thresholds, for the near_parallel_* counts.
         prefix: prepended to every logged name.
@@ -66,10 +68,13 @@ class WeightMonitor:
     ):
         if every_n_steps < 1:
             raise UsageError(f"every_n_steps={every_n_steps}: must be at least 1")
-        metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
-        unknown = [m for m in metrics if m not in NUMERIC_FIELDS]
-        if unknown or not metrics:
-            raise UsageError(f"metrics={list(metrics)!r}: choose from {', '.join(NUMERIC_FIELDS)}")
+        given = [metrics] if isinstance(metrics, str) else list(metrics)
+        if not given:
+            raise UsageError(f"metrics=[]: choose from {', '.join(NUMERIC_FIELDS)}")
+        try:
+            metrics = resolve_metrics(given)  # the table's labels ("acv", "cs_n") work too
+        except UsageError as e:
+            raise UsageError(f"metrics={given!r}: {e}") from e
         self.every_n_steps = every_n_steps
         self.metrics = metrics
         self.layers = (layers,) if isinstance(layers, str) else tuple(layers)

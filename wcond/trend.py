@@ -20,7 +20,13 @@ from wcond.checkpoint.source import expand_paths  # re-exported: trend() takes i
 from wcond.defaults import ProgressFn
 from wcond.engine import Engine
 from wcond.errors import CheckpointError
-from wcond.report import NUMERIC_FIELDS, TREND_METRICS, Report, finite  # re-exported
+from wcond.report import (  # re-exported
+    NUMERIC_FIELDS,
+    TREND_METRICS,
+    Report,
+    finite,
+    resolve_metrics,
+)
 
 __all__ = ["TREND_METRICS", "TrendReport", "checkpoint_step", "expand_paths", "trend"]
 
@@ -107,7 +113,7 @@ class TrendReport:
     def movement(self, layer: str, metrics: Sequence[str] = TREND_METRICS) -> float:
         """How far a layer moved: the largest change between first and last value, relative to the first."""
         best = 0.0
-        for m in metrics:
+        for m in resolve_metrics(metrics):
             values = [v for v in self.trend[layer].get(m, []) if v is not None and math.isfinite(v)]
             if len(values) >= 2:
                 first, last = values[0], values[-1]

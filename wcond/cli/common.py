@@ -323,10 +323,10 @@ def collector_paused() -> Iterator[None]:
 def check_gates(fail_if: Sequence[str]) -> None:
     """Parse the --fail-if expressions as inspect will, so that a typo is reported before torch loads."""
     from wcond.gates import Gate
-    from wcond.report import METRIC_ALIASES, NUMERIC_FIELDS
+    from wcond.report import resolve_metric
 
     for expr in fail_if:
-        Gate.parse(expr, NUMERIC_FIELDS, METRIC_ALIASES)
+        Gate.parse(expr, resolve_metric)
 
 
 def load_torch() -> None:

@@ -58,6 +58,16 @@ if TYPE_CHECKING:
     from wcond.report import Report
 
 
+def _explain(value: bool) -> None:
+    """--explain: the guide to the numbers, at the terminal's width; no checkpoint needed."""
+    if value:
+        from wcond.cli.common import stdout
+        from wcond.explain import explain_text
+
+        stdout.print(explain_text(stdout.width), end="", markup=False, highlight=False)
+        raise typer.Exit()
+
+
 @app.command("inspect", epilog=GATES_EPILOG)
 @handle_errors
 def inspect_command(
@@ -114,6 +124,16 @@ def inspect_command(
     ray_address: RayAddressOpt = None,
     config: ConfigOpt = None,
     download: DownloadOpt = False,
+    explain: Annotated[
+        bool,
+        typer.Option(
+            "--explain",
+            callback=_explain,
+            is_eager=True,
+            help="Print what each metric measures, which way is worse, the range measured on "
+            "trained networks and what to do next, then exit (no CHECKPOINT needed).",
+        ),
+    ] = False,
 ) -> None:
     """Report per layer: ACV, Convolutional Similarity, norm deviation, near-parallel pairs, RaRe.
 

@@ -16,7 +16,16 @@ from typing import TYPE_CHECKING, Callable
 from wcond._version import __version__
 from wcond.errors import WcondError
 from wcond.render.text import fmt_number, fmt_shape, ratio
-from wcond.report import TREND_METRICS, LayerReport, Report
+from wcond.report import (
+    DERIVED_LABELS,
+    METRIC_GUIDE,
+    TREND_METRICS,
+    LayerReport,
+    Report,
+    legend,
+    metric_label,
+    resolve_metrics,
+)
 from wcond.text import html_text
 
 if TYPE_CHECKING:
@@ -27,35 +36,35 @@ __all__ = ["HEATMAPS", "heatmap_layers", "to_html", "to_run_html"]
 
 HEATMAPS = 4  # worst layers drawn
 
-# Layer table: header, tooltip, value (number, str or None).
-_COLUMNS: list[tuple[str, str, Callable[[LayerReport], "float | int | str | None"]]] = [
+_Column = tuple[str, str, Callable[[LayerReport], "float | int | str | None"]]
+
+
+def _metric(name: str) -> _Column:
+    """A metric's column: its name as header, its meaning as tooltip."""
+    return (name, METRIC_GUIDE[name].meaning, lambda r: getattr(r, name))
+
+
+def _derived(label: str, get: Callable[[LayerReport], float | None]) -> _Column:
+    return (label, DERIVED_LABELS[label], get)
+
+
+# Layer table: header (a metric's name, or a declared label), tooltip, value (number, str or None).
+_COLUMNS: list[_Column] = [
     ("layer", "tensor key", lambda r: r.name),
     ("kind", "matrix or conv1d/2d/3d", lambda r: r.kind),
     ("shape", "stored shape", lambda r: fmt_shape(r.shape)),
-    ("params", "parameters", lambda r: r.params),
-    ("acv_mean", "mean |cos| between rows", lambda r: r.acv_mean),
-    (
-        "acv/floor",
-        "acv_sum over its floor (rows that cannot all be orthogonal)",
-        lambda r: ratio(r.acv_sum, r.acv_floor),
-    ),
-    (
-        "cs_norm",
-        "conv_similarity_norm: 1 = white spectra, >1 filters crowd the same frequencies",
-        lambda r: r.conv_similarity_norm,
-    ),
-    (
-        "cs/floor",
-        "conv_similarity over its floor at these norms",
-        lambda r: ratio(r.conv_similarity, r.conv_similarity_floor),
-    ),
-    ("norm_dev_max", "max |1 - |row||", lambda r: r.norm_dev_max),
-    ("norm_loss", "sum (1 - |row|)^2", lambda r: r.norm_loss),
-    ("rare_rows", "min 1 - cos^2 over row pairs (0: some pair parallel)", lambda r: r.rare_rows),
-    ("rare_cols", "min 1 - cos^2 over column pairs", lambda r: r.rare_cols),
-    ("∥ rows", "near-parallel row pairs", lambda r: r.near_parallel_rows),
-    ("∥ cols", "near-parallel column pairs", lambda r: r.near_parallel_cols),
-    ("dead", "all-zero rows", lambda r: r.dead_rows),
+    _metric("params"),
+    _metric("acv_mean"),
+    _derived("acv/fl", lambda r: ratio(r.acv_sum, r.acv_floor)),
+    _metric("conv_similarity_norm"),
+    _derived("cs/fl", lambda r: ratio(r.conv_similarity, r.conv_similarity_floor)),
+    _metric("norm_dev_max"),
+    _metric("norm_loss"),
+    _metric("rare_rows"),
+    _metric("rare_cols"),
+    _metric("near_parallel_rows"),
+    _metric("near_parallel_cols"),
+    _metric("dead_rows"),
     ("notes", "", lambda r: "; ".join(r.notes)),
 ]
 
@@ -190,7 +199,7 @@ def _summary(report: Report) -> str:
     ]
     labels = {
         "acv_mean": "highest acv_mean",
-        "conv_similarity_norm": "highest cs_norm",
+        "conv_similarity_norm": "highest conv_similarity_norm",
         "near_parallel": "most near-parallel pairs",
         "rare_rows": "lowest rare_rows",
     }
@@ -218,11 +227,25 @@ def _layer_table(report: Report) -> str:
                 cells.append(f'<td data-v="{raw}">{_e(fmt_number(v))}</td>')
         cls = ' class="tripped"' if r.name in tripped or r.nonfinite else ""
         rows.append(f'<tr data-i="{n}"{cls}>{"".join(cells)}</tr>')
+    metrics = [h for h, tip, _ in _COLUMNS if h in DERIVED_LABELS or h in METRIC_GUIDE]
     return (
         '<h2>Layers</h2><p class="sub">Click a column header to sort. Layers in red trip a gate or hold NaN/Inf.</p>'
         f'<div class="scroll"><table class="sortable" id="layers"><thead><tr>{"".join(heads)}</tr></thead>'
-        f"<tbody>{''.join(rows)}</tbody></table></div>"
+        f"<tbody>{''.join(rows)}</tbody></table></div>{_legend(metrics)}"
     )
+
+
+def _legend(headers: Sequence[str]) -> str:
+    """Each column: its name, the terminal table's label, and what it measures."""
+    items = []
+    for label, name, meaning in legend(headers):
+        if label in DERIVED_LABELS:
+            items.append(f"<dt><code>{_e(label)}</code></dt><dd>{_e(name)}</dd>")
+        else:
+            short = metric_label(name)
+            also = f" (table: <code>{_e(short)}</code>)" if short != name else ""
+            items.append(f"<dt><code>{_e(name)}</code>{also}</dt><dd>{_e(meaning)}</dd>")
+    return f'<dl class="legend" id="legend">{"".join(items)}</dl>'
 
 
 def heatmap_layers(report: Report, n: int = HEATMAPS) -> list[tuple[LayerReport, str]]:
@@ -314,6 +337,7 @@ def to_run_html(t: TrendReport, metrics: Sequence[str] = TREND_METRICS) -> str:
     from wcond.render.text import table_text
     from wcond.render.trend import render_trend_table
 
+    metrics = resolve_metrics(metrics)
     title = f"wcond inspect: {len(t.reports)} checkpoints"
     gated = [r for r in t.reports if r.gates]
     failed = sum(1 for r in gated if r.failed)
@@ -403,7 +427,7 @@ def _run_charts(t: TrendReport, metrics: Sequence[str]) -> str:
         f'<h2>Layers over the {_e(t.x_label)}s</h2><p class="sub">One chart per layer and metric, '
         "min to max of its values; layers that moved most first. Hover a point for its value.</p>"
         f'<div class="scroll"><table id="charts"><thead><tr>{head}</tr></thead>'
-        f"<tbody>{''.join(rows)}</tbody></table></div>"
+        f"<tbody>{''.join(rows)}</tbody></table></div>{_legend(metrics)}"
     )
 
 

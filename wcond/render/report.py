@@ -9,6 +9,7 @@ from collections.abc import Callable
 from rich.console import Console
 from rich.text import Text
 
+from wcond.explain import what_next
 from wcond.render.text import (
     Keep,
     fmt_number,
@@ -23,7 +24,14 @@ from wcond.render.text import (
     ratio,
     violation_parts,
 )
-from wcond.report import METRIC_ALIASES, NUMERIC_FIELDS, LayerReport, Report
+from wcond.report import (
+    DERIVED_LABELS,
+    METRIC_ALIASES,
+    NUMERIC_FIELDS,
+    LayerReport,
+    Report,
+    legend,
+)
 from wcond.text import csv_cell, md_cell, md_code, md_text
 
 __all__ = ["fmt_number", "render_table", "to_csv", "to_markdown"]
@@ -68,13 +76,7 @@ def _worst(report: Report, rank: _Cell, higher_worse: bool) -> LayerReport | Non
     return best if rank(best) else None
 
 
-# Legend of the short headers, and the order in which columns give way on a narrow terminal.
-_LEGEND = {
-    **METRIC_ALIASES,
-    "acv/fl": "acv_sum / acv_floor",
-    "cs/fl": "conv_similarity / its floor",
-    "∥r/c": "near-parallel row/col pairs",
-}
+# The order in which columns give way on a narrow terminal.
 _DROP_ORDER = ("cs/fl", "acv/fl", "dead", "rare_c", "normdev", "shape")
 
 
@@ -104,11 +106,23 @@ def render_table(report: Report, console: Console) -> None:
         left=("shape",),
     )
     shown = [h for h in cells if h not in hidden]
-    # Each "label: meaning" kept on one line; two spaces between them.
-    legend = [Keep(f"{h}: {_LEGEND[h]}") for h in shown if h in _LEGEND]
-    print_prose(console, *[p for k in legend for p in ("  ", k)][1:], style="dim")
+    # Each "label: name (meaning)" kept on one line; two spaces between them.
+    print_prose(console, *legend_parts([h for h in shown if h != "shape"]), style="dim")
     print_hidden(console, hidden)
     _print_summary(report, console)
+    hint = what_next(report, console.width)
+    if hint:
+        print_prose(console, hint, style="dim")
+
+
+def legend_parts(headers: list[str]) -> list[str | Keep]:
+    """The terminal legend for :func:`print_prose`: "label: name (meaning)" for each header shown,
+    each kept whole, two spaces between them."""
+    entries = [
+        Keep(f"{label}: {name} ({meaning})" if meaning else f"{label}: {name}")
+        for label, name, meaning in legend(headers)
+    ]
+    return [p for k in entries for p in ("  ", k)][1:]
 
 
 def _print_summary(report: Report, console: Console) -> None:
@@ -127,7 +141,7 @@ def _print_summary(report: Report, console: Console) -> None:
     )
     labels = {
         "acv_mean": "highest acv_mean",
-        "conv_similarity_norm": "highest cs_norm",
+        "conv_similarity_norm": "highest conv_similarity_norm",
         "near_parallel": "most near-parallel pairs",
         "rare_rows": "lowest rare_rows",
     }
@@ -158,7 +172,8 @@ def to_markdown(report: Report) -> str:
         f"{s.near_parallel_cols} cols; dead rows: {s.dead_rows}. {verdict}".rstrip()
     )
     out.append("")
-    headers = ["layer", "shape"] + [h for h, *_ in _COLUMNS]
+    labels = [h for h, *_ in _COLUMNS]
+    headers = ["layer", "shape"] + [METRIC_ALIASES.get(h, h) for h in labels]
     out.append("| " + " | ".join(headers) + " |")
     out.append("|" + "|".join(["---", "---"] + ["---:"] * len(_COLUMNS)) + "|")
     for r in report.layers:
@@ -166,6 +181,7 @@ def to_markdown(report: Report) -> str:
             _cell(r, value, 4) for _, value, *_ in _COLUMNS
         ]
         out.append("| " + " | ".join(md_cell(c) for c in cells) + " |")
+    out += ["", markdown_legend(labels)]
     if report.gates:
         out += ["", "**Gates**", ""]
         for g in report.gates:
@@ -181,6 +197,18 @@ def to_markdown(report: Report) -> str:
     if notes:
         out += ["", "**Notes**", ""] + notes
     return "\n".join(out) + "\n"
+
+
+def markdown_legend(labels: list[str]) -> str:
+    """One line under a Markdown table: each column's name (its terminal label) and meaning."""
+    parts = []
+    for label, name, meaning in legend(labels):
+        if label in DERIVED_LABELS:
+            parts.append(f"{md_code(label)} = " + " / ".join(map(md_code, name.split(" / "))))
+        else:
+            short = f" ({md_code(label)})" if label != name else ""
+            parts.append(f"{md_code(name)}{short}: {md_text(meaning)}")
+    return "**Columns**: " + "; ".join(parts) + "."
 
 
 CSV_FIELDS = ["name", "kind", "shape", "dtype", "groups", *NUMERIC_FIELDS, "notes"]

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.text import Text
 
+from wcond.explain import what_next_trend
+from wcond.render.report import legend_parts, markdown_legend
 from wcond.render.text import (
     Keep,
     fmt_number,
@@ -20,7 +22,7 @@ from wcond.render.text import (
     print_prose,
     violation_parts,
 )
-from wcond.report import METRIC_LABELS, NUMERIC_FIELDS, TREND_METRICS
+from wcond.report import NUMERIC_FIELDS, TREND_METRICS, metric_label, resolve_metrics
 from wcond.text import csv_cell, md_cell, md_code, one_line
 
 if TYPE_CHECKING:
@@ -31,7 +33,6 @@ __all__ = ["render_trend_table", "sparkline", "trend_csv", "trend_markdown"]
 _BARS = "▁▂▃▄▅▆▇█"
 _SPARK_MAX = 24
 _FLAT = 1e-4  # relative spread under which a row of values counts as constant
-_SHORT = {**METRIC_LABELS, "near_parallel_rows": "∥rows", "near_parallel_cols": "∥cols"}
 
 
 def sparkline(values: Sequence[float | None], width: int = _SPARK_MAX) -> str:
@@ -79,7 +80,11 @@ _CK_DROP_ORDER = ("layers", "step", "∥r/c", "acv_sum", "norm_loss")
 def render_trend_table(
     t: TrendReport, console: Console, metrics: Sequence[str] = TREND_METRICS
 ) -> None:
-    """Per checkpoint one summary line, then per layer each metric first→last with a sparkline."""
+    """Per checkpoint one summary line, then per layer each metric first→last with a sparkline.
+
+    ``metrics``: names or table labels (:func:`wcond.report.resolve_metric`).
+    """
+    metrics = resolve_metrics(metrics)
     steps = [s for s in t.steps if s is not None]
     span = f", {t.x_label} {t.x[0]} → {t.x[-1]}" if t.x_label == "step" and steps else ""
     columns: dict[str, list[Text]] = {
@@ -112,22 +117,22 @@ def render_trend_table(
 
     order = _ordered_layers(t, metrics)
     cells = {
-        _SHORT.get(m, m): [
+        metric_label(m): [
             Text(_first_last(t.trend[n][m]) + " ").append(sparkline(t.trend[n][m]), style="cyan")
             for n in order
         ]
         for m in metrics
     }
     # The least important metric (the last) gives way first; the first always stays.
-    drop = [_SHORT.get(m, m) for m in reversed(metrics[1:])]
+    drop = [metric_label(m) for m in reversed(metrics[1:])]
     hidden_labels = print_layer_table(console, None, order, cells, drop)
-    shown = [m for m in metrics if _SHORT.get(m, m) not in hidden_labels]
-    legend = [Keep(f"{_SHORT.get(m, m)}: {m}") for m in shown]
+    shown = [m for m in metrics if metric_label(m) not in hidden_labels]
     print_prose(
         console,
         "first→last checkpoint, then one bar per checkpoint (min to max of the row); layers "
         "that moved most first.",
-        *[p for k in legend for p in ("  ", k)],
+        "  ",
+        *legend_parts([metric_label(m) for m in shown]),
         style="dim",
     )
     print_hidden(console, [m for m in metrics if m not in shown])
@@ -143,6 +148,7 @@ def render_trend_table(
                     *violation_parts(g),
                 )
     gated = [r for r in t.reports if r.gates]
+    hint = what_next_trend(t.reports, t.trend, console.width)
     if gated:
         failed = sum(1 for r in gated if r.failed)
         console.print(
@@ -151,6 +157,8 @@ def render_trend_table(
                 style="bold red" if failed else "green",
             )
         )
+    if hint:
+        print_prose(console, hint, style="dim")
 
 
 def trend_csv(t: TrendReport) -> str:
@@ -170,6 +178,7 @@ def trend_csv(t: TrendReport) -> str:
 
 def trend_markdown(t: TrendReport, metrics: Sequence[str] = TREND_METRICS) -> str:
     """Markdown for a CI summary: one line per checkpoint, then each layer's metrics first→last."""
+    metrics = resolve_metrics(metrics)
 
     def code(s: str) -> str:
         return md_cell(md_code(s))
@@ -189,4 +198,5 @@ def trend_markdown(t: TrendReport, metrics: Sequence[str] = TREND_METRICS) -> st
     for name in _ordered_layers(t, metrics):
         cells = [_first_last(t.trend[name][m]) for m in metrics]
         out.append(f"| {code(name)} | " + " | ".join(cells) + " |")
+    out += ["", markdown_legend([metric_label(m) for m in metrics])]
     return "\n".join(out) + "\n"
