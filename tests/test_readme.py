@@ -175,10 +175,6 @@ def relative_links(page: Path) -> list[str]:
     return [link for link in links if not re.match(r"[a-z][a-z0-9+.-]*:", link)]
 
 
-# Written by another worktree; linked from here before it lands. Remove once it exists.
-_PENDING = {"docs/NUMBERS.md"}
-
-
 @pytest.mark.parametrize("page", PAGES, ids=[_name(p) for p in PAGES])
 def test_relative_links_resolve_inside_the_repository(page: Path) -> None:
     """A relative link names a file or folder of the repository; a #anchor into Markdown names a
@@ -190,8 +186,6 @@ def test_relative_links_resolve_inside_the_repository(page: Path) -> None:
         target = (page.parent / path).resolve() if path else page
         if not target.is_relative_to(ROOT) or path.startswith("/"):
             bad.append(f"{link}: outside the repository")
-        elif target.relative_to(ROOT).as_posix() in _PENDING and not target.exists():
-            continue
         elif not target.exists():
             bad.append(f"{link}: no such file")
         elif anchor and target.suffix == ".md" and anchor not in _anchors(target):
