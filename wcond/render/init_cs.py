@@ -105,8 +105,10 @@ def render_init_cs(result: InitCSResult, console: Console) -> None:
     if not keep_norm and _norms_dominate(done):
         print_prose(
             console,
-            "most of the drop came from smaller filters (CS is homogeneous of degree 4); "
-            "--keep-norm holds each filter's norm fixed so that only directions change",
+            "most of the drop came from smaller filters (CS is homogeneous of degree 4): behind "
+            "BatchNorm that acts as a larger learning rate, without it the signal shrinks "
+            "(benchmarks/CS_TRAINING.md); --keep-norm holds each filter's norm fixed so that "
+            "only directions change",
         )
     for r in result.layers:
         for note in r.notes:
