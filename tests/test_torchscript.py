@@ -477,3 +477,16 @@ def data_pkl_of_linear(tmp_path: Path) -> bytes:
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.jit.script(nn.Linear(3, 2)).save(str(tmp_path / "linear.jit"))
     return data_pkl(tmp_path / "linear.jit")
+
+
+def test_a_directory_holding_one_archive_opens_it(files: dict[str, Path], tmp_path: Path) -> None:
+    d = tmp_path / "exported"
+    d.mkdir()
+    (d / "model.jit").write_bytes(files["scripted"].read_bytes())
+    ck = open_checkpoint(d)
+    assert (
+        isinstance(ck, TorchScriptCheckpoint)
+        and ck.keys() == open_checkpoint(files["scripted"]).keys()
+    )
+    (d / "other.jit").write_bytes(files["traced"].read_bytes())
+    assert [p.name for p in wcond.trend.expand_paths([d])] == ["model.jit", "other.jit"]  # a run

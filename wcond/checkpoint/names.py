@@ -15,6 +15,7 @@ __all__ = [
     "DCP_SHARD_SUFFIX",
     "INDEX_NAMES",
     "SAFETENSORS_SUFFIXES",
+    "TORCHSCRIPT_SUFFIXES",
     "TORCH_SUFFIXES",
     "WEIGHT_NAMES",
     "WEIGHT_SUFFIXES",
@@ -24,7 +25,9 @@ __all__ = [
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 SAFETENSORS_SUFFIXES = (".safetensors",)
-WEIGHT_SUFFIXES = TORCH_SUFFIXES + SAFETENSORS_SUFFIXES
+# TorchScript archives are read (never written: an output is a plain state dict).
+TORCHSCRIPT_SUFFIXES = (".jit",)
+WEIGHT_SUFFIXES = TORCH_SUFFIXES + TORCHSCRIPT_SUFFIXES + SAFETENSORS_SUFFIXES
 # The shard indexes transformers writes, safetensors first.
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 # A torch.distributed.checkpoint directory's metadata file, beside its *.distcp shards.
@@ -42,9 +45,9 @@ def natural_key(key: str) -> list[Any]:
 
 
 def directory_weights(d: Path) -> tuple[list[Path], list[Path]]:
-    """A directory's safetensors files and torch files (by suffix), each in sorted order."""
+    """A directory's safetensors files and torch files (TorchScript included), by suffix, each sorted."""
     files = sorted(f for f in d.iterdir() if f.is_file())
     return (
         [f for f in files if f.suffix in SAFETENSORS_SUFFIXES],
-        [f for f in files if f.suffix in TORCH_SUFFIXES],
+        [f for f in files if f.suffix in TORCH_SUFFIXES + TORCHSCRIPT_SUFFIXES],
     )

@@ -72,7 +72,8 @@ def _lone_file(d: Path) -> Path:
         return (st + pt)[0]
     if not st and not pt:
         raise CheckpointError(
-            f"{show_path(d)}: directory holds no checkpoint (.safetensors, .pt, .pth, .bin, .ckpt or *.index.json)"
+            f"{show_path(d)}: directory holds no checkpoint "
+            "(.safetensors, .pt, .pth, .bin, .ckpt, .jit or *.index.json)"
         )
     names = ", ".join(show_path(f.name) for f in (st + pt)[:6])
     raise CheckpointError(
