@@ -279,14 +279,12 @@ def _condition(
         else:  # same-shaped layers step as one batch: a few kernel launches instead of per layer
             batches.setdefault((tuple(w.shape), spec.groups), []).append(spec)
     work = [_Work.of(group, olds, dev) for group in batches.values()]
-    # The layers left as they are still count in the total the summary prints: the progress bar
-    # shows the same total.
-    with torch.no_grad():
-        fixed = math.fsum(
-            float(metrics.conv_similarity(_analyzable(olds[k]), row.groups))
-            for k, row in rows.items()
-            if not row.optimized and bool(torch.isfinite(_analyzable(olds[k])).all())
-        )
+    # The layers left as they are keep their stored weights; their CS still counts in the total
+    # the summary prints, so the progress bar shows the same total.
+    for key, row in rows.items():
+        if not row.optimized:
+            _fill(row, olds[key], olds[key], keep_norm)
+    fixed = math.fsum(row.cs_after or 0.0 for row in rows.values() if not row.optimized)
     curve = (
         _minimize(work, iterations, lr, optimizer, keep_norm, seed, progress, fixed)
         if work
@@ -296,7 +294,8 @@ def _condition(
         curve["layers"] = {k: curve["layers"][k] for k in rows if k in curve["layers"]}
     new = {key: item.result(n, like=olds[key]) for item in work for n, key in enumerate(item.keys)}
     for key, row in rows.items():
-        _fill(row, olds[key], new.get(key, olds[key]), keep_norm)
+        if row.optimized:
+            _fill(row, olds[key], new[key], keep_norm)
     return new, rows, curve
 
 
@@ -517,11 +516,6 @@ def _report(
                 "small rate)",
                 params=("optimizer", "lr"),
             )
-
-
-def _analyzable(w: torch.Tensor) -> torch.Tensor:
-    """A weight as the metrics read it: FP8 upcast."""
-    return w.float() if is_fp8(w.dtype) else w
 
 
 def _fill(row: LayerResult, old: torch.Tensor, new: torch.Tensor, keep_norm: bool) -> None:
